@@ -42,3 +42,7 @@ def voc_palette(num_colors: int = 256) -> np.ndarray:
 
 
 PALETTE = voc_palette()
+
+# ImageNet statistics used to normalise network inputs (RGB, 0..255 scale).
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)

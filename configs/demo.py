@@ -1,0 +1,90 @@
+"""The demo: the whole PMM pipeline on the bundled synthetic dataset, on a laptop CPU.
+
+    python -m pmm_jax.main --config=configs/demo.py --workdir=/tmp/pmm_demo
+
+Sized to finish in minutes on a 2-core CPU (see README). ``get_config("tiny")`` is the
+``runlocal``-style variant the tests run end to end in seconds.
+"""
+
+import ml_collections
+
+
+def _resnet(widths, blocks, strides, dilations, stem_width):
+    return ml_collections.ConfigDict(dict(
+        name="resnet", stem_width=stem_width, widths=widths, blocks=blocks, strides=strides,
+        dilations=dilations, block="basic"))
+
+
+def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
+    """Returns the demo config; ``variant`` is "demo" or "tiny" (``--config=configs/demo.py:tiny``)."""
+    if variant not in ("demo", "tiny"):
+        raise ValueError(f"configs/demo.py: unknown variant {variant!r}; use 'demo' or 'tiny'")
+    tiny = variant == "tiny"
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.stages = "cls,cam,pseudo,seg,cycle,eval"
+
+    c.data = ml_collections.ConfigDict(dict(
+        name=f"synthetic_wsss/{variant}",
+        data_dir="",  # "" = WORKDIR/tfds
+        class_names="synthetic",
+        num_classes=6,  # including background
+        train_split="train",
+        val_split="val",
+    ))
+
+    backbone = (_resnet((8, 16, 16, 32), (1, 1, 1, 1), (1, 2, 2, 1), (1, 1, 1, 2), 8) if tiny else
+                _resnet((32, 64, 128, 128), (1, 1, 2, 1), (1, 2, 2, 1), (1, 1, 1, 2), 32))
+
+    c.cls = ml_collections.ConfigDict(dict(
+        model=ml_collections.ConfigDict(dict(backbone=backbone, dropout=0.5)),
+        batch_size=16 if tiny else 32,
+        crop_size=48 if tiny else 96,
+        num_steps=12 if tiny else 900,
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=5e-4,
+        log_every=4 if tiny else 50,
+        ckpt_every=4 if tiny else 200,
+    ))
+
+    c.cam = ml_collections.ConfigDict(dict(
+        scales=(1.0,) if tiny else (1.0, 1.5),
+        flip=True,
+        batch_size=16 if tiny else 40,
+    ))
+
+    c.pseudo = ml_collections.ConfigDict(dict(
+        variants=("baseline", "crf_cvs", "ppmg_no_cvs", "ppmg"),
+        train_on="ppmg",
+        eval_subset=16 if tiny else 200,  # train images each variant is measured on
+        alpha=11.0,
+        t=0.05,
+        s=0.3,
+        official_minmax=False,
+        num_workers=0,  # 0 = all cores
+        crf=ml_collections.ConfigDict(dict(
+            gauss_sxy=3.0, gauss_compat=10.0, bilateral_sxy=80.0, bilateral_srgb=13.0,
+            bilateral_compat=10.0, iterations=10)),
+    ))
+
+    c.seg = ml_collections.ConfigDict(dict(
+        model=ml_collections.ConfigDict(dict(
+            backbone=backbone, bins=(1, 2, 3, 6), channels=16 if tiny else 64,
+            dropout=0.1, aux_channels=8 if tiny else 32, aux_weight=0.4)),
+        runs=("ce", "pus"),
+        pus=ml_collections.ConfigDict(dict(mode="clamp", beta=0.5, kappa=0.5, reduction="all")),
+        batch_size=16 if tiny else 32,
+        crop_size=48 if tiny else 96,
+        num_steps=12 if tiny else 600,
+        lr=0.02,
+        momentum=0.9,
+        weight_decay=5e-4,
+        log_every=4 if tiny else 50,
+        ckpt_every=4 if tiny else 200,
+    ))
+
+    c.cycle = ml_collections.ConfigDict(dict(num_cycles=1, source="pus", loss="ce"))
+
+    c.eval = ml_collections.ConfigDict(dict(rule="mmseg", batch_size=16 if tiny else 40))
+    return c

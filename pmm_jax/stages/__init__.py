@@ -1,0 +1,83 @@
+"""The pipeline's stages, their order, and the bookkeeping that makes runs resumable.
+
+Each stage module exposes ``run(config, workdir) -> dict`` (its metrics). A finished stage
+leaves a marker ``WORKDIR/stages/<name>.json`` holding its wall seconds and metrics; a rerun
+skips it. Inside a stage, finished items (checkpoints, CAM files, masks) are skipped too, so
+a killed stage resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import time
+from typing import Callable, Mapping
+
+import jax
+import ml_collections
+
+from pmm_jax import io
+from pmm_jax.workdir import Workdir
+
+ORDER = ("cls", "cam", "pseudo", "seg", "cycle", "eval")
+
+# The stage whose output each stage reads.
+REQUIRES = {"cam": "cls", "pseudo": "cam", "seg": "pseudo", "cycle": "seg", "eval": "seg"}
+
+
+class StageInputError(RuntimeError):
+    """A stage's inputs are missing from the workdir."""
+
+
+def parse_stages(spec: str) -> list[str]:
+    """Parses ``"cls,cam"`` into stage names in pipeline order; unknown names are an error."""
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ORDER]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown} in --config.stages={spec!r}; "
+                         f"known stages in order: {','.join(ORDER)}")
+    if not names:
+        raise ValueError("--config.stages is empty; choose from " + ",".join(ORDER))
+    return sorted(set(names), key=ORDER.index)
+
+
+def _runner(name: str) -> Callable[[ml_collections.ConfigDict, Workdir], dict]:
+    """Imports a stage module lazily so that `--help` and errors stay fast."""
+    return importlib.import_module(f"pmm_jax.stages.{name}").run
+
+
+def check_inputs(name: str, wd: Workdir) -> None:
+    """Raises StageInputError naming the stage to run first when ``name``'s input is missing."""
+    needed = REQUIRES.get(name)
+    if needed and not os.path.exists(wd.stage_marker(needed)):
+        raise StageInputError(
+            f"stage '{name}' needs the output of stage '{needed}', which has not completed in "
+            f"{wd.root} (no {wd.stage_marker(needed)}); run it first, e.g. "
+            f"--config.stages={needed},{name}")
+
+
+def completed(wd: Workdir) -> Mapping[str, dict]:
+    """Markers of every completed stage: ``{stage: {"seconds": .., "metrics": {..}}}``."""
+    return {name: io.read_json(wd.stage_marker(name)) for name in ORDER
+            if os.path.exists(wd.stage_marker(name))}
+
+
+def run_stage(name: str, config: ml_collections.ConfigDict, wd: Workdir) -> dict:
+    """Runs one stage unless its marker says it is done; returns its marker contents."""
+    marker = wd.stage_marker(name)
+    if os.path.exists(marker):
+        logging.info("stage %s: already complete (%s); skipping", name, marker)
+        return io.read_json(marker)
+    check_inputs(name, wd)
+    logging.info("stage %s: starting", name)
+    start = time.time()
+    metrics = _runner(name)(config, wd)
+    record = {"seconds": round(time.time() - start, 2), "metrics": metrics}
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"stage-{name}")
+    if jax.process_index() == 0:
+        io.write_json(marker, record)
+    logging.info("stage %s: done in %.1f s", name, record["seconds"])
+    return record

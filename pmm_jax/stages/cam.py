@@ -1,0 +1,98 @@
+"""Stage ``cam``: class activation maps for the train and val splits.
+
+CAMs are averaged over the configured scales and horizontal flips, restricted to the
+image-level label (as WSSS does for train and for CAM evaluation on val), normalised per
+class by their maximum, and written one file per image in the official PMM/SEAM format
+(``WORKDIR/cams/<split>/<id>.npy``). The stage reports CAM mIoU on val at the fixed
+background threshold ``evaluate.DEFAULT_CAM_BG_THRESHOLD`` and the threshold curve.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from pmm_jax import evaluate, io, trainer
+from pmm_jax.data import pipeline
+from pmm_jax.stages import common
+from pmm_jax.stages.cls import build_model
+from pmm_jax.workdir import Workdir
+
+CURVE_THRESHOLDS = tuple(round(0.05 + 0.05 * i, 2) for i in range(10))
+
+
+def multi_scale_cam(model, batch, *, scales, flip: bool) -> jax.Array:
+    """Normalised CAMs ``[B, H, W, C]`` at input resolution for a padded eval batch.
+
+    Each scale (and its mirror image) is run through the classifier, the ReLU'd CAM is
+    resized back to the input size and summed; then it is masked to the image-level label
+    and to the unpadded area, and divided by its per-class maximum.
+    """
+    images = batch["image"]
+    b, h, w, _ = images.shape
+    total = 0.0
+    for scale in scales:
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        scaled = jax.image.resize(images, (b, *size, 3), "bilinear") if scale != 1 else images
+        for mirrored in ((False, True) if flip else (False,)):
+            view = scaled[:, :, ::-1] if mirrored else scaled
+            cam = jax.nn.relu(model(view)["cam"])
+            if mirrored:
+                cam = cam[:, :, ::-1]
+            total = total + jax.image.resize(cam, (b, h, w, cam.shape[-1]), "bilinear")
+    inside = ((jnp.arange(h)[None, :, None] < batch["height"][:, None, None])
+              & (jnp.arange(w)[None, None, :] < batch["width"][:, None, None]))
+    total = total * batch["labels"][:, None, None, :] * inside[..., None]
+    return total / (jnp.max(total, axis=(1, 2), keepdims=True) + 1e-5)
+
+
+def cam_path(wd: Workdir, split: str, image_id: str) -> str:
+    return os.path.join(wd.cams(split), f"{image_id}.npy")
+
+
+def write_split(config, wd: Workdir, model, split: str) -> int:
+    """Writes the CAM file of every image of this process's shard of ``split``; returns how many."""
+    predict = trainer.make_predict_fn(
+        model, functools.partial(multi_scale_cam, scales=tuple(config.cam.scales), flip=config.cam.flip))
+    batches = pipeline.eval_batches(common.split_dataset(config, wd, split),
+                                    batch_size=common.local_batch_size(config.cam.batch_size,
+                                                                       "config.cam.batch_size"))
+    written = 0
+    for batch in tqdm.tqdm(batches, desc=f"cam {split}", unit="batch",
+                           disable=jax.process_index() != 0):
+        rows = [i for i in np.flatnonzero(batch["valid"])
+                if not os.path.exists(cam_path(wd, split, batch["id"][i].decode()))]
+        if not rows:
+            continue
+        cams = predict(batch)
+        for i in rows:
+            h, w = int(batch["height"][i]), int(batch["width"][i])
+            present = np.flatnonzero(batch["labels"][i] > 0.5)
+            io.write_cams(cam_path(wd, split, batch["id"][i].decode()),
+                          {int(c): cams[i, :h, :w, c] for c in present})
+            written += 1
+    return written
+
+
+def cam_metrics(config, wd: Workdir) -> dict:
+    """CAM mIoU on val at the fixed threshold, and the threshold curve (for reference only)."""
+    pairs = [(io.read_cams(cam_path(wd, "val", ex["id"])), ex["mask"])
+             for ex in common.examples(config, wd, "val", all_processes=True)]
+    curve = evaluate.cam_threshold_curve(pairs, CURVE_THRESHOLDS, config.data.num_classes)
+    fixed = evaluate.cam_threshold_curve(pairs, (evaluate.DEFAULT_CAM_BG_THRESHOLD,),
+                                         config.data.num_classes)
+    return {"cam_miou": float(fixed[evaluate.DEFAULT_CAM_BG_THRESHOLD]),
+            "cam_bg_threshold": evaluate.DEFAULT_CAM_BG_THRESHOLD,
+            "cam_miou_curve": {str(t): float(v) for t, v in curve.items()}}
+
+
+def run(config, wd: Workdir) -> dict:
+    model = trainer.restore_model(build_model(config), wd.ckpt_dir("cls"),
+                                  hint="run stage 'cls' first")
+    counts = {split: write_split(config, wd, model, split) for split in ("train", "val")}
+    return {**cam_metrics(config, wd), "written": counts}

@@ -1,0 +1,57 @@
+"""Stage ``cls``: train the multi-label CAM classifier on image-level labels.
+
+Loss: multilabel soft-margin on GAP of the CAM head (SEAM/PMM). Checkpoints go to
+``WORKDIR/cls/ckpt`` and are resumed automatically.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pmm_jax import models, trainer, visualize
+from pmm_jax.data import pipeline
+from pmm_jax.models.cam_classifier import multilabel_soft_margin_loss
+from pmm_jax.stages import common
+from pmm_jax.workdir import Workdir
+
+
+def build_model(config, seed: int = 0) -> nnx.Module:
+    """The configured CAM classifier, randomly initialised."""
+    return models.build_classifier(config.cls.model, common.num_foreground(config), nnx.Rngs(seed))
+
+
+def loss_fn(model, batch, rng):
+    """Multilabel soft-margin loss on the classifier's logits, with the exact-match accuracy."""
+    out = model(batch["image"], rngs=nnx.Rngs(dropout=rng))
+    loss = multilabel_soft_margin_loss(out["logits"], batch["labels"])
+    correct = jnp.all((out["logits"] > 0) == (batch["labels"] > 0.5), axis=-1)
+    return loss, {"exact_match": jnp.mean(correct)}
+
+
+def cam_summary(model, batch) -> dict:
+    """TensorBoard images: the first few training images beside their max-over-class CAM."""
+    model.eval()
+    cams = np.asarray(jax.device_get(model(batch["image"][:4])["cam"]))
+    model.train()
+    return {"cam_overlay": visualize.cam_overlay_batch(batch["image"][:4], cams, batch["labels"][:4])}
+
+
+def run(config, wd: Workdir) -> dict:
+    cfg = config.cls
+    ckpt_dir = wd.ckpt_dir("cls")
+    start = trainer.latest_step(ckpt_dir) or 0
+    batches = pipeline.train_batches(
+        common.split_dataset(config, wd, "train"),
+        batch_size=common.local_batch_size(cfg.batch_size, "config.cls.batch_size"),
+        crop_size=cfg.crop_size, seed=config.seed + start,
+        num_classes_fg=common.num_foreground(config))
+    tx, schedule = trainer.sgd_poly(cfg.lr, cfg.num_steps, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay)
+    trainer.train(build_model(config, config.seed), loss_fn, batches, tx,
+                  num_steps=cfg.num_steps, ckpt_dir=ckpt_dir, log_dir=wd.log_dir("cls"),
+                  seed=config.seed, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
+                  lr_schedule=schedule, image_summary_fn=cam_summary, desc="cls")
+    return {"num_steps": cfg.num_steps}

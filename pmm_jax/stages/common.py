@@ -1,0 +1,84 @@
+"""Helpers the stages share: dataset access, batch sizes and mIoU against a split's labels."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+
+from pmm_jax import evaluate, io
+from pmm_jax.data import pipeline, synthetic
+from pmm_jax.workdir import Workdir
+
+
+def num_foreground(config: ml_collections.ConfigDict) -> int:
+    """Number of foreground classes (the CAM classifier's outputs)."""
+    return config.data.num_classes - 1
+
+
+def data_dir(config: ml_collections.ConfigDict, wd: Workdir) -> str:
+    """The tensorflow-datasets data_dir of this run, with the dataset prepared if synthetic."""
+    path = wd.data_dir(config.data.data_dir)
+    if config.data.name.startswith("synthetic_wsss"):
+        synthetic.prepare(config.data.name, path)
+    return path
+
+
+def split_name(config: ml_collections.ConfigDict, split: str) -> str:
+    """Maps the pipeline's logical split ("train"/"val") to the dataset's split name."""
+    return {"train": config.data.train_split, "val": config.data.val_split}[split]
+
+
+def local_batch_size(global_batch: int, key: str) -> int:
+    """This process's share of a global batch; the error names the config key."""
+    if global_batch % jax.process_count():
+        raise ValueError(f"{key}={global_batch} must be divisible by the number of processes "
+                         f"({jax.process_count()})")
+    return global_batch // jax.process_count()
+
+
+def split_dataset(config, wd: Workdir, split: str, *, all_processes: bool = False):
+    """The tf.data dataset of ``split``: this process's shard, or every example."""
+    kwargs = dict(process_index=0, process_count=1) if all_processes else {}
+    return pipeline.load_split(config.data.name, split_name(config, split), data_dir(config, wd),
+                               **kwargs)
+
+
+def examples(config, wd: Workdir, split: str, *, all_processes: bool = False) -> Iterator[dict]:
+    """Numpy examples ``{id: str, image, mask [H,W], labels}`` of a split, in dataset order."""
+    for ex in split_dataset(config, wd, split, all_processes=all_processes).as_numpy_iterator():
+        ex = dict(ex)
+        ex["id"] = ex["id"].decode() if isinstance(ex["id"], bytes) else str(ex["id"])
+        ex["mask"] = np.asarray(ex["mask"]).reshape(ex["mask"].shape[:2])
+        yield ex
+
+
+def miou(config, wd: Workdir, split: str, read_pred: Callable[[str], np.ndarray],
+         ids: Iterable[str] | None = None) -> dict:
+    """mIoU of predictions (``read_pred(id) -> [H,W]``) against a split's ground truth.
+
+    Uses the config's IoU rule; ``ids`` restricts the evaluation to a subset. Returns
+    ``{"miou": float, "per_class": {name: iou}}`` with IoUs as fractions.
+    """
+    wanted = None if ids is None else set(ids)
+    cm = np.zeros((config.data.num_classes,) * 2, np.int64)
+    for ex in examples(config, wd, split, all_processes=True):
+        if wanted is None or ex["id"] in wanted:
+            cm += evaluate.confusion_matrix(read_pred(ex["id"]), ex["mask"], config.data.num_classes)
+    per_class, mean = evaluate.iou_from_confusion(cm, rule=config.eval.rule)
+    names = class_names(config)
+    return {"miou": float(mean),
+            "per_class": {names[i]: (None if np.isnan(v) else float(v)) for i, v in enumerate(per_class)}}
+
+
+def class_names(config) -> tuple[str, ...]:
+    from pmm_jax.constants import CLASS_NAMES
+    return CLASS_NAMES[config.data.class_names]
+
+
+def mask_reader(directory: str) -> Callable[[str], np.ndarray]:
+    """``id -> mask`` reading ``directory/<id>.png``."""
+    return lambda image_id: io.read_mask(os.path.join(directory, f"{image_id}.png"))

@@ -1,0 +1,26 @@
+"""Stage ``cycle``: cyclic pseudo-masks (paper section 3.5).
+
+Cycle i predicts the train split with the previous segmenter (``config.cycle.source`` for
+the first cycle, ``cycle{i-1}`` after), writes those predictions as the new pseudo-masks
+``WORKDIR/pseudo/cycle{i}/train``, and trains segmenter ``cycle{i}`` on them from the same
+initial weights with ``config.cycle.loss`` (plain CE in the paper).
+"""
+
+from __future__ import annotations
+
+from pmm_jax.stages import seg
+from pmm_jax.workdir import Workdir
+
+
+def cycle_runs(config) -> list[str]:
+    return [f"cycle{i}" for i in range(1, config.cycle.num_cycles + 1)]
+
+
+def run(config, wd: Workdir) -> dict:
+    source = config.cycle.source
+    for run in cycle_runs(config):
+        mask_dir = wd.pseudo_masks(run, "train")
+        seg.predict_split(config, wd, source, "train", mask_dir)
+        seg.train_segmenter(config, wd, run, mask_dir, config.cycle.loss)
+        source = run
+    return {"runs": cycle_runs(config)}

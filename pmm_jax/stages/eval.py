@@ -1,0 +1,71 @@
+"""Stage ``eval``: segmenter mIoU on val, and the run's results table.
+
+Every trained segmenter (``config.seg.runs`` and the cycles) predicts the val split into
+``WORKDIR/predictions/<run>/val``; its mIoU joins the CAM and pseudo-mask figures recorded
+by the earlier stages in ``WORKDIR/results.json``, which is also printed as a table.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+
+from pmm_jax import io, stages
+from pmm_jax.stages import common, cycle, seg
+from pmm_jax.workdir import Workdir
+
+
+def trained_runs(config, wd: Workdir) -> list[str]:
+    """Segmenter runs of this config that have a checkpoint."""
+    runs = list(config.seg.runs) + cycle.cycle_runs(config)
+    return [r for r in runs if os.path.isdir(wd.ckpt_dir(f"seg/{r}"))]
+
+
+def results(config, wd: Workdir, seg_mious: dict, eval_seconds: float) -> dict:
+    """The results dict: figures of every completed stage plus this stage's mIoUs and time."""
+    done = stages.completed(wd)
+    out: dict = {"dataset": config.data.name, "iou_rule": config.eval.rule}
+    if "cam" in done:
+        m = done["cam"]["metrics"]
+        out.update(cam_miou=m["cam_miou"], cam_bg_threshold=m["cam_bg_threshold"])
+    if "pseudo" in done:
+        out["pseudo_mask_miou"] = done["pseudo"]["metrics"]["pseudo_mask_miou"]
+    cycles = [r for r in cycle.cycle_runs(config) if r in seg_mious]
+    out["seg_miou"] = dict(seg_mious)
+    if cycles:
+        out["seg_miou"]["cyclic"] = seg_mious[cycles[-1]]
+    out["seconds"] = {name: rec["seconds"] for name, rec in done.items() if name != "eval"}
+    out["seconds"]["eval"] = round(eval_seconds, 2)
+    return out
+
+
+def format_table(res: dict) -> str:
+    """The results as a Markdown table (mIoU in percent)."""
+    rows = []
+    if "cam_miou" in res:
+        rows.append((f"CAM (bg threshold {res['cam_bg_threshold']})", res["cam_miou"]))
+    for name, value in res.get("pseudo_mask_miou", {}).items():
+        rows.append((f"pseudo-mask {name} (train subset)", value))
+    for name, value in res.get("seg_miou", {}).items():
+        rows.append((f"segmenter {name} (val)", value))
+    lines = ["| result | mIoU (%) |", "| --- | --- |"]
+    lines += [f"| {name} | {100 * value:.2f} |" for name, value in rows]
+    lines += ["", "| stage | seconds |", "| --- | --- |"]
+    lines += [f"| {name} | {sec:.1f} |" for name, sec in res.get("seconds", {}).items()]
+    return "\n".join(lines)
+
+
+def run(config, wd: Workdir) -> dict:
+    start = time.time()
+    seg_mious = {}
+    for run in trained_runs(config, wd):
+        out_dir = wd.predictions(run, "val")
+        seg.predict_split(config, wd, run, "val", out_dir)
+        seg_mious[run] = common.miou(config, wd, "val", common.mask_reader(out_dir))["miou"]
+    res = results(config, wd, seg_mious, time.time() - start)
+    if jax.process_index() == 0:
+        io.write_json(wd.results_json, res)
+        print(format_table(res), flush=True)
+    return {"seg_miou": seg_mious}

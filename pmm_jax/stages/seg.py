@@ -1,0 +1,125 @@
+"""Stage ``seg``: train PSPNet segmenters on the pseudo-masks, and predict with them.
+
+One segmenter per entry of ``config.seg.runs``: ``ce`` (plain cross-entropy, the control)
+and ``pus`` (the Pretended Under-fitting Strategy loss of ``config.seg.pus``). Both start
+from the same initial weights. ``train_segmenter`` and ``predict_split`` are shared with the
+``cycle`` and ``eval`` stages.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from flax import nnx
+
+from pmm_jax import io, models, pmm, trainer, visualize
+from pmm_jax.data import pipeline
+from pmm_jax.models.pspnet import upsample_logits
+from pmm_jax.stages import common
+from pmm_jax.workdir import Workdir
+
+
+def build_model(config, seed: int = 0) -> nnx.Module:
+    """The configured segmenter, randomly initialised (every run starts from these weights)."""
+    return models.build_segmenter(config.seg.model, config.data.num_classes, nnx.Rngs(seed))
+
+
+def loss_fn(model, batch, rng, *, mode: str, beta: float, kappa: float, reduction: str,
+            aux_weight: float):
+    """Decode-head loss + ``aux_weight`` x auxiliary-head loss, each its own PUS warm-up test."""
+    out = model(batch["image"], rngs=nnx.Rngs(dropout=rng))
+    size = batch["mask"].shape[1:3]
+    head_loss = functools.partial(pmm.pus_loss, labels=batch["mask"], mode=mode, beta=beta,
+                                  kappa=kappa, reduction=reduction)
+    main = head_loss(upsample_logits(out["logits"], size))
+    aux = head_loss(upsample_logits(out["aux_logits"], size))
+    return main + aux_weight * aux, {"main_loss": main, "aux_loss": aux}
+
+
+def run_loss(config, loss: str):
+    """The loss function of a run: ``ce`` (no PUS) or ``pus`` (config.seg.pus)."""
+    if loss not in ("ce", "pus"):
+        raise ValueError(f"unknown segmenter loss {loss!r}; use 'ce' or 'pus'")
+    p = config.seg.pus
+    return functools.partial(loss_fn, mode="none" if loss == "ce" else p.mode, beta=p.beta,
+                             kappa=p.kappa, reduction=p.reduction,
+                             aux_weight=config.seg.model.aux_weight)
+
+
+def predict_labels(model, batch) -> jax.Array:
+    """Per-pixel argmax labels ``[B, H, W]`` at input resolution (uint8)."""
+    logits = upsample_logits(model(batch["image"])["logits"], batch["image"].shape[1:3])
+    return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
+
+
+def mask_summary(model, batch) -> dict:
+    """TensorBoard images: input, training mask and prediction side by side."""
+    model.eval()
+    pred = np.asarray(jax.device_get(predict_labels(model, {"image": batch["image"][:4]})))
+    model.train()
+    images = visualize.denormalize(batch["image"][:4])
+    target = visualize.colorize_mask(batch["mask"][:4])
+    return {"image_mask_prediction": np.concatenate(
+        [images, target, visualize.colorize_mask(pred)], axis=2)}
+
+
+def train_segmenter(config, wd: Workdir, run: str, mask_dir: str, loss: str) -> None:
+    """Trains (or resumes) segmenter ``run`` on the masks in ``mask_dir``."""
+    cfg = config.seg
+    ckpt_dir = wd.ckpt_dir(f"seg/{run}")
+    start = trainer.latest_step(ckpt_dir) or 0
+    ds = pipeline.with_masks_from_dir(
+        common.split_dataset(config, wd, "train"), mask_dir,
+        producer="the 'pseudo' stage (or 'cycle' for cyclic masks)")
+    batches = pipeline.train_batches(
+        ds, batch_size=common.local_batch_size(cfg.batch_size, "config.seg.batch_size"),
+        crop_size=cfg.crop_size, seed=config.seed + start,
+        num_classes_fg=common.num_foreground(config))
+    tx, schedule = trainer.sgd_poly(cfg.lr, cfg.num_steps, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay)
+    trainer.train(build_model(config, config.seed), run_loss(config, loss), batches, tx,
+                  num_steps=cfg.num_steps, ckpt_dir=ckpt_dir, log_dir=wd.log_dir(f"seg/{run}"),
+                  seed=config.seed, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
+                  lr_schedule=schedule, image_summary_fn=mask_summary, desc=f"seg {run}")
+
+
+def load_segmenter(config, wd: Workdir, run: str) -> nnx.Module:
+    return trainer.restore_model(build_model(config), wd.ckpt_dir(f"seg/{run}"),
+                                 hint=f"segmenter '{run}' is not trained: run stage 'seg' or 'cycle' first")
+
+
+def predict_split(config, wd: Workdir, run: str, split: str, out_dir: str) -> int:
+    """Writes segmenter ``run``'s predicted mask of every image in ``split`` to ``out_dir``.
+
+    Images whose PNG already exists are skipped; returns how many were written.
+    """
+    model = load_segmenter(config, wd, run)
+    predict = trainer.make_predict_fn(model, predict_labels)
+    batches = pipeline.eval_batches(common.split_dataset(config, wd, split),
+                                    batch_size=common.local_batch_size(config.eval.batch_size,
+                                                                       "config.eval.batch_size"))
+    written = 0
+    for batch in tqdm.tqdm(batches, desc=f"predict {run} {split}", unit="batch",
+                           disable=jax.process_index() != 0):
+        paths = {i: os.path.join(out_dir, f"{batch['id'][i].decode()}.png")
+                 for i in np.flatnonzero(batch["valid"])}
+        todo = [i for i, path in paths.items() if not os.path.exists(path)]
+        if not todo:
+            continue
+        labels = predict(batch)
+        for i in todo:
+            io.write_mask(paths[i], labels[i, :int(batch["height"][i]), :int(batch["width"][i])])
+            written += 1
+    return written
+
+
+def run(config, wd: Workdir) -> dict:
+    mask_dir = wd.pseudo_masks(config.pseudo.train_on, "train")
+    for loss in config.seg.runs:
+        train_segmenter(config, wd, loss, mask_dir, loss)
+    return {"runs": list(config.seg.runs), "num_steps": config.seg.num_steps}
