@@ -88,3 +88,15 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict(dict(rule="mmseg", batch_size=16 if tiny else 40))
     return c
+
+
+def get_sweep(name: str) -> list[dict]:
+    """Sweeps over this config for ``launch/sweep.py``: a list of override dicts per run."""
+    sweeps = {
+        "alpha": [{"pseudo.alpha": a} for a in (8.0, 11.0)],
+        "cvs_s": [{"pseudo.s": s} for s in (0.0, 0.3, 0.6)],
+        "pus": [{"seg.pus.beta": b, "seg.pus.kappa": b} for b in (0.3, 0.5, 0.8)],
+    }
+    if name not in sweeps:
+        raise ValueError(f"configs/demo.py: unknown sweep {name!r}; known: {sorted(sweeps)}")
+    return sweeps[name]
