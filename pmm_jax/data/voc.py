@@ -1,0 +1,325 @@
+"""``voc2012_wsss``: PASCAL VOC 2012 segmentation plus the SBD masks, as a tfds builder.
+
+The builder reads only archives the user downloaded and extracted into the *manual dir*
+(never the network); ``python -m pmm_jax.data.prepare --dataset=voc`` runs it. Examples have
+the features of every dataset here (see ``synthetic.py``): ``id`` (the VOC id, e.g.
+``2007_000032``), ``image`` (the original JPEG bytes, decoded to uint8 ``[H, W, 3]``),
+``mask`` (uint8 ``[H, W, 1]``: 0 background, 1..20 classes, 255 void) and ``labels``
+(float32 ``[20]`` multi-hot). Examples are stored in sorted id order.
+
+Splits (counts on the real data):
+
+* ``train`` (1,464) and ``val`` (1,449): ``ImageSets/Segmentation/{train,val}.txt`` with
+  the official ``SegmentationClass`` masks (their 5-px object outlines are 255).
+* ``train_aug`` (10,582): the set the WSSS literature trains on, built as
+  ``(VOC train | SBD train | SBD val) - VOC val``, i.e. every image with a segmentation
+  mask except the VOC val images. The SBD ids come from ``benchmark_RELEASE/dataset/
+  {train,val}.txt``, or, when a ``SegmentationClassAug`` folder is given instead of SBD,
+  from the names of its PNGs (that folder holds SBD train+val and VOC train+val, 12,031
+  masks, so the result is the same 10,582). Masks: an id in VOC ``train`` keeps its
+  official VOC mask; every other id takes the SBD mask (``GTcls.Segmentation`` of
+  ``cls/<id>.mat``; no void outlines) or ``SegmentationClassAug/<id>.png``. When both SBD
+  and ``SegmentationClassAug`` are present, ``SegmentationClassAug`` is used.
+* ``test`` (1,456): only when ``ImageSets/Segmentation/test.txt`` exists (the separately
+  downloaded test archive). There is no ground truth: the mask is all 255, labels all 0.
+
+Image-level labels are derived from the masks as SEAM/IRN/PMM derive their
+``cls_labels.npy``: class ``c`` is present when at least one pixel has value ``c``
+(0 and 255 do not count).
+
+This module also holds the input checks shared with ``coco.py`` (:class:`InputError`,
+:func:`load_image`, :func:`check_mask`, :class:`ManualBuilder`), so that the datasets fail
+on bad input in the same way.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import inspect
+import io
+import os
+import pathlib
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import scipy.io
+import tensorflow_datasets as tfds
+from absl import logging
+from etils import epath
+from PIL import Image, UnidentifiedImageError
+
+from pmm_jax.constants import IGNORE_LABEL, VOC_CLASSES
+from pmm_jax.data.synthetic import labels_from_mask
+
+NUM_CLASSES = len(VOC_CLASSES) - 1
+
+VOC_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
+VOC_TEST_URL = "http://host.robots.ox.ac.uk:8080/ (PASCAL VOC evaluation server, after registering)"
+SBD_URL = ("http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/"
+           "semantic_contours/benchmark.tgz")
+SEGMENTATION_CLASS_AUG_URL = "https://www.dropbox.com/s/oeu149j8qtbs1x0/SegmentationClassAug.zip"
+
+EXPECTED_TREE = f"""\
+MANUAL_DIR/
+  VOCdevkit/VOC2012/                    from VOCtrainval_11-May-2012.tar (1.9 GB)
+    JPEGImages/<id>.jpg                 17,125 images
+    SegmentationClass/<id>.png          2,913 palette PNG masks
+    ImageSets/Segmentation/train.txt    1,464 ids
+    ImageSets/Segmentation/val.txt      1,449 ids
+    ImageSets/Segmentation/test.txt     optional: 1,456 ids, from VOC2012test.tar (images
+                                        land in JPEGImages/)
+  benchmark_RELEASE/dataset/            SBD, from benchmark.tgz (1.4 GB)
+    cls/<id>.mat                        11,355 masks (GTcls.Segmentation)
+    train.txt                           8,498 ids
+    val.txt                             2,857 ids
+  SegmentationClassAug/<id>.png         alternative to SBD: 12,031 greyscale PNG masks
+                                        (may also sit in VOCdevkit/VOC2012/)
+
+Downloads:
+  VOC 2012 train/val:   {VOC_URL}
+  VOC 2012 test:        {VOC_TEST_URL}
+  SBD:                  {SBD_URL}
+  SegmentationClassAug: {SEGMENTATION_CLASS_AUG_URL} (community conversion of SBD + VOC)
+"""
+
+
+# --- Input checks shared with coco.py ------------------------------------------------------
+
+class InputError(ValueError):
+    """The manual-download input is missing or malformed; the message says what and where."""
+
+
+class CorruptImageError(InputError):
+    """An image file exists but does not decode; ``path`` names it."""
+
+    def __init__(self, path: pathlib.Path, reason: str):
+        super().__init__(f"corrupt image {path}: {reason}")
+        self.path = path
+
+
+def require_dir(path: pathlib.Path, what: str, expected_tree: str) -> pathlib.Path:
+    """Returns ``path`` if it is a folder; otherwise raises with the expected tree."""
+    if not path.is_dir():
+        raise InputError(f"{what} not found: {path} is not a folder.\n\n"
+                         f"Expected layout of the manual dir:\n{expected_tree}")
+    return path
+
+
+def read_id_list(path: pathlib.Path, expected_tree: str) -> list[str]:
+    """The ids of a split list file (one per line, blank lines ignored)."""
+    if not path.is_file():
+        raise InputError(f"split list not found: {path}\n\nExpected layout of the manual dir:\n"
+                         f"{expected_tree}")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_image(path: pathlib.Path, image_id: str) -> tuple[bytes | np.ndarray, tuple[int, int]]:
+    """Reads and fully decodes an image; returns what to store and its ``(height, width)``.
+
+    A JPEG in RGB or greyscale is stored as its original bytes (decoding it later with three
+    channels gives RGB); any other image is stored as a uint8 RGB array. Decoding here
+    catches truncated or corrupt files at preparation time instead of during training.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"id {image_id!r} is listed but has no image: {path} does not exist") from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            size = (image.height, image.width)
+            if image.format == "JPEG" and image.mode in ("RGB", "L"):
+                return data, size
+            return np.asarray(image.convert("RGB"), dtype=np.uint8), size
+    except UnidentifiedImageError:
+        raise CorruptImageError(path, "not a recognised image format") from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise CorruptImageError(path, str(err)) from err
+
+
+def check_size(mask_size: tuple[int, int], image_size: tuple[int, int], image_id: str) -> None:
+    """Raises unless the ``(height, width)`` of a mask equals that of its image."""
+    if tuple(mask_size) != tuple(image_size):
+        raise InputError(f"id {image_id!r}: mask size {mask_size[0]}x{mask_size[1]} differs from "
+                         f"image size {image_size[0]}x{image_size[1]} (height x width)")
+
+
+def check_mask(mask: np.ndarray, image_size: tuple[int, int], image_id: str, max_label: int) -> None:
+    """Raises unless ``mask`` is ``image_size`` and holds only 0..max_label and 255."""
+    check_size(mask.shape, image_size, image_id)
+    counts = np.bincount(mask.ravel(), minlength=256)
+    bad = np.flatnonzero(counts[max_label + 1:IGNORE_LABEL]) + max_label + 1
+    if bad.size:
+        raise InputError(f"id {image_id!r}: mask values {bad.tolist()} outside 0..{max_label} "
+                         f"and {IGNORE_LABEL}")
+
+
+def png_bytes(mask: np.ndarray) -> bytes:
+    """A ``[H, W]`` uint8 mask as greyscale PNG bytes (what the ``mask`` feature stores)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def ordered_futures(fn: Callable, items: Iterable, window: int = 64) -> Iterator[tuple]:
+    """Yields ``(item, future of fn(item))`` in input order, running ``fn`` on a thread pool.
+
+    At most ``window`` items are in flight, so memory stays bounded on 100k-image splits.
+    Image decoding and PNG encoding release the GIL, so threads use every core.
+    """
+    workers = min(16, len(os.sched_getaffinity(0)))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        pending = collections.deque()
+        for item in items:
+            pending.append((item, pool.submit(fn, item)))
+            if len(pending) >= window:
+                yield pending.popleft()
+        while pending:
+            yield pending.popleft()
+
+
+class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Base of the builders that read a manual dir; handles corrupt images.
+
+    ``skip_corrupt=False`` (the default) stops at the first image that does not decode, with
+    an error naming the file; ``skip_corrupt=True`` leaves such images out of every split
+    that lists them and records their paths in the set ``skipped_corrupt``.
+    """
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        """The file defining the builder. tfds's default lookup imports the
+        ``importlib_resources`` backport, which tfds 4.9.x only declares for Python < 3.9."""
+        return epath.Path(inspect.getfile(cls))
+
+    def __init__(self, *, skip_corrupt: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.skip_corrupt = skip_corrupt
+        self.skipped_corrupt: set[pathlib.Path] = set()
+
+    def _examples(self, ids: Iterable[str], make_example: Callable[[str], dict]
+                  ) -> Iterator[tuple[str, dict]]:
+        """``(id, make_example(id))`` for every id, in order, skipping corrupt images if asked."""
+        for image_id, future in ordered_futures(make_example, ids):
+            try:
+                example = future.result()
+            except CorruptImageError as err:
+                if not self.skip_corrupt:
+                    raise
+                logging.warning("skipping %s", err)
+                self.skipped_corrupt.add(err.path)
+                continue
+            yield image_id, example
+
+
+def features(num_classes: int) -> tfds.features.FeaturesDict:
+    """The feature dict of ``synthetic_wsss`` with variable image sizes and ``num_classes`` labels."""
+    return tfds.features.FeaturesDict({
+        "id": tfds.features.Text(),
+        "image": tfds.features.Image(shape=(None, None, 3)),
+        "mask": tfds.features.Image(shape=(None, None, 1)),
+        "labels": tfds.features.Tensor(shape=(num_classes,), dtype=np.float32),
+    })
+
+
+# --- VOC ------------------------------------------------------------------------------------
+
+def train_aug_ids(voc_train: Iterable[str], voc_val: Iterable[str], sbd_ids: Iterable[str]) -> list[str]:
+    """``(VOC train | SBD ids) - VOC val``, sorted: the 10,582-image ``train_aug`` list."""
+    return sorted((set(voc_train) | set(sbd_ids)) - set(voc_val))
+
+
+def read_png_mask(path: pathlib.Path, image_id: str) -> np.ndarray:
+    """A palette or greyscale label PNG as ``[H, W]`` uint8 class indices."""
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("P", "L"):
+                raise InputError(f"id {image_id!r}: {path} is a {image.mode} image; expected a "
+                                 "palette or greyscale label PNG")
+            return np.array(image, dtype=np.uint8)
+    except FileNotFoundError:
+        raise InputError(f"id {image_id!r} has no mask: {path} does not exist") from None
+    except OSError as err:
+        raise InputError(f"id {image_id!r}: cannot read mask {path}: {err}") from err
+
+
+def read_sbd_mask(path: pathlib.Path, image_id: str) -> np.ndarray:
+    """``GTcls.Segmentation`` of an SBD ``cls/<id>.mat`` file as ``[H, W]`` uint8."""
+    if not path.is_file():
+        raise InputError(f"id {image_id!r} has no mask: {path} does not exist")
+    try:
+        mat = scipy.io.loadmat(path, variable_names=["GTcls"], squeeze_me=True, struct_as_record=False)
+        return np.asarray(mat["GTcls"].Segmentation, dtype=np.uint8)
+    except (KeyError, AttributeError, ValueError, TypeError, OSError) as err:
+        raise InputError(f"id {image_id!r}: cannot read GTcls.Segmentation from {path}: {err}") from err
+
+
+class Voc2012Wsss(ManualBuilder):
+    """PASCAL VOC 2012 + SBD for weakly-supervised segmentation; see the module docstring."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release: train, val, train_aug, optional test."}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = EXPECTED_TREE
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=features(NUM_CLASSES),
+            supervised_keys=None,
+            homepage="http://host.robots.ox.ac.uk/pascal/VOC/voc2012/",
+            disable_shuffling=True,  # sorted id order, as synthetic_wsss
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        root = pathlib.Path(dl_manager.manual_dir)
+        voc = require_dir(root / "VOCdevkit" / "VOC2012", "VOC 2012 (VOCdevkit/VOC2012)", EXPECTED_TREE)
+        require_dir(voc / "JPEGImages", "VOC 2012 images", EXPECTED_TREE)
+        require_dir(voc / "SegmentationClass", "VOC 2012 masks", EXPECTED_TREE)
+        lists = voc / "ImageSets" / "Segmentation"
+        train, val = (read_id_list(lists / f"{name}.txt", EXPECTED_TREE) for name in ("train", "val"))
+        aug_ids, aug_mask = self._augmentation(root, voc)
+
+        def voc_mask(image_id):
+            return read_png_mask(voc / "SegmentationClass" / f"{image_id}.png", image_id)
+
+        voc_train = set(train)
+
+        def train_aug_mask(image_id):
+            return voc_mask(image_id) if image_id in voc_train else aug_mask(image_id)
+
+        splits = {
+            "train": self._generate_examples(voc, sorted(train), voc_mask),
+            "val": self._generate_examples(voc, sorted(val), voc_mask),
+            "train_aug": self._generate_examples(voc, train_aug_ids(train, val, aug_ids), train_aug_mask),
+        }
+        if (lists / "test.txt").is_file():
+            splits["test"] = self._generate_examples(
+                voc, sorted(read_id_list(lists / "test.txt", EXPECTED_TREE)), None)
+        return splits
+
+    @staticmethod
+    def _augmentation(root: pathlib.Path, voc: pathlib.Path):
+        """The SBD ids and a mask reader: from ``SegmentationClassAug`` if present, else SBD."""
+        for folder in (root / "SegmentationClassAug", voc / "SegmentationClassAug"):
+            if folder.is_dir():
+                return ([p.stem for p in folder.glob("*.png")],
+                        lambda image_id: read_png_mask(folder / f"{image_id}.png", image_id))
+        sbd = require_dir(root / "benchmark_RELEASE" / "dataset",
+                          "SBD (benchmark_RELEASE/dataset) or a SegmentationClassAug folder", EXPECTED_TREE)
+        require_dir(sbd / "cls", "SBD masks (benchmark_RELEASE/dataset/cls)", EXPECTED_TREE)
+        ids = [i for name in ("train", "val") for i in read_id_list(sbd / f"{name}.txt", EXPECTED_TREE)]
+        return ids, lambda image_id: read_sbd_mask(sbd / "cls" / f"{image_id}.mat", image_id)
+
+    def _generate_examples(self, voc: pathlib.Path, ids: list[str],
+                           read_mask: Callable[[str], np.ndarray] | None):
+        """Examples of ``ids``; ``read_mask=None`` (test) gives all-void masks."""
+
+        def make_example(image_id: str) -> dict:
+            image, size = load_image(voc / "JPEGImages" / f"{image_id}.jpg", image_id)
+            mask = np.full(size, IGNORE_LABEL, np.uint8) if read_mask is None else read_mask(image_id)
+            check_mask(mask, size, image_id, NUM_CLASSES)
+            return {"id": image_id, "image": image, "mask": png_bytes(mask),
+                    "labels": labels_from_mask(mask, NUM_CLASSES)}
+
+        return self._examples(ids, make_example)

@@ -1,0 +1,208 @@
+"""The ``coco2014_wsss`` builder on a tiny fake COCO tree (JPEGs + instances JSONs) written here.
+
+Instances are axis-aligned rectangles: a polygon with integer corners ``(x0, y0, x1, y1)``
+rasterises to exactly ``mask[y0:y1, x0:x1]`` (checked below), so the expected semantic masks
+are written out by hand and the overlap, crowd and label rules are checked pixel for pixel.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from pmm_jax.constants import COCO_CATEGORIES, COCO_CATEGORY_IDS
+from pmm_jax.data import coco, voc
+
+# pycocotools 2.0.x under numpy 2 warns about its own __array__ call.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+PERSON, BUS, CAT, DOG, TOOTHBRUSH = 1, 6, 17, 18, 90
+
+
+def rect(x0, y0, x1, y1) -> list[list[int]]:
+    return [[x0, y0, x1, y0, x1, y1, x0, y1]]
+
+
+def uncompressed_rle(region: np.ndarray) -> dict:
+    """COCO's crowd format: run lengths over the column-major pixels, starting with zeros."""
+    flat = region.flatten(order="F").astype(np.int8)
+    changes = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
+    return {"counts": np.diff(np.concatenate([[0], changes])).tolist(), "size": list(region.shape)}
+
+
+def crowd_region(shape, rows: slice, cols: slice) -> dict:
+    region = np.zeros(shape, bool)
+    region[rows, cols] = True
+    return uncompressed_rle(region)
+
+
+# (split, numeric id, height, width, greyscale, annotations (ann id, category, segmentation, crowd))
+IMAGES = [
+    ("train", 1, 20, 30, False, [(10, PERSON, rect(0, 0, 20, 15), 0),
+                                 (11, DOG, rect(10, 5, 25, 12), 0),
+                                 (12, PERSON, crowd_region((20, 30), slice(14, 20), slice(0, 30)), 1)]),
+    ("train", 2, 16, 16, False, [(20, TOOTHBRUSH, rect(0, 0, 8, 8), 0),
+                                 (21, CAT, rect(4, 4, 12, 12), 0)]),
+    ("train", 3, 12, 10, False, []),
+    ("val", 4, 14, 18, False, [(40, CAT, crowd_region((14, 18), slice(2, 6), slice(3, 9)), 1)]),
+    ("val", 5, 10, 10, True, [(50, BUS, rect(0, 0, 10, 10), 0)]),
+]
+
+
+def expected_original() -> dict[str, np.ndarray]:
+    """The masks the documented rule must give, written out by hand (original ids)."""
+    m1 = np.zeros((20, 30), np.uint8)
+    m1[14:20, :] = 255  # crowd ...
+    m1[0:15, 0:20] = PERSON  # ... except where an instance lies
+    m1[5:12, 10:25] = DOG  # smaller than the person: wins the overlap
+    m2 = np.zeros((16, 16), np.uint8)
+    m2[0:8, 0:8] = TOOTHBRUSH
+    m2[4:12, 4:12] = CAT  # same size: the later annotation wins
+    m4 = np.zeros((14, 18), np.uint8)
+    m4[2:6, 3:9] = 255
+    return {file_id(1): m1, file_id(2): m2, file_id(3): np.zeros((12, 10), np.uint8),
+            file_id(4): m4, file_id(5): np.full((10, 10), BUS, np.uint8)}
+
+
+EXPECTED_LABELS = {1: (PERSON, DOG), 2: (TOOTHBRUSH, CAT), 3: (), 4: (CAT,), 5: (BUS,)}
+
+
+def file_id(number: int) -> str:
+    split = "train" if number <= 3 else "val"
+    return f"COCO_{split}2014_{number:012d}"
+
+
+def write_coco_tree(root: pathlib.Path) -> None:
+    """JPEGs in train2014/ and val2014/, and the two instances JSONs with all 80 categories."""
+    (root / "annotations").mkdir(parents=True)
+    categories = [{"id": i, "name": name, "supercategory": "x"} for i, name in COCO_CATEGORIES]
+    for split in ("train", "val"):
+        images, annotations = [], []
+        for image_split, number, height, width, grey, anns in IMAGES:
+            if image_split != split:
+                continue
+            name = f"{file_id(number)}.jpg"
+            images.append({"id": number, "file_name": name, "height": height, "width": width})
+            pixels = np.random.default_rng(number).integers(0, 256, (height, width, 3), np.uint8)
+            image = Image.fromarray(pixels).convert("L") if grey else Image.fromarray(pixels)
+            (root / f"{split}2014").mkdir(exist_ok=True)
+            image.save(root / f"{split}2014" / name, format="JPEG")
+            annotations += [{"id": ann_id, "image_id": number, "category_id": category,
+                             "segmentation": segmentation, "iscrowd": crowd, "area": 1.0,
+                             "bbox": [0, 0, 1, 1]} for ann_id, category, segmentation, crowd in anns]
+        (root / "annotations" / f"instances_{split}2014.json").write_text(json.dumps(
+            {"images": images, "annotations": annotations, "categories": categories}))
+
+
+def build(manual_dir, data_dir, config="original", **kwargs) -> coco.Coco2014Wsss:
+    builder = coco.Coco2014Wsss(data_dir=str(data_dir), config=config, **kwargs)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=str(manual_dir), try_download_gcs=False))
+    return builder
+
+
+def read_split(builder, split: str) -> dict[str, dict]:
+    return {ex["id"].decode(): ex for ex in tfds.as_numpy(builder.as_dataset(split=split))}
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco")
+    write_coco_tree(root / "manual")
+    return root
+
+
+@pytest.fixture(scope="module")
+def original(tree):
+    return build(tree / "manual", tree / "tfds", "original")
+
+
+def test_polygon_rectangles_rasterise_to_slices():
+    region = coco.instance_mask(rect(2, 3, 8, 7), 10, 12)
+    expected = np.zeros((10, 12), bool)
+    expected[3:7, 2:8] = True
+    np.testing.assert_array_equal(region, expected)
+
+
+def test_name_configs_and_counts(original):
+    assert original.name == "coco2014_wsss"
+    assert [c.name for c in coco.Coco2014Wsss.BUILDER_CONFIGS] == ["original", "contiguous"]
+    assert {k: v.num_examples for k, v in original.info.splits.items()} == {"train": 3, "val": 2}
+    assert original.info.features["labels"].shape == (80,)
+
+
+def test_masks_labels_and_images_round_trip(original):
+    expected = expected_original()
+    examples = {**read_split(original, "train"), **read_split(original, "val")}
+    assert sorted(examples) == sorted(expected)
+    for number, classes in EXPECTED_LABELS.items():
+        ex = examples[file_id(number)]
+        np.testing.assert_array_equal(ex["mask"][:, :, 0], expected[file_id(number)])
+        labels = np.zeros(80, np.float32)
+        labels[[COCO_CATEGORY_IDS.index(c) for c in classes]] = 1
+        np.testing.assert_array_equal(ex["labels"], labels)
+        assert ex["image"].shape == (*expected[file_id(number)].shape, 3)
+
+
+def test_greyscale_jpeg_decodes_to_rgb(original):
+    ex = read_split(original, "val")[file_id(5)]
+    assert ex["image"].shape == (10, 10, 3)
+    assert np.array_equal(ex["image"][..., 0], ex["image"][..., 2])
+
+
+def test_contiguous_config_maps_ids_to_1_to_80(tree, original):
+    contiguous = build(tree / "manual", tree / "tfds", "contiguous")
+    table = {0: 0, 255: 255, **{c: COCO_CATEGORY_IDS.index(c) + 1 for c in COCO_CATEGORY_IDS}}
+    for image_id, ex in read_split(contiguous, "train").items():
+        expected = np.vectorize(table.get)(expected_original()[image_id])
+        np.testing.assert_array_equal(ex["mask"][:, :, 0], expected)
+    assert read_split(contiguous, "train")[file_id(2)]["mask"].max() == 80  # toothbrush
+
+
+def test_missing_pycocotools_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pycocotools", None)
+    with pytest.raises(ImportError, match="pip install pycocotools"):
+        coco.instance_mask(rect(0, 0, 1, 1), 2, 2)
+
+
+def _edit_json(manual: pathlib.Path, split: str, edit) -> None:
+    path = manual / "annotations" / f"instances_{split}2014.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_json_size_differing_from_the_image_names_the_id(tmp_path):
+    write_coco_tree(tmp_path / "manual")
+    _edit_json(tmp_path / "manual", "val", lambda d: d["images"][0].update(height=15))
+    with pytest.raises(voc.InputError, match=f"{file_id(4)}.*mask size 15x18 differs from image size 14x18"):
+        build(tmp_path / "manual", tmp_path / "tfds")
+
+
+def test_listed_image_without_a_file_names_the_id(tmp_path):
+    write_coco_tree(tmp_path / "manual")
+    (tmp_path / "manual" / "val2014" / f"{file_id(5)}.jpg").unlink()
+    with pytest.raises(voc.InputError, match=f"{file_id(5)}.*has no image"):
+        build(tmp_path / "manual", tmp_path / "tfds")
+
+
+def test_wrong_categories_are_rejected(tmp_path):
+    write_coco_tree(tmp_path / "manual")
+    _edit_json(tmp_path / "manual", "train", lambda d: d["categories"].pop())
+    with pytest.raises(voc.InputError, match="not the 80 COCO 2014 categories"):
+        build(tmp_path / "manual", tmp_path / "tfds")
+
+
+def test_missing_annotations_folder_shows_tree_and_urls(tmp_path):
+    write_coco_tree(tmp_path / "manual")
+    shutil.rmtree(tmp_path / "manual" / "annotations")
+    with pytest.raises(voc.InputError, match=r"(?s)annotations.*instances_val2014\.json.*"
+                                              r"annotations_trainval2014\.zip"):
+        build(tmp_path / "manual", tmp_path / "tfds")

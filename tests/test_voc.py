@@ -1,0 +1,198 @@
+"""The ``voc2012_wsss`` builder on a tiny fake VOCdevkit + SBD tree written by the tests.
+
+The tree mimics the real layout with a handful of ids whose lists overlap the way the real
+ones do (SBD contains VOC train and VOC val images), so the ``train_aug`` rule, the mask
+source of each id, the labels and the void pixels can be checked exactly.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+import scipy.io
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from pmm_jax import io
+from pmm_jax.data import voc
+
+VOC_TRAIN = ("2007_000001", "2007_000002", "2007_000003")
+VOC_VAL = ("2007_000004", "2007_000005")
+SBD_TRAIN = ("2008_000010", "2007_000002")  # overlaps VOC train
+SBD_VAL = ("2008_000011", "2007_000004")  # overlaps VOC val: must stay out of train_aug
+TEST = ("2008_000100",)
+TRAIN_AUG = ("2007_000001", "2007_000002", "2007_000003", "2008_000010", "2008_000011")
+
+
+def image_size(image_id: str) -> tuple[int, int]:
+    """A distinct small (height, width) per id, so size mix-ups cannot go unnoticed."""
+    n = int(image_id[-3:])
+    return 10 + n % 7, 14 + n % 5
+
+
+def write_jpeg(path: pathlib.Path, size: tuple[int, int], seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(*size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format="JPEG", quality=90)
+
+
+def random_mask(size: tuple[int, int], seed: int) -> np.ndarray:
+    """Background with two class rectangles and a void band, like a VOC mask."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(size, np.uint8)
+    for cls in rng.choice(np.arange(1, 21), size=2, replace=False):
+        y, x = rng.integers(0, size[0] - 4), rng.integers(0, size[1] - 4)
+        mask[y:y + 4, x:x + 4] = cls
+        mask[y, x:x + 4] = 255
+    return mask
+
+
+def write_sbd_mat(path: pathlib.Path, mask: np.ndarray) -> None:
+    """An SBD ``cls`` file: struct ``GTcls`` with ``Segmentation``, ``Boundaries``, ``CategoriesPresent``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    present = np.unique(mask[(mask > 0) & (mask < 255)]).astype(np.uint8)
+    scipy.io.savemat(path, {"GTcls": {"Segmentation": mask, "Boundaries": np.zeros((1, 1)),
+                                      "CategoriesPresent": present}})
+
+
+def write_voc_tree(root: pathlib.Path, *, sbd: bool = True, test: bool = False) -> dict[str, np.ndarray]:
+    """Writes the fake tree under ``root``; returns the mask every train_aug/train/val id must get.
+
+    SBD masks differ from the VOC ones for shared ids (a different seed), so the test sees
+    which source an id's mask came from. With ``sbd=False`` a ``SegmentationClassAug``
+    folder (greyscale PNGs, as distributed) replaces SBD.
+    """
+    vocdir = root / "VOCdevkit" / "VOC2012"
+    lists = vocdir / "ImageSets" / "Segmentation"
+    lists.mkdir(parents=True)
+    expected = {}
+    for name, ids in (("train", VOC_TRAIN), ("val", VOC_VAL)):
+        (lists / f"{name}.txt").write_text("".join(f"{i}\n" for i in ids))
+        for image_id in ids:
+            expected[image_id] = random_mask(image_size(image_id), seed=int(image_id[-3:]))
+            io.write_mask(str(vocdir / "SegmentationClass" / f"{image_id}.png"), expected[image_id])
+    aug_ids = SBD_TRAIN + SBD_VAL
+    for image_id in aug_ids:
+        mask = random_mask(image_size(image_id), seed=1000 + int(image_id[-3:]))
+        expected.setdefault(image_id, mask)
+        if sbd:
+            write_sbd_mat(root / "benchmark_RELEASE" / "dataset" / "cls" / f"{image_id}.mat", mask)
+        else:
+            path = root / "SegmentationClassAug" / f"{image_id}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask, mode="L").save(path)
+    if sbd:
+        for name, ids in (("train", SBD_TRAIN), ("val", SBD_VAL)):
+            (root / "benchmark_RELEASE" / "dataset" / f"{name}.txt").write_text("\n".join(ids) + "\n")
+    all_ids = set(VOC_TRAIN + VOC_VAL + aug_ids)
+    if test:
+        (lists / "test.txt").write_text("\n".join(TEST) + "\n")
+        all_ids |= set(TEST)
+    for image_id in all_ids:
+        write_jpeg(vocdir / "JPEGImages" / f"{image_id}.jpg", image_size(image_id), seed=int(image_id[-3:]))
+    return expected
+
+
+def build(manual_dir: pathlib.Path, data_dir: pathlib.Path, **kwargs) -> voc.Voc2012Wsss:
+    builder = voc.Voc2012Wsss(data_dir=str(data_dir), **kwargs)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=str(manual_dir), try_download_gcs=False))
+    return builder
+
+
+def read_split(builder, split: str) -> dict[str, dict]:
+    """``{id: example}`` with the image kept as the stored bytes."""
+    ds = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    return {ex["id"].decode(): ex for ex in tfds.as_numpy(ds)}
+
+
+def expected_labels(mask: np.ndarray) -> np.ndarray:
+    labels = np.zeros(20, np.float32)
+    for value in np.unique(mask):
+        if 0 < value < 255:
+            labels[value - 1] = 1
+    return labels
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("voc")
+    expected = write_voc_tree(root / "manual", test=True)
+    return build(root / "manual", root / "tfds"), expected, root / "manual"
+
+
+def test_name_and_splits(prepared):
+    builder, _, _ = prepared
+    assert builder.name == "voc2012_wsss"
+    counts = {name: info.num_examples for name, info in builder.info.splits.items()}
+    assert counts == {"train": 3, "val": 2, "train_aug": 5, "test": 1}
+
+
+def test_train_aug_rule():
+    assert voc.train_aug_ids(VOC_TRAIN, VOC_VAL, SBD_TRAIN + SBD_VAL) == list(TRAIN_AUG)
+
+
+@pytest.mark.parametrize("split,ids", [("train", VOC_TRAIN), ("val", VOC_VAL), ("train_aug", TRAIN_AUG)])
+def test_masks_labels_and_images_round_trip(prepared, split, ids):
+    builder, expected, manual = prepared
+    examples = read_split(builder, split)
+    assert list(examples) == sorted(ids)  # stored in sorted id order
+    for image_id, ex in examples.items():
+        np.testing.assert_array_equal(ex["mask"][:, :, 0], expected[image_id])
+        np.testing.assert_array_equal(ex["labels"], expected_labels(expected[image_id]))
+        jpeg = manual / "VOCdevkit" / "VOC2012" / "JPEGImages" / f"{image_id}.jpg"
+        assert ex["image"] == jpeg.read_bytes()
+
+
+def test_voc_train_ids_keep_the_voc_mask_and_void(prepared):
+    builder, expected, _ = prepared
+    ex = read_split(builder, "train_aug")["2007_000002"]  # in VOC train and SBD train
+    assert np.array_equal(ex["mask"][:, :, 0], expected["2007_000002"])
+    assert (ex["mask"] == 255).any()
+
+
+def test_images_decode_to_rgb(prepared):
+    builder, _, _ = prepared
+    ex = next(iter(tfds.as_numpy(builder.as_dataset(split="val"))))
+    assert ex["image"].dtype == np.uint8 and ex["image"].shape == (*image_size(ex["id"].decode()), 3)
+
+
+def test_test_split_has_void_masks_and_no_labels(prepared):
+    builder, _, _ = prepared
+    (ex,) = read_split(builder, "test").values()
+    assert ex["mask"].shape == (*image_size(TEST[0]), 1) and (ex["mask"] == 255).all()
+    assert not ex["labels"].any()
+
+
+def test_segmentation_class_aug_gives_the_same_dataset(prepared, tmp_path):
+    builder, expected, _ = prepared
+    write_voc_tree(tmp_path / "manual", sbd=False)
+    aug = build(tmp_path / "manual", tmp_path / "tfds")
+    assert set(aug.info.splits) == {"train", "val", "train_aug"}
+    examples = read_split(aug, "train_aug")
+    assert sorted(examples) == list(TRAIN_AUG)
+    for image_id, ex in examples.items():
+        np.testing.assert_array_equal(ex["mask"][:, :, 0], expected[image_id])
+
+
+def test_missing_sbd_and_aug_shows_the_expected_tree(tmp_path):
+    write_voc_tree(tmp_path / "manual")
+    shutil.rmtree(tmp_path / "manual" / "benchmark_RELEASE")
+    with pytest.raises(voc.InputError, match=r"(?s)benchmark_RELEASE/dataset.*Expected layout.*"
+                                              r"benchmark\.tgz"):
+        build(tmp_path / "manual", tmp_path / "tfds")
+
+
+def test_mask_values_out_of_range_are_rejected():
+    with pytest.raises(voc.InputError, match=r"'x'.*\[21, 40\]"):
+        voc.check_mask(np.array([[0, 21], [40, 255]], np.uint8), (2, 2), "x", 20)
+
+
+def test_sbd_id_without_a_mask_names_the_id(tmp_path):
+    write_voc_tree(tmp_path / "manual")
+    (tmp_path / "manual" / "benchmark_RELEASE" / "dataset" / "cls" / "2008_000011.mat").unlink()
+    with pytest.raises(voc.InputError, match=r"id '2008_000011' has no mask: .*2008_000011\.mat"):
+        build(tmp_path / "manual", tmp_path / "tfds")
