@@ -1,0 +1,294 @@
+"""The one training loop (classifier and segmenter) and the sharded predict helper.
+
+Functional NNX: the model and its optimizer are split into a static graphdef and one state
+pytree ONCE; a single jitted step merges them, computes loss and gradients, applies the update
+and returns the new state. The state is replicated over the ``"data"`` mesh axis and donated to
+the step (its buffers are reused, the previous step's arrays are deleted); batches are sharded
+over ``"data"``. BatchNorm statistics and any RNG counters are part of the state, so they are
+carried, donated and checkpointed like the parameters.
+
+Randomness: the step calls ``loss_fn(model, batch, rngs)`` with ``rngs = nnx.Rngs(dropout=
+jax.random.fold_in(jax.random.key(seed), step))`` where ``step`` is the optimizer's step counter
+(0-based index of the update being computed). A model may pass it on to ``nnx.Dropout(...)(x,
+rngs=rngs)``; each Dropout draws a fresh key from the stream, so several dropout layers get
+independent masks, and a resumed run sees exactly the keys an uninterrupted run would. A Dropout
+built with its own stream (``nnx.Dropout(rate, rngs=rngs)``) may ignore the argument instead:
+its key and counter live in the state and are checkpointed, so resuming is exact either way.
+
+Resuming: checkpoints (orbax, two items ``model`` and ``opt``) are saved every ``ckpt_every``
+steps and after the last step. ``train`` restores the latest one and continues from its step; a
+run that is already complete returns the restored model without compiling anything. The data
+iterator is the caller's: a resumed run must hand ``train`` an iterator whose first batch is the
+one for step ``latest_step(ckpt_dir)`` (0 when ``None``), e.g. by skipping or re-seeding its
+pipeline with that step. Every process runs the same loop and calls ``save``; orbax coordinates
+the processes and writes the replicated arrays once.
+
+Metrics stay on device (summed by a tiny jitted add) and are fetched to the host only on log
+steps, so the host never waits on the accelerator in between.
+"""
+
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+from clu import metric_writers
+from etils import epath
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec
+
+from pmm_jax import sharding as shd
+
+LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], nnx.Rngs],
+                  tuple[jax.Array, Mapping[str, jax.Array]]]
+
+
+def sgd_poly(lr: float, num_steps: int, *, momentum: float = 0.9, weight_decay: float = 5e-4,
+             power: float = 0.9, end_lr: float = 0.0
+             ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """SGD with momentum, L2 weight decay and poly learning-rate decay; returns (tx, schedule).
+
+    ``lr(k) = (lr - end_lr) * (1 - k / num_steps) ** power + end_lr`` for update k = 0..num_steps.
+    Weight decay is added to the gradient before momentum (PyTorch ``SGD(weight_decay=...)``, as
+    in the official PMM/mmseg code) but only for parameters with two or more dimensions
+    (conv and dense kernels): biases and BatchNorm scales/offsets are 1-D and are not decayed.
+    """
+    schedule = optax.polynomial_schedule(init_value=lr, end_value=end_lr, power=power,
+                                         transition_steps=num_steps)
+    decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+    tx = optax.chain(optax.add_decayed_weights(weight_decay, mask=decay_mask),
+                     optax.sgd(schedule, momentum=momentum))
+    return tx, schedule
+
+
+def latest_step(ckpt_dir: str) -> int | None:
+    """The step of the newest complete checkpoint in ``ckpt_dir``; None when there is none."""
+    if not epath.Path(ckpt_dir).exists():
+        return None
+    with _manager(ckpt_dir, read_only=True) as manager:
+        return manager.latest_step()
+
+
+def restore_model(model: nnx.Module, ckpt_dir: str, hint: str) -> nnx.Module:
+    """Loads the model part of the latest checkpoint into ``model`` (in place) and returns it.
+
+    The optimizer state is not read. The model is replicated over all devices and set to eval
+    mode. Raises ``FileNotFoundError("no checkpoint in <dir>: <hint>")`` when there is none;
+    ``hint`` tells the user what to run, e.g. "run stage cls first".
+    """
+    step = latest_step(ckpt_dir)
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}: {hint}")
+    state = _replicate(nnx.state(model), shd.make_mesh())
+    with _manager(ckpt_dir, read_only=True) as manager:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            model=ocp.args.StandardRestore(_abstract(state))))
+    _load(state, restored["model"])
+    nnx.update(model, state)
+    model.eval()
+    return model
+
+
+def train(model: nnx.Module, loss_fn: LossFn, batches: Iterator[Mapping[str, np.ndarray]],
+          tx: optax.GradientTransformation, *, num_steps: int, ckpt_dir: str,
+          log_dir: str | None, seed: int, log_every: int = 50, ckpt_every: int = 200,
+          lr_schedule: optax.Schedule | None = None,
+          image_summary_fn: Callable[[nnx.Module, Mapping[str, np.ndarray]],
+                                     Mapping[str, np.ndarray]] | None = None,
+          batch_size_key: str = "batch_size", desc: str = "train") -> nnx.Module:
+    """Trains ``model`` for ``num_steps`` updates (resuming from ``ckpt_dir``) and returns it.
+
+    ``loss_fn(model, batch, rngs) -> (loss, metrics)`` runs under ``jax.jit`` on the merged
+    model in train mode; ``batch`` holds the numeric entries of the host batch as global arrays
+    sharded over ``"data"``; ``metrics`` is a dict of scalars. ``batches`` yields this process's
+    per-process batches starting at step ``latest_step(ckpt_dir) or 0``. The scalars (mean over
+    the last ``log_every`` steps), the learning rate ``lr_schedule(step - 1)`` of the last update
+    and ``steps_per_sec`` are written every ``log_every`` steps to ``log_dir`` (TensorBoard; None
+    = logging only), with ``image_summary_fn(eval_model, host_batch) -> {name: uint8 [N,H,W,C]}``
+    when given. ``batch_size_key`` names the config setting quoted when a batch does not split
+    over the devices. The model is updated in place and returned in eval mode.
+    """
+    mesh = shd.make_mesh()
+    model.train()
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
+    state = _replicate(state, mesh)
+    with _manager(ckpt_dir, save_interval_steps=ckpt_every) as manager:
+        start = _restore_train_state(manager, state)
+        if start < num_steps:
+            step_fn = _make_step(graphdef, loss_fn, seed, mesh)
+            writer = metric_writers.create_default_writer(
+                log_dir, just_logging=jax.process_index() > 0)
+            try:
+                state = _loop(step_fn, state, batches, manager, writer, mesh, graphdef,
+                              start=start, num_steps=num_steps, log_every=log_every,
+                              lr_schedule=lr_schedule, image_summary_fn=image_summary_fn,
+                              batch_size_key=batch_size_key, desc=desc)
+            finally:
+                writer.close()
+                manager.wait_until_finished()
+    nnx.update((model, optimizer), state)
+    model.eval()
+    return model
+
+
+def make_predict_fn(model: nnx.Module, fn: Callable[[nnx.Module, Mapping[str, jax.Array]], Any],
+                    *, batch_size_key: str = "batch_size"
+                    ) -> Callable[[Mapping[str, np.ndarray]], Any]:
+    """Returns ``predict(host_batch) -> numpy outputs`` running ``fn(model, batch)`` under jit.
+
+    The model runs in eval mode, replicated; the batch is sharded over ``"data"`` (its per-process
+    size must divide by the local device count: the eval pipeline pads and marks padding rows
+    with ``valid``). Every output leaf must be per-row, i.e. have the batch as leading axis. Each
+    process gets back exactly its own local rows, in the order it passed them in, as numpy.
+    """
+    mesh = shd.make_mesh()
+    graphdef, state = nnx.split(model)
+    state = _replicate(state, mesh)
+
+    def apply(state, batch):
+        eval_model = nnx.merge(graphdef, state)
+        eval_model.eval()
+        return fn(eval_model, batch)
+
+    jitted = jax.jit(apply, in_shardings=(shd.replicated(mesh), shd.data_sharding(mesh)),
+                     out_shardings=shd.data_sharding(mesh))
+
+    def predict(batch: Mapping[str, np.ndarray]) -> Any:
+        out = jitted(state, shd.shard_batch(batch, mesh, config_key=batch_size_key))
+        local = multihost_utils.global_array_to_host_local_array(
+            out, mesh, PartitionSpec(shd.DATA_AXIS))
+        return jax.device_get(local)
+
+    return predict
+
+
+def _make_step(graphdef: nnx.GraphDef, loss_fn: LossFn, seed: int, mesh: jax.sharding.Mesh
+               ) -> Callable[[nnx.State, Mapping[str, jax.Array]], tuple[nnx.State, dict]]:
+    """The jitted train step ``(state, batch) -> (new_state, metrics)``, state donated."""
+    base_key = jax.random.key(seed)
+
+    def step(state, batch):
+        model, optimizer = nnx.merge(graphdef, state)
+        key = jax.random.fold_in(base_key, optimizer.step[...])
+
+        def objective(model):
+            return loss_fn(model, batch, nnx.Rngs(dropout=key))
+
+        (loss, metrics), grads = nnx.value_and_grad(objective, has_aux=True)(model)
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer)), {"loss": loss, **metrics}
+
+    rep = shd.replicated(mesh)
+    return jax.jit(step, in_shardings=(rep, shd.data_sharding(mesh)), out_shardings=(rep, rep),
+                   donate_argnums=0)
+
+
+def _loop(step_fn, state, batches, manager, writer, mesh, graphdef, *, start, num_steps,
+          log_every, lr_schedule, image_summary_fn, batch_size_key, desc):
+    """Runs steps ``start+1 .. num_steps``: train, accumulate metrics, log, checkpoint."""
+    sums, count, tick = None, 0, time.perf_counter()
+    bar = tqdm.tqdm(total=num_steps, initial=start, desc=desc, dynamic_ncols=True,
+                    disable=jax.process_index() != 0)
+    with bar:
+        for step in range(start + 1, num_steps + 1):
+            host_batch = next(batches)
+            batch = shd.shard_batch(host_batch, mesh, config_key=batch_size_key)
+            state, metrics = step_fn(state, batch)
+            sums = metrics if sums is None else _tree_add(sums, metrics)
+            count += 1
+            bar.update(1)
+            if step % log_every == 0 or step == num_steps:
+                elapsed, tick = time.perf_counter() - tick, time.perf_counter()
+                scalars = {k: float(v) / count for k, v in jax.device_get(sums).items()}
+                scalars["steps_per_sec"] = count / elapsed
+                if lr_schedule is not None:
+                    scalars["learning_rate"] = float(lr_schedule(step - 1))
+                writer.write_scalars(step, scalars)
+                if image_summary_fn is not None:
+                    writer.write_images(step, _images(image_summary_fn, graphdef, state,
+                                                      host_batch))
+                bar.set_postfix(loss=f"{scalars['loss']:.4f}")
+                sums, count = None, 0
+            if step == num_steps or manager.should_save(step):
+                manager.save(step, args=_save_args(state), force=True)
+    return state
+
+
+@jax.jit
+def _tree_add(a, b):
+    """Adds two metric dicts on device (no host transfer)."""
+    return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+def _images(image_summary_fn, graphdef, state, host_batch) -> dict[str, np.ndarray]:
+    """Calls ``image_summary_fn`` on an eval-mode copy of the current model."""
+    model, _ = nnx.merge(graphdef, state)
+    model.eval()
+    return {k: np.asarray(v) for k, v in image_summary_fn(model, host_batch).items()}
+
+
+def _manager(ckpt_dir: str, *, save_interval_steps: int = 1,
+             read_only: bool = False) -> ocp.CheckpointManager:
+    """An orbax manager keeping the last two checkpoints, saving every ``save_interval_steps``."""
+    return ocp.CheckpointManager(
+        epath.Path(ckpt_dir).absolute(),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=2, save_interval_steps=save_interval_steps, create=not read_only,
+            read_only=read_only))
+
+
+def _restore_train_state(manager: ocp.CheckpointManager, state: nnx.State) -> int:
+    """Loads the latest checkpoint into ``state`` (in place); returns its step (0 if none)."""
+    step = manager.latest_step()
+    if step is None:
+        return 0
+    model_state, opt_state = state[0], state[1]
+    restored = manager.restore(step, args=ocp.args.Composite(
+        model=ocp.args.StandardRestore(_abstract(model_state)),
+        opt=ocp.args.StandardRestore(_abstract(opt_state))))
+    _load(model_state, restored["model"])
+    _load(opt_state, restored["opt"])
+    return step
+
+
+def _save_args(state: nnx.State) -> ocp.args.Composite:
+    """Checkpoint items: ``model`` (what inference needs) and ``opt`` (optimizer state)."""
+    return ocp.args.Composite(model=ocp.args.StandardSave(_saveable(state[0])),
+                              opt=ocp.args.StandardSave(_saveable(state[1])))
+
+
+def _saveable(state: nnx.State) -> dict:
+    """The state as a pure nested dict, typed PRNG keys as their raw uint32 data."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.random.key_data(x) if _is_key(x) else x, nnx.to_pure_dict(state))
+
+
+def _abstract(state: nnx.State) -> dict:
+    """Restore target: shapes, dtypes and shardings of ``_saveable(state)``."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _saveable(state))
+
+
+def _load(state: nnx.State, restored: dict) -> None:
+    """Writes restored arrays into ``state`` in place, re-wrapping raw PRNG key data."""
+    current = nnx.to_pure_dict(state)
+    values = jax.tree_util.tree_map(
+        lambda old, new: jax.random.wrap_key_data(new, impl=jax.random.key_impl(old))
+        if _is_key(old) else new, current, restored)
+    nnx.replace_by_pure_dict(state, values)
+
+
+def _is_key(x: Any) -> bool:
+    """True for typed PRNG key arrays (``jax.random.key``), which orbax cannot store as is."""
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _replicate(state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
+    """Puts every array of ``state`` on all devices (a no-op for already replicated arrays)."""
+    return jax.device_put(state, shd.replicated(mesh))

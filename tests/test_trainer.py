@@ -1,0 +1,205 @@
+"""The shared training loop: learning, shardings, donation, resume, logging, predict, sgd_poly."""
+
+import itertools
+import pathlib
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from pmm_jax import trainer
+
+NUM_CLASSES = 3
+
+
+class TinyNet(nnx.Module):
+    """Conv + BatchNorm + Dropout + Dense: every kind of state the real models carry.
+
+    ``dropout`` draws from the ``rngs`` the trainer passes at call time; ``channel_dropout``
+    owns its RNG stream (a PRNG key and counter in the state, like the real models' Dropout2d).
+    """
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+        self.bn = nnx.BatchNorm(8, rngs=rngs)
+        self.channel_dropout = nnx.Dropout(0.25, broadcast_dims=(1, 2), rngs=rngs)
+        self.dropout = nnx.Dropout(0.25)
+        self.head = nnx.Linear(8, NUM_CLASSES, rngs=rngs)
+
+    def __call__(self, x, rngs=None):
+        h = self.channel_dropout(nnx.relu(self.bn(self.conv(x))))
+        return self.head(self.dropout(h.mean(axis=(1, 2)), rngs=rngs))
+
+
+def make_batch(step: int, size: int = 8) -> dict:
+    """A deterministic batch for ``step``: the class is which colour channel is brightest."""
+    rng = np.random.default_rng(step)
+    label = rng.integers(0, NUM_CLASSES, size)
+    image = rng.normal(size=(size, 6, 6, 3)).astype(np.float32)
+    image[np.arange(size), :, :, label] += 1.5
+    return {"image": image, "label": label.astype(np.int32),
+            "id": np.array([f"{step}_{i}".encode() for i in range(size)])}
+
+
+def batches_from(step: int):
+    return (make_batch(s) for s in itertools.count(step))
+
+
+def loss_fn(model, batch, rngs):
+    logits = model(batch["image"], rngs=rngs)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    return loss, {"accuracy": (logits.argmax(-1) == batch["label"]).mean()}
+
+
+def run(tmp_path, num_steps, *, model=None, batches=None, loss=loss_fn, **kwargs):
+    """Trains TinyNet with the poly schedule of a 10-step run, logging every 2 steps."""
+    tx, schedule = trainer.sgd_poly(0.3, 10)
+    kwargs = dict(log_every=2, ckpt_every=3) | kwargs
+    return trainer.train(model or TinyNet(nnx.Rngs(0)), loss, batches or batches_from(
+        trainer.latest_step(str(tmp_path / "ckpt")) or 0), tx, num_steps=num_steps,
+        ckpt_dir=str(tmp_path / "ckpt"), log_dir=str(tmp_path / "tb"), seed=0,
+        lr_schedule=schedule, **kwargs)
+
+
+def params_of(model):
+    """The whole model state as numpy (parameters, BatchNorm statistics, RNG keys and counts)."""
+    as_data = lambda x: (jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+                         else x)
+    return jax.device_get(jax.tree_util.tree_map(as_data, nnx.to_pure_dict(nnx.state(model))))
+
+
+def assert_trees_close(a, b):
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
+                           a, b)
+
+
+class Uninterrupted(NamedTuple):
+    final: dict
+    path: pathlib.Path
+    model: nnx.Module
+    initial_kernel: jax.Array
+    batch_shardings: list
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One 10-step run in one go (with image summaries) that most tests inspect."""
+    path = tmp_path_factory.mktemp("full")
+    model = TinyNet(nnx.Rngs(0))
+    replicated = trainer.shd.replicated(trainer.shd.make_mesh())
+    nnx.update(model, jax.device_put(nnx.state(model), replicated))
+    initial_kernel = model.conv.kernel[...]
+    batch_shardings = []
+
+    def inspecting_loss(model, batch, rngs):
+        jax.debug.inspect_array_sharding(batch["image"], callback=batch_shardings.append)
+        return loss_fn(model, batch, rngs)
+
+    def summary(model, batch):
+        return {"inputs": (np.clip(batch["image"][:2], 0, 1) * 255).astype(np.uint8)}
+
+    run(path, 10, model=model, loss=inspecting_loss, image_summary_fn=summary)
+    return Uninterrupted(params_of(model), path, model, initial_kernel, batch_shardings)
+
+
+def test_state_replicated_batch_sharded_and_donated(uninterrupted):
+    assert uninterrupted.initial_kernel.is_deleted(), "the state must be donated to the step"
+    (spec,) = uninterrupted.batch_shardings
+    assert spec.spec[0] == "data" and len(spec.device_set) == 4
+    for leaf in jax.tree_util.tree_leaves(nnx.state(uninterrupted.model)):
+        assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 4
+    model = uninterrupted.model
+    assert model.dropout.deterministic and model.bn.use_running_average, "returned in eval mode"
+
+
+def test_logged_scalars_images_and_loss_decrease(uninterrupted):
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
+
+    events = event_accumulator.EventAccumulator(
+        str(uninterrupted.path / "tb"), size_guidance={event_accumulator.TENSORS: 0})
+    events.Reload()
+    assert {"loss", "accuracy", "learning_rate", "steps_per_sec", "inputs"} <= set(
+        events.Tags()["tensors"])
+    value = lambda tag: [float(tensor_util.make_ndarray(e.tensor_proto))
+                         for e in events.Tensors(tag)]
+    assert [e.step for e in events.Tensors("loss")] == [2, 4, 6, 8, 10]
+    loss = value("loss")
+    assert loss[-1] < 0.7 * loss[0], loss
+    np.testing.assert_allclose(value("learning_rate")[:2],
+                               [0.3 * (1 - 1 / 10) ** 0.9, 0.3 * (1 - 3 / 10) ** 0.9], rtol=1e-5)
+
+
+def killed_after(num_batches: int):
+    """Batches for steps 0.. that stop the run like a kill when batch ``num_batches`` is asked."""
+    yield from (make_batch(s) for s in range(num_batches))
+    raise KeyboardInterrupt
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, uninterrupted):
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, 10, batches=killed_after(7))  # steps 1..7 done, checkpoints at 3 and 6
+    assert trainer.latest_step(str(tmp_path / "ckpt")) == 6
+    consumed = []
+    batches = (consumed.append(s) or make_batch(s) for s in itertools.count(6))
+    resumed = params_of(run(tmp_path, 10, batches=batches))
+    assert consumed[0] == 6 and len(consumed) == 4, "must resume at step 6, not restart"
+    assert trainer.latest_step(str(tmp_path / "ckpt")) == 10
+    assert_trees_close(resumed, uninterrupted.final)
+
+
+def test_completed_run_is_skipped(uninterrupted):
+    final, path = uninterrupted.final, uninterrupted.path
+
+    def never_called(*args):
+        raise AssertionError("a completed run must not trace the step")
+
+    model = run(path, 10, batches=iter(()), loss=never_called)
+    assert_trees_close(params_of(model), final)
+
+
+def test_tensorboard_events_and_checkpoints_kept(uninterrupted):
+    path = uninterrupted.path
+    assert list((path / "tb").glob("events.out.tfevents*"))
+    assert sorted(int(p.name) for p in (path / "ckpt").iterdir() if p.name.isdigit()) == [9, 10]
+
+
+def test_restore_model(uninterrupted):
+    final, path = uninterrupted.final, uninterrupted.path
+    model = trainer.restore_model(TinyNet(nnx.Rngs(1)), str(path / "ckpt"), "run stage cls first")
+    assert_trees_close(params_of(model), final)
+    assert model.bn.use_running_average
+
+
+def test_restore_model_without_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match=rf"no checkpoint in {tmp_path}: run stage cls"):
+        trainer.restore_model(TinyNet(nnx.Rngs(0)), str(tmp_path), "run stage cls first")
+
+
+def test_predict_returns_local_rows_in_order(uninterrupted):
+    model = uninterrupted.model
+    predict = trainer.make_predict_fn(model, lambda m, b: {"logits": m(b["image"])})
+    batch = make_batch(7, 8)
+    out = predict(batch)
+    assert isinstance(out["logits"], np.ndarray) and out["logits"].shape == (8, NUM_CLASSES)
+    expected = nnx.jit(lambda m, x: m(x))(model, batch["image"])
+    np.testing.assert_allclose(out["logits"], expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="config.eval.batch_size"):
+        trainer.make_predict_fn(model, lambda m, b: m(b["image"]),
+                                batch_size_key="config.eval.batch_size")(make_batch(0, 6))
+
+
+def test_sgd_poly_schedule_and_decay_mask():
+    tx, schedule = trainer.sgd_poly(0.2, 100, power=0.9, end_lr=0.01)
+    np.testing.assert_allclose(schedule(0), 0.2)
+    np.testing.assert_allclose(schedule(50), 0.19 * 0.5 ** 0.9 + 0.01, rtol=1e-6)
+    np.testing.assert_allclose(schedule(100), 0.01)
+    params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+    zero = jax.tree_util.tree_map(jnp.zeros_like, params)
+    updates, _ = jax.jit(tx.update)(zero, tx.init(params), params)
+    np.testing.assert_allclose(updates["kernel"], -0.2 * 5e-4 * np.ones((2, 2)), rtol=1e-6)
+    np.testing.assert_allclose(updates["bias"], 0.0)
