@@ -1,0 +1,90 @@
+"""Networks and the name registry that builds them from a config.
+
+Model config (``ml_collections.ConfigDict`` or any mapping; lists are accepted wherever tuples
+are, so a config read back from JSON works)::
+
+    backbone:      name: a key of BACKBONES; every other field is a keyword argument of
+                   that backbone (for "resnet": stem_width, widths, blocks, strides,
+                   dilations, block, stem_stride, in_channels; see TINY_RESNET)
+    classifier options (build_classifier):  dropout (0.5)
+    segmenter options (build_segmenter):    bins ((1, 2, 3, 6)), channels (512),
+                                            dropout (0.1), aux_channels (256)
+
+A backbone is any callable ``f(**kwargs, rngs=rngs) -> nnx.Module`` whose module maps
+``[B,H,W,3]`` to a list of per-stage NHWC features and exposes ``out_channels`` and
+``out_strides`` (one entry per stage). Adding a network (ResNet38-d, ScaleNet101,
+Res2Net101, ...) is one more entry in ``BACKBONES``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from flax import nnx
+
+from pmm_jax.models.cam_classifier import CAMClassifier, multilabel_soft_margin_loss
+from pmm_jax.models.pspnet import PSPNet, adaptive_avg_pool, resize_bilinear, upsample_logits
+from pmm_jax.models.resnet import ResNet
+
+__all__ = [
+    "BACKBONES",
+    "CAMClassifier",
+    "PSPNet",
+    "ResNet",
+    "TINY_RESNET",
+    "adaptive_avg_pool",
+    "build_backbone",
+    "build_classifier",
+    "build_segmenter",
+    "multilabel_soft_margin_loss",
+    "resize_bilinear",
+    "upsample_logits",
+]
+
+BACKBONES: dict[str, Callable[..., nnx.Module]] = {"resnet": ResNet}
+
+# Widths 8/16/32/64, one basic block per stage, stage strides (2, 4, 8, 8): output stride 8.
+# For tests and smoke runs: `ConfigDict(TINY_RESNET)` is a complete backbone config.
+TINY_RESNET = dict(
+    name="resnet",
+    stem_width=8,
+    widths=(8, 16, 32, 64),
+    blocks=(1, 1, 1, 1),
+    strides=(1, 2, 2, 1),
+    dilations=(1, 1, 1, 2),
+    block="basic",
+)
+
+_CLASSIFIER_OPTIONS = ("dropout",)
+_SEGMENTER_OPTIONS = ("bins", "channels", "dropout", "aux_channels")
+
+
+def build_backbone(cfg: Mapping[str, Any], rngs: nnx.Rngs) -> nnx.Module:
+    """The backbone ``BACKBONES[cfg.name]`` built with the remaining fields of ``cfg``."""
+    kwargs = dict(cfg.items())
+    name = kwargs.pop("name", None)
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone name {name!r}; registered: {sorted(BACKBONES)}")
+    return BACKBONES[name](**kwargs, rngs=rngs)
+
+
+def _head_options(cfg: Mapping[str, Any], allowed: tuple[str, ...]) -> dict[str, Any]:
+    """The fields of ``cfg`` other than ``backbone``; ValueError on any not in ``allowed``."""
+    options = {key: value for key, value in cfg.items() if key != "backbone"}
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown model options {unknown}; allowed: {list(allowed)}")
+    return options
+
+
+def build_classifier(cfg: Mapping[str, Any], num_classes: int, rngs: nnx.Rngs) -> CAMClassifier:
+    """CAM classifier over ``num_classes`` foreground classes from a model config."""
+    options = _head_options(cfg, _CLASSIFIER_OPTIONS)
+    return CAMClassifier(build_backbone(cfg["backbone"], rngs), num_classes, **options,
+                         rngs=rngs)
+
+
+def build_segmenter(cfg: Mapping[str, Any], num_classes: int, rngs: nnx.Rngs) -> PSPNet:
+    """PSPNet over ``num_classes`` classes (background included) from a model config."""
+    options = _head_options(cfg, _SEGMENTER_OPTIONS)
+    return PSPNet(build_backbone(cfg["backbone"], rngs), num_classes, **options, rngs=rngs)
