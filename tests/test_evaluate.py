@@ -1,0 +1,158 @@
+"""pmm_jax.evaluate: confusion matrices, the two IoU rules, the CAM threshold curve, the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pmm_jax import evaluate as ev
+from pmm_jax import io
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def brute_force_confusion(pred, gt, k):
+    cm = np.zeros((k, k), np.int64)
+    for p, g in zip(pred.ravel(), gt.ravel()):
+        if g != 255:
+            cm[g, p] += 1
+    return cm
+
+
+def random_pair(rng, shape, k, ignore_share=0.1):
+    gt = rng.integers(0, k, shape).astype(np.uint8)
+    gt[rng.random(shape) < ignore_share] = 255
+    pred = np.where(rng.random(shape) < 0.6, np.where(gt == 255, 0, gt), rng.integers(0, k, shape))
+    return pred.astype(np.uint8), gt
+
+
+def test_confusion_matrix_matches_brute_force_and_ignores_255():
+    rng = np.random.default_rng(0)
+    pred, gt = random_pair(rng, (23, 31), 5)
+    cm = ev.confusion_matrix(pred, gt, 5)
+    assert cm.dtype == np.int64
+    np.testing.assert_array_equal(cm, brute_force_confusion(pred, gt, 5))
+    assert cm.sum() == np.count_nonzero(gt != 255)
+
+
+def test_confusion_matrix_rejects_out_of_range_labels():
+    gt = np.array([[0, 1], [2, 255]])
+    with pytest.raises(ValueError, match=r"prediction has labels \[7\]"):
+        ev.confusion_matrix(np.array([[0, 1], [7, 0]]), gt, 3)
+    with pytest.raises(ValueError, match=r"ground truth has labels \[5\]"):
+        ev.confusion_matrix(np.zeros((2, 2), int), np.array([[0, 5], [1, 1]]), 3)
+    with pytest.raises(ValueError, match="shape"):
+        ev.confusion_matrix(np.zeros((2, 3), int), gt, 3)
+
+
+def test_iou_rules():
+    # Class 0: TP 3, FP 1, FN 1 -> 3/5. Class 1: in gt, never predicted -> 0.
+    # Class 2: predicted once, absent from gt -> mmseg 0, pmm excluded. Class 3: nowhere.
+    cm = np.array([[3, 0, 1, 0],
+                   [1, 0, 0, 0],
+                   [0, 0, 0, 0],
+                   [0, 0, 0, 0]])
+    iou, miou = ev.iou_from_confusion(cm, "mmseg")
+    np.testing.assert_allclose(iou[:3], [0.6, 0.0, 0.0])
+    assert np.isnan(iou[3]) and miou == pytest.approx(0.2)
+    iou, miou = ev.iou_from_confusion(cm, "pmm")
+    np.testing.assert_allclose(iou[:2], [0.6, 0.0])
+    assert np.isnan(iou[2:]).all() and miou == pytest.approx(0.3)
+    iou, miou = ev.iou_from_confusion(cm, "mmseg", ignore_classes=[1])
+    assert np.isnan(iou[1]) and miou == pytest.approx(0.3)
+    assert np.isnan(ev.iou_from_confusion(np.zeros((3, 3)), "mmseg")[1])
+    with pytest.raises(ValueError, match="unknown IoU rule"):
+        ev.iou_from_confusion(cm, "voc")
+
+
+def test_jnp_confusion_equals_numpy_and_sums_a_sharded_batch():
+    rng = np.random.default_rng(1)
+    batch = [random_pair(rng, (16, 12), 6) for _ in range(4)]
+    pred = np.stack([p for p, _ in batch])
+    gt = np.stack([g for _, g in batch])
+    valid = np.array([True, True, True, False])  # the last row is batch padding
+    expected = sum(ev.confusion_matrix(p, g, 6) for p, g in batch[:3])
+
+    fn = jax.jit(ev.confusion_matrix_jnp, static_argnums=2)
+    np.testing.assert_array_equal(fn(pred[0], gt[0], 6), ev.confusion_matrix(pred[0], gt[0], 6))
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    shard = NamedSharding(mesh, PartitionSpec("data"))
+    args = [jax.device_put(a, shard) for a in (pred, gt, valid[:, None, None])]
+    cm = fn(*args[:2], 6, args[2])
+    np.testing.assert_array_equal(np.asarray(cm), expected)
+    # Labels outside 0..K-1 cannot raise under jit: they are not counted.
+    out_of_range = fn(jnp.array([[9, 1]]), jnp.array([[1, 1]]), 6)
+    assert int(out_of_range.sum()) == 1
+
+
+def test_cam_labels_thresholds_with_ties_to_background():
+    cams = {2: np.array([[0.1, 0.5], [0.2, 0.0]]), 0: np.array([[0.3, 0.5], [0.1, 0.0]])}
+    labels = ev.cam_labels(cams, (2, 2), 0.2)
+    np.testing.assert_array_equal(labels, [[1, 1], [0, 0]])  # 0.5 tie -> lower class; 0.2 -> bg
+    np.testing.assert_array_equal(ev.cam_labels({}, (2, 3), 0.2), np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="shape"):
+        ev.cam_labels(cams, (3, 2), 0.2)
+
+
+def test_cam_threshold_curve_matches_per_threshold_evaluation():
+    rng = np.random.default_rng(2)
+    pairs = []
+    for _ in range(3):
+        gt = np.zeros((20, 20), np.uint8)
+        gt[5:15, 4:12] = 3
+        gt[0, :] = 255
+        cams = {2: np.clip((gt == 3) * 0.6 + rng.normal(0, 0.1, gt.shape), 0, 1),
+                4: np.clip(rng.normal(0.05, 0.05, gt.shape), 0, 1)}
+        pairs.append((cams, gt))
+    thresholds = [0.05, 0.1, 0.15, 0.3]
+    curve = ev.cam_threshold_curve(iter(pairs), thresholds, 6, rule="pmm")
+    assert list(curve) == thresholds
+    for t in thresholds:
+        cm = sum(ev.confusion_matrix(ev.cam_labels(c, g.shape, t), g, 6) for c, g in pairs)
+        assert curve[t] == pytest.approx(ev.iou_from_confusion(cm, "pmm")[1])
+    assert curve[0.3] > curve[0.05]
+
+
+def test_default_cam_threshold_is_where_the_paper_background_meets_the_class_score():
+    m = ev.DEFAULT_CAM_BG_THRESHOLD
+    assert abs((1 - m) ** 11 - m) < 1e-3 and 0.05 <= m <= 0.19
+
+
+def test_cli_prints_table_writes_json_and_lists_missing_predictions(tmp_path):
+    rng = np.random.default_rng(3)
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    cm = np.zeros((6, 6), np.int64)
+    for i in range(3):
+        pred, gt = random_pair(rng, (10, 14), 6)
+        io.write_mask(str(pred_dir / f"im{i}.png"), pred)
+        io.write_mask(str(gt_dir / f"im{i}.png"), gt)
+        cm += ev.confusion_matrix(pred, gt, 6)
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    cmd = [sys.executable, "-m", "pmm_jax.evaluate", f"--pred_dir={pred_dir}", f"--gt_dir={gt_dir}",
+           "--num_classes=6", "--rule=pmm", f"--out_json={tmp_path / 'r.json'}"]
+    result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    iou, miou = ev.iou_from_confusion(cm, "pmm")
+    assert "| kite |" in result.stdout and f"**{100 * miou:.2f}**" in result.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["miou"] == pytest.approx(miou) and report["num_images"] == 3
+    assert report["iou"]["ring"] == pytest.approx(iou[1])
+
+    os.remove(pred_dir / "im1.png")
+    result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "im1" in result.stderr and "no prediction" in result.stderr
+
+
+def test_class_names():
+    assert ev.class_names_for(21)[15] == "person"
+    assert ev.class_names_for(6, "synthetic")[1] == "ring"
+    assert ev.class_names_for(4) == ("0", "1", "2", "3")
+    with pytest.raises(ValueError, match="has 21 classes"):
+        ev.class_names_for(6, "voc")

@@ -1,0 +1,356 @@
+"""pmm_jax.pseudo_masks: the pooled, jitted pipeline against a plain transcription of the
+official per-image loop (synthetic and real VOC images), resuming, sharding, bad inputs, CLI."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+
+from pmm_jax import crf, io
+from pmm_jax import pseudo_masks as pm
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_CLASSES = 21
+# Pixels on which the pool must agree with the official loop (float32 jnp vs numpy).
+AGREEMENT = 0.999
+
+
+# ------------------------------------------------------------------------------------------
+# A direct numpy transcription of the official loop (Eli-YiLi/PMM refine_cam.py), per image.
+
+
+def official_normalize(v):
+    v = v.astype(np.float64)
+    return (v - v.min()) / (v.max() - v.min() + 1e-5)
+
+
+def official_cov(v, t, s):
+    above = v[v > t]
+    return 0.0 if above.size == 0 else above.std() / (above + 1e-8).mean() * s
+
+
+def official_mask(image, cams, cfg):
+    """What the official code writes for one image, for any of the four variants."""
+    params = crf.CRFParams.from_config(cfg.crf)
+    height, width = image.shape[:2]
+    keys = sorted(cams)
+    norm = {k: official_normalize(cams[k]) for k in keys}
+    smooth = cfg.method in ("ppmg", "crf_cvs")
+    xs = {k: np.where(v < cfg.t, 0, v) ** (1 - official_cov(v, cfg.t, cfg.s)) if smooth else v
+          for k, v in norm.items()}
+    if cfg.method in ("baseline", "crf_cvs"):
+        v = np.stack([xs[k] for k in keys])
+        bg = (1 - v.max(axis=0, keepdims=True)) ** cfg.alpha
+        posterior = crf.dense_crf(image, np.concatenate([bg, v]).astype(np.float32), params)
+        return np.asarray([0] + [k + 1 for k in keys])[posterior.argmax(axis=0)]
+    foreground = [np.ones((height, width))]
+    importance = [foreground[0]]
+    labels = [0]
+    for k in keys:
+        probs = np.stack([(1 - xs[k]) ** cfg.alpha, xs[k]]).astype(np.float32)
+        fg = (crf.dense_crf(image, probs, params)[1] > 0.5).astype(np.float64)
+        foreground.append(fg)
+        importance.append(norm[k] / (1 + (norm[k] * fg).sum()))
+        labels.append(k + 1)
+        foreground[0] = foreground[0] * (fg == 0)
+        importance[0] = foreground[0]
+    return np.asarray(labels)[np.argmax(np.stack(foreground) * np.stack(importance), axis=0)]
+
+
+# ------------------------------------------------------------------------------------------
+# Inputs
+
+
+def cams_from_labels(labels, rng, sigma):
+    """Classifier-like CAMs: blurred class indicator, random strength, an off-centre peak,
+    non-negative noise (a CAM is a ReLU output)."""
+    height, width = labels.shape
+    yy, xx = np.mgrid[:height, :width]
+    cams = {}
+    for c in np.unique(labels):
+        if c in (0, 255):
+            continue
+        mask = (labels == c).astype(np.float64)
+        cy, cx = [rng.choice(a[labels == c]) for a in (yy, xx)]
+        peak = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (0.3 * max(height, width)) ** 2))
+        cam = gaussian_filter(mask, sigma) * rng.uniform(0.5, 3.0) * (0.4 + peak)
+        cam += np.abs(rng.normal(0, 0.03, cam.shape)) * gaussian_filter(mask, 3 * sigma)
+        cams[int(c) - 1] = cam.astype(np.float32)
+    return cams
+
+
+def synthetic_sample(rng, height, width, classes):
+    """Coloured rectangles and ellipses on a textured background, with their CAMs."""
+    yy, xx = np.mgrid[:height, :width]
+    image = np.stack([60 + 40 * yy / height, 90 + 30 * xx / width, np.full((height, width), 120.0)], -1)
+    image += rng.normal(0, 6, image.shape)
+    labels = np.zeros((height, width), np.uint8)
+    for i, c in enumerate(classes):
+        cy, cx = rng.uniform(0.25, 0.75) * height, rng.uniform(0.25, 0.75) * width
+        ry, rx = rng.uniform(0.12, 0.3) * height, rng.uniform(0.12, 0.3) * width
+        if i % 2:
+            shape = (np.abs(yy - cy) < ry) & (np.abs(xx - cx) < rx)
+        else:
+            shape = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
+        labels[shape] = c + 1
+        image[shape] = rng.uniform(0, 255, 3) + rng.normal(0, 6, (shape.sum(), 3))
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    return image, labels, cams_from_labels(labels, rng, sigma=2.5)
+
+
+@pytest.fixture(scope="module")
+def synthetic_records():
+    rng = np.random.default_rng(0)
+    # Sizes below one 64 x 64 bucket exercise the padding; two classes each keep jit to one
+    # compilation per variant.
+    layout = [((64, 64), [3, 11]), ((56, 60), [14, 19]), ((48, 64), [0, 7]), ((40, 64), [5, 6])]
+    records = []
+    for i, (shape, classes) in enumerate(layout):
+        image, _, cams = synthetic_sample(rng, *shape, classes)
+        records.append((f"syn{i}", image, cams))
+    return records
+
+
+def config(method, **overrides):
+    cfg = pm.default_config()
+    cfg.method = method
+    cfg.update(overrides)
+    return cfg
+
+
+def agreement(out_dir, records, cfg):
+    same = total = 0
+    for image_id, image, cams in records:
+        ours = io.read_mask(os.path.join(out_dir, f"{image_id}.png"))
+        official = official_mask(image, cams, cfg)
+        same += np.count_nonzero(ours == official)
+        total += ours.size
+    return same / total
+
+
+# ------------------------------------------------------------------------------------------
+# Agreement with the official loop
+
+
+@pytest.mark.parametrize("method", pm.METHODS)
+def test_pool_matches_official_loop_on_synthetic_images(tmp_path, synthetic_records, method):
+    cfg = config(method)
+    stats = pm.generate(synthetic_records, str(tmp_path), cfg, num_workers=2,
+                        process_index=0, process_count=1)
+    assert stats["written"] == len(synthetic_records) and stats["failed"] == 0
+    assert agreement(str(tmp_path), synthetic_records, cfg) >= AGREEMENT
+    # The masks are not trivial: every present class wins some pixels somewhere.
+    values = set()
+    for image_id, _, _ in synthetic_records:
+        values |= set(np.unique(io.read_mask(str(tmp_path / f"{image_id}.png"))).tolist())
+    assert values > {0, 4, 12}
+
+
+@pytest.mark.parametrize("method", ["ppmg", "baseline"])
+def test_pool_matches_official_loop_on_voc_photographs(tmp_path, voc_samples_dir, method):
+    rng = np.random.default_rng(1)
+    records = []
+    for image_id in ("2007_000129", "2007_000033"):
+        image = io.read_image(str(voc_samples_dir / f"{image_id}.png"))
+        labels = io.read_mask(str(voc_samples_dir / f"{image_id}_label.png"))
+        records.append((image_id, image, cams_from_labels(labels, rng, sigma=12)))
+    cfg = config(method)
+    pm.generate(records, str(tmp_path), cfg, num_workers=2, process_index=0, process_count=1)
+    assert agreement(str(tmp_path), records, cfg) >= AGREEMENT
+
+
+# ------------------------------------------------------------------------------------------
+# Resuming and sharding
+
+
+def test_existing_masks_are_skipped_and_kept(tmp_path, synthetic_records):
+    marker = np.full(synthetic_records[1][1].shape[:2], 7, np.uint8)
+    io.write_mask(str(tmp_path / "syn1.png"), marker)
+    stats = pm.generate(synthetic_records[:2], str(tmp_path), config("ppmg"), num_workers=1,
+                        process_index=0, process_count=1)
+    assert (stats["written"], stats["skipped"]) == (1, 1)
+    np.testing.assert_array_equal(io.read_mask(str(tmp_path / "syn1.png")), marker)
+
+
+def test_interrupted_run_completes_on_rerun(tmp_path, synthetic_records):
+    records = [(f"r{i}", image, cams) for i, (_, image, cams) in enumerate(synthetic_records * 2)]
+
+    def interrupted():
+        for i, record in enumerate(records):
+            if i == 5:
+                raise KeyboardInterrupt
+            yield record
+
+    with pytest.raises(KeyboardInterrupt):
+        pm.generate(interrupted(), str(tmp_path), config("ppmg"), num_workers=1,
+                    process_index=0, process_count=1)
+    done = sorted(os.listdir(tmp_path))
+    assert 0 < len(done) < len(records)
+    assert all(name.endswith(".png") and not name.startswith(".tmp") for name in done)
+    stats = pm.generate(records, str(tmp_path), config("ppmg"), num_workers=1,
+                        process_index=0, process_count=1)
+    assert stats["skipped"] == len(done)
+    assert stats["written"] == len(records) - len(done)
+    assert sorted(os.listdir(tmp_path)) == sorted(f"{i}.png" for i, _, _ in records)
+
+
+def test_processes_split_ids_disjointly(tmp_path):
+    # Empty CAM dicts need no CRF, so this exercises only the bookkeeping.
+    records = [(f"id{i:02d}", np.zeros((8, 8, 3), np.uint8), {}) for i in range(11)]
+    seen = []
+    for index in range(3):
+        before = set(os.listdir(tmp_path))
+        stats = pm.generate(records, str(tmp_path), config("ppmg"), num_workers=1,
+                            process_index=index, process_count=3)
+        mine = set(os.listdir(tmp_path)) - before
+        assert mine == {f"{i}.png" for i, _, _ in records[index::3]}
+        assert stats["written"] == len(mine)
+        seen.append(mine)
+    assert set.union(*seen) == {f"{i}.png" for i, _, _ in records}
+    # Defaults come from JAX (one process here): everything is already done.
+    assert pm.generate(records, str(tmp_path), config("ppmg"), num_workers=1)["skipped"] == 11
+    with pytest.raises(ValueError, match="process_index 3"):
+        pm.generate(records, str(tmp_path), config("ppmg"), process_index=3, process_count=3)
+
+
+def test_empty_cam_dict_gives_all_background(tmp_path):
+    stats = pm.generate([("empty", np.zeros((9, 13, 3), np.uint8), {})], str(tmp_path),
+                        config("baseline"), num_workers=1, process_index=0, process_count=1)
+    assert stats["written"] == 1
+    mask = io.read_mask(str(tmp_path / "empty.png"))
+    assert mask.shape == (9, 13) and not mask.any()
+
+
+# ------------------------------------------------------------------------------------------
+# Bad inputs
+
+
+def test_bad_inputs_are_reported_by_file_and_the_rest_is_written(tmp_path, synthetic_records):
+    _, image, cams = synthetic_records[0]
+    shape = image.shape[:2]
+    images, cam_dir = tmp_path / "images", tmp_path / "cams"
+    images.mkdir()
+    cam_dir.mkdir()
+    io.write_image(str(images / "good.png"), image)
+    (images / "broken.png").write_bytes(b"not a png")
+    (cam_dir / "garbled.npy").write_bytes(b"\x93NUMPY garbage")
+    cam_files = {
+        "good": cams,
+        "nan": {3: np.where(np.arange(shape[1]) == 2, np.nan, 0.5) * np.ones(shape)},
+        "small": {3: np.ones((shape[0] - 1, shape[1]))},
+        "class": {20: np.ones(shape)},
+        "negative": {-1: np.ones(shape)},
+        "broken": {3: np.ones(shape)},
+    }
+    for name, value in cam_files.items():
+        io.write_cams(str(cam_dir / f"{name}.npy"), value)
+    records = [(name, str(images / ("broken.png" if name == "broken" else "good.png")),
+                str(cam_dir / f"{name}.npy")) for name in cam_files]
+    records.append(("garbled", str(images / "good.png"), str(cam_dir / "garbled.npy")))
+    records.append(("orphan", None, {3: np.ones(shape)}))
+    records.append(("array", image, {3: np.full(shape, np.inf)}))
+
+    with pytest.raises(pm.PseudoMaskError) as caught:
+        pm.generate(records, str(tmp_path / "out"), config("ppmg"), num_workers=1,
+                    process_index=0, process_count=1)
+    err = caught.value
+    assert sorted(i for i, _ in err.failures) == sorted(
+        ["nan", "small", "class", "negative", "broken", "garbled", "orphan", "array"])
+    causes = dict(err.failures)
+    for name in ("nan", "small", "class", "negative", "garbled"):
+        assert str(cam_dir / f"{name}.npy") in causes[name], causes[name]
+    assert "NaN/inf" in causes["nan"] and "NaN/inf" in causes["array"]
+    assert "shape" in causes["small"]
+    assert "class index 20 outside 0..19" in causes["class"]
+    assert str(images / "broken.png") in causes["broken"]
+    assert "cannot read" in causes["broken"] and "cannot read" in causes["garbled"]
+    assert "no image" in causes["orphan"]
+    assert "array" in str(err) and "nan" in str(err)
+    assert (err.stats["written"], err.stats["failed"]) == (1, 8)
+    assert os.listdir(tmp_path / "out") == ["good.png"]
+
+
+def test_invalid_config_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="unknown pseudo-mask method"):
+        pm.generate([], str(tmp_path), config("crf"))
+    cfg = config("ppmg")
+    with cfg.unlocked():
+        cfg.crf.bilateral_sxyz = 3.0
+    with pytest.raises(ValueError, match="bilateral_sxyz"):
+        pm.generate([], str(tmp_path), cfg)
+
+
+# ------------------------------------------------------------------------------------------
+# Worker imports and the command line
+
+
+def run_python(*args, cwd=REPO):
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_worker_side_imports_load_no_jax_and_define_no_flags():
+    """A spawned CRF worker imports pmm_jax.crf (the task) and, under the CLI, this module as
+    __mp_main__: neither may pull in JAX or register absl flags."""
+    code = ("import sys; import pmm_jax.crf, pmm_jax.pseudo_masks; from absl import flags; "
+            "assert 'jax' not in sys.modules, 'jax imported'; "
+            "assert 'config' not in flags.FLAGS and 'cam_dir' not in flags.FLAGS")
+    result = run_python("-c", code)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def cli_inputs(tmp_path_factory, synthetic_records):
+    root = tmp_path_factory.mktemp("cli")
+    (root / "images").mkdir()
+    (root / "cams").mkdir()
+    for n, (image_id, image, cams) in enumerate(synthetic_records[:3]):
+        if n == 0:
+            Image.fromarray(image).save(root / "images" / f"{image_id}.jpg", quality=95)
+        else:
+            io.write_image(str(root / "images" / f"{image_id}.png"), image)
+        if n == 2:
+            classes = sorted(cams)
+            np.savez(root / "cams" / f"{image_id}.npz", cams=np.stack([cams[c] for c in classes]),
+                     classes=np.asarray(classes))
+        else:
+            io.write_cams(str(root / "cams" / f"{image_id}.npy"), cams)
+    return root
+
+
+def test_cli_end_to_end_matches_generate(tmp_path, cli_inputs):
+    out = tmp_path / "out"
+    result = run_python("-m", "pmm_jax.pseudo_masks", f"--cam_dir={cli_inputs / 'cams'}",
+                        f"--image_dir={cli_inputs / 'images'}", f"--out_dir={out}",
+                        "--method=crf_cvs", "--num_workers=1", "--config.alpha=4",
+                        "--config.crf.iterations=5")
+    assert result.returncode == 0, result.stderr
+    assert "written=3" in result.stdout
+    cfg = config("crf_cvs", alpha=4.0)
+    cfg.crf.iterations = 5
+    records = pm.list_records(str(cli_inputs / "cams"), str(cli_inputs / "images"))
+    pm.generate(records, str(tmp_path / "direct"), cfg, num_workers=1, process_index=0,
+                process_count=1)
+    for image_id, _, _ in records:
+        with Image.open(out / f"{image_id}.png") as png:
+            assert png.mode == "P"
+        np.testing.assert_array_equal(io.read_mask(str(out / f"{image_id}.png")),
+                                      io.read_mask(str(tmp_path / "direct" / f"{image_id}.png")))
+
+
+def test_cli_rejects_unknown_overrides_and_orphan_cams(tmp_path, cli_inputs):
+    base = ["-m", "pmm_jax.pseudo_masks", f"--cam_dir={cli_inputs / 'cams'}",
+            f"--image_dir={cli_inputs / 'images'}", f"--out_dir={tmp_path / 'out'}"]
+    result = run_python(*base, "--config.alfa=3")
+    assert result.returncode != 0 and "alfa" in result.stderr
+    io.write_cams(str(tmp_path / "lonely.npy"), {0: np.ones((4, 4))})
+    result = run_python(*base[:2], f"--cam_dir={tmp_path}", *base[3:])
+    assert result.returncode != 0
+    assert str(tmp_path / "lonely.npy") in result.stderr and "no image" in result.stderr
+    assert not (tmp_path / "out").exists()
