@@ -71,7 +71,8 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     c.seg = ml_collections.ConfigDict(dict(
         model=ml_collections.ConfigDict(dict(
             backbone=backbone, bins=(1, 2, 3, 6), channels=16 if tiny else 64,
-            dropout=0.1, aux_channels=8 if tiny else 32, aux_weight=0.4)),
+            dropout=0.1, aux_channels=8 if tiny else 32)),
+        aux_weight=0.4,
         runs=("ce", "pus"),
         pus=ml_collections.ConfigDict(dict(mode="clamp", beta=0.5, kappa=0.5, reduction="all")),
         batch_size=16 if tiny else 32,

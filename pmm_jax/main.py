@@ -8,6 +8,7 @@ is locked, so a misspelt key is an error.
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -56,7 +57,10 @@ def main(argv):
         stages.parse_stages(_CONFIG.value.stages)
     except ValueError as err:
         raise app.UsageError(str(err)) from err
-    logging.set_verbosity(logging.INFO)
+    # Library chatter (orbax's read-only notices, tfds) only on errors; this package's
+    # progress messages at INFO.
+    logging.set_verbosity(logging.ERROR)
+    std_logging.getLogger("pmm_jax").setLevel(std_logging.INFO)
     try:
         run(_CONFIG.value, _WORKDIR.value)
     except stages.StageInputError as err:

@@ -38,10 +38,14 @@ class CAMClassifier(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
-        """``x[B,H,W,3]`` -> ``{"cam": [B,h,w,C], "logits": [B,C]}``."""
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
+        """``x[B,H,W,3]`` -> ``{"cam": [B,h,w,C], "logits": [B,C]}``.
+
+        ``rngs`` (the trainer's per-step ``fold_in`` keys) drives dropout when given; without
+        it dropout uses the module's own key stream.
+        """
         features = self.backbone(x)[-1]
-        cam = self.classifier(self.dropout(features))
+        cam = self.classifier(self.dropout(features, rngs=rngs))
         return {"cam": cam, "logits": jnp.mean(cam, axis=(1, 2))}
 
 

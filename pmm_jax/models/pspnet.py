@@ -95,8 +95,8 @@ class PSPHead(nnx.Module):
         self.classifier = nnx.Conv(channels, num_classes, (1, 1), kernel_init=CLASSIFIER_INIT,
                                    rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.classifier(self.dropout(self.bottleneck(self.ppm(x))))
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        return self.classifier(self.dropout(self.bottleneck(self.ppm(x)), rngs=rngs))
 
 
 class FCNHead(nnx.Module):
@@ -109,8 +109,8 @@ class FCNHead(nnx.Module):
         self.classifier = nnx.Conv(channels, num_classes, (1, 1), kernel_init=CLASSIFIER_INIT,
                                    rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.classifier(self.dropout(self.conv(x)))
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        return self.classifier(self.dropout(self.conv(x), rngs=rngs))
 
 
 class PSPNet(nnx.Module):
@@ -139,9 +139,9 @@ class PSPNet(nnx.Module):
         self.aux_head = FCNHead(backbone.out_channels[-2], num_classes, channels=aux_channels,
                                 dropout=dropout, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
         """``x[B,H,W,3]`` -> ``{"logits": [B,h,w,K], "aux_logits": [B,h',w',K]}`` at the
-        strides of the last and second-to-last backbone stages."""
+        strides of the last and second-to-last backbone stages; ``rngs`` drives dropout."""
         features = self.backbone(x)
-        return {"logits": self.decode_head(features[-1]),
-                "aux_logits": self.aux_head(features[-2])}
+        return {"logits": self.decode_head(features[-1], rngs=rngs),
+                "aux_logits": self.aux_head(features[-2], rngs=rngs)}

@@ -20,6 +20,8 @@ import ml_collections
 from pmm_jax import io
 from pmm_jax.workdir import Workdir
 
+log = logging.getLogger(__name__)
+
 ORDER = ("cls", "cam", "pseudo", "seg", "cycle", "eval")
 
 # The stage whose output each stage reads.
@@ -67,10 +69,10 @@ def run_stage(name: str, config: ml_collections.ConfigDict, wd: Workdir) -> dict
     """Runs one stage unless its marker says it is done; returns its marker contents."""
     marker = wd.stage_marker(name)
     if os.path.exists(marker):
-        logging.info("stage %s: already complete (%s); skipping", name, marker)
+        log.info("stage %s: already complete (%s); skipping", name, marker)
         return io.read_json(marker)
     check_inputs(name, wd)
-    logging.info("stage %s: starting", name)
+    log.info("stage %s: starting", name)
     start = time.time()
     metrics = _runner(name)(config, wd)
     record = {"seconds": round(time.time() - start, 2), "metrics": metrics}
@@ -79,5 +81,5 @@ def run_stage(name: str, config: ml_collections.ConfigDict, wd: Workdir) -> dict
         multihost_utils.sync_global_devices(f"stage-{name}")
     if jax.process_index() == 0:
         io.write_json(marker, record)
-    logging.info("stage %s: done in %.1f s", name, record["seconds"])
+    log.info("stage %s: done in %.1f s", name, record["seconds"])
     return record

@@ -20,12 +20,12 @@ from pmm_jax.workdir import Workdir
 
 def build_model(config, seed: int = 0) -> nnx.Module:
     """The configured CAM classifier, randomly initialised."""
-    return models.build_classifier(config.cls.model, common.num_foreground(config), nnx.Rngs(seed))
+    return models.build_classifier(config.cls.model, common.num_foreground(config), models.init_rngs(seed))
 
 
-def loss_fn(model, batch, rng):
+def loss_fn(model, batch, rngs):
     """Multilabel soft-margin loss on the classifier's logits, with the exact-match accuracy."""
-    out = model(batch["image"], rngs=nnx.Rngs(dropout=rng))
+    out = model(batch["image"], rngs=rngs)
     loss = multilabel_soft_margin_loss(out["logits"], batch["labels"])
     correct = jnp.all((out["logits"] > 0) == (batch["labels"] > 0.5), axis=-1)
     return loss, {"exact_match": jnp.mean(correct)}

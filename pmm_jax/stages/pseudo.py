@@ -12,7 +12,7 @@ import os
 
 import ml_collections
 
-from pmm_jax import io, pseudo_masks
+from pmm_jax import pseudo_masks
 from pmm_jax.stages import common
 from pmm_jax.workdir import Workdir
 
@@ -33,7 +33,7 @@ def records(config, wd: Workdir, ids: set[str] | None):
     """``(id, image, cams)`` of this process's train images, optionally only ``ids``."""
     for ex in common.examples(config, wd, "train"):
         if ids is None or ex["id"] in ids:
-            yield ex["id"], ex["image"], io.read_cams(os.path.join(wd.cams("train"), f"{ex['id']}.npy"))
+            yield ex["id"], ex["image"], os.path.join(wd.cams("train"), f"{ex['id']}.npy")
 
 
 def subset_ids(config, wd: Workdir) -> list[str]:

@@ -26,13 +26,13 @@ from pmm_jax.workdir import Workdir
 
 def build_model(config, seed: int = 0) -> nnx.Module:
     """The configured segmenter, randomly initialised (every run starts from these weights)."""
-    return models.build_segmenter(config.seg.model, config.data.num_classes, nnx.Rngs(seed))
+    return models.build_segmenter(config.seg.model, config.data.num_classes, models.init_rngs(seed))
 
 
-def loss_fn(model, batch, rng, *, mode: str, beta: float, kappa: float, reduction: str,
+def loss_fn(model, batch, rngs, *, mode: str, beta: float, kappa: float, reduction: str,
             aux_weight: float):
     """Decode-head loss + ``aux_weight`` x auxiliary-head loss, each its own PUS warm-up test."""
-    out = model(batch["image"], rngs=nnx.Rngs(dropout=rng))
+    out = model(batch["image"], rngs=rngs)
     size = batch["mask"].shape[1:3]
     head_loss = functools.partial(pmm.pus_loss, labels=batch["mask"], mode=mode, beta=beta,
                                   kappa=kappa, reduction=reduction)
@@ -48,7 +48,7 @@ def run_loss(config, loss: str):
     p = config.seg.pus
     return functools.partial(loss_fn, mode="none" if loss == "ce" else p.mode, beta=p.beta,
                              kappa=p.kappa, reduction=p.reduction,
-                             aux_weight=config.seg.model.aux_weight)
+                             aux_weight=config.seg.aux_weight)
 
 
 def predict_labels(model, batch) -> jax.Array:

@@ -1,0 +1,578 @@
+"""Dense CRF in JAX: a jitted permutohedral-lattice mean field, second backend to ``pmm_jax.crf``.
+
+Same model as pydensecrf's ``DenseCRF2D`` as the official PMM code uses it (read from
+densecrf's ``densecrf.cpp``, ``pairwise.cpp``, ``labelcompatibility.cpp`` and
+``permutohedral.cpp``):
+
+* unary ``U = -log(clip(p, 1e-5, 1))`` (``unary_from_softmax``), probabilities not renormalised;
+* a Gaussian kernel on features ``(x/sxy, y/sxy)`` and a bilateral kernel on
+  ``(x/sxy, y/sxy, c0/srgb, c1/srgb, c2/srgb)`` (image channels in the order given), each
+  filtered by a permutohedral lattice (Adams et al. 2010) and normalised symmetrically
+  (``NORMALIZE_SYMMETRIC``): ``K~ Q = n * K(n * Q)`` with ``n = 1 / sqrt(K 1 + 1e-20)``;
+* Potts compatibility: densecrf's pairwise term is ``-w * K~ Q`` and inference SUBTRACTS it,
+  so every mean-field step is ``Q = softmax(-U + sum_k w_k * K~_k Q)`` over labels. The pixel
+  itself is NOT excluded from the filtered sum (densecrf's lattice includes it);
+* ``Q0 = softmax(-U)``, then ``iterations`` steps.
+
+The lattice reproduces densecrf's arithmetic step by step (float32 elevation, round to
+nearest, rank and barycentric weights, blur ``v + 0.5 (v[n1] + v[n2])`` along the d+1
+directions in order 0..d, slice scaled by ``1 / (1 + 2^-d)``), so posteriors match pydensecrf
+up to float rounding.
+
+Static shapes: the lattice of N pixels has at most ``(d + 1) N`` points (each pixel touches
+the d+1 vertices of its simplex); it is stored in a table of a static ``capacity`` (a
+``LatticeCapacity``). Points are deduplicated by a lexicographic ``lax.sort`` of their integer
+keys, the sorted key table is the hash (neighbour lookups are a vectorised lexicographic binary
+search), splatting is a segment sum, slicing a gather. The true number of points is always
+computed and returned: a table too small for an image is detected, never silently wrong
+(``LatticeOverflowError`` from the host wrappers, ``LatticeStats`` from the jittable core).
+
+Entry points:
+
+* ``dense_crf(image, probs, params)`` mirrors ``pmm_jax.crf.dense_crf`` (numpy in and out);
+* ``dense_crf_batched(image, probs[S, L, H, W], params)`` runs S label sets of one image (PPMG's
+  per-class binary CRFs) through one lattice and one batched filter pass;
+* ``dense_crf_images(images, probs, params)`` pads several images to one shape with a mask;
+* ``crf_posterior`` is the pure jittable core for device-resident pipelines.
+
+The host wrappers size the tables themselves unless given a capacity: they start from the
+sizes that fitted earlier images of the same shape and parameters (``initial_capacity`` the
+first time) and, when the reported point count exceeds a table, grow it to that count rounded
+up to one of four sizes per octave and run again (bounded recompilation, at most 25 % slack).
+"""
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pmm_jax.crf import UNARY_CLIP, CRFParams
+
+# Feature dimensions of the two kernels.
+GAUSSIAN_DIM = 2
+BILATERAL_DIM = 5
+# densecrf adds this to K 1 before the inverse square root.
+NORM_EPS = 1e-20
+# Smallest table the host wrappers allocate.
+MIN_CAPACITY = 256
+# Lattice coordinates are packed as 16-bit fields (densecrf keeps them as C short); KEY_MAX
+# leaves the all-ones word free as the padding of unused table rows, which sorts last.
+KEY_MIN, KEY_MAX = -32768, 32766
+_PAD_WORD = np.uint32(0xFFFFFFFF)
+
+
+class LatticeOverflowError(RuntimeError):
+    """A lattice table was smaller than the number of lattice points of an image."""
+
+
+class LatticeCapacity(NamedTuple):
+    """Static table sizes (number of lattice points) of the Gaussian and bilateral lattices."""
+
+    gaussian: int
+    bilateral: int
+
+
+class Lattice(NamedTuple):
+    """A permutohedral lattice over N pixels with a table of ``capacity`` points.
+
+    ``offsets[i, r]``: table row of the r-th vertex of pixel i's simplex (``capacity``, the
+    always-zero dummy row, where the table overflowed). ``weights[i, r]``: its barycentric
+    weight (0 for padding pixels and overflowed vertices). ``neighbours[j, 0|1, m]``: rows of
+    the two neighbours of point m along lattice direction j (the dummy row where absent).
+    ``norm``: densecrf's symmetric normalisation ``1 / sqrt(K 1 + 1e-20)`` (0 on padding).
+    ``num_points``: the true number of distinct lattice points, also when it exceeds capacity.
+    ``keys_in_range``: False when a lattice coordinate does not fit 16 bits (a kernel width
+    far too small for the image; densecrf would silently wrap its ``short`` keys).
+    """
+
+    offsets: jax.Array
+    weights: jax.Array
+    neighbours: jax.Array
+    norm: jax.Array
+    num_points: jax.Array
+    keys_in_range: jax.Array
+
+    @property
+    def capacity(self):
+        """Number of table rows (static)."""
+        return self.neighbours.shape[-1] - 1
+
+    @property
+    def overflow(self):
+        """True where the table was too small or keys overflowed (results are then invalid)."""
+        return (self.num_points > self.capacity) | ~self.keys_in_range
+
+
+class LatticeStats(NamedTuple):
+    """What the jittable core reports per (Gaussian, bilateral) lattice: ``[..., 2]`` arrays."""
+
+    num_points: jax.Array
+    keys_in_range: jax.Array
+
+
+def hard_capacity(height, width):
+    """Capacities that can never overflow: ``(d + 1) * H * W`` for each kernel."""
+    n = height * width
+    return LatticeCapacity((GAUSSIAN_DIM + 1) * n, (BILATERAL_DIM + 1) * n)
+
+
+def round_capacity(num_points, num_pixels, dim):
+    """Table size for ``num_points``: rounded up to 4 sizes per octave, capped by the hard bound.
+
+    Why: a tight table makes the blur cheap, and few distinct sizes keep the number of
+    compilations small across images.
+    """
+    m = max(int(num_points), MIN_CAPACITY)
+    step = 2 ** max(int(math.log2(m)) - 2, 0)
+    return min(-(-m // step) * step, (dim + 1) * num_pixels)
+
+
+def gaussian_features(height, width, sxy):
+    """densecrf's Gaussian features ``(x / sxy, y / sxy)``: ``[H * W, 2]`` float32, row-major."""
+    y, x = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32),
+                        jnp.arange(width, dtype=jnp.float32), indexing="ij")
+    feats = jnp.stack([x, y], axis=-1) / jnp.float32(sxy)
+    return feats.reshape(height * width, GAUSSIAN_DIM)
+
+
+def bilateral_features(image, sxy, srgb):
+    """densecrf's bilateral features ``(x/sxy, y/sxy, c0/srgb, c1/srgb, c2/srgb)``: ``[H*W, 5]``."""
+    height, width = image.shape[:2]
+    colour = jnp.asarray(image, dtype=jnp.float32).reshape(height * width, 3) / jnp.float32(srgb)
+    return jnp.concatenate([gaussian_features(height, width, sxy), colour], axis=1)
+
+
+def _scale_factors(dim):
+    """Diagonal of densecrf's elevation matrix times its ``inv_std_dev``, rounded as in C++."""
+    inv_std_dev = np.float32(np.sqrt(2.0 / 3.0) * (dim + 1))
+    return [np.float32(1.0 / np.sqrt((i + 2) * (i + 1)) * np.float64(inv_std_dev))
+            for i in range(dim)]
+
+
+def _embed(features):
+    """Simplex vertices and barycentric weights of each feature vector (Adams et al. 2010).
+
+    Returns ``keys [N, d+1, d]`` int32 (first d lattice coordinates of the d+1 vertices, the
+    last is implied) and ``weights [N, d+1]`` float32, with the same float32 operations as
+    densecrf's SSE ``Permutohedral::init`` (elevation summed in the same order).
+    """
+    dim = features.shape[1]
+    scale = _scale_factors(dim)
+    down, up = np.float32(1.0 / (dim + 1)), np.float32(dim + 1)
+
+    # Elevate onto the plane sum(x) = 0: elevated[j] = sum_{i >= j} cf_i - j cf_{j-1}.
+    columns = [None] * (dim + 1)
+    running = jnp.zeros(features.shape[:1], jnp.float32)
+    for j in range(dim, 0, -1):
+        cf = features[:, j - 1] * scale[j - 1]
+        columns[j] = running - np.float32(j) * cf
+        running = running + cf
+    columns[0] = running
+    elevated = jnp.stack(columns, axis=1)
+
+    # Nearest 0-coloured lattice point (round half to even, as SSE) and its coordinate sum.
+    rounded = jnp.round(elevated * down)
+    rem0 = rounded * up
+    coord_sum = jnp.sum(rounded, axis=1, keepdims=True).astype(jnp.int32)
+
+    # rank[i]: position of coordinate i when the residuals are sorted (ties as densecrf: for
+    # i < j, i ranks above j only when residual_i < residual_j).
+    residual = elevated - rem0
+    less = residual[:, :, None] < residual[:, None, :]
+    later = np.triu(np.ones((dim + 1, dim + 1), bool), 1)
+    rank = (jnp.sum(less & later, axis=2) + jnp.sum(~less & later, axis=1)).astype(jnp.int32)
+    # Bring the point back onto the plane (coordinate sum zero).
+    shifted = rank + coord_sum
+    wrap = (shifted < 0).astype(jnp.int32) - (shifted > dim).astype(jnp.int32)
+    rank = shifted + (dim + 1) * wrap
+    rem0 = rem0 + up * wrap.astype(jnp.float32)
+
+    # Barycentric weights (p. 10 of the paper): b[k] = v[rank d-k] - v[rank d-k+1], where v is
+    # the scaled residual of the coordinate with that rank, and b[0] wraps around.
+    value = (elevated - rem0) * down
+    by_rank = jnp.sum(jnp.where(rank[:, :, None] == np.arange(dim + 1), value[:, :, None], 0.0),
+                      axis=1)
+    descending = by_rank[:, ::-1]
+    weights = jnp.concatenate([descending[:, :1] + (1.0 - by_rank[:, :1]),
+                               descending[:, 1:] - descending[:, :-1]], axis=1)
+
+    # Vertex r of the simplex: rem0 + canonical[r][rank], canonical[r][k] = r if k <= d - r
+    # else r - (d + 1).
+    remainder = np.arange(dim + 1, dtype=np.int32)[None, :, None]
+    canonical = jnp.where(rank[:, None, :dim] <= dim - remainder, remainder, remainder - dim - 1)
+    keys = rem0[:, None, :dim].astype(jnp.int32) + canonical
+    return keys, weights
+
+
+def _pack(keys):
+    """Pack 16-bit lattice coordinates two per uint32 word: ``[..., d]`` -> ``[..., ceil(d/2)]``.
+
+    Lexicographic order of the words equals that of the coordinates, so sorting and searching
+    need half as many keys. Coordinates must lie in ``[KEY_MIN, KEY_MAX]`` (densecrf itself
+    stores them as C ``short``).
+    """
+    biased = (keys - KEY_MIN).astype(jnp.uint32)
+    if keys.shape[-1] % 2:
+        biased = jnp.concatenate([biased, jnp.zeros(biased.shape[:-1] + (1,), jnp.uint32)], -1)
+    return (biased[..., 0::2] << 16) | biased[..., 1::2]
+
+
+def _unpack(words, dim):
+    """Inverse of ``_pack`` for ``dim`` coordinates."""
+    high = (words >> 16).astype(jnp.int32) + KEY_MIN
+    low = (words & 0xFFFF).astype(jnp.int32) + KEY_MIN
+    return jnp.stack([high, low], axis=-1).reshape(words.shape[:-1] + (-1,))[..., :dim]
+
+
+def _in_key_range(keys):
+    """True for the rows of ``keys [..., d]`` whose coordinates all fit ``_pack``."""
+    return jnp.all((keys >= KEY_MIN) & (keys <= KEY_MAX), axis=-1)
+
+
+def _sort_points(words):
+    """Deduplicate packed keys ``words [P, w]``: lexicographically sorted words, first-occurrence
+    flags, point index of every sorted row and of every original row, number of points."""
+    num_rows, width = words.shape
+    operands = [words[:, c] for c in range(width)] + [jnp.arange(num_rows, dtype=jnp.int32)]
+    *sorted_cols, order = jax.lax.sort(operands, num_keys=width)
+    sorted_words = jnp.stack(sorted_cols, axis=1)
+    is_new = jnp.concatenate(
+        [jnp.ones((1,), bool), jnp.any(sorted_words[1:] != sorted_words[:-1], axis=1)])
+    sorted_point = jnp.cumsum(is_new, dtype=jnp.int32) - 1
+    point = jnp.zeros(num_rows, jnp.int32).at[order].set(sorted_point, unique_indices=True)
+    return sorted_words, is_new, sorted_point, point, sorted_point[-1] + 1
+
+
+def _lex_less(a, b):
+    """Row-wise lexicographic ``a < b`` of two ``[Q, w]`` integer arrays."""
+    less = jnp.zeros(a.shape[:1], bool)
+    for c in reversed(range(a.shape[1])):
+        less = jnp.where(a[:, c] == b[:, c], less, a[:, c] < b[:, c])
+    return less
+
+
+def _lookup(table, queries):
+    """Row of each query in the lexicographically sorted ``table`` (``len(table)`` if absent).
+
+    A vectorised binary search: the static-shape replacement of densecrf's hash table.
+    """
+    capacity = table.shape[0]
+
+    def step(_, bounds):
+        lo, hi = bounds
+        active = lo < hi
+        mid = (lo + hi) // 2
+        go_right = _lex_less(jnp.take(table, mid, axis=0, mode="clip"), queries)
+        return (jnp.where(active & go_right, mid + 1, lo),
+                jnp.where(active & ~go_right, mid, hi))
+
+    zeros = jnp.zeros(queries.shape[:1], jnp.int32)
+    lo, _ = jax.lax.fori_loop(0, max(1, math.ceil(math.log2(capacity + 1))), step,
+                              (zeros, zeros + capacity))
+    found = (lo < capacity) & jnp.all(jnp.take(table, lo, axis=0, mode="clip") == queries, axis=1)
+    return jnp.where(found, lo, capacity)
+
+
+def _blur_neighbours(table, num_points, dim):
+    """``[d+1, 2, C+1]`` rows of each point's neighbours ``key -/+ (-1, .., d at j, .., -1)``.
+
+    ``table [C, w]``: packed keys, sorted, unused rows padded. Row C is the dummy (always
+    zero) point: absent neighbours and unused rows point to it.
+    """
+    capacity = table.shape[0]
+    steps = np.full((dim + 1, dim), -1, np.int32)
+    steps[np.arange(dim), np.arange(dim)] = dim
+    queries = _unpack(table, dim)[None] + steps[:, None, :]
+    forward = _lookup(table, _pack(queries).reshape(-1, table.shape[1])).reshape(dim + 1, capacity)
+    usable = _in_key_range(queries) & (jnp.arange(capacity) < num_points)
+    forward = jnp.where(usable, forward, capacity)
+    forward = jnp.concatenate([forward, jnp.full((dim + 1, 1), capacity, jnp.int32)], axis=1)
+    # n2 is the inverse of n1: if n1_j(p) = q then n2_j(q) = p.
+    directions = jnp.arange(dim + 1)[:, None]
+    backward = jnp.full((dim + 1, capacity + 1), capacity, jnp.int32)
+    backward = backward.at[directions, forward].set(jnp.arange(capacity + 1, dtype=jnp.int32)[None])
+    backward = backward.at[:, capacity].set(capacity)
+    return jnp.stack([forward, backward], axis=1)
+
+
+def _splat_blur_slice(offsets, weights, neighbours, values):
+    """Permutohedral filter ``K values`` of ``values [N, V]`` (densecrf's ``compute``)."""
+    num_pixels, num_vertices = weights.shape
+    dim = num_vertices - 1
+    contributions = (weights[:, :, None] * values[:, None, :]).reshape(-1, values.shape[1])
+    grid = jax.ops.segment_sum(contributions, offsets.reshape(-1),
+                               num_segments=neighbours.shape[-1])
+    for j in range(dim + 1):
+        grid = grid + 0.5 * (grid[neighbours[j, 0]] + grid[neighbours[j, 1]])
+    alpha = np.float32(1.0 / (1.0 + 2.0 ** -dim))
+    return jnp.einsum("nr,nrv->nv", weights * alpha, grid[offsets])
+
+
+def build_lattice(features, capacity, valid=None):
+    """Permutohedral lattice of ``features [N, d]`` in a table of ``capacity`` points.
+
+    ``valid [N]`` bool (None: all pixels) masks padding: padding pixels take the features of
+    the first valid pixel (so they add no lattice point) and get zero weight, so the lattice
+    of a padded image acts exactly like the unpadded one.
+    Jittable with a static ``capacity``; check ``Lattice.overflow`` before trusting results.
+    """
+    features = jnp.asarray(features, jnp.float32)
+    num_pixels, dim = features.shape
+    valid = jnp.ones(num_pixels, bool) if valid is None else jnp.asarray(valid, bool).reshape(-1)
+    features = jnp.where(valid[:, None], features, features[jnp.argmax(valid)])
+    keys, weights = _embed(features)
+    keys_in_range = jnp.all(_in_key_range(keys))
+    sorted_words, is_new, sorted_point, point, num_points = _sort_points(
+        _pack(keys).reshape(num_pixels * (dim + 1), -1))
+    table = jnp.full((capacity, sorted_words.shape[1]), _PAD_WORD, jnp.uint32)
+    table = table.at[jnp.where(is_new, sorted_point, capacity)].set(sorted_words, mode="drop")
+
+    point = point.reshape(num_pixels, dim + 1)
+    stored = point < capacity
+    offsets = jnp.where(stored, point, capacity)
+    weights = jnp.where(stored & valid[:, None], weights, 0.0)
+    neighbours = _blur_neighbours(table, num_points, dim)
+
+    ones = valid.astype(jnp.float32)[:, None]
+    norm = jax.lax.rsqrt(_splat_blur_slice(offsets, weights, neighbours, ones)[:, 0] + NORM_EPS)
+    return Lattice(offsets, weights, neighbours, jnp.where(valid, norm, 0.0), num_points,
+                   keys_in_range)
+
+
+def lattice_filter(lattice, values):
+    """Unnormalised permutohedral Gaussian filter ``K values`` of ``values [N, V]``."""
+    return _splat_blur_slice(lattice.offsets, lattice.weights, lattice.neighbours, values)
+
+
+def normalized_filter(lattice, values):
+    """densecrf's NORMALIZE_SYMMETRIC kernel: ``norm * K(norm * values)``."""
+    norm = lattice.norm[:, None]
+    return norm * lattice_filter(lattice, norm * values)
+
+
+@functools.partial(jax.jit, static_argnames=("params", "capacity"))
+def image_lattices(image, params, capacity, valid=None):
+    """The (Gaussian, bilateral) lattices of one ``[H, W, 3]`` image, ``valid [H, W]`` or None.
+
+    Depends on the image only, never on the label scores: build once, reuse for every
+    iteration and every label set (``crf_mean_field``).
+    """
+    height, width = image.shape[:2]
+    gauss = build_lattice(gaussian_features(height, width, params.gauss_sxy),
+                          capacity.gaussian, valid)
+    bilateral = build_lattice(
+        bilateral_features(image, params.bilateral_sxy, params.bilateral_srgb),
+        capacity.bilateral, valid)
+    return gauss, bilateral
+
+
+def lattice_stats(lattices):
+    """``LatticeStats`` of a (Gaussian, bilateral) lattice pair (batched or not)."""
+    return LatticeStats(jnp.stack([lat.num_points for lat in lattices], axis=-1),
+                        jnp.stack([lat.keys_in_range for lat in lattices], axis=-1))
+
+
+def mean_field(unary, lattices, compats, iterations):
+    """densecrf's ``inference``: ``Q = softmax(-U + sum_k w_k K~_k Q)``, ``iterations`` times.
+
+    ``unary [N, S, L]`` (S independent label sets sharing the lattices, softmax over L);
+    ``lattices`` and ``compats`` (Potts weights) pair up. All label sets go through each
+    filter as one ``[N, S * L]`` signal.
+    """
+    num_pixels, num_sets, num_labels = unary.shape
+
+    def step(_, q):
+        flat = q.reshape(num_pixels, num_sets * num_labels)
+        energy = -unary
+        for lattice, compat in zip(lattices, compats):
+            message = normalized_filter(lattice, flat).reshape(unary.shape)
+            energy = energy + np.float32(compat) * message
+        return jax.nn.softmax(energy, axis=-1)
+
+    return jax.lax.fori_loop(0, iterations, step, jax.nn.softmax(-unary, axis=-1))
+
+
+@functools.partial(jax.jit, static_argnames="params")
+def crf_mean_field(probs, lattices, params):
+    """Posterior ``[S, L, H, W]`` of ``probs [S, L, H, W]`` given ``image_lattices``' output.
+
+    Unary ``-log(clip(p, 1e-5, 1))``; compatibilities and iterations from ``params``.
+    """
+    num_sets, num_labels, height, width = probs.shape
+    p = jnp.asarray(probs, jnp.float32).reshape(num_sets, num_labels, height * width)
+    unary = -jnp.log(jnp.clip(p, UNARY_CLIP, 1.0)).transpose(2, 0, 1)
+    q = mean_field(unary, lattices, (params.gauss_compat, params.bilateral_compat),
+                   params.iterations)
+    return q.transpose(1, 2, 0).reshape(num_sets, num_labels, height, width)
+
+
+@functools.partial(jax.jit, static_argnames=("params", "capacity"))
+def crf_posterior(image, probs, params, capacity, valid=None):
+    """Pure jittable dense CRF of one image: ``(posterior [S, L, H, W], LatticeStats)``.
+
+    ``image [H, W, 3]`` uint8, ``probs [S, L, H, W]`` scores in [0, 1] (S label sets, e.g.
+    PPMG's per-class binary CRFs), ``params`` a ``CRFParams`` and ``capacity`` a
+    ``LatticeCapacity`` (both static), ``valid [H, W]`` bool padding mask or None. For a
+    device-resident pipeline (vmap it over images); the posterior is only valid where the
+    stats fit ``capacity`` (``check_stats`` raises otherwise).
+    """
+    lattices = image_lattices(image, params, capacity, valid)
+    return crf_mean_field(probs, lattices, params), lattice_stats(lattices)
+
+
+@functools.partial(jax.jit, static_argnames=("params", "capacity"))
+def _batch_lattices(images, params, capacity, valid):
+    """``image_lattices`` over a padded batch ``[B, H, W, 3]``."""
+    return jax.vmap(lambda im, v: image_lattices(im, params, capacity, v))(images, valid)
+
+
+@functools.partial(jax.jit, static_argnames="params")
+def _batch_mean_field(probs, lattices, params):
+    """``crf_mean_field`` over a padded batch ``[B, S, L, H, W]``."""
+    return jax.vmap(lambda p, lat: crf_mean_field(p, lat, params))(probs, lattices)
+
+
+def check_stats(stats, capacity):
+    """Raise ``LatticeOverflowError`` where a lattice outgrew its table or its 16-bit keys."""
+    points = np.asarray(stats.num_points).reshape(-1, 2).max(axis=0)
+    in_range = np.asarray(stats.keys_in_range).reshape(-1, 2).all(axis=0)
+    for name, count, size, ok in zip(("gaussian", "bilateral"), points, capacity, in_range):
+        if not ok:
+            raise LatticeOverflowError(
+                f"{name} lattice coordinates exceed 16 bits: the kernel width is too small "
+                "for this image size")
+        if count > size:
+            raise LatticeOverflowError(
+                f"{name} lattice has {int(count)} points but its table holds {size}; "
+                "pass a larger LatticeCapacity (hard_capacity(H, W) can never overflow) "
+                "or capacity=None to size it from the image")
+
+
+def initial_capacity(height, width, params):
+    """First table sizes tried for an image shape when no capacity is given.
+
+    Gaussian: its lattice depends only on the shape; densecrf's embedding puts about 1.16
+    points per unit area of the ``(x/sxy, y/sxy)`` plane, so 1.25 times the padded area is
+    enough. Bilateral: content dependent (0.05 N to 3.4 N on the VOC samples with the two
+    parameter sets here); N / 4 to start, grown on overflow.
+    """
+    n = height * width
+    area = (width / params.gauss_sxy + 2) * (height / params.gauss_sxy + 2)
+    return LatticeCapacity(round_capacity(1.25 * area, n, GAUSSIAN_DIM),
+                           round_capacity(n / 4, n, BILATERAL_DIM))
+
+
+# Table sizes per (height, width, params) that fitted every image seen so far (grow only).
+_capacity_cache = {}
+
+
+def _sized_lattices(build, height, width, params, capacity):
+    """``build(capacity) -> lattices`` with tables that fit, checked.
+
+    With ``capacity`` None, the sizes cached for this shape and parameters (else
+    ``initial_capacity``) are tried first; when a reported point count exceeds its table, the
+    table grows to that count (``round_capacity``), the cache keeps it and the lattice is
+    built again. A table is never too small silently, and across a data set the sizes settle
+    after the largest lattices (few recompilations).
+    """
+    if capacity is None:
+        key = (height, width, params)
+        capacity = _capacity_cache.get(key) or initial_capacity(height, width, params)
+        lattices = build(capacity)
+        counts = np.asarray(lattice_stats(lattices).num_points).reshape(-1, 2).max(axis=0)
+        n = height * width
+        grown = LatticeCapacity(
+            max(capacity.gaussian, round_capacity(counts[0], n, GAUSSIAN_DIM)),
+            max(capacity.bilateral, round_capacity(counts[1], n, BILATERAL_DIM)))
+        if grown != capacity:
+            capacity, lattices = grown, build(grown)
+        _capacity_cache[key] = capacity
+    else:
+        lattices = build(capacity)
+    check_stats(lattice_stats(lattices), capacity)
+    return lattices
+
+
+def _validate(image, probs, params):
+    """Shape, dtype and type checks shared by the host wrappers (as ``pmm_jax.crf``)."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be [H, W, 3], got shape {image.shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8, got {image.dtype}")
+    if probs.ndim != 4 or probs.shape[0] < 1 or probs.shape[1] < 1:
+        raise ValueError(f"probs must be [S, L, H, W] with S, L >= 1, got shape {probs.shape}")
+    if probs.shape[2:] != image.shape[:2]:
+        raise ValueError(
+            f"probs spatial shape {probs.shape[2:]} does not match image {image.shape[:2]}")
+    if not np.issubdtype(probs.dtype, np.floating) or not np.all(np.isfinite(probs)):
+        raise ValueError("probs must be finite floating-point scores")
+    if not isinstance(params, CRFParams):
+        raise TypeError(f"params must be a CRFParams, got {type(params).__name__}")
+
+
+def dense_crf_batched(image, probs, params, capacity=None):
+    """S label sets of one image through one lattice: ``[S, L, H, W]`` float32 numpy.
+
+    ``probs [S, L, H, W]``: e.g. PPMG's per-class binary CRFs ``[(1 - x_c) ** a, x_c]``
+    stacked over the present classes; each set is an independent CRF with its own softmax.
+    ``capacity``: a ``LatticeCapacity``, or None to size the tables automatically
+    (``_sized_lattices``). Raises ``LatticeOverflowError`` rather than return a wrong posterior.
+    """
+    image, probs = np.asarray(image), np.asarray(probs)
+    _validate(image, probs, params)
+    probs = probs.astype(np.float32)
+    height, width = image.shape[:2]
+    lattices = _sized_lattices(lambda cap: image_lattices(image, params, cap),
+                               height, width, params, capacity)
+    return np.asarray(crf_mean_field(probs, lattices, params))
+
+
+def dense_crf(image, probs, params, capacity=None):
+    """Mean-field posterior ``[L, H, W]`` float32: drop-in for ``pmm_jax.crf.dense_crf``."""
+    probs = np.asarray(probs)
+    if probs.ndim != 3:
+        raise ValueError(f"probs must be [L, H, W] with L >= 1, got shape {probs.shape}")
+    return dense_crf_batched(image, probs[None], params, capacity)[0]
+
+
+def dense_crf_images(images, probs, params, capacity=None, pad_to=None):
+    """Dense CRFs of several images in one call, padded to one shape with a validity mask.
+
+    ``images``: sequence of ``[H_i, W_i, 3]`` uint8; ``probs``: sequence of
+    ``[S_i, L, H_i, W_i]`` (L shared; S_i may differ: missing label sets are padded and
+    dropped). ``pad_to``: ``(H, W)`` to pad to (a fixed size avoids recompiling per batch
+    shape), default the largest image. Returns the list of ``[S_i, L, H_i, W_i]`` posteriors,
+    each equal to what ``dense_crf_batched`` gives for that image alone.
+    """
+    images = [np.asarray(im) for im in images]
+    probs = [np.asarray(p) for p in probs]
+    if len(images) != len(probs) or not images:
+        raise ValueError("images and probs must be non-empty sequences of the same length")
+    for image, p in zip(images, probs):
+        _validate(image, p, params)
+    if len({p.shape[1] for p in probs}) != 1:
+        raise ValueError("every image must have the same number of labels L")
+    height, width = pad_to or (max(im.shape[0] for im in images), max(im.shape[1] for im in images))
+    num_sets = max(p.shape[0] for p in probs)
+    num_labels = probs[0].shape[1]
+
+    batch = len(images)
+    padded_images = np.zeros((batch, height, width, 3), np.uint8)
+    padded_probs = np.ones((batch, num_sets, num_labels, height, width), np.float32)
+    valid = np.zeros((batch, height, width), bool)
+    for b, (image, p) in enumerate(zip(images, probs)):
+        h, w = image.shape[:2]
+        if h > height or w > width:
+            raise ValueError(f"image {b} of shape {image.shape[:2]} exceeds pad_to {(height, width)}")
+        padded_images[b, :h, :w] = image
+        padded_probs[b, :p.shape[0], :, :h, :w] = p
+        valid[b, :h, :w] = True
+
+    lattices = _sized_lattices(lambda cap: _batch_lattices(padded_images, params, cap, valid),
+                               height, width, params, capacity)
+    posterior = np.asarray(_batch_mean_field(padded_probs, lattices, params))
+    return [posterior[b, :p.shape[0], :, :im.shape[0], :im.shape[1]]
+            for b, (im, p) in enumerate(zip(images, probs))]
