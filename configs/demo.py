@@ -31,6 +31,8 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
         num_classes=6,  # including background
         train_split="train",
         val_split="val",
+        eval_pad_to=None,  # (H, W) for datasets of varying image size; None = fixed-size split
+        shuffle_buffer=None,  # None = the whole shard
     ))
 
     backbone = (_resnet((8, 16, 16, 32), (1, 1, 1, 1), (1, 2, 2, 1), (1, 1, 1, 2), 8) if tiny else
@@ -40,6 +42,7 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
         model=ml_collections.ConfigDict(dict(backbone=backbone, dropout=0.5)),
         batch_size=16 if tiny else 32,
         crop_size=48 if tiny else 96,
+        scale_range=(0.9, 1.1),
         num_steps=12 if tiny else 900,
         lr=0.05,
         momentum=0.9,
@@ -77,6 +80,7 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
         pus=ml_collections.ConfigDict(dict(mode="clamp", beta=0.5, kappa=0.5, reduction="all")),
         batch_size=16 if tiny else 32,
         crop_size=48 if tiny else 96,
+        scale_range=(0.9, 1.1),
         num_steps=12 if tiny else 600,
         lr=0.02,
         momentum=0.9,

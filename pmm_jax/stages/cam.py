@@ -18,7 +18,6 @@ import numpy as np
 import tqdm
 
 from pmm_jax import evaluate, io, trainer
-from pmm_jax.data import pipeline
 from pmm_jax.stages import common
 from pmm_jax.stages.cls import build_model
 from pmm_jax.workdir import Workdir
@@ -59,9 +58,7 @@ def write_split(config, wd: Workdir, model, split: str) -> int:
     """Writes the CAM file of every image of this process's shard of ``split``; returns how many."""
     predict = trainer.make_predict_fn(
         model, functools.partial(multi_scale_cam, scales=tuple(config.cam.scales), flip=config.cam.flip))
-    batches = pipeline.eval_batches(common.split_dataset(config, wd, split),
-                                    batch_size=common.local_batch_size(config.cam.batch_size,
-                                                                       "config.cam.batch_size"))
+    batches = common.eval_batches(config, wd, split, config.cam.batch_size, "config.cam.batch_size")
     written = 0
     for batch in tqdm.tqdm(batches, desc=f"cam {split}", unit="batch",
                            disable=jax.process_index() != 0):

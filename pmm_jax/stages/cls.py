@@ -12,7 +12,6 @@ import numpy as np
 from flax import nnx
 
 from pmm_jax import models, trainer, visualize
-from pmm_jax.data import pipeline
 from pmm_jax.models.cam_classifier import multilabel_soft_margin_loss
 from pmm_jax.stages import common
 from pmm_jax.workdir import Workdir
@@ -43,11 +42,8 @@ def run(config, wd: Workdir) -> dict:
     cfg = config.cls
     ckpt_dir = wd.ckpt_dir("cls")
     start = trainer.latest_step(ckpt_dir) or 0
-    batches = pipeline.train_batches(
-        common.split_dataset(config, wd, "train"),
-        batch_size=common.local_batch_size(cfg.batch_size, "config.cls.batch_size"),
-        crop_size=cfg.crop_size, seed=config.seed + start,
-        num_classes_fg=common.num_foreground(config))
+    batches = common.train_batches(config, common.split_dataset(config, wd, "train"), cfg,
+                                   "config.cls.batch_size", start)
     tx, schedule = trainer.sgd_poly(cfg.lr, cfg.num_steps, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay)
     trainer.train(build_model(config, config.seed), loss_fn, batches, tx,

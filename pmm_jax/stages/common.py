@@ -47,6 +47,26 @@ def split_dataset(config, wd: Workdir, split: str, *, all_processes: bool = Fals
                                **kwargs)
 
 
+def eval_batches(config, wd: Workdir, split: str, batch_size: int, key: str):
+    """Padded eval batches of this process's shard of ``split`` (``config.data.eval_pad_to``)."""
+    pad_to = tuple(config.data.eval_pad_to) if config.data.eval_pad_to else None
+    return pipeline.eval_batches(split_dataset(config, wd, split),
+                                 batch_size=local_batch_size(batch_size, key), pad_to=pad_to)
+
+
+def train_batches(config, ds, section, key: str, start_step: int):
+    """Endless augmented batches for a training section (``config.cls`` or ``config.seg``).
+
+    The shuffle seed moves with ``start_step`` so a resumed run does not replay the batches
+    it already trained on.
+    """
+    return pipeline.train_batches(
+        ds, batch_size=local_batch_size(section.batch_size, key), crop_size=section.crop_size,
+        seed=config.seed + start_step, num_classes_fg=num_foreground(config),
+        scale_range=tuple(section.scale_range) if section.scale_range else None,
+        shuffle_buffer=config.data.shuffle_buffer)
+
+
 def examples(config, wd: Workdir, split: str, *, all_processes: bool = False) -> Iterator[dict]:
     """Numpy examples ``{id: str, image, mask [H,W], labels}`` of a split, in dataset order."""
     for ex in split_dataset(config, wd, split, all_processes=all_processes).as_numpy_iterator():

@@ -76,10 +76,7 @@ def train_segmenter(config, wd: Workdir, run: str, mask_dir: str, loss: str) -> 
     ds = pipeline.with_masks_from_dir(
         common.split_dataset(config, wd, "train"), mask_dir,
         producer="the 'pseudo' stage (or 'cycle' for cyclic masks)")
-    batches = pipeline.train_batches(
-        ds, batch_size=common.local_batch_size(cfg.batch_size, "config.seg.batch_size"),
-        crop_size=cfg.crop_size, seed=config.seed + start,
-        num_classes_fg=common.num_foreground(config))
+    batches = common.train_batches(config, ds, cfg, "config.seg.batch_size", start)
     tx, schedule = trainer.sgd_poly(cfg.lr, cfg.num_steps, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay)
     trainer.train(build_model(config, config.seed), run_loss(config, loss), batches, tx,
@@ -100,9 +97,7 @@ def predict_split(config, wd: Workdir, run: str, split: str, out_dir: str) -> in
     """
     model = load_segmenter(config, wd, run)
     predict = trainer.make_predict_fn(model, predict_labels)
-    batches = pipeline.eval_batches(common.split_dataset(config, wd, split),
-                                    batch_size=common.local_batch_size(config.eval.batch_size,
-                                                                       "config.eval.batch_size"))
+    batches = common.eval_batches(config, wd, split, config.eval.batch_size, "config.eval.batch_size")
     written = 0
     for batch in tqdm.tqdm(batches, desc=f"predict {run} {split}", unit="batch",
                            disable=jax.process_index() != 0):

@@ -1,0 +1,31 @@
+"""COCO 2014 (train / val) with the paper's settings: 81 contiguous classes, no cyclic step.
+
+    python -m pmm_jax.data.prepare --dataset=coco --manual_dir=~/downloads/coco --data_dir=~/tfds
+    python -m pmm_jax.main --config=configs/coco.py --workdir=WORKDIR --config.data.data_dir=~/tfds
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _voc_config() -> ml_collections.ConfigDict:
+    """configs/voc.py's config, loaded by path so this file works from any directory."""
+    spec = importlib.util.spec_from_file_location(
+        "voc_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "voc.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = _voc_config()
+    c.data.update(dict(name="coco2014_wsss/contiguous", class_names="coco", num_classes=81,
+                       train_split="train", val_split="val", eval_pad_to=(640, 640)))
+    c.cls.update(dict(batch_size=8, lr=0.01, num_steps=20 * 82783 // 8))
+    c.pseudo.eval_subset = 2000
+    c.seg.update(dict(batch_size=64, lr=0.01, num_steps=40000, ckpt_every=4000))
+    c.seg.pus.update(dict(beta=0.8, kappa=0.8))
+    c.cycle.num_cycles = 0
+    return c

@@ -1,0 +1,81 @@
+"""PASCAL VOC 2012 (train_aug / val) with the paper's settings.
+
+    python -m pmm_jax.data.prepare --dataset=voc --manual_dir=~/downloads/voc --data_dir=~/tfds
+    python -m pmm_jax.main --config=configs/voc.py --workdir=WORKDIR --config.data.data_dir=~/tfds
+
+Values follow ../shared/pmm-reference.md (the official code's settings). Batch sizes are
+global (split over processes and devices).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.stages = "cls,cam,pseudo,seg,cycle,eval"
+
+    c.data = ml_collections.ConfigDict(dict(
+        name="voc2012_wsss",
+        data_dir="",  # where `pmm_jax.data.prepare` wrote the dataset ("" = WORKDIR/tfds)
+        class_names="voc",
+        num_classes=21,
+        train_split="train_aug",
+        val_split="val",
+        eval_pad_to=(512, 512),  # VOC images are at most 500x500
+        shuffle_buffer=2048,
+    ))
+
+    # CAM classifier: wide ResNet38-d, SEAM-style (paper: batch 16, lr 0.02, 20 epochs, crop 448).
+    c.cls = ml_collections.ConfigDict(dict(
+        model=ml_collections.ConfigDict(dict(
+            backbone=ml_collections.ConfigDict(dict(name="resnet38")), dropout=0.5)),
+        batch_size=16,
+        crop_size=448,
+        scale_range=(0.9, 1.1),
+        num_steps=20 * 10582 // 16,
+        lr=0.02,
+        momentum=0.9,
+        weight_decay=5e-4,
+        log_every=50,
+        ckpt_every=1000,
+    ))
+
+    c.cam = ml_collections.ConfigDict(dict(scales=(0.5, 1.0, 1.5, 2.0), flip=True, batch_size=8))
+
+    c.pseudo = ml_collections.ConfigDict(dict(
+        variants=("baseline", "crf_cvs", "ppmg_no_cvs", "ppmg"),
+        train_on="ppmg",
+        eval_subset=1449,
+        alpha=11.0,
+        t=0.05,
+        s=0.3,
+        official_minmax=False,
+        num_workers=0,
+        crf=ml_collections.ConfigDict(dict(
+            gauss_sxy=3.0, gauss_compat=10.0, bilateral_sxy=80.0, bilateral_srgb=13.0,
+            bilateral_compat=10.0, iterations=10)),
+    ))
+
+    # Segmenter: PSPNet (mmseg VOC settings: crop 512, batch 16, lr 0.005, 20k iterations).
+    c.seg = ml_collections.ConfigDict(dict(
+        model=ml_collections.ConfigDict(dict(
+            backbone=ml_collections.ConfigDict(dict(name="res2net101")),
+            bins=(1, 2, 3, 6), channels=512, dropout=0.1, aux_channels=256)),
+        aux_weight=0.4,
+        runs=("pus",),
+        pus=ml_collections.ConfigDict(dict(mode="clamp", beta=0.5, kappa=0.5, reduction="all")),
+        batch_size=16,
+        crop_size=512,
+        scale_range=(0.5, 2.0),
+        num_steps=20000,
+        lr=0.005,
+        momentum=0.9,
+        weight_decay=5e-4,
+        log_every=50,
+        ckpt_every=2000,
+    ))
+
+    c.cycle = ml_collections.ConfigDict(dict(num_cycles=1, source="pus", loss="ce"))
+    c.eval = ml_collections.ConfigDict(dict(rule="mmseg", batch_size=8))
+    return c
