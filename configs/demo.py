@@ -36,14 +36,14 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     ))
 
     backbone = (_resnet((8, 16, 16, 32), (1, 1, 1, 1), (1, 2, 2, 1), (1, 1, 1, 2), 8) if tiny else
-                _resnet((32, 64, 128, 128), (1, 1, 2, 1), (1, 2, 2, 1), (1, 1, 1, 2), 32))
+                _resnet((16, 32, 64, 64), (1, 1, 1, 1), (1, 2, 2, 1), (1, 1, 1, 2), 16))
 
     c.cls = ml_collections.ConfigDict(dict(
         model=ml_collections.ConfigDict(dict(backbone=backbone, dropout=0.5)),
         batch_size=16 if tiny else 32,
         crop_size=48 if tiny else 96,
         scale_range=(0.9, 1.1),
-        num_steps=12 if tiny else 900,
+        num_steps=12 if tiny else 400,
         lr=0.05,
         momentum=0.9,
         weight_decay=5e-4,

@@ -27,6 +27,7 @@ Metrics stay on device (summed by a tiny jitted add) and are fetched to the host
 steps, so the host never waits on the accelerator in between.
 """
 
+import logging
 import time
 from typing import Any, Callable, Iterator, Mapping
 
@@ -43,6 +44,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
 from pmm_jax import sharding as shd
+
+log = logging.getLogger(__name__)
 
 LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], nnx.Rngs],
                   tuple[jax.Array, Mapping[str, jax.Array]]]
@@ -120,6 +123,9 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: Iterator[Mapping[str, np.
     state = _replicate(state, mesh)
     with _manager(ckpt_dir, save_interval_steps=ckpt_every) as manager:
         start = _restore_train_state(manager, state)
+        if start:
+            log.info("%s: resumed from the checkpoint at step %d of %d in %s", desc, start,
+                     num_steps, ckpt_dir)
         if start < num_steps:
             step_fn = _make_step(graphdef, loss_fn, seed, mesh)
             writer = metric_writers.create_default_writer(
