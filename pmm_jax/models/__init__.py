@@ -25,24 +25,29 @@ from flax import nnx
 
 from pmm_jax.models.cam_classifier import CAMClassifier, multilabel_soft_margin_loss
 from pmm_jax.models.pspnet import PSPNet, adaptive_avg_pool, resize_bilinear, upsample_logits
+from pmm_jax.models.pretrained import count_params, load_pretrained
 from pmm_jax.models.resnet import ResNet
+from pmm_jax.models.resnet38 import ResNet38
 
 __all__ = [
     "BACKBONES",
     "CAMClassifier",
     "PSPNet",
     "ResNet",
+    "ResNet38",
     "TINY_RESNET",
     "adaptive_avg_pool",
     "build_backbone",
     "build_classifier",
     "build_segmenter",
+    "count_params",
+    "load_pretrained",
     "multilabel_soft_margin_loss",
     "resize_bilinear",
     "upsample_logits",
 ]
 
-BACKBONES: dict[str, Callable[..., nnx.Module]] = {"resnet": ResNet}
+BACKBONES: dict[str, Callable[..., nnx.Module]] = {"resnet": ResNet, "resnet38": ResNet38}
 
 # Widths 8/16/32/64, one basic block per stage, stage strides (2, 4, 8, 8): output stride 8.
 # For tests and smoke runs: `ConfigDict(TINY_RESNET)` is a complete backbone config.
@@ -57,6 +62,9 @@ TINY_RESNET = dict(
 )
 
 _CLASSIFIER_OPTIONS = ("dropout",)
+# Options any model config may carry that are not constructor arguments: ``init_from``, a
+# pretrained backbone checkpoint (pmm_jax.convert) the stage loads after building the model.
+_LOAD_OPTIONS = ("init_from",)
 _SEGMENTER_OPTIONS = ("bins", "channels", "dropout", "aux_channels")
 
 
@@ -77,7 +85,8 @@ def build_backbone(cfg: Mapping[str, Any], rngs: nnx.Rngs) -> nnx.Module:
 
 def _head_options(cfg: Mapping[str, Any], allowed: tuple[str, ...]) -> dict[str, Any]:
     """The fields of ``cfg`` other than ``backbone``; ValueError on any not in ``allowed``."""
-    options = {key: value for key, value in cfg.items() if key != "backbone"}
+    options = {key: value for key, value in cfg.items()
+               if key != "backbone" and key not in _LOAD_OPTIONS}
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"unknown model options {unknown}; allowed: {list(allowed)}")

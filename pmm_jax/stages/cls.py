@@ -19,7 +19,12 @@ from pmm_jax.workdir import Workdir
 
 def build_model(config, seed: int = 0) -> nnx.Module:
     """The configured CAM classifier, randomly initialised."""
-    return models.build_classifier(config.cls.model, common.num_foreground(config), models.init_rngs(seed))
+    model = models.build_classifier(config.cls.model, common.num_foreground(config), models.init_rngs(seed))
+    # Pretrained backbone (`python -m pmm_jax.convert` checkpoint) from config.cls.model.init_from.
+    if config.cls.model.get("init_from"):
+        models.load_pretrained(model.backbone, config.cls.model.init_from,
+                               arch=config.cls.model.backbone.name)
+    return model
 
 
 def loss_fn(model, batch, rngs):

@@ -1,0 +1,189 @@
+"""Wide ResNet38-d (Wu et al., "Wider or deeper"), the CAM backbone of PSA, SEAM and PMM.
+
+Pre-activation residual network, NHWC, with the official PyTorch module names as attribute
+names (``conv1a``, ``b2``, ``b2_1``, ..., ``b7``, ``bn7``; inside blocks ``bn_branch2a``,
+``conv_branch2a``, ...), so a PyTorch state-dict key and the path of the same tensor here are
+the same string (see ``pmm_jax.convert``).
+
+Layout (channels at ``width_div=1``; input stride 1 conv, then):
+
+=====  ========================  =============  =======  ========
+stage  blocks                    mid -> out     stride   dilation
+=====  ========================  =============  =======  ========
+b2     3 basic                   128 -> 128     2        1
+b3     3 basic                   256 -> 256     2        1
+b4     6 basic                   512 -> 512     2        1
+b5     3 basic                   512 -> 1024    1        2 (first conv of b5: 1)
+b6     1 bottleneck, drop 0.3    512/1024->2048 1        4
+b7     1 bottleneck, drop 0.5    1024/2048->4096 1       2 (PMM classifier; 4 in SEAM/seg)
+=====  ========================  =============  =======  ========
+
+Output stride 8. ``dilations`` sets (b5, b6, b7); the classifier default (2, 4, 2) is PMM's
+``network/resnet38d.py``, (2, 4, 4) is SEAM's and the segmenter's.
+
+Features (backbone protocol): one per stage, each the *activated* output, i.e.
+``relu(bn(x))`` with the BN that the next block applies first (pre-activation). So feature 2
+is SEAM's ``conv4`` (512 ch), feature 3 its ``conv5`` (1024 ch) and feature 5 its ``conv6``
+(``relu(bn7(b7))``, 4096 ch) -- exactly what the official ``forward_as_dict`` exposes.
+
+BatchNorm: the official code keeps every BN in inference mode with frozen affine parameters,
+so BN here always uses the running statistics (``FrozenBatchNorm``); freezing the affine
+parameters and ``conv1a`` (and b2 for SEAM) is the optimiser's job (a mask by parameter path,
+see ``pmm_jax.seam.param_groups``). Dropout (b6, b7: torch ``Dropout2d``) is active in
+train mode only.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+BN_EPSILON = 1e-5
+
+
+def conv_init(key: jax.Array, shape: tuple, dtype=jnp.float32) -> jax.Array:
+    """He normal over fan-out, ``N(0, 2 / (kh * kw * out))`` (torch ``kaiming_normal_(mode=
+    "fan_out")``, ScaleNet's own init); untruncated, which also compiles far faster on CPU
+    than the truncated normal."""
+    fan_out = int(np.prod(shape[:-2])) * shape[-1]
+    return jax.random.normal(key, shape, dtype) * np.sqrt(2.0 / fan_out).astype(dtype)
+
+
+class FrozenBatchNorm(nnx.Module):
+    """BatchNorm that always normalises with its running statistics (torch BN in ``eval()``).
+
+    Same variable names as ``nnx.BatchNorm`` (``scale``, ``bias``: Param; ``mean``, ``var``:
+    BatchStat) so checkpoints and converters treat both alike.
+    """
+
+    def __init__(self, num_features: int, *, epsilon: float = BN_EPSILON):
+        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        self.epsilon = epsilon
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        mul = self.scale[...] * jax.lax.rsqrt(self.var[...] + self.epsilon)
+        return x * mul + (self.bias[...] - self.mean[...] * mul)
+
+
+def conv(in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
+         dilation: int = 1, rngs: nnx.Rngs) -> nnx.Conv:
+    """Bias-free conv with torch's symmetric padding ``dilation * (k // 2)``."""
+    pad = dilation * (kernel_size // 2)
+    return nnx.Conv(in_channels, out_channels, (kernel_size, kernel_size), strides=stride,
+                    padding=((pad, pad), (pad, pad)), kernel_dilation=dilation, use_bias=False,
+                    kernel_init=conv_init, rngs=rngs)
+
+
+class ResBlock(nnx.Module):
+    """Pre-activation basic block: BN-ReLU, 3x3 (strided, ``first_dilation``), BN-ReLU, 3x3.
+
+    The shortcut is the identity, or a strided 1x1 conv of the *activated* input when the
+    shape changes. Returns ``(output, relu(bn(input)))``.
+    """
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, *,
+                 stride: int = 1, first_dilation: int = 1, dilation: int = 1, rngs: nnx.Rngs):
+        self.bn_branch2a = FrozenBatchNorm(in_channels)
+        self.conv_branch2a = conv(in_channels, mid_channels, 3, stride=stride,
+                                  dilation=first_dilation, rngs=rngs)
+        self.bn_branch2b1 = FrozenBatchNorm(mid_channels)
+        self.conv_branch2b1 = conv(mid_channels, out_channels, 3, dilation=dilation, rngs=rngs)
+        same_shape = in_channels == out_channels and stride == 1
+        self.conv_branch1 = (None if same_shape else
+                             conv(in_channels, out_channels, 1, stride=stride, rngs=rngs))
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        act = jax.nn.relu(self.bn_branch2a(x))
+        shortcut = x if self.conv_branch1 is None else self.conv_branch1(act)
+        branch = self.conv_branch2a(act)
+        branch = self.conv_branch2b1(jax.nn.relu(self.bn_branch2b1(branch)))
+        return shortcut + branch, act
+
+
+class ResBlockBot(nnx.Module):
+    """Pre-activation bottleneck: BN-ReLU, 1x1 to out/4, BN-ReLU-Dropout2d, dilated 3x3 to
+    out/2, BN-ReLU-Dropout2d, 1x1 to out; 1x1 projection shortcut of the activated input.
+    Returns ``(output, relu(bn(input)))``."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, dilation: int, dropout: float,
+                 rngs: nnx.Rngs):
+        quarter, half = out_channels // 4, out_channels // 2
+        self.bn_branch2a = FrozenBatchNorm(in_channels)
+        self.conv_branch2a = conv(in_channels, quarter, 1, rngs=rngs)
+        self.bn_branch2b1 = FrozenBatchNorm(quarter)
+        self.dropout_2b1 = nnx.Dropout(dropout, broadcast_dims=(1, 2), rngs=rngs)
+        self.conv_branch2b1 = conv(quarter, half, 3, dilation=dilation, rngs=rngs)
+        self.bn_branch2b2 = FrozenBatchNorm(half)
+        self.dropout_2b2 = nnx.Dropout(dropout, broadcast_dims=(1, 2), rngs=rngs)
+        self.conv_branch2b2 = conv(half, out_channels, 1, rngs=rngs)
+        self.conv_branch1 = conv(in_channels, out_channels, 1, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        act = jax.nn.relu(self.bn_branch2a(x))
+        branch = self.conv_branch2a(act)
+        branch = self.conv_branch2b1(self.dropout_2b1(jax.nn.relu(self.bn_branch2b1(branch))))
+        branch = self.conv_branch2b2(self.dropout_2b2(jax.nn.relu(self.bn_branch2b2(branch))))
+        return self.conv_branch1(act) + branch, act
+
+
+class ResNet38(nnx.Module):
+    """Wide ResNet38-d backbone; see the module docstring.
+
+    Args:
+      width_div: divides every channel count (1 = the official network; tests use 16+).
+      blocks: basic blocks in b2, b3, b4, b5 (official (3, 3, 6, 3)).
+      dilations: dilation of (b5, b6, b7).
+      dropout: Dropout2d rates of (b6, b7).
+
+    Attributes:
+      out_channels, out_strides: per stage (b2 .. b7).
+    """
+
+    def __init__(self, *, width_div: int = 1, blocks: Sequence[int] = (3, 3, 6, 3),
+                 dilations: Sequence[int] = (2, 4, 2), dropout: Sequence[float] = (0.3, 0.5),
+                 in_channels: int = 3, rngs: nnx.Rngs):
+        blocks, dilations, dropout = tuple(blocks), tuple(dilations), tuple(dropout)
+        if len(blocks) != 4 or len(dilations) != 3 or len(dropout) != 2:
+            raise ValueError("resnet38 needs 4 block counts (b2..b5), 3 dilations (b5, b6, b7) "
+                             f"and 2 dropout rates (b6, b7); got {blocks}, {dilations}, {dropout}")
+        ch = lambda c: max(1, c // width_div)
+        self.conv1a = conv(in_channels, ch(64), 3, rngs=rngs)
+        # (stage, mid, out, stride, first dilation, dilation) of the basic-block stages.
+        specs = ((2, 128, 128, 2, 1, 1), (3, 256, 256, 2, 1, 1), (4, 512, 512, 2, 1, 1),
+                 (5, 512, 1024, 1, 1, dilations[0]))
+        stage_names, channels = [], ch(64)
+        for (stage, mid, out, stride, first, dil), depth in zip(specs, blocks):
+            names = [f"b{stage}"] + [f"b{stage}_{i}" for i in range(1, depth)]
+            for i, name in enumerate(names):
+                setattr(self, name, ResBlock(
+                    channels, ch(mid), ch(out), stride=stride if i == 0 else 1,
+                    first_dilation=first if i == 0 else dil, dilation=dil, rngs=rngs))
+                channels = ch(out)
+            stage_names.append(tuple(names))
+        self.b6 = ResBlockBot(channels, ch(2048), dilation=dilations[1], dropout=dropout[0],
+                              rngs=rngs)
+        self.b7 = ResBlockBot(ch(2048), ch(4096), dilation=dilations[2], dropout=dropout[1],
+                              rngs=rngs)
+        self.bn7 = FrozenBatchNorm(ch(4096))
+        self.stage_names = tuple(stage_names) + (("b6",), ("b7",))
+        self.out_channels = (ch(128), ch(256), ch(512), ch(1024), ch(2048), ch(4096))
+        self.out_strides = (2, 4, 8, 8, 8, 8)
+
+    def __call__(self, x: jax.Array) -> list[jax.Array]:
+        """``x[B,H,W,3]`` -> activated features of b2..b7 at strides 2, 4, 8, 8, 8, 8."""
+        x = self.conv1a(x)
+        features = []
+        for k, stage in enumerate(self.stage_names):
+            for i, name in enumerate(stage):
+                x, act = getattr(self, name)(x)
+                if i == 0 and k > 0:  # the activated output of the previous stage
+                    features.append(act)
+        features.append(jax.nn.relu(self.bn7(x)))
+        return features
