@@ -4,6 +4,10 @@ Stages (``--config.stages=cls,cam,pseudo,seg,cycle,eval``) run in order; each re
 inputs from the workdir and skips work already done, so rerunning the same command after a
 kill resumes. Overrides use ml_collections syntax (``--config.seg.num_steps=100``); the config
 is locked, so a misspelt key is an error.
+
+Several processes (hosts) run the same command on one shared workdir. On a Cloud TPU VM and
+under SLURM/Open MPI they find each other by themselves; elsewhere pass
+``--coordinator_address=HOST0:PORT --num_processes=N --process_id=I`` (``pmm_jax.distributed``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a get_config() file, e.g. configs/demo.py.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all outputs of the run.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for a multi-process run (with "
+    "--num_processes and --process_id); unset = detect a TPU pod/SLURM/MPI job, else one process.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,7 +35,8 @@ def check_workdir(path: str) -> None:
     """Creates the workdir and proves it is writable, or raises a clear error."""
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write-test")
+        # One probe per process: several processes may check a shared workdir at once.
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -38,29 +48,36 @@ def run(config, workdir: str) -> dict:
     """Runs the configured stages in ``workdir``; returns ``{stage: marker}`` of those run."""
     import jax
 
-    from pmm_jax import io, stages
+    from pmm_jax import distributed, io, stages
     from pmm_jax.workdir import Workdir
 
     names = stages.parse_stages(config.stages)
     check_workdir(workdir)
     wd = Workdir(workdir)
-    if jax.process_index() == 0:
+    if distributed.is_main():
         io.write_json(wd.config_json, config.to_dict())
+    if jax.process_count() > 1:
+        # tfds builds the synthetic dataset on first use: one process builds, the others wait.
+        from pmm_jax.stages import common
+        if distributed.is_main():
+            common.data_dir(config, wd)
+        distributed.barrier("dataset-ready")
     return {name: stages.run_stage(name, config, wd) for name in names}
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from pmm_jax import stages
-    try:
-        stages.parse_stages(_CONFIG.value.stages)
-    except ValueError as err:
-        raise app.UsageError(str(err)) from err
+    from pmm_jax import distributed, stages
     # Library chatter (orbax's read-only notices, tfds) only on errors; this package's
     # progress messages at INFO.
     logging.set_verbosity(logging.ERROR)
     std_logging.getLogger("pmm_jax").setLevel(std_logging.INFO)
+    try:
+        stages.parse_stages(_CONFIG.value.stages)
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except ValueError as err:
+        raise app.UsageError(str(err)) from err
     try:
         run(_CONFIG.value, _WORKDIR.value)
     except stages.StageInputError as err:

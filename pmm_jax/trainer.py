@@ -296,5 +296,21 @@ def _is_key(x: Any) -> bool:
 
 
 def _replicate(state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
-    """Puts every array of ``state`` on all devices (a no-op for already replicated arrays)."""
-    return jax.device_put(state, shd.replicated(mesh))
+    """Puts every array of ``state`` on all devices (a no-op for already replicated arrays).
+
+    With several processes ``device_put`` cannot target other hosts' devices: each process
+    contributes its own (identical) copy through ``make_array_from_process_local_data``.
+    """
+    sharding = shd.replicated(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(state, sharding)
+
+    def put(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x  # already a global array
+        if _is_key(x):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)),
+                                            impl=jax.random.key_impl(x))
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+    return jax.tree_util.tree_map(put, state)

@@ -14,10 +14,9 @@ import os
 import time
 from typing import Callable, Mapping
 
-import jax
 import ml_collections
 
-from pmm_jax import io
+from pmm_jax import distributed, io
 from pmm_jax.workdir import Workdir
 
 log = logging.getLogger(__name__)
@@ -76,10 +75,29 @@ def run_stage(name: str, config: ml_collections.ConfigDict, wd: Workdir) -> dict
     start = time.time()
     metrics = _runner(name)(config, wd)
     record = {"seconds": round(time.time() - start, 2), "metrics": metrics}
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(f"stage-{name}")
-    if jax.process_index() == 0:
+    # The marker is written once every process has finished the stage, and no process starts
+    # the next stage (whose input check reads the marker) before it exists.
+    distributed.barrier(f"stage-{name}-done")
+    if distributed.is_main():
         io.write_json(marker, record)
-    log.info("stage %s: done in %.1f s", name, record["seconds"])
+    distributed.barrier(f"stage-{name}-marked")
+    log.info("stage %s: done in %.1f s%s", name, record["seconds"],
+             "".join(f"; {k}={v:.6f}" for k, v in headline(metrics).items()))
     return record
+
+
+def headline(metrics: Mapping, prefix: str = "") -> dict[str, float]:
+    """The mIoU figures of a stage's metrics, flattened (``pseudo_mask_miou.ppmg``).
+
+    They end the stage's log line, so every process reports what it measured (processes
+    of one run must agree) and a run's progress can be followed in its log.
+    """
+    out = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            if key.endswith("miou") or prefix:
+                out.update(headline(value, name + "."))
+        elif isinstance(value, float) and (key.endswith("miou") or prefix):
+            out[name] = value
+    return out

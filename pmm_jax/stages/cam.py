@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from pmm_jax import evaluate, io, trainer
+from pmm_jax import distributed, evaluate, io, notebook_utils, trainer
 from pmm_jax.stages import common
 from pmm_jax.stages.cls import build_model
 from pmm_jax.workdir import Workdir
@@ -58,13 +58,17 @@ def write_split(config, wd: Workdir, model, split: str) -> int:
     """Writes the CAM file of every image of this process's shard of ``split``; returns how many."""
     predict = trainer.make_predict_fn(
         model, functools.partial(multi_scale_cam, scales=tuple(config.cam.scales), flip=config.cam.flip))
-    batches = common.eval_batches(config, wd, split, config.cam.batch_size, "config.cam.batch_size")
+    key = "config.cam.batch_size"
+    batches = common.eval_batches(config, wd, split, config.cam.batch_size, key)
+    total = common.num_eval_batches(config, wd, split, config.cam.batch_size, key)
     written = 0
-    for batch in tqdm.tqdm(batches, desc=f"cam {split}", unit="batch",
-                           disable=jax.process_index() != 0):
+    for batch in tqdm.tqdm(batches, desc=f"cam {split}", unit="batch", total=total,
+                           disable=not distributed.is_main()):
         rows = [i for i in np.flatnonzero(batch["valid"])
                 if not os.path.exists(cam_path(wd, split, batch["id"][i].decode()))]
-        if not rows:
+        # The prediction is one computation over every process's devices: all join it when
+        # any process still has CAMs to write (e.g. a resumed run).
+        if not distributed.any_process(bool(rows)):
             continue
         cams = predict(batch)
         for i in rows:
@@ -73,6 +77,7 @@ def write_split(config, wd: Workdir, model, split: str) -> int:
             io.write_cams(cam_path(wd, split, batch["id"][i].decode()),
                           {int(c): cams[i, :h, :w, c] for c in present})
             written += 1
+    distributed.barrier(f"cams-{split}-written")  # later readers need every process's files
     return written
 
 
@@ -88,8 +93,23 @@ def cam_metrics(config, wd: Workdir) -> dict:
             "cam_miou_curve": {str(t): float(v) for t, v in curve.items()}}
 
 
+def summary_images(config, wd: Workdir, split: str = "val") -> dict[str, np.ndarray]:
+    """TensorBoard pictures of the first ``common.NUM_SUMMARY_IMAGES`` images of ``split``: the
+    image, then each present class's CAM as a heat map (tag ``cam_<split>/<id>``)."""
+    names = common.class_names(config)
+    pictures = {}
+    for ex in notebook_utils.examples(config, wd.root, split, limit=common.NUM_SUMMARY_IMAGES):
+        cams = io.read_cams(cam_path(wd, split, ex["id"]))
+        views = notebook_utils.cam_pictures(ex["image"], cams, names)
+        pictures[f"cam_{split}/{ex['id']}"] = notebook_utils.strip([ex["image"], *views.values()])
+    return pictures
+
+
 def run(config, wd: Workdir) -> dict:
     model = trainer.restore_model(build_model(config), wd.ckpt_dir("cls"),
                                   hint="run stage 'cls' first")
     counts = {split: write_split(config, wd, model, split) for split in ("train", "val")}
-    return {**cam_metrics(config, wd), "written": counts}
+    if distributed.is_main():
+        common.write_images(wd.log_dir("cam"), summary_images(config, wd))
+    return {**cam_metrics(config, wd), "written": counts,
+            "written_per_process": distributed.gather_ints(counts)}

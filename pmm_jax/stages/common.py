@@ -9,9 +9,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from pmm_jax import evaluate, io
+from pmm_jax import distributed, evaluate, io
 from pmm_jax.data import pipeline, synthetic
 from pmm_jax.workdir import Workdir
+
+# Images in the cam and pseudo stages' TensorBoard picture summaries.
+NUM_SUMMARY_IMAGES = 4
 
 
 def num_foreground(config: ml_collections.ConfigDict) -> int:
@@ -54,6 +57,13 @@ def eval_batches(config, wd: Workdir, split: str, batch_size: int, key: str):
                                  batch_size=local_batch_size(batch_size, key), pad_to=pad_to)
 
 
+def num_eval_batches(config, wd: Workdir, split: str, batch_size: int, key: str) -> int:
+    """How many batches :func:`eval_batches` yields on every process (for progress bars)."""
+    rows = pipeline.rows_per_process(config.data.name, split_name(config, split),
+                                     data_dir(config, wd))
+    return -(-rows // local_batch_size(batch_size, key))
+
+
 def train_batches(config, ds, section, key: str, start_step: int):
     """Endless augmented batches for a training section (``config.cls`` or ``config.seg``).
 
@@ -92,6 +102,19 @@ def miou(config, wd: Workdir, split: str, read_pred: Callable[[str], np.ndarray]
     names = class_names(config)
     return {"miou": float(mean),
             "per_class": {names[i]: (None if np.isnan(v) else float(v)) for i, v in enumerate(per_class)}}
+
+
+def write_images(log_dir: str, images: dict[str, np.ndarray], step: int = 0) -> None:
+    """Writes uint8 ``[H, W, 3]`` pictures to TensorBoard, one tag each, on process 0 only."""
+    if not distributed.is_main() or not images:
+        return
+    from clu import metric_writers
+
+    writer = metric_writers.SummaryWriter(log_dir)
+    try:
+        writer.write_images(step, {tag: picture[None] for tag, picture in images.items()})
+    finally:
+        writer.close()
 
 
 def class_names(config) -> tuple[str, ...]:

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 
+import jax
 import ml_collections
+import numpy as np
 
-from pmm_jax import pseudo_masks
+from pmm_jax import distributed, notebook_utils, pseudo_masks
+from pmm_jax.data import pipeline
 from pmm_jax.stages import common
 from pmm_jax.workdir import Workdir
 
@@ -30,8 +33,13 @@ def variant_config(config, method: str) -> ml_collections.ConfigDict:
 
 
 def records(config, wd: Workdir, ids: set[str] | None):
-    """``(id, image, cams)`` of this process's train images, optionally only ``ids``."""
-    for ex in common.examples(config, wd, "train"):
+    """``(id, image, cams)`` of every train image, optionally only ``ids``, in dataset order.
+
+    Every process sees the same records; ``pseudo_masks.generate`` then makes the masks of
+    records ``i, i + n, ...`` on process ``i`` of ``n``, so each mask is computed once and the
+    eval subset (the first images) is spread over all processes too.
+    """
+    for ex in common.examples(config, wd, "train", all_processes=True):
         if ids is None or ex["id"] in ids:
             yield ex["id"], ex["image"], os.path.join(wd.cams("train"), f"{ex['id']}.npy")
 
@@ -42,8 +50,20 @@ def subset_ids(config, wd: Workdir) -> list[str]:
     return ids[:config.pseudo.eval_subset]
 
 
+def summary_images(config, wd: Workdir, ids: list[str], variants: list[str]
+                   ) -> dict[str, np.ndarray]:
+    """TensorBoard pictures (tag ``pseudo/<id>``): image, each variant's mask, ground truth."""
+    pictures = {}
+    for ex in notebook_utils.examples(config, wd.root, "train", ids=ids):
+        masks = notebook_utils.mask_pictures(wd.root, ex["id"], ex["mask"], variants=variants)
+        pictures[f"pseudo/{ex['id']}"] = notebook_utils.strip([ex["image"], *masks.values()])
+    return pictures
+
+
 def run(config, wd: Workdir) -> dict:
     subset = subset_ids(config, wd)
+    num_train = pipeline.num_examples(config.data.name, common.split_name(config, "train"),
+                                      common.data_dir(config, wd))
     variants = list(dict.fromkeys([config.pseudo.train_on, *config.pseudo.variants]))
     stats, mious = {}, {}
     for method in variants:
@@ -51,9 +71,16 @@ def run(config, wd: Workdir) -> dict:
         out_dir = wd.pseudo_masks(method, "train")
         stats[method] = pseudo_masks.generate(
             records(config, wd, wanted), out_dir, variant_config(config, method),
-            num_workers=config.pseudo.num_workers or None, process_index=0, process_count=1,
-            total=len(subset) if wanted else None)
+            num_workers=config.pseudo.num_workers or None,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            total=len(subset) if wanted else num_train)
+        stats[method]["per_process"] = distributed.gather_ints(
+            {k: stats[method][k] for k in ("written", "skipped", "failed")})
+        distributed.barrier(f"pseudo-{method}-written")  # the mIoU reads every process's masks
         mious[method] = common.miou(config, wd, "train", common.mask_reader(out_dir), ids=subset)
+    if distributed.is_main():
+        common.write_images(wd.log_dir("pseudo"), summary_images(
+            config, wd, subset[:common.NUM_SUMMARY_IMAGES], variants))
     return {"pseudo_mask_miou": {m: r["miou"] for m, r in mious.items()},
             "pseudo_mask_per_class": {m: r["per_class"] for m, r in mious.items()},
             "subset_size": len(subset), "generation": stats}

@@ -17,7 +17,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from pmm_jax import io, models, pmm, trainer, visualize
+from pmm_jax import distributed, io, models, pmm, trainer, visualize
 from pmm_jax.data import pipeline
 from pmm_jax.models.pspnet import upsample_logits
 from pmm_jax.stages import common
@@ -93,23 +93,28 @@ def load_segmenter(config, wd: Workdir, run: str) -> nnx.Module:
 def predict_split(config, wd: Workdir, run: str, split: str, out_dir: str) -> int:
     """Writes segmenter ``run``'s predicted mask of every image in ``split`` to ``out_dir``.
 
-    Images whose PNG already exists are skipped; returns how many were written.
+    Each process predicts its shard; images whose PNG already exists are skipped. Returns
+    how many this process wrote, once every process has written its files.
     """
     model = load_segmenter(config, wd, run)
     predict = trainer.make_predict_fn(model, predict_labels)
-    batches = common.eval_batches(config, wd, split, config.eval.batch_size, "config.eval.batch_size")
+    key = "config.eval.batch_size"
+    batches = common.eval_batches(config, wd, split, config.eval.batch_size, key)
+    total = common.num_eval_batches(config, wd, split, config.eval.batch_size, key)
     written = 0
-    for batch in tqdm.tqdm(batches, desc=f"predict {run} {split}", unit="batch",
-                           disable=jax.process_index() != 0):
+    for batch in tqdm.tqdm(batches, desc=f"predict {run} {split}", unit="batch", total=total,
+                           disable=not distributed.is_main()):
         paths = {i: os.path.join(out_dir, f"{batch['id'][i].decode()}.png")
                  for i in np.flatnonzero(batch["valid"])}
         todo = [i for i, path in paths.items() if not os.path.exists(path)]
-        if not todo:
+        # One computation over every process's devices: all join while any has work left.
+        if not distributed.any_process(bool(todo)):
             continue
         labels = predict(batch)
         for i in todo:
             io.write_mask(paths[i], labels[i, :int(batch["height"][i]), :int(batch["width"][i])])
             written += 1
+    distributed.barrier(f"predict-{run}-{split}-written")  # readers need every process's files
     return written
 
 

@@ -1,0 +1,237 @@
+"""Views of a run's workdir as numpy pictures and plain tables (notebooks and TensorBoard).
+
+The notebooks in ``notebooks/`` only call these functions and draw what they return, so the
+logic is tested here and cannot rot in a cell. Pictures are uint8 RGB ``[H, W, 3]``; tables
+are lists of dicts (one per row). Nothing here trains or writes into the workdir.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Iterable
+
+import ml_collections
+import numpy as np
+
+from pmm_jax import io, visualize
+from pmm_jax.workdir import Workdir
+
+# Pseudo-mask variants shown side by side: the paper's baseline (CRF) and PPMG.
+SHOWN_VARIANTS = ("baseline", "ppmg")
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a run wrote to ``WORKDIR/config.json``."""
+    path = Workdir(workdir).config_json
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir} the workdir of a pmm_jax run?")
+    return ml_collections.ConfigDict(io.read_json(path))
+
+
+def class_names(config) -> tuple[str, ...]:
+    from pmm_jax.constants import CLASS_NAMES
+    return CLASS_NAMES[config.data.class_names]
+
+
+def examples(config, workdir: str, split: str, ids: Iterable[str] | None = None,
+             limit: int | None = None) -> list[dict]:
+    """Dataset examples ``{id, image uint8 [H,W,3], mask [H,W], labels [C]}`` of ``split``.
+
+    ``ids`` picks images by id (in dataset order); otherwise the first ``limit`` images.
+    Reads the workdir's tensorflow-datasets copy (``WORKDIR/tfds`` unless configured).
+    """
+    from pmm_jax.stages import common
+
+    wanted = None if ids is None else set(ids)
+    chosen = []
+    for ex in common.examples(config, Workdir(workdir), split, all_processes=True):
+        if wanted is None or ex["id"] in wanted:
+            chosen.append({k: ex[k] for k in ("id", "image", "mask", "labels")})
+        if limit is not None and len(chosen) >= limit:
+            break
+    return chosen
+
+
+def strip(pictures: list[np.ndarray], gap: int = 2) -> np.ndarray:
+    """Pictures of one height side by side with a white ``gap``: one TensorBoard image."""
+    height = max(p.shape[0] for p in pictures)
+    padded = [np.pad(p, ((0, height - p.shape[0]), (0, gap), (0, 0)), constant_values=255)
+              for p in pictures]
+    joined = np.concatenate(padded, axis=1)
+    return joined[:, :joined.shape[1] - gap]
+
+
+def cam_pictures(image: np.ndarray, cams: dict[int, np.ndarray], names) -> dict[str, np.ndarray]:
+    """``{class name: image with that class's CAM as a heat map}`` for each class in ``cams``."""
+    return {names[c + 1]: visualize.cam_overlay(image, cam) for c, cam in sorted(cams.items())}
+
+
+def cvs_pictures(image: np.ndarray, cams: dict[int, np.ndarray], names, *, t: float, s: float
+                 ) -> dict[str, dict[str, np.ndarray]]:
+    """CVS before/after per class: ``{class name: {"before": .., "after": ..}}`` heat maps.
+
+    "before" is the min-max normalised CAM ``x``, "after" is ``cvs(x)`` with the run's ``t``
+    and ``s`` (paper eq. 6), both drawn on one [0, 1] colour scale so the flattening shows.
+    """
+    from pmm_jax import pmm
+
+    if not cams:
+        return {}
+    classes = sorted(cams)
+    stack = np.stack([np.asarray(cams[c], np.float32) for c in classes])
+    present = np.ones(len(classes), bool)
+    x = np.asarray(pmm.normalize(stack, present))
+    x_s = np.asarray(pmm.cvs(x, present, t, s))
+    return {names[c + 1]: {"before": visualize.overlay(image, visualize.heatmap(x[k])),
+                           "after": visualize.overlay(image, visualize.heatmap(x_s[k]))}
+            for k, c in enumerate(classes)}
+
+
+def mask_pictures(workdir: str, image_id: str, gt_mask: np.ndarray | None = None,
+                  variants: Iterable[str] = SHOWN_VARIANTS, split: str = "train",
+                  runs: Iterable[str] = ()) -> dict[str, np.ndarray]:
+    """Coloured masks of one image that exist in the workdir.
+
+    Keys: ``pseudo/<variant>`` (train pseudo-masks), ``prediction/<run>`` (segmenter
+    predictions of ``split``) and ``ground truth`` when ``gt_mask`` is given. Missing files are
+    left out (a variant made only for the eval subset, a run not predicted yet).
+    """
+    wd = Workdir(workdir)
+    paths = {f"pseudo/{v}": os.path.join(wd.pseudo_masks(v, "train"), f"{image_id}.png")
+             for v in variants}
+    paths.update({f"prediction/{r}": os.path.join(wd.predictions(r, split), f"{image_id}.png")
+                  for r in runs})
+    out = {name: visualize.colorize_mask(io.read_mask(path))
+           for name, path in paths.items() if os.path.exists(path)}
+    if gt_mask is not None:
+        out["ground truth"] = visualize.colorize_mask(gt_mask)
+    return out
+
+
+def predicted_runs(workdir: str, split: str) -> list[str]:
+    """Segmenter runs with predictions of ``split`` in the workdir, sorted."""
+    root = os.path.join(workdir, "predictions")
+    return sorted(r for r in os.listdir(root) if os.path.isdir(os.path.join(root, r, split))) \
+        if os.path.isdir(root) else []
+
+
+def trained_segmenters(workdir: str) -> list[str]:
+    """Segmenter runs with a checkpoint in the workdir (``ce``, ``pus``, ``cycle1``...), sorted."""
+    root = os.path.join(workdir, "seg")
+    return sorted(r for r in os.listdir(root) if os.path.isdir(os.path.join(root, r, "ckpt"))) \
+        if os.path.isdir(root) else []
+
+
+def predict(config, workdir: str, run: str, images: list[np.ndarray]) -> list[np.ndarray]:
+    """Segmenter ``run``'s label maps ``[H, W]`` for uint8 images (any sizes, one at a time).
+
+    For images the pipeline did not predict (e.g. train images when no cycle ran); loads the
+    checkpoint and runs the model under ``nnx.jit`` on the default device.
+    """
+    from flax import nnx
+
+    from pmm_jax.constants import IMAGENET_MEAN, IMAGENET_STD
+    from pmm_jax.stages import seg
+
+    model = seg.load_segmenter(config, Workdir(workdir), run)
+    labels = nnx.jit(seg.predict_labels)
+    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
+    return [np.asarray(labels(model, {"image": ((image - mean) / std)[None]})[0])
+            for image in images]
+
+
+def image_views(config, workdir: str, example: dict, split: str = "train",
+                predictions: dict[str, np.ndarray] | None = None) -> dict:
+    """Everything the explorer notebook shows for one image of ``split``.
+
+    ``{"image", "cams": {class: pic}, "cvs": {class: {"before", "after"}}, "masks": {name:
+    pic}}``: CAMs from ``WORKDIR/cams/<split>``, the baseline and PPMG pseudo-masks (train
+    only, where they are made), segmenter predictions of ``split`` found in the workdir, or
+    given as ``predictions`` ``{run: [H, W]}`` (from :func:`predict`), and the ground truth.
+    """
+    wd = Workdir(workdir)
+    names = class_names(config)
+    image = example["image"]
+    cam_file = os.path.join(wd.cams(split), f"{example['id']}.npy")
+    cams = io.read_cams(cam_file) if os.path.exists(cam_file) else {}
+    masks = mask_pictures(workdir, example["id"], variants=SHOWN_VARIANTS if split == "train"
+                          else (), split=split, runs=predicted_runs(workdir, split))
+    for run, labels in (predictions or {}).items():
+        masks[f"prediction/{run}"] = visualize.colorize_mask(labels)
+    masks["ground truth"] = visualize.colorize_mask(example["mask"])
+    return {
+        "image": image,
+        "cams": cam_pictures(image, cams, names),
+        "cvs": cvs_pictures(image, cams, names, t=config.pseudo.t, s=config.pseudo.s),
+        "masks": masks,
+    }
+
+
+def results_rows(workdir: str) -> list[dict]:
+    """The run's ``results.json`` as rows ``{"result", "miou_percent"}`` (empty before eval)."""
+    path = Workdir(workdir).results_json
+    if not os.path.exists(path):
+        return []
+    res = io.read_json(path)
+    rows = []
+    if "cam_miou" in res:
+        rows.append({"result": f"CAM (bg threshold {res['cam_bg_threshold']})",
+                     "miou_percent": 100 * res["cam_miou"]})
+    rows += [{"result": f"pseudo-mask {k} (train subset)", "miou_percent": 100 * v}
+             for k, v in res.get("pseudo_mask_miou", {}).items()]
+    rows += [{"result": f"segmenter {k} (val)", "miou_percent": 100 * v}
+             for k, v in res.get("seg_miou", {}).items()]
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Rows of dicts as a Markdown table (floats with two decimals)."""
+    if not rows:
+        return ""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def log_dirs(workdir: str) -> dict[str, str]:
+    """TensorBoard folders of a run: ``{"cls": .., "cam": .., "seg/pus": ..}`` (sorted)."""
+    found = {}
+    for path in sorted(glob.glob(os.path.join(workdir, "**", "tb"), recursive=True)):
+        found[os.path.relpath(os.path.dirname(path), workdir)] = path
+    return found
+
+
+def read_scalars(log_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{tag: (steps, values)}`` of every scalar in a TensorBoard folder, sorted by step.
+
+    Reads the event files with TensorFlow's record reader (clu writes scalars as tensors of
+    the ``scalars`` plugin); a resumed run's repeated steps keep the last value.
+    """
+    import tensorflow as tf
+
+    series: dict[str, dict[int, float]] = {}
+    for path in sorted(glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))):
+        for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+            event = tf.compat.v1.Event.FromString(record)
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "scalars":
+                    scalar = float(tf.make_ndarray(value.tensor))
+                elif value.HasField("simple_value"):
+                    scalar = float(value.simple_value)
+                else:
+                    continue
+                series.setdefault(value.tag, {})[int(event.step)] = scalar
+    return {tag: (np.asarray(sorted(points)), np.asarray([points[s] for s in sorted(points)]))
+            for tag, points in sorted(series.items())}
+
+
+def training_curves(workdir: str) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Scalars of every TensorBoard folder of a run: ``{model: {tag: (steps, values)}}``.
+
+    Folders without scalars (the image-only ``cam`` and ``pseudo`` summaries) are left out.
+    """
+    curves = {name: read_scalars(path) for name, path in log_dirs(workdir).items()}
+    return {name: tags for name, tags in curves.items() if tags}
