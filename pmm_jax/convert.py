@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from pmm_jax import models
-from pmm_jax.models import pretrained, res2net, resnet_v1c
+from pmm_jax.models import pretrained
 
 # Flax leaf name -> PyTorch leaf name.
 _TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
@@ -100,11 +100,22 @@ def _resnet38(state_dict: Mapping, structure: str | None) -> nnx.Module:
                                                   rngs=models.init_rngs(0)))
 
 
+def _scalenet101(state_dict: Mapping, structure: str | None) -> nnx.Module:
+    """Shape-only ScaleNet with the branch widths of ``structure`` and the width and depth
+    found in the state dict (ScaleNet101 for the published weights)."""
+    if not structure:
+        raise ValueError("scalenet101 needs --structure=<scalenet101.json> (the published "
+                         "structure of the checkpoint)")
+    layers = tuple(max(1, len({k.split(".")[1] for k in state_dict
+                               if k.startswith(f"layer{n}.")})) for n in (1, 2, 3, 4))
+    width_div = _width_div(state_dict, "conv1.weight")
+    return nnx.eval_shape(lambda: models.scalenet101(
+        structure=structure, layers=layers, width_div=width_div, rngs=models.init_rngs(0)))
+
+
 CONVERTERS: dict[str, Callable[[Mapping, str | None], nnx.Module]] = {
     "resnet38": _resnet38,
-    "resnet50": resnet_v1c.torch_converter,
-    "resnet101": resnet_v1c.torch_converter,
-    "res2net101": res2net.torch_converter,
+    "scalenet101": _scalenet101,
 }
 
 

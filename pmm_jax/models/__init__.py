@@ -28,6 +28,7 @@ from pmm_jax.models.pspnet import PSPNet, adaptive_avg_pool, resize_bilinear, up
 from pmm_jax.models.pretrained import count_params, load_pretrained
 from pmm_jax.models.resnet import ResNet
 from pmm_jax.models.resnet38 import ResNet38
+from pmm_jax.models.scalenet import ScaleNet, scalenet101
 
 __all__ = [
     "BACKBONES",
@@ -35,6 +36,7 @@ __all__ = [
     "PSPNet",
     "ResNet",
     "ResNet38",
+    "ScaleNet",
     "TINY_RESNET",
     "adaptive_avg_pool",
     "build_backbone",
@@ -47,7 +49,8 @@ __all__ = [
     "upsample_logits",
 ]
 
-BACKBONES: dict[str, Callable[..., nnx.Module]] = {"resnet": ResNet, "resnet38": ResNet38}
+BACKBONES: dict[str, Callable[..., nnx.Module]] = {"resnet": ResNet, "resnet38": ResNet38,
+                                                   "scalenet101": scalenet101}
 
 # Widths 8/16/32/64, one basic block per stage, stage strides (2, 4, 8, 8): output stride 8.
 # For tests and smoke runs: `ConfigDict(TINY_RESNET)` is a complete backbone config.

@@ -69,7 +69,7 @@ def load_pretrained(module: nnx.Module, directory: str, *, arch: str | None = No
     check_same_layout({k: v.shape for k, v in target.items()},
                       {k: np.shape(v) for k, v in arrays.items()}, what=directory)
     for key, var in target.items():
-        var[...] = jnp.asarray(arrays[key], var.dtype)
+        var.set_value(jnp.asarray(arrays[key], var.dtype))
     return module
 
 

@@ -144,7 +144,10 @@ class ResNet38(nnx.Module):
 
     Attributes:
       out_channels, out_strides: per stage (b2 .. b7).
+      frozen_prefixes: parameters never trained (PMM/SEAM's ``not_training``: conv1a and b2).
     """
+
+    frozen_prefixes = ("conv1a", "b2", "b2_1", "b2_2")
 
     def __init__(self, *, width_div: int = 1, blocks: Sequence[int] = (3, 3, 6, 3),
                  dilations: Sequence[int] = (2, 4, 2), dropout: Sequence[float] = (0.3, 0.5),
