@@ -23,3 +23,63 @@ def voc_samples_dir():
     if not VOC_SAMPLES.is_dir():
         pytest.skip(f"real VOC samples not found at {VOC_SAMPLES}")
     return VOC_SAMPLES
+
+
+def run_main_until(workdir, stop_when=None, extra=(), timeout=900):
+    """Runs the tiny demo pipeline in a subprocess; SIGKILLs it once ``stop_when()`` is true.
+
+    Returns ``(returncode, killed, output)``. ``stop_when`` is polled every 20 ms, which makes
+    it possible to kill the run in the middle of a stage, as a user pressing Ctrl-C or a
+    preempted VM would.
+    """
+    import subprocess
+    import sys
+    import time
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "pmm_jax.main", "--config=configs/demo.py:tiny",
+           f"--workdir={workdir}", *extra]
+    log = pathlib.Path(workdir).with_suffix(".log")
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        killed = False
+        while proc.poll() is None:
+            if stop_when is not None and stop_when():
+                proc.kill()
+                killed = True
+                break
+            if time.time() > deadline:
+                proc.kill()
+                raise TimeoutError(f"{cmd} ran past {timeout} s; see {log}")
+            time.sleep(0.02)
+        proc.wait()
+    return proc.returncode, killed, log.read_text()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The whole tiny pipeline, killed during cls, pseudo and seg and resumed each time.
+
+    Yields ``(workdir, log_text, kills)`` where ``kills`` names the stages the run was killed
+    in. Tests that need a finished workdir (results, notebooks) share this one run; mark them
+    ``@pytest.mark.xdist_group("tiny_run")`` so pytest-xdist runs them on the same worker.
+    """
+    workdir = tmp_path_factory.mktemp("tiny") / "run"
+    marker = lambda stage: (workdir / "stages" / f"{stage}.json").exists()
+    pngs = lambda: list((workdir / "pseudo" / "ppmg" / "train").glob("*.png"))
+    kill_points = {
+        "cls": lambda: (workdir / "cls" / "ckpt" / "4").exists() and not marker("cls"),
+        "pseudo": lambda: len(pngs()) >= 1 and not marker("pseudo"),
+        "seg": lambda: (workdir / "seg" / "ce" / "ckpt" / "4").exists() and not marker("seg"),
+    }
+    kills = []
+    for stage, stop_when in kill_points.items():
+        code, killed, _ = run_main_until(workdir, stop_when)
+        if killed:
+            kills.append(stage)
+        else:
+            assert code == 0, f"the tiny pipeline failed before reaching stage {stage}"
+    code, _, log = run_main_until(workdir)
+    assert code == 0, log[-3000:]
+    yield workdir, log, kills

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pmm_jax import main, stages
+from pmm_jax import io, main, stages
 from pmm_jax.workdir import Workdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -58,3 +58,40 @@ def test_missing_inputs_exit_with_a_message(tmp_path):
                     "--config.stages=seg")
     assert proc.returncode != 0
     assert "run it first" in proc.stderr and "pseudo" in proc.stderr
+
+
+@pytest.mark.xdist_group("tiny_run")
+def test_killed_runs_resume_and_complete(tiny_run):
+    """Killed during cls, pseudo and seg, the same command resumes each time and completes."""
+    workdir, log, kills = tiny_run
+    assert kills == ["cls", "pseudo", "seg"]
+    assert "cls: resumed from the checkpoint at step" in log
+    assert "seg ce: resumed from the checkpoint at step" in log
+    # The pseudo stage kept the masks written before its kill: none is half-written.
+    masks = [p for p in (workdir / "pseudo" / "ppmg" / "train").glob("*.png")
+             if not p.name.startswith(".")]
+    assert len(masks) == 64 and not list(workdir.rglob(".tmp-*"))
+
+
+@pytest.mark.xdist_group("tiny_run")
+def test_results_json_has_every_key(tiny_run):
+    workdir = tiny_run[0]
+    results = io.read_json(str(workdir / "results.json"))
+    assert 0 <= results["cam_miou"] <= 1 and results["cam_bg_threshold"] > 0
+    assert set(results["pseudo_mask_miou"]) == {"baseline", "crf_cvs", "ppmg_no_cvs", "ppmg"}
+    assert {"ce", "pus", "cyclic"} <= set(results["seg_miou"])
+    assert all(0 <= v <= 1 for v in [*results["pseudo_mask_miou"].values(),
+                                      *results["seg_miou"].values()])
+    assert set(results["seconds"]) == {"cls", "cam", "pseudo", "seg", "cycle", "eval"}
+    # Masks and predictions are palette PNGs with values in 0..C.
+    pred = next((workdir / "predictions" / "pus" / "val").glob("*.png"))
+    assert io.read_mask(str(pred)).max() < 6
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run must run exactly the README's second command (the test suite)."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = [b.split("```", 1)[0].strip() for b in readme.split("```bash\n")[1:3]]
+    demo, tests = blocks
+    assert "pmm_jax.main --config=configs/demo.py" in demo
+    assert tests in (ROOT / ".ci" / "run").read_text()
