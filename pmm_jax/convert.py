@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from pmm_jax import models
-from pmm_jax.models import pretrained
+from pmm_jax.models import pretrained, res2net, resnet_v1c
 
 # Flax leaf name -> PyTorch leaf name.
 _TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
@@ -116,6 +116,9 @@ def _scalenet101(state_dict: Mapping, structure: str | None) -> nnx.Module:
 CONVERTERS: dict[str, Callable[[Mapping, str | None], nnx.Module]] = {
     "resnet38": _resnet38,
     "scalenet101": _scalenet101,
+    "resnet50": resnet_v1c.torch_converter,
+    "resnet101": resnet_v1c.torch_converter,
+    "res2net101": res2net.torch_converter,
 }
 
 

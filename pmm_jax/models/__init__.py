@@ -26,7 +26,9 @@ from flax import nnx
 from pmm_jax.models.cam_classifier import CAMClassifier, multilabel_soft_margin_loss
 from pmm_jax.models.pspnet import PSPNet, adaptive_avg_pool, resize_bilinear, upsample_logits
 from pmm_jax.models.pretrained import count_params, load_pretrained
+from pmm_jax.models.res2net import Res2Net, res2net101
 from pmm_jax.models.resnet import ResNet
+from pmm_jax.models.resnet_v1c import ResNetV1c, resnet50, resnet101
 from pmm_jax.models.resnet38 import ResNet38
 from pmm_jax.models.scalenet import ScaleNet, scalenet101
 
@@ -34,7 +36,9 @@ __all__ = [
     "BACKBONES",
     "CAMClassifier",
     "PSPNet",
+    "Res2Net",
     "ResNet",
+    "ResNetV1c",
     "ResNet38",
     "ScaleNet",
     "TINY_RESNET",
@@ -50,7 +54,9 @@ __all__ = [
 ]
 
 BACKBONES: dict[str, Callable[..., nnx.Module]] = {"resnet": ResNet, "resnet38": ResNet38,
-                                                   "scalenet101": scalenet101}
+                                                   "scalenet101": scalenet101,
+                                                   "resnet50": resnet50, "resnet101": resnet101,
+                                                   "res2net101": res2net101}
 
 # Widths 8/16/32/64, one basic block per stage, stage strides (2, 4, 8, 8): output stride 8.
 # For tests and smoke runs: `ConfigDict(TINY_RESNET)` is a complete backbone config.
