@@ -61,6 +61,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.seg = ml_collections.ConfigDict(dict(
         model=ml_collections.ConfigDict(dict(
             backbone=ml_collections.ConfigDict(dict(name="res2net101")),
+            # ImageNet weights: `python -m pmm_jax.convert --arch=res2net101 ... --out=DIR`
+            init_from="",
             bins=(1, 2, 3, 6), channels=512, dropout=0.1, aux_channels=256)),
         aux_weight=0.4,
         runs=("pus",),
@@ -77,5 +79,10 @@ def get_config() -> ml_collections.ConfigDict:
     ))
 
     c.cycle = ml_collections.ConfigDict(dict(num_cycles=1, source="pus", loss="ce"))
-    c.eval = ml_collections.ConfigDict(dict(rule="mmseg", batch_size=8))
+    # Test-time pipeline (pmm_jax.segment_inference; WSSS_MMSeg's test_cfg): sliding window
+    # 512/480, six scales x flip softmax-averaged, then the segmentation dense CRF. It also
+    # writes the cyclic pseudo-masks. crf_workers: CRF processes (0 = all cores).
+    c.eval = ml_collections.ConfigDict(dict(
+        rule="mmseg", batch_size=8, sliding_window=(512, 480),
+        scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), flip=True, crf=True, crf_workers=0))
     return c

@@ -17,7 +17,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from pmm_jax import distributed, io, models, pmm, trainer, visualize
+from pmm_jax import distributed, io, models, pmm, segment_inference, trainer, visualize
 from pmm_jax.data import pipeline
 from pmm_jax.models.pspnet import upsample_logits
 from pmm_jax.stages import common
@@ -25,8 +25,15 @@ from pmm_jax.workdir import Workdir
 
 
 def build_model(config, seed: int = 0) -> nnx.Module:
-    """The configured segmenter, randomly initialised (every run starts from these weights)."""
-    return models.build_segmenter(config.seg.model, config.data.num_classes, models.init_rngs(seed))
+    """The configured segmenter, randomly initialised (every run starts from these weights),
+    its backbone loaded from ``config.seg.model.init_from`` (a ``pmm_jax.convert``
+    checkpoint, e.g. ImageNet weights) when set."""
+    model = models.build_segmenter(config.seg.model, config.data.num_classes,
+                                   models.init_rngs(seed))
+    if config.seg.model.get("init_from"):
+        models.load_pretrained(model.backbone, config.seg.model.init_from,
+                               arch=config.seg.model.backbone.name)
+    return model
 
 
 def loss_fn(model, batch, rngs, *, mode: str, beta: float, kappa: float, reduction: str,
@@ -97,7 +104,7 @@ def predict_split(config, wd: Workdir, run: str, split: str, out_dir: str) -> in
     how many this process wrote, once every process has written its files.
     """
     model = load_segmenter(config, wd, run)
-    predict = trainer.make_predict_fn(model, predict_labels)
+    predict = segment_inference.Predictor(model, config.eval)  # config.eval's test-time options
     key = "config.eval.batch_size"
     batches = common.eval_batches(config, wd, split, config.eval.batch_size, key)
     total = common.num_eval_batches(config, wd, split, config.eval.batch_size, key)
