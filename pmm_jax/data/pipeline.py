@@ -94,14 +94,27 @@ def _dataset_ids(ds: tf.data.Dataset) -> list[str]:
     return [image_id.decode() for image_id in ds.map(lambda e: e["id"]).as_numpy_iterator()]
 
 
-def with_masks_from_dir(ds: tf.data.Dataset, mask_dir: str, *, producer: str) -> tf.data.Dataset:
+def _check_class_ids(mask: np.ndarray, num_classes: int, path: str) -> None:
+    """ValueError naming ``path`` if ``mask`` has ids >= ``num_classes`` besides the ignore label."""
+    ids = np.unique(mask)
+    bad = ids[(ids >= num_classes) & (ids != IGNORE_LABEL)]
+    if bad.size:
+        raise ValueError(f"{path} holds class ids {bad.tolist()} outside 0..{num_classes - 1} "
+                         f"(and {IGNORE_LABEL} = ignore): it belongs to another dataset or is "
+                         "corrupt")
+
+
+def with_masks_from_dir(ds: tf.data.Dataset, mask_dir: str, *, producer: str,
+                        num_classes: int | None = None) -> tf.data.Dataset:
     """Replaces each example's ``mask`` with the label PNG ``mask_dir/<id>.png``.
 
     Every id's file is checked up front (one pass over ``ds``, which decodes its examples
     once): missing files raise FileNotFoundError with their count and the first paths, naming
     ``producer``, the stage that writes them (e.g. "the 'pseudo' stage"). PNGs are read with
     PIL because ``tf.io.decode_png`` expands palette PNGs to RGB instead of returning the label
-    indices. A mask whose size differs from its image fails when read, naming the id.
+    indices. A mask whose size differs from its image fails when read, naming the id; with
+    ``num_classes`` (background included), so does a mask holding a class id outside
+    ``0..num_classes-1`` other than the ignore label, naming the file and the ids.
     """
     ids = _dataset_ids(ds)
     missing = [path for path in (os.path.join(mask_dir, f"{image_id}.png") for image_id in ids)
@@ -114,7 +127,10 @@ def with_masks_from_dir(ds: tf.data.Dataset, mask_dir: str, *, producer: str) ->
 
     def read(image_id: bytes, image_shape: np.ndarray) -> np.ndarray:
         image_id = image_id.decode()
-        mask = read_mask(os.path.join(mask_dir, f"{image_id}.png"))
+        path = os.path.join(mask_dir, f"{image_id}.png")
+        mask = read_mask(path)
+        if num_classes is not None:
+            _check_class_ids(mask, num_classes, path)
         if mask.shape != tuple(image_shape[:2]):
             raise ValueError(f"mask of {image_id!r} in {mask_dir} is "
                              f"{mask.shape[0]}x{mask.shape[1]} but its image is "

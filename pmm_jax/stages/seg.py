@@ -82,7 +82,8 @@ def train_segmenter(config, wd: Workdir, run: str, mask_dir: str, loss: str) -> 
     start = trainer.latest_step(ckpt_dir) or 0
     ds = pipeline.with_masks_from_dir(
         common.split_dataset(config, wd, "train"), mask_dir,
-        producer="the 'pseudo' stage (or 'cycle' for cyclic masks)")
+        producer="the 'pseudo' stage (or 'cycle' for cyclic masks)",
+        num_classes=config.data.num_classes)
     batches = common.train_batches(config, ds, cfg, "config.seg.batch_size", start)
     tx, schedule = trainer.sgd_poly(cfg.lr, cfg.num_steps, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay)
