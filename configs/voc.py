@@ -26,10 +26,20 @@ def get_config() -> ml_collections.ConfigDict:
         shuffle_buffer=2048,
     ))
 
-    # CAM classifier: wide ResNet38-d, SEAM-style (paper: batch 16, lr 0.02, 20 epochs, crop 448).
+    # CAM classifier: SEAM (pmm_jax.seam: CAM head + PCM, its losses and four parameter groups)
+    # on wide ResNet38-d (paper: batch 16, lr 0.02, 20 epochs, crop 448). ImageNet weights:
+    # `python -m pmm_jax.convert --arch=resnet38 --src=W.pth --out=DIR`, then
+    # --config.cls.model.init_from=DIR (init_from="" trains from scratch). The paper's best CAMs
+    # use ScaleNet101 (PMM: no dropout before the head): in a config file set
+    # c.cls.model.backbone = dict(name="scalenet101", structure="PATH/scalenet101.json") and
+    # c.cls.model.dropout = 0.0 (convert with --arch=scalenet101 --structure=PATH).
+    # official_momentum=True reproduces the official SGD momentum of 5e-4 (see pmm_jax/seam.py).
     c.cls = ml_collections.ConfigDict(dict(
+        method="seam",
         model=ml_collections.ConfigDict(dict(
-            backbone=ml_collections.ConfigDict(dict(name="resnet38")), dropout=0.5)),
+            backbone=ml_collections.ConfigDict(dict(name="resnet38")), dropout=0.5,
+            init_from="")),
+        official_momentum=False,
         batch_size=16,
         crop_size=448,
         scale_range=(0.9, 1.1),

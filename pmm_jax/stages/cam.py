@@ -5,6 +5,7 @@ image-level label (as WSSS does for train and for CAM evaluation on val), normal
 class by their maximum, and written one file per image in the official PMM/SEAM format
 (``WORKDIR/cams/<split>/<id>.npy``). The stage reports CAM mIoU on val at the fixed
 background threshold ``evaluate.DEFAULT_CAM_BG_THRESHOLD`` and the threshold curve.
+A SEAM classifier (``config.cls.method = "seam"``) contributes its PCM-refined CAM.
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ from pmm_jax.workdir import Workdir
 CURVE_THRESHOLDS = tuple(round(0.05 + 0.05 * i, 2) for i in range(10))
 
 
+def model_cam(model, images: jax.Array) -> jax.Array:
+    """The CAM inference uses: a SEAM model's refined foreground channels (``cam_rv`` without
+    its background channel), else the raw CAM."""
+    out = model(images)
+    return out["cam_rv"][..., 1:] if "cam_rv" in out else out["cam"]
+
+
 def multi_scale_cam(model, batch, *, scales, flip: bool) -> jax.Array:
     """Normalised CAMs ``[B, H, W, C]`` at input resolution for a padded eval batch.
 
@@ -40,7 +48,7 @@ def multi_scale_cam(model, batch, *, scales, flip: bool) -> jax.Array:
         scaled = jax.image.resize(images, (b, *size, 3), "bilinear") if scale != 1 else images
         for mirrored in ((False, True) if flip else (False,)):
             view = scaled[:, :, ::-1] if mirrored else scaled
-            cam = jax.nn.relu(model(view)["cam"])
+            cam = jax.nn.relu(model_cam(model, view))
             if mirrored:
                 cam = cam[:, :, ::-1]
             total = total + jax.image.resize(cam, (b, h, w, cam.shape[-1]), "bilinear")

@@ -1,7 +1,10 @@
 """Stage ``cls``: train the multi-label CAM classifier on image-level labels.
 
-Loss: multilabel soft-margin on GAP of the CAM head (SEAM/PMM). Checkpoints go to
-``WORKDIR/cls/ckpt`` and are resumed automatically.
+``config.cls.method`` (default "plain"): "plain" trains the CAM classifier with multilabel
+soft-margin on GAP of the CAM head and ``trainer.sgd_poly``; "seam" trains
+``pmm_jax.seam.SEAM`` (CAM head + PCM) with the SEAM losses and its four-group optimiser
+(``config.cls.official_momentum``, default False, reproduces the official momentum 5e-4).
+Checkpoints go to ``WORKDIR/cls/ckpt`` and are resumed automatically.
 """
 
 from __future__ import annotations
@@ -11,15 +14,32 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pmm_jax import models, trainer, visualize
+from pmm_jax import models, seam, trainer, visualize
 from pmm_jax.models.cam_classifier import multilabel_soft_margin_loss
 from pmm_jax.stages import common
 from pmm_jax.workdir import Workdir
 
 
+def method(config) -> str:
+    """``config.cls.method``: "plain" (default) or "seam"; ValueError otherwise."""
+    name = config.cls.get("method", "plain")
+    if name not in ("plain", "seam"):
+        raise ValueError(f"config.cls.method must be 'plain' or 'seam', got {name!r}")
+    return name
+
+
 def build_model(config, seed: int = 0) -> nnx.Module:
-    """The configured CAM classifier, randomly initialised."""
-    model = models.build_classifier(config.cls.model, common.num_foreground(config), models.init_rngs(seed))
+    """The configured CAM classifier (``CAMClassifier`` or ``seam.SEAM``), randomly initialised."""
+    rngs = models.init_rngs(seed)
+    if method(config) == "seam":
+        options = {k: v for k, v in config.cls.model.items() if k not in ("backbone", "init_from")}
+        unknown = sorted(set(options) - set(seam.SEAM_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown SEAM model options {unknown}; allowed: {list(seam.SEAM_OPTIONS)}")
+        model = seam.SEAM(models.build_backbone(config.cls.model.backbone, rngs),
+                          common.num_foreground(config), **options, rngs=rngs)
+    else:
+        model = models.build_classifier(config.cls.model, common.num_foreground(config), rngs)
     # Pretrained backbone (`python -m pmm_jax.convert` checkpoint) from config.cls.model.init_from.
     if config.cls.model.get("init_from"):
         models.load_pretrained(model.backbone, config.cls.model.init_from,
@@ -49,9 +69,17 @@ def run(config, wd: Workdir) -> dict:
     start = trainer.latest_step(ckpt_dir) or 0
     batches = common.train_batches(config, common.split_dataset(config, wd, "train"), cfg,
                                    "config.cls.batch_size", start)
-    tx, schedule = trainer.sgd_poly(cfg.lr, cfg.num_steps, momentum=cfg.momentum,
-                                    weight_decay=cfg.weight_decay)
-    trainer.train(build_model(config, config.seed), loss_fn, batches, tx,
+    model = build_model(config, config.seed)
+    if method(config) == "seam":
+        tx, schedule = seam.make_optimizer(
+            model, cfg.lr, cfg.num_steps, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+            official_momentum=cfg.get("official_momentum", False))
+        train_loss = seam.seam_loss
+    else:
+        tx, schedule = trainer.sgd_poly(cfg.lr, cfg.num_steps, momentum=cfg.momentum,
+                                        weight_decay=cfg.weight_decay)
+        train_loss = loss_fn
+    trainer.train(model, train_loss, batches, tx,
                   num_steps=cfg.num_steps, ckpt_dir=ckpt_dir, log_dir=wd.log_dir("cls"),
                   seed=config.seed, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
                   lr_schedule=schedule, image_summary_fn=cam_summary, desc="cls")

@@ -1,0 +1,210 @@
+"""pmm_jax.seam against PyTorch transcriptions of the official SEAM/PMM code (written here from
+its definitions), parameter groups, frozen parameters and a few jitted training steps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from pmm_jax import seam
+from pmm_jax.models.resnet38 import FrozenBatchNorm, ResNet38
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+
+def nchw(x):
+    return torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+
+
+def nhwc(t):
+    return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("size", [(3, 7), (11, 5), (1, 4)])
+def test_resize_align_corners_matches_torch(size):
+    x = np.random.RandomState(0).randn(2, 6, 9, 3).astype(np.float32)
+    ref = F.interpolate(nchw(x), size, mode="bilinear", align_corners=True)
+    np.testing.assert_allclose(seam.resize_align_corners(jnp.asarray(x), size), nhwc(ref),
+                               rtol=1e-5, atol=1e-6)
+
+
+def torch_pcm(cam, f, w9):
+    """The official forward from ``cam = fc8(...)`` on: seeds, f9, PCM (NCHW)."""
+    n, c, h, w = cam.size()
+    cam_d = F.relu(cam)
+    cam_d_max = torch.max(cam_d.view(n, c, -1), dim=-1)[0].view(n, c, 1, 1) + 1e-5
+    norm = F.relu(cam_d - 1e-5) / cam_d_max
+    norm = torch.cat([torch.zeros_like(norm[:, :1]), norm], 1)  # the dead fc8 row 0
+    norm[:, 0] = 1 - torch.max(norm[:, 1:], dim=1)[0]
+    cam_max = torch.max(norm[:, 1:], dim=1, keepdim=True)[0]
+    norm[:, 1:][norm[:, 1:] < cam_max] = 0
+    f = F.conv2d(f, w9).view(n, -1, h * w)
+    f = f / (torch.norm(f, dim=1, keepdim=True) + 1e-5)
+    aff = F.relu(torch.matmul(f.transpose(1, 2), f))
+    aff = aff / (torch.sum(aff, dim=1, keepdim=True) + 1e-5)
+    return torch.matmul(norm.view(n, c + 1, -1), aff).view(n, -1, h, w)
+
+
+def test_pcm_matches_official():
+    rng = np.random.RandomState(1)
+    cam = rng.randn(2, 5, 6, 4).astype(np.float32)
+    f = rng.randn(2, 5, 6, 7).astype(np.float32)
+    w9 = rng.randn(7, 5).astype(np.float32)  # [in, out]
+    ours = seam.pcm(seam.pcm_seeds(jnp.asarray(cam)), jnp.asarray(f) @ jnp.asarray(w9))
+    ref = torch_pcm(nchw(cam), nchw(f), torch.from_numpy(w9.T.copy())[:, :, None, None])
+    np.testing.assert_allclose(ours, nhwc(ref), rtol=1e-4, atol=1e-6)
+
+
+def torch_max_norm(p, e=1e-5):
+    n, c = p.shape[:2]
+    p = F.relu(p)
+    max_v = torch.max(p.view(n, c, -1), dim=-1)[0].view(n, c, 1, 1)
+    min_v = torch.min(p.view(n, c, -1), dim=-1)[0].view(n, c, 1, 1)
+    return F.relu(p - min_v - e) / (max_v - min_v + e)
+
+
+def torch_min_pool(x):
+    n, c, h, w = x.size()
+    k = h * w // 4
+    y = torch.topk(torch.max(x, dim=1)[0].view(n, -1), k=k, dim=-1, largest=False)[0]
+    return torch.sum(F.relu(y)) / (k * n)
+
+
+def torch_max_onehot(x):
+    x_max = torch.max(x[:, 1:], dim=1, keepdim=True)[0]
+    x[:, 1:][x[:, 1:] != x_max] = 0
+    return x
+
+
+def torch_losses(cam1, rv1, cam2, rv2, label_fg, size1, size2):
+    """The official training-loop body from the two forwards on (fc8 row 0 added as zeros)."""
+    up = lambda t, s: F.interpolate(t, s, mode="bilinear", align_corners=True)
+    cam1 = up(torch.cat([torch.zeros_like(cam1[:, :1]), cam1], 1), size1)
+    cam2 = up(torch.cat([torch.zeros_like(cam2[:, :1]), cam2], 1), size2)
+    rv1, rv2 = up(rv1, size1), up(rv2, size2)
+    n = label_fg.shape[0]
+    label = torch.cat([torch.ones(n, 1), label_fg], 1)[:, :, None, None]
+    label1 = F.adaptive_avg_pool2d(cam1, (1, 1))
+    rvmin1 = torch_min_pool((rv1 * label)[:, 1:])
+    cam1 = up(torch_max_norm(cam1), size2) * label
+    rv1 = up(torch_max_norm(rv1), size2) * label
+    label2 = F.adaptive_avg_pool2d(cam2, (1, 1))
+    rvmin2 = torch_min_pool((rv2 * label)[:, 1:])
+    cam2 = torch_max_norm(cam2) * label
+    rv2 = torch_max_norm(rv2) * label
+    cls1 = F.multilabel_soft_margin_loss(label1[:, 1:, 0, 0], label[:, 1:, 0, 0])
+    cls2 = F.multilabel_soft_margin_loss(label2[:, 1:, 0, 0], label[:, 1:, 0, 0])
+    ns, cs, hs, ws = cam2.size()
+    er = torch.mean(torch.abs(cam1[:, 1:] - cam2[:, 1:]))
+    cam1[:, 0] = 1 - torch.max(cam1[:, 1:], dim=1)[0]
+    cam2[:, 0] = 1 - torch.max(cam2[:, 1:], dim=1)[0]
+    ecr1 = torch.abs(torch_max_onehot(cam2.clone()) - rv1)
+    ecr2 = torch.abs(torch_max_onehot(cam1.clone()) - rv2)
+    k = int(cs * hs * ws * 0.2)
+    ecr = (torch.mean(torch.topk(ecr1.view(ns, -1), k=k, dim=-1)[0])
+           + torch.mean(torch.topk(ecr2.view(ns, -1), k=k, dim=-1)[0]))
+    cls = (cls1 + cls2) / 2
+    rvmin = (rvmin1 + rvmin2) / 2
+    return {"loss": cls + rvmin + er + ecr, "loss_cls": cls, "loss_rvmin": rvmin,
+            "loss_er": er, "loss_ecr": ecr}
+
+
+def test_losses_match_official():
+    rng = np.random.RandomState(2)
+    b, c = 3, 4
+    size1, size2 = (20, 17), (6, 5)
+    arrays = dict(cam1=rng.randn(b, 5, 4, c), rv1=rng.rand(b, 5, 4, c + 1),
+                  cam2=rng.randn(b, 2, 2, c), rv2=rng.rand(b, 2, 2, c + 1))
+    arrays = {k: v.astype(np.float32) for k, v in arrays.items()}
+    labels = np.array([[1, 0, 1, 0], [0, 0, 0, 1], [1, 1, 1, 1]], np.float32)
+    ours = seam.seam_losses({"cam": arrays["cam1"], "cam_rv": arrays["rv1"]},
+                            {"cam": arrays["cam2"], "cam_rv": arrays["rv2"]},
+                            jnp.asarray(labels), size1, size2)
+    ref = torch_losses(*(nchw(arrays[k]) for k in ("cam1", "rv1", "cam2", "rv2")),
+                       torch.from_numpy(labels), size1, size2)
+    for key, value in ref.items():
+        np.testing.assert_allclose(ours[key], value.item(), rtol=1e-4, err_msg=key)
+
+
+class TinyBackbone(nnx.Module):
+    """Three features from a biased conv and a BatchNorm: exercises every parameter group."""
+
+    frozen_prefixes = ("stem",)
+
+    def __init__(self, rngs):
+        self.stem = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+        self.conv = nnx.Conv(4, 4, (3, 3), use_bias=True, rngs=rngs)
+        self.bn = FrozenBatchNorm(4)
+        self.out_channels = (4, 4, 4)
+
+    def __call__(self, x):
+        y = self.bn(self.conv(jax.nn.relu(self.stem(x))))
+        return [y, y, y]
+
+
+def test_param_labels_and_group_learning_rates():
+    model = seam.SEAM(TinyBackbone(nnx.Rngs(0)), 3, pcm_widths=(2, 2), rngs=nnx.Rngs(1))
+    labels = seam.param_labels(model)
+    assert labels == {
+        ("backbone", "stem", "kernel"): "frozen", ("backbone", "stem", "bias"): "frozen",
+        ("backbone", "conv", "kernel"): "backbone_weight",
+        ("backbone", "conv", "bias"): "backbone_bias",
+        ("backbone", "bn", "scale"): "frozen", ("backbone", "bn", "bias"): "frozen",
+        ("classifier", "kernel"): "new_weight", ("f8_3", "kernel"): "new_weight",
+        ("f8_4", "kernel"): "new_weight", ("f9", "kernel"): "new_weight"}
+    # Each group's first update: -multiplier * lr * grad (momentum buffers start empty).
+    lr, wd = 0.1, 1e-3
+    tx, _ = seam.make_optimizer(model, lr, 1000, weight_decay=wd, official_momentum=True)
+    params = nnx.state(model, nnx.Param)
+    ones = jax.tree_util.tree_map(jnp.ones_like, params)
+    state = tx.init(params)
+    updates, state = tx.update(ones, state, params)
+    conv = updates["backbone"]["conv"]
+    np.testing.assert_allclose(conv["bias"][...], -2 * lr, rtol=1e-6)
+    np.testing.assert_allclose(conv["kernel"][...],
+                               -lr * (1 + wd * params["backbone"]["conv"]["kernel"][...]),
+                               rtol=1e-5)
+    np.testing.assert_allclose(updates["f9"]["kernel"][...],
+                               -10 * lr * (1 + wd * params["f9"]["kernel"][...]), rtol=1e-5)
+    assert not np.any(updates["backbone"]["stem"]["kernel"][...])
+    assert not np.any(updates["backbone"]["bn"]["scale"][...])
+    # official_momentum: the second bias update carries momentum = weight decay.
+    updates, _ = tx.update(ones, state, params)
+    lr1 = lr * (1 - 1 / 1000) ** 0.9
+    np.testing.assert_allclose(updates["backbone"]["conv"]["bias"][...], -2 * lr1 * (1 + wd),
+                               rtol=1e-5)
+
+
+def test_jitted_training_steps_decrease_loss_and_keep_frozen_params():
+    backbone = ResNet38(width_div=32, blocks=(1, 1, 1, 1), rngs=nnx.Rngs(0))
+    model = seam.SEAM(backbone, 3, pcm_widths=(4, 8), rngs=nnx.Rngs(1))
+    model.train()
+    tx, _ = seam.make_optimizer(model, 0.003, 100)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    rng = np.random.RandomState(0)
+    batch = {"image": jnp.asarray(rng.randn(4, 40, 40, 3), jnp.float32),
+             "labels": jnp.asarray([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]], jnp.float32)}
+    frozen_before = np.asarray(model.backbone.b2.conv_branch2a.kernel[...]).copy()
+    bn_before = np.asarray(model.backbone.b4.bn_branch2a.scale[...]).copy()
+    trained_before = np.asarray(model.backbone.b4.conv_branch2a.kernel[...]).copy()
+
+    @nnx.jit
+    def step(model, optimizer, batch, key):
+        def objective(model):
+            return seam.seam_loss(model, batch, nnx.Rngs(dropout=key))
+        (loss, metrics), grads = nnx.value_and_grad(objective, has_aux=True)(model)
+        optimizer.update(model, grads)
+        return loss, metrics["loss_cls"]
+
+    # The ECR and rvmin terms chase targets that move with the CAMs, so on 4 random images
+    # the total fluctuates; the classification term must fall.
+    losses, cls = zip(*[map(float, step(model, optimizer, batch, jax.random.key(0)))
+                        for _ in range(8)])
+    assert np.all(np.isfinite(losses)), losses
+    assert cls[-1] < cls[0] and min(losses[1:]) < losses[0], (losses, cls)
+    np.testing.assert_array_equal(model.backbone.b2.conv_branch2a.kernel[...], frozen_before)
+    np.testing.assert_array_equal(model.backbone.b4.bn_branch2a.scale[...], bn_before)
+    assert np.any(np.asarray(model.backbone.b4.conv_branch2a.kernel[...]) != trained_before)
