@@ -114,7 +114,7 @@ class LatticeStats(NamedTuple):
 
 
 def hard_capacity(height, width):
-    """Capacities that can never overflow: ``(d + 1) * H * W`` for each kernel."""
+    """Table sizes that can never be too small: ``(d + 1) * H * W`` points for each kernel."""
     n = height * width
     return LatticeCapacity((GAUSSIAN_DIM + 1) * n, (BILATERAL_DIM + 1) * n)
 
@@ -305,12 +305,17 @@ def _splat_blur_slice(offsets, weights, neighbours, values):
     contributions = (weights[:, :, None] * values[:, None, :]).reshape(-1, values.shape[1])
     grid = jax.ops.segment_sum(contributions, offsets.reshape(-1),
                                num_segments=neighbours.shape[-1])
-    for j in range(dim + 1):
-        grid = grid + 0.5 * (grid[neighbours[j, 0]] + grid[neighbours[j, 1]])
+
+    def blur(j, grid):
+        return grid + 0.5 * (grid[neighbours[j, 0]] + grid[neighbours[j, 1]])
+
+    grid = jax.lax.fori_loop(0, dim + 1, blur, grid)
     alpha = np.float32(1.0 / (1.0 + 2.0 ** -dim))
-    return jnp.einsum("nr,nrv->nv", weights * alpha, grid[offsets])
+    # An elementwise product and sum, not a dot: full float32 on every backend (no TF32).
+    return jnp.sum((weights * alpha)[:, :, None] * grid[offsets], axis=1)
 
 
+@functools.partial(jax.jit, static_argnames="capacity")
 def build_lattice(features, capacity, valid=None):
     """Permutohedral lattice of ``features [N, d]`` in a table of ``capacity`` points.
 
@@ -342,11 +347,13 @@ def build_lattice(features, capacity, valid=None):
                    keys_in_range)
 
 
+@jax.jit
 def lattice_filter(lattice, values):
     """Unnormalised permutohedral Gaussian filter ``K values`` of ``values [N, V]``."""
     return _splat_blur_slice(lattice.offsets, lattice.weights, lattice.neighbours, values)
 
 
+@jax.jit
 def normalized_filter(lattice, values):
     """densecrf's NORMALIZE_SYMMETRIC kernel: ``norm * K(norm * values)``."""
     norm = lattice.norm[:, None]
@@ -566,7 +573,8 @@ def dense_crf_images(images, probs, params, capacity=None, pad_to=None):
     for b, (image, p) in enumerate(zip(images, probs)):
         h, w = image.shape[:2]
         if h > height or w > width:
-            raise ValueError(f"image {b} of shape {image.shape[:2]} exceeds pad_to {(height, width)}")
+            raise ValueError(
+                f"image {b} of shape {image.shape[:2]} exceeds pad_to {(height, width)}")
         padded_images[b, :h, :w] = image
         padded_probs[b, :p.shape[0], :, :h, :w] = p
         valid[b, :h, :w] = True

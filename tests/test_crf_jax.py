@@ -1,0 +1,241 @@
+"""The JAX dense CRF (``pmm_jax.crf_jax``): lattice unit tests and agreement with pydensecrf.
+
+Agreement is checked on small synthetic scenes (always) and on the real VOC photographs
+(skipped when absent): one full-size image per parameter set, and every sample resized to a
+small shape for the batched PPMG binary CRFs and the 21-label CRF. The bar is argmax
+agreement >= 99 % of pixels; the posteriors are also required to match closely (the lattice
+reproduces densecrf's arithmetic).
+"""
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+
+from pmm_jax import crf, crf_jax
+
+PARAM_SETS = {"pseudo": crf.PSEUDO_MASK_CRF, "test": crf.SEGMENTATION_TEST_CRF}
+MIN_AGREEMENT = 0.99
+MAX_MEAN_ABS_DIFF = 1e-4
+ALPHA = 11.0
+
+
+def soft_maps(label, classes, seed):
+    """CAM-like scores in [0, 1] ``[len(classes), H, W]``: blurred class masks plus smooth noise."""
+    rng = np.random.default_rng(seed)
+    maps = []
+    for c in classes:
+        mask = gaussian_filter((label == c).astype(np.float32), 4)
+        noise = gaussian_filter(rng.standard_normal(label.shape).astype(np.float32), 3)
+        maps.append(np.clip(mask + 0.5 * noise, 0.0, 1.0))
+    return np.stack(maps).astype(np.float32)
+
+
+def binary_probs(label, cls, seed):
+    """A pseudo-mask CRF input ``[(1 - x) ** 11, x]`` for class ``cls``: ``[2, H, W]``."""
+    x = soft_maps(label, [cls], seed)[0]
+    return np.stack([(1.0 - x) ** ALPHA, x]).astype(np.float32)
+
+
+def label_probs(label, num_labels, seed):
+    """A segmentation-test CRF input: normalised scores over ``num_labels`` labels."""
+    scores = soft_maps(label, range(num_labels), seed) + 0.05
+    return (scores / scores.sum(0, keepdims=True)).astype(np.float32)
+
+
+def synthetic_scene(height, width, seed, num_regions=6):
+    """A blocky colour image with noise and its region labels (0..num_regions-1)."""
+    rng = np.random.default_rng(seed)
+    label = np.zeros((height, width), np.int64)
+    image = np.zeros((height, width, 3), np.float32) + rng.uniform(0, 255, 3)
+    for region in range(1, num_regions):
+        y0, x0 = rng.integers(0, height - 8), rng.integers(0, width - 8)
+        y1, x1 = y0 + rng.integers(8, height // 2), x0 + rng.integers(8, width // 2)
+        label[y0:y1, x0:x1] = region
+        image[y0:y1, x0:x1] = rng.uniform(0, 255, 3)
+    image = np.clip(image + rng.normal(0, 12, image.shape), 0, 255).astype(np.uint8)
+    return image, label
+
+
+def assert_agrees(reference, output, what):
+    """Argmax agreement >= 99 % and a small mean absolute posterior difference."""
+    agreement = float((reference.argmax(-3) == output.argmax(-3)).mean())
+    mean_abs = float(np.abs(reference - output).mean())
+    print(f"{what}: argmax agreement {100 * agreement:.3f} %, mean abs diff {mean_abs:.2e}")
+    assert agreement >= MIN_AGREEMENT, f"{what}: agreement {agreement:.4f}"
+    assert mean_abs <= MAX_MEAN_ABS_DIFF, f"{what}: mean abs diff {mean_abs:.2e}"
+
+
+# --- lattice --------------------------------------------------------------------------------
+
+def lattice_cases():
+    """Small feature sets: a Gaussian pixel grid (d=2) and bilateral features (d=5)."""
+    image, _ = synthetic_scene(20, 24, seed=1)
+    return {
+        "gauss2": np.asarray(crf_jax.gaussian_features(20, 24, 2.0)),
+        "bilateral5": np.asarray(crf_jax.bilateral_features(image, 4.0, 15.0)),
+    }
+
+
+@pytest.fixture(scope="module")
+def lattices():
+    """Each case's features and its lattice at the hard capacity bound."""
+    return {name: (f, crf_jax.build_lattice(f, (f.shape[1] + 1) * f.shape[0]))
+            for name, f in lattice_cases().items()}
+
+
+@pytest.mark.parametrize("case", ["gauss2", "bilateral5"])
+def test_constant_signal(lattices, case):
+    """Splat-blur-slice is linear, K 1 > 0, and 1 / norm is a fixed point of the normalised
+    kernel (norm * K(norm / norm) = norm * K 1 = 1 / norm), as densecrf's symmetric scheme."""
+    features, lattice = lattices[case]
+    n = features.shape[0]
+    ones = np.ones((n, 1), np.float32)
+    k1 = np.asarray(crf_jax.lattice_filter(lattice, ones))[:, 0]
+    kc = np.asarray(crf_jax.lattice_filter(lattice, np.full((n, 2), 3.5, np.float32)))
+    assert np.all(k1 > 0)
+    np.testing.assert_allclose(kc, np.repeat(3.5 * k1[:, None], 2, axis=1), rtol=1e-5)
+    inverse_norm = 1.0 / np.asarray(lattice.norm)
+    fixed = np.asarray(crf_jax.normalized_filter(lattice, inverse_norm[:, None]))[:, 0]
+    np.testing.assert_allclose(fixed, inverse_norm, rtol=1e-4)
+    assert not bool(lattice.overflow)
+
+
+@pytest.mark.parametrize("case, min_corr, max_rel", [
+    ("gauss2", 0.995, 0.03), ("bilateral5", 0.93, 0.12)])
+def test_approximates_brute_force_gaussian(lattices, case, min_corr, max_rel):
+    """The lattice filter approximates sum_j exp(-|f_i - f_j|^2 / 2) v_j up to a constant
+    (correlation, and relative error after the best scale; the approximation is coarser in
+    5-D than on the 2-D grid)."""
+    features, lattice = lattices[case]
+    values = np.random.default_rng(2).random((features.shape[0], 2)).astype(np.float32)
+    approx = np.asarray(crf_jax.lattice_filter(lattice, values))
+    sq_dist = ((features[:, None] - features[None]) ** 2).sum(-1)
+    exact = np.exp(-0.5 * sq_dist) @ values
+    scale = (approx * exact).sum() / (exact * exact).sum()
+    correlation = np.corrcoef(approx.ravel(), exact.ravel())[0, 1]
+    relative = np.abs(approx - scale * exact).mean() / np.abs(scale * exact).mean()
+    assert correlation >= min_corr
+    assert relative <= max_rel
+
+
+def test_overflow_is_detected(lattices, monkeypatch):
+    """A table smaller than the lattice reports the true point count and raises in the host
+    wrappers; keys beyond 16 bits are reported; the automatic sizing grows its tables."""
+    features, full = lattices["bilateral5"]
+    small = crf_jax.build_lattice(features, 64)
+    assert int(small.num_points) == int(full.num_points) > 64
+    assert bool(small.overflow)
+    huge = crf_jax.build_lattice(features * 1e4, features.shape[0] * 6)
+    assert not bool(huge.keys_in_range) and bool(huge.overflow)
+
+    image, label = synthetic_scene(20, 24, seed=1)
+    probs = binary_probs(label, 1, seed=0)
+    params = crf.PSEUDO_MASK_CRF
+    tiny = crf_jax.LatticeCapacity(256, 256)
+    with pytest.raises(crf_jax.LatticeOverflowError, match="table holds 256"):
+        crf_jax.dense_crf(image, probs, params, capacity=tiny)
+
+    monkeypatch.setattr(crf_jax, "_capacity_cache", {})
+    monkeypatch.setattr(crf_jax, "initial_capacity", lambda *_: tiny)
+    grown = crf_jax.dense_crf(image, probs, params)
+    capacity = crf_jax._capacity_cache[(20, 24, params)]
+    assert capacity.bilateral > 256  # the Gaussian lattice of 20 x 24 pixels fits 256
+    assert_agrees(crf.dense_crf(image, probs, params), grown, "grown tables")
+
+
+def test_input_validation():
+    image, label = synthetic_scene(20, 24, seed=1)
+    probs = binary_probs(label, 1, seed=0)
+    with pytest.raises(ValueError, match="uint8"):
+        crf_jax.dense_crf(image.astype(np.float32), probs, crf.PSEUDO_MASK_CRF)
+    with pytest.raises(ValueError, match="does not match"):
+        crf_jax.dense_crf(image, probs[:, :10], crf.PSEUDO_MASK_CRF)
+    with pytest.raises(TypeError, match="CRFParams"):
+        crf_jax.dense_crf(image, probs, {"gauss_sxy": 3})
+
+
+# --- agreement with pydensecrf --------------------------------------------------------------
+# Small images share one shape and one explicit (never overflowing) capacity, so every test
+# below reuses the same compiled lattices and mean fields.
+
+SMALL_SHAPE = (96, 128)
+SMALL_CAPACITY = crf_jax.hard_capacity(*SMALL_SHAPE)
+
+
+def check_small(image, label, params, what, seed):
+    """Three binary CRFs in one batched pass (PPMG) and one 21-label CRF against pydensecrf."""
+    classes = [c for c in np.unique(label) if c != 0][:3]
+    classes += [c for c in range(1, 21) if c not in classes][:3 - len(classes)]
+    binary = np.stack([binary_probs(label, c, seed + i) for i, c in enumerate(classes)])
+    batched = crf_jax.dense_crf_batched(image, binary, params, capacity=SMALL_CAPACITY)
+    for s in range(3):
+        assert_agrees(crf.dense_crf(image, binary[s], params), batched[s],
+                      f"{what} 2 labels, set {s}")
+    probs = label_probs(label, 21, seed)
+    output = crf_jax.dense_crf(image, probs, params, capacity=SMALL_CAPACITY)
+    assert output.shape == probs.shape and output.dtype == np.float32
+    np.testing.assert_allclose(output.sum(0), 1.0, rtol=1e-5)
+    assert_agrees(crf.dense_crf(image, probs, params), output, f"{what} 21 labels")
+
+
+@pytest.mark.parametrize("param_set", sorted(PARAM_SETS))
+def test_synthetic_agreement(param_set):
+    image, label = synthetic_scene(*SMALL_SHAPE, seed=3)
+    check_small(image, label, PARAM_SETS[param_set], f"synthetic {param_set}", seed=4)
+
+
+def test_padded_images_match_single_images():
+    """Several images of different sizes (and label-set counts) in one padded call."""
+    scenes = [synthetic_scene(40, 56, seed=6), synthetic_scene(48, 64, seed=7)]
+    probs = [np.stack([binary_probs(label, c, seed=c) for c in range(1, 1 + k)])
+             for (_, label), k in zip(scenes, (2, 3))]
+    images = [image for image, _ in scenes]
+    params = crf.PSEUDO_MASK_CRF
+    outputs = crf_jax.dense_crf_images(images, probs, params)
+    for image, p, output in zip(images, probs, outputs):
+        assert output.shape == p.shape
+        for s in range(p.shape[0]):
+            assert_agrees(crf.dense_crf(image, p[s], params), output[s], "padded batch")
+
+
+@pytest.fixture(scope="module")
+def voc_samples(voc_samples_dir):
+    """``[(id, image uint8 [H, W, 3], label [H, W] 0..20)]`` of the real VOC samples."""
+    samples = []
+    for path in sorted(voc_samples_dir.glob("*_label.png")):
+        image_id = path.name[:-len("_label.png")]
+        image = np.asarray(Image.open(path.with_name(image_id + ".png")).convert("RGB"))
+        samples.append((image_id, image, np.asarray(Image.open(path))))
+    assert samples, f"no samples in {voc_samples_dir}"
+    return samples
+
+
+@pytest.mark.parametrize("param_set", sorted(PARAM_SETS))
+def test_voc_full_size_agreement(voc_samples, param_set):
+    """One full-size photograph per parameter set: a PMM binary pseudo-mask CRF.
+
+    The bilateral table holds N points: enough for this image with both parameter sets
+    (0.07 N and 0.65 N points); an overflow would raise, never pass silently.
+    """
+    params = PARAM_SETS[param_set]
+    image_id, image, label = voc_samples[0]
+    height, width = label.shape
+    capacity = crf_jax.LatticeCapacity(
+        crf_jax.initial_capacity(height, width, params).gaussian, height * width)
+    counts = np.bincount(label.ravel(), minlength=21)
+    probs = binary_probs(label, int(counts[1:].argmax()) + 1, seed=0)
+    assert_agrees(crf.dense_crf(image, probs, params),
+                  crf_jax.dense_crf(image, probs, params, capacity=capacity),
+                  f"VOC {image_id} full size {param_set} 2 labels")
+
+
+@pytest.mark.parametrize("param_set", sorted(PARAM_SETS))
+def test_voc_all_samples_small(voc_samples, param_set):
+    """Every photograph resized to the small shape: PPMG binary CRFs and a 21-label CRF."""
+    size = SMALL_SHAPE[::-1]
+    for i, (image_id, image, label) in enumerate(voc_samples):
+        small_image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+        small_label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+        check_small(small_image, small_label, PARAM_SETS[param_set],
+                    f"VOC {image_id} small {param_set}", seed=i)
