@@ -25,7 +25,8 @@ def get_config() -> ml_collections.ConfigDict:
                        train_split="train", val_split="val", eval_pad_to=(640, 640)))
     c.cls.update(dict(batch_size=8, lr=0.01, num_steps=20 * 82783 // 8))
     c.pseudo.eval_subset = 2000
-    c.seg.update(dict(batch_size=64, lr=0.01, num_steps=40000, ckpt_every=4000))
+    c.seg.update(dict(batch_size=64, lr=0.01, min_lr=5e-5, num_steps=40000, ckpt_every=4000,
+                      eval_every=4000))
     c.seg.pus.update(dict(beta=0.8, kappa=0.8))
     c.cycle.num_cycles = 0
     return c

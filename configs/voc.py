@@ -82,10 +82,12 @@ def get_config() -> ml_collections.ConfigDict:
         scale_range=(0.5, 2.0),
         num_steps=20000,
         lr=0.005,
+        min_lr=1e-4,  # mmseg poly: (lr - min_lr) * (1 - k / num_steps) ** 0.9 + min_lr
         momentum=0.9,
         weight_decay=5e-4,
         log_every=50,
         ckpt_every=2000,
+        eval_every=2000,  # val mIoU (config.eval pipeline); the best checkpoint is kept and used
     ))
 
     c.cycle = ml_collections.ConfigDict(dict(num_cycles=1, source="pus", loss="ce"))

@@ -103,7 +103,9 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: Iterator[Mapping[str, np.
           lr_schedule: optax.Schedule | None = None,
           image_summary_fn: Callable[[nnx.Module, Mapping[str, np.ndarray]],
                                      Mapping[str, np.ndarray]] | None = None,
-          batch_size_key: str = "batch_size", desc: str = "train") -> nnx.Module:
+          batch_size_key: str = "batch_size", desc: str = "train",
+          eval_fn: Callable[[int, nnx.Module], None] | None = None,
+          eval_every: int = 0) -> nnx.Module:
     """Trains ``model`` for ``num_steps`` updates (resuming from ``ckpt_dir``) and returns it.
 
     ``loss_fn(model, batch, rngs) -> (loss, metrics)`` runs under ``jax.jit`` on the merged
@@ -114,7 +116,10 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: Iterator[Mapping[str, np.
     and ``steps_per_sec`` are written every ``log_every`` steps to ``log_dir`` (TensorBoard; None
     = logging only), with ``image_summary_fn(eval_model, host_batch) -> {name: uint8 [N,H,W,C]}``
     when given. ``batch_size_key`` names the config setting quoted when a batch does not split
-    over the devices. The model is updated in place and returned in eval mode.
+    over the devices. ``eval_fn(step, eval_model)``, when given, runs every ``eval_every``
+    steps and after the last one on an eval-mode copy of the current model (mmseg's periodic
+    validation; the caller keeps the best checkpoint, e.g. with ``save_model``). The model is
+    updated in place and returned in eval mode.
     """
     mesh = shd.make_mesh()
     model.train()
@@ -134,7 +139,8 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: Iterator[Mapping[str, np.
                 state = _loop(step_fn, state, batches, manager, writer, mesh, graphdef,
                               start=start, num_steps=num_steps, log_every=log_every,
                               lr_schedule=lr_schedule, image_summary_fn=image_summary_fn,
-                              batch_size_key=batch_size_key, desc=desc)
+                              batch_size_key=batch_size_key, desc=desc, eval_fn=eval_fn,
+                              eval_every=eval_every)
             finally:
                 writer.close()
                 manager.wait_until_finished()
@@ -196,7 +202,8 @@ def _make_step(graphdef: nnx.GraphDef, loss_fn: LossFn, seed: int, mesh: jax.sha
 
 
 def _loop(step_fn, state, batches, manager, writer, mesh, graphdef, *, start, num_steps,
-          log_every, lr_schedule, image_summary_fn, batch_size_key, desc):
+          log_every, lr_schedule, image_summary_fn, batch_size_key, desc, eval_fn=None,
+          eval_every=0):
     """Runs steps ``start+1 .. num_steps``: train, accumulate metrics, log, checkpoint."""
     sums, count, tick = None, 0, time.perf_counter()
     bar = tqdm.tqdm(total=num_steps, initial=start, desc=desc, dynamic_ncols=True,
@@ -223,6 +230,9 @@ def _loop(step_fn, state, batches, manager, writer, mesh, graphdef, *, start, nu
                 sums, count = None, 0
             if step == num_steps or manager.should_save(step):
                 manager.save(step, args=_save_args(state), force=True)
+            if eval_fn is not None and eval_every and (step % eval_every == 0
+                                                       or step == num_steps):
+                eval_fn(step, _eval_model(graphdef, state))
     return state
 
 
@@ -232,21 +242,37 @@ def _tree_add(a, b):
     return jax.tree_util.tree_map(jnp.add, a, b)
 
 
-def _images(image_summary_fn, graphdef, state, host_batch) -> dict[str, np.ndarray]:
-    """Calls ``image_summary_fn`` on an eval-mode copy of the current model."""
+def _eval_model(graphdef, state) -> nnx.Module:
+    """An eval-mode model merged from the train state (shares its arrays)."""
     model, _ = nnx.merge(graphdef, state)
     model.eval()
+    return model
+
+
+def _images(image_summary_fn, graphdef, state, host_batch) -> dict[str, np.ndarray]:
+    """Calls ``image_summary_fn`` on an eval-mode copy of the current model."""
+    model = _eval_model(graphdef, state)
     return {k: np.asarray(v) for k, v in image_summary_fn(model, host_batch).items()}
 
 
-def _manager(ckpt_dir: str, *, save_interval_steps: int = 1,
-             read_only: bool = False) -> ocp.CheckpointManager:
-    """An orbax manager keeping the last two checkpoints, saving every ``save_interval_steps``."""
+def _manager(ckpt_dir: str, *, save_interval_steps: int = 1, read_only: bool = False,
+             max_to_keep: int = 2) -> ocp.CheckpointManager:
+    """An orbax manager keeping the last ``max_to_keep`` checkpoints, saving every
+    ``save_interval_steps``."""
     return ocp.CheckpointManager(
         epath.Path(ckpt_dir).absolute(),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=2, save_interval_steps=save_interval_steps, create=not read_only,
-            read_only=read_only))
+            max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+            create=not read_only, read_only=read_only))
+
+
+def save_model(model: nnx.Module, ckpt_dir: str, step: int) -> None:
+    """Writes ``model`` (its ``model`` item only) as the one checkpoint kept in ``ckpt_dir``;
+    ``restore_model`` reads it. For best-so-far checkpoints; every process calls it."""
+    with _manager(ckpt_dir, max_to_keep=1) as manager:
+        manager.save(step, args=ocp.args.Composite(
+            model=ocp.args.StandardSave(_saveable(nnx.state(model)))), force=True)
+        manager.wait_until_finished()
 
 
 def _restore_train_state(manager: ocp.CheckpointManager, state: nnx.State) -> int:

@@ -16,8 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from pmm_jax import distributed, io, models, pmm, segment_inference, trainer, visualize
+from pmm_jax import (distributed, evaluate, io, models, pmm, segment_inference, trainer,
+                     visualize)
 from pmm_jax.data import pipeline
 from pmm_jax.models.pspnet import upsample_logits
 from pmm_jax.stages import common
@@ -86,15 +88,68 @@ def train_segmenter(config, wd: Workdir, run: str, mask_dir: str, loss: str) -> 
         num_classes=config.data.num_classes)
     batches = common.train_batches(config, ds, cfg, "config.seg.batch_size", start)
     tx, schedule = trainer.sgd_poly(cfg.lr, cfg.num_steps, momentum=cfg.momentum,
-                                    weight_decay=cfg.weight_decay)
+                                    weight_decay=cfg.weight_decay,
+                                    end_lr=cfg.get("min_lr", 0.0))
+    eval_every = cfg.get("eval_every", 0)
     trainer.train(build_model(config, config.seed), run_loss(config, loss), batches, tx,
                   num_steps=cfg.num_steps, ckpt_dir=ckpt_dir, log_dir=wd.log_dir(f"seg/{run}"),
                   seed=config.seed, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
-                  lr_schedule=schedule, image_summary_fn=mask_summary, desc=f"seg {run}")
+                  lr_schedule=schedule, image_summary_fn=mask_summary, desc=f"seg {run}",
+                  eval_fn=keep_best(config, wd, run) if eval_every else None,
+                  eval_every=eval_every)
+
+
+def best_dir(wd: Workdir, run: str) -> str:
+    """Where ``config.seg.eval_every`` keeps run's best-val checkpoint (and ``best.json``)."""
+    return wd.ckpt_dir(f"seg/{run}/best")
+
+
+def val_miou(config, wd: Workdir, model) -> float:
+    """mIoU of ``model`` on the val split with config.eval's test-time pipeline (all processes)."""
+    predict = segment_inference.Predictor(model, config.eval)
+    num_classes = config.data.num_classes
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    for batch in common.eval_batches(config, wd, "val", config.eval.batch_size,
+                                     "config.eval.batch_size"):
+        labels = predict(batch)
+        for i in np.flatnonzero(batch["valid"]):
+            h, w = int(batch["height"][i]), int(batch["width"][i])
+            cm += evaluate.confusion_matrix(labels[i, :h, :w], batch["mask"][i, :h, :w],
+                                            num_classes)
+    if jax.process_count() > 1:
+        cm = np.asarray(multihost_utils.process_allgather(cm)).sum(axis=0)
+    return float(evaluate.iou_from_confusion(cm, rule=config.eval.rule)[1])
+
+
+def keep_best(config, wd: Workdir, run: str):
+    """``eval_fn`` for ``trainer.train``: val mIoU every ``config.seg.eval_every`` steps; the
+    best model so far is saved to ``best_dir`` with ``best.json`` {step, miou} (mmseg's
+    ``save_best``), which survives a resumed run."""
+    directory = best_dir(wd, run)
+    record = os.path.join(os.path.dirname(directory), "best.json")
+
+    def eval_fn(step: int, model) -> None:
+        miou = val_miou(config, wd, model)
+        best = io.read_json(record)["miou"] if os.path.exists(record) else -1.0
+        if distributed.is_main():
+            print(f"seg {run} step {step}: val mIoU {100 * miou:.2f} "
+                  f"(best {100 * max(best, miou):.2f})", flush=True)
+        if miou > best:
+            trainer.save_model(model, directory, step)
+            if distributed.is_main():
+                io.write_json(record, {"step": step, "miou": miou})
+        distributed.barrier(f"seg-{run}-best-{step}")
+
+    return eval_fn
 
 
 def load_segmenter(config, wd: Workdir, run: str) -> nnx.Module:
-    return trainer.restore_model(build_model(config), wd.ckpt_dir(f"seg/{run}"),
+    """Segmenter ``run``: its best-val checkpoint when ``config.seg.eval_every`` kept one,
+    else its last."""
+    best = best_dir(wd, run)
+    use_best = config.seg.get("eval_every", 0) and trainer.latest_step(best) is not None
+    ckpt_dir = best if use_best else wd.ckpt_dir(f"seg/{run}")
+    return trainer.restore_model(build_model(config), ckpt_dir,
                                  hint=f"segmenter '{run}' is not trained: run stage 'seg' or 'cycle' first")
 
 

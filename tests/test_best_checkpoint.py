@@ -1,0 +1,35 @@
+"""Best-val checkpoint (config.seg.eval_every): trainer.train's eval_fn, trainer.save_model,
+and the seg stage's keep_best / load_segmenter choice."""
+
+import ml_collections
+from flax import nnx
+
+from pmm_jax import io, trainer
+from pmm_jax.stages import seg
+from pmm_jax.workdir import Workdir
+from tests.test_trainer import TinyNet, assert_trees_close, params_of, run
+
+
+def test_eval_fn_runs_every_n_steps_and_after_the_last(tmp_path):
+    seen = []
+    run(tmp_path, 5, eval_fn=lambda step, model: seen.append((step, params_of(model))),
+        eval_every=2)
+    assert [step for step, _ in seen] == [2, 4, 5]
+    final = trainer.restore_model(TinyNet(nnx.Rngs(1)), str(tmp_path / "ckpt"), hint="")
+    assert_trees_close(seen[-1][1], params_of(final))
+
+
+def test_keep_best_saves_the_best_model_and_load_segmenter_prefers_it(tmp_path, monkeypatch):
+    scores = iter([0.3, 0.5, 0.4])
+    monkeypatch.setattr(seg, "val_miou", lambda config, wd, model: next(scores))
+    monkeypatch.setattr(seg, "build_model", lambda config, seed=0: TinyNet(nnx.Rngs(7)))
+    wd = Workdir(str(tmp_path))
+    config = ml_collections.ConfigDict(dict(seg=dict(eval_every=2)))
+    models_seen = []
+    keep = seg.keep_best(config, wd, "pus")
+    run(tmp_path, 6, eval_fn=lambda step, model: (models_seen.append(params_of(model)),
+                                                  keep(step, model)), eval_every=2)
+    assert io.read_json(str(tmp_path / "seg/pus/best/best.json")) == {"step": 4, "miou": 0.5}
+    # load_segmenter reads seg/<run>/best when eval_every is on (the last checkpoint otherwise).
+    loaded = seg.load_segmenter(config, wd, "pus")
+    assert_trees_close(params_of(loaded), models_seen[1])
