@@ -1,17 +1,26 @@
-"""The notebooks execute top to bottom (nbclient) on a tiny run's workdir and draw figures."""
+"""The notebooks execute top to bottom (nbclient) on the tiny run's workdir and draw figures.
+
+The workdir is conftest's session-wide ``tiny_run`` (the whole tiny pipeline, shared with the
+other tests that read a finished run).
+"""
 
 import pathlib
 
 import nbformat
 import pytest
 
-from tiny_run import tiny_workdir  # noqa: F401  (the shared session fixture)
-
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("matplotlib")
 pytest.importorskip("ipykernel")
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
+
+pytestmark = pytest.mark.xdist_group("tiny_run")
+
+
+@pytest.fixture
+def workdir(tiny_run) -> str:
+    return str(tiny_run[0])
 
 
 def execute(name: str, workdir: str, monkeypatch) -> nbformat.NotebookNode:
@@ -32,8 +41,8 @@ def text(notebook) -> str:
     return "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
 
 
-def test_explore_workdir_shows_every_view_and_the_results(tiny_workdir, monkeypatch):
-    notebook = execute("explore_workdir.ipynb", tiny_workdir, monkeypatch)
+def test_explore_workdir_shows_every_view_and_the_results(workdir, monkeypatch):
+    notebook = execute("explore_workdir.ipynb", workdir, monkeypatch)
     # 3 images x (CAMs, CVS before/after, masks) rows; an image without a present class
     # has no CVS row.
     assert len(outputs(notebook, "image/png")) >= 6
@@ -42,9 +51,10 @@ def test_explore_workdir_shows_every_view_and_the_results(tiny_workdir, monkeypa
     assert tables and "segmenter pus (val)" in tables[-1] and "pseudo-mask ppmg" in tables[-1]
 
 
-def test_training_curves_plot_every_model(tiny_workdir, monkeypatch):
-    notebook = execute("training_curves.ipynb", tiny_workdir, monkeypatch)
+def test_training_curves_plot_every_model(workdir, monkeypatch):
+    notebook = execute("training_curves.ipynb", workdir, monkeypatch)
     printed = text(notebook)
     assert "cls -> exact_match, learning_rate, loss, steps_per_sec" in printed
     assert "seg/pus -> " in printed
-    assert len(outputs(notebook, "image/png")) == 3  # cls, seg/pus, all losses
+    models = printed.count(" -> ")
+    assert len(outputs(notebook, "image/png")) == models + 1  # one per model, all losses
