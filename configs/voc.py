@@ -79,7 +79,12 @@ def get_config() -> ml_collections.ConfigDict:
         pus=ml_collections.ConfigDict(dict(mode="clamp", beta=0.5, kappa=0.5, reduction="all")),
         batch_size=16,
         crop_size=512,
+        # mmseg augmentation: rescale around img_scale by scale_range, crop 512 with
+        # cat_max_ratio, flip, photometric distortion (pipeline.mmseg_train_batches)
+        augment="mmseg",
+        img_scale=(2048, 512),
         scale_range=(0.5, 2.0),
+        cat_max_ratio=0.75,
         num_steps=20000,
         lr=0.005,
         min_lr=1e-4,  # mmseg poly: (lr - min_lr) * (1 - k / num_steps) ** 0.9 + min_lr

@@ -77,6 +77,18 @@ def mask_summary(model, batch) -> dict:
         [images, target, visualize.colorize_mask(pred)], axis=2)}
 
 
+def mmseg_batches(config, ds, start_step: int):
+    """``config.seg.augment == "mmseg"``: mmseg's VOC/COCO augmentation (rescale around
+    ``seg.img_scale`` by ``seg.scale_range``, crop with ``seg.cat_max_ratio``, flip,
+    photometric distortion); the seed moves with ``start_step`` as in ``common.train_batches``."""
+    cfg = config.seg
+    return pipeline.mmseg_train_batches(
+        ds, batch_size=common.local_batch_size(cfg.batch_size, "config.seg.batch_size"),
+        crop_size=cfg.crop_size, seed=config.seed + start_step, img_scale=tuple(cfg.img_scale),
+        ratio_range=tuple(cfg.scale_range), cat_max_ratio=cfg.cat_max_ratio,
+        shuffle_buffer=config.data.shuffle_buffer)
+
+
 def train_segmenter(config, wd: Workdir, run: str, mask_dir: str, loss: str) -> None:
     """Trains (or resumes) segmenter ``run`` on the masks in ``mask_dir``."""
     cfg = config.seg
@@ -86,7 +98,8 @@ def train_segmenter(config, wd: Workdir, run: str, mask_dir: str, loss: str) -> 
         common.split_dataset(config, wd, "train"), mask_dir,
         producer="the 'pseudo' stage (or 'cycle' for cyclic masks)",
         num_classes=config.data.num_classes)
-    batches = common.train_batches(config, ds, cfg, "config.seg.batch_size", start)
+    batches = (mmseg_batches(config, ds, start) if cfg.get("augment") == "mmseg"
+               else common.train_batches(config, ds, cfg, "config.seg.batch_size", start))
     tx, schedule = trainer.sgd_poly(cfg.lr, cfg.num_steps, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay,
                                     end_lr=cfg.get("min_lr", 0.0))
