@@ -8,6 +8,7 @@ the same stage features in float32 (1e-4 relative).
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -215,3 +216,16 @@ def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="not a Res2Net"):
         convert.main(["--arch=res2net101", f"--src={tmp_path / 'resnet.pth'}",
                       f"--out={tmp_path / 'out'}"])
+
+
+@pytest.mark.parametrize("backbone", [
+    dict(name="resnet101", blocks=(1, 1, 2, 1), base_width=4, stem_width=8),
+    dict(name="res2net101", blocks=(1, 1, 2, 1), planes=(4, 8, 8, 16), stem_width=8)])
+def test_segmentation_backbones_build_by_name_and_run_in_pspnet(backbone):
+    """Shapes only (abstract evaluation): stride 8 logits from the last stage, aux head on
+    layer3 (the numerics are pinned by the import tests above)."""
+    cfg = dict(backbone=backbone, channels=8, aux_channels=4)
+    model = nnx.eval_shape(lambda: models.build_segmenter(cfg, 21, nnx.Rngs(0)))
+    assert model.backbone.out_strides == (4, 8, 8, 8)
+    out = nnx.eval_shape(lambda m, x: m(x), model, jax.ShapeDtypeStruct((2, 65, 63, 3), jnp.float32))
+    assert out["logits"].shape == (2, 9, 8, 21) and out["aux_logits"].shape == (2, 9, 8, 21)
