@@ -130,6 +130,7 @@ def round_capacity(num_points, num_pixels, dim):
     return min(-(-m // step) * step, (dim + 1) * num_pixels)
 
 
+@functools.partial(jax.jit, static_argnames=("height", "width"))
 def gaussian_features(height, width, sxy):
     """densecrf's Gaussian features ``(x / sxy, y / sxy)``: ``[H * W, 2]`` float32, row-major."""
     y, x = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32),
@@ -138,6 +139,7 @@ def gaussian_features(height, width, sxy):
     return feats.reshape(height * width, GAUSSIAN_DIM)
 
 
+@jax.jit
 def bilateral_features(image, sxy, srgb):
     """densecrf's bilateral features ``(x/sxy, y/sxy, c0/srgb, c1/srgb, c2/srgb)``: ``[H*W, 5]``."""
     height, width = image.shape[:2]
@@ -360,14 +362,17 @@ def normalized_filter(lattice, values):
     return norm * lattice_filter(lattice, norm * values)
 
 
-@functools.partial(jax.jit, static_argnames=("params", "capacity"))
 def image_lattices(image, params, capacity, valid=None):
     """The (Gaussian, bilateral) lattices of one ``[H, W, 3]`` image, ``valid [H, W]`` or None.
 
     Depends on the image only, never on the label scores: build once, reuse for every
-    iteration and every label set (``crf_mean_field``).
+    iteration and every label set (``crf_mean_field``). Not a jit boundary itself: each
+    ``build_lattice`` is jitted on its own, so a lattice of a given size and capacity compiles
+    once for every parameter set.
     """
+    image = jnp.asarray(image)
     height, width = image.shape[:2]
+    valid = None if valid is None else jnp.asarray(valid, bool).reshape(-1)
     gauss = build_lattice(gaussian_features(height, width, params.gauss_sxy),
                           capacity.gaussian, valid)
     bilateral = build_lattice(
@@ -396,23 +401,29 @@ def mean_field(unary, lattices, compats, iterations):
         energy = -unary
         for lattice, compat in zip(lattices, compats):
             message = normalized_filter(lattice, flat).reshape(unary.shape)
-            energy = energy + np.float32(compat) * message
+            energy = energy + compat * message
         return jax.nn.softmax(energy, axis=-1)
 
     return jax.lax.fori_loop(0, iterations, step, jax.nn.softmax(-unary, axis=-1))
 
 
-@functools.partial(jax.jit, static_argnames="params")
 def crf_mean_field(probs, lattices, params):
     """Posterior ``[S, L, H, W]`` of ``probs [S, L, H, W]`` given ``image_lattices``' output.
 
-    Unary ``-log(clip(p, 1e-5, 1))``; compatibilities and iterations from ``params``.
+    Unary ``-log(clip(p, 1e-5, 1))``; compatibilities and iterations from ``params``, passed
+    as traced values so that one compilation serves every parameter set.
     """
+    compats = jnp.asarray([params.gauss_compat, params.bilateral_compat], jnp.float32)
+    return _mean_field_posterior(probs, lattices, compats, params.iterations)
+
+
+@jax.jit
+def _mean_field_posterior(probs, lattices, compats, iterations):
+    """``crf_mean_field`` with the Potts weights ``compats [2]`` and ``iterations`` traced."""
     num_sets, num_labels, height, width = probs.shape
     p = jnp.asarray(probs, jnp.float32).reshape(num_sets, num_labels, height * width)
     unary = -jnp.log(jnp.clip(p, UNARY_CLIP, 1.0)).transpose(2, 0, 1)
-    q = mean_field(unary, lattices, (params.gauss_compat, params.bilateral_compat),
-                   params.iterations)
+    q = mean_field(unary, lattices, (compats[0], compats[1]), iterations)
     return q.transpose(1, 2, 0).reshape(num_sets, num_labels, height, width)
 
 
@@ -436,10 +447,11 @@ def _batch_lattices(images, params, capacity, valid):
     return jax.vmap(lambda im, v: image_lattices(im, params, capacity, v))(images, valid)
 
 
-@functools.partial(jax.jit, static_argnames="params")
-def _batch_mean_field(probs, lattices, params):
-    """``crf_mean_field`` over a padded batch ``[B, S, L, H, W]``."""
-    return jax.vmap(lambda p, lat: crf_mean_field(p, lat, params))(probs, lattices)
+@jax.jit
+def _batch_mean_field(probs, lattices, compats, iterations):
+    """``_mean_field_posterior`` over a padded batch ``[B, S, L, H, W]``."""
+    return jax.vmap(lambda p, lat: _mean_field_posterior(p, lat, compats, iterations))(
+        probs, lattices)
 
 
 def check_stats(stats, capacity):
@@ -581,6 +593,7 @@ def dense_crf_images(images, probs, params, capacity=None, pad_to=None):
 
     lattices = _sized_lattices(lambda cap: _batch_lattices(padded_images, params, cap, valid),
                                height, width, params, capacity)
-    posterior = np.asarray(_batch_mean_field(padded_probs, lattices, params))
+    compats = np.asarray([params.gauss_compat, params.bilateral_compat], np.float32)
+    posterior = np.asarray(_batch_mean_field(padded_probs, lattices, compats, params.iterations))
     return [posterior[b, :p.shape[0], :, :im.shape[0], :im.shape[1]]
             for b, (im, p) in enumerate(zip(images, probs))]
