@@ -180,8 +180,8 @@ def _embed(features):
     rem0 = rounded * up
     coord_sum = jnp.sum(rounded, axis=1, keepdims=True).astype(jnp.int32)
 
-    # rank[i]: position of coordinate i when the residuals are sorted (ties as densecrf: for
-    # i < j, i ranks above j only when residual_i < residual_j).
+    # rank[i]: position of coordinate i when the residuals are sorted; as densecrf, for each
+    # pair i < j, rank_i gains one when residual_i < residual_j, else rank_j does.
     residual = elevated - rem0
     less = residual[:, :, None] < residual[:, None, :]
     later = np.triu(np.ones((dim + 1, dim + 1), bool), 1)
