@@ -25,13 +25,19 @@ import sys
 
 from absl import app, flags
 
-_CONFIG = flags.DEFINE_string("config", None, "Config file defining get_sweep(name), e.g. configs/demo.py[:variant].")
-_SWEEP = flags.DEFINE_string("sweep", None, "Name of the sweep passed to get_sweep().")
-_ROOT = flags.DEFINE_string("root", None, "Directory that holds one workdir per run.")
-_PRINT_ONLY = flags.DEFINE_bool("print_only", False, "Print the commands instead of running them.")
-_COLLECT_ONLY = flags.DEFINE_bool("collect_only", False, "Only collect existing results.")
-_EXTRA = flags.DEFINE_multi_string("extra", [], "Overrides added to every run, e.g. --extra=--config.seed=1.")
-flags.mark_flags_as_required(["config", "sweep", "root"])
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Defines the command-line flags; only when run as a script, so that importing this
+    module (tests, notebooks) never clashes with ``pmm_jax.main``'s ``--config``."""
+    flags.DEFINE_string("config", None, "Config file defining get_sweep(name), e.g. configs/demo.py[:variant].")
+    flags.DEFINE_string("sweep", None, "Name of the sweep passed to get_sweep().")
+    flags.DEFINE_string("root", None, "Directory that holds one workdir per run.")
+    flags.DEFINE_bool("print_only", False, "Print the commands instead of running them.")
+    flags.DEFINE_bool("collect_only", False, "Only collect existing results.")
+    flags.DEFINE_multi_string("extra", [], "Overrides added to every run, e.g. --extra=--config.seed=1.")
+    flags.mark_flags_as_required(["config", "sweep", "root"])
 
 
 def load_sweep(config_arg: str, name: str) -> list[dict]:
@@ -106,26 +112,27 @@ def to_markdown(rows: list[dict], keys=("override.", "cam_miou", "pseudo_mask_mi
 
 def main(argv):
     del argv
-    runs = {run_name(o): o for o in load_sweep(_CONFIG.value, _SWEEP.value)}
-    if not _COLLECT_ONLY.value:
+    runs = {run_name(o): o for o in load_sweep(FLAGS.config, FLAGS.sweep)}
+    if not FLAGS.collect_only:
         for name, overrides in runs.items():
-            cmd = command(_CONFIG.value, os.path.join(_ROOT.value, name), overrides, _EXTRA.value)
-            if _PRINT_ONLY.value:
+            cmd = command(FLAGS.config, os.path.join(FLAGS.root, name), overrides, FLAGS.extra)
+            if FLAGS.print_only:
                 print(shlex.join(cmd))
             else:
                 print(f"== run {name}: {shlex.join(cmd)}", flush=True)
                 subprocess.run(cmd, check=True)
-    if _PRINT_ONLY.value:
+    if FLAGS.print_only:
         return
-    rows = collect(_ROOT.value, runs)
-    os.makedirs(_ROOT.value, exist_ok=True)
-    with open(os.path.join(_ROOT.value, "sweep.csv"), "w") as f:
+    rows = collect(FLAGS.root, runs)
+    os.makedirs(FLAGS.root, exist_ok=True)
+    with open(os.path.join(FLAGS.root, "sweep.csv"), "w") as f:
         f.write(to_csv(rows))
     table = to_markdown(rows)
-    with open(os.path.join(_ROOT.value, "sweep.md"), "w") as f:
+    with open(os.path.join(FLAGS.root, "sweep.md"), "w") as f:
         f.write(table)
     print(table)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
