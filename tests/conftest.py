@@ -61,11 +61,29 @@ def run_main_until(workdir, stop_when=None, extra=(), timeout=900):
 def tiny_run(tmp_path_factory):
     """The whole tiny pipeline, killed during cls, pseudo and seg and resumed each time.
 
-    Yields ``(workdir, log_text, kills)`` where ``kills`` names the stages the run was killed
-    in. Tests that need a finished workdir (results, notebooks) share this one run; mark them
-    ``@pytest.mark.xdist_group("tiny_run")`` so pytest-xdist runs them on the same worker.
+    Returns ``(workdir, log_text, kills)`` where ``kills`` names the stages the run was killed
+    in. It runs once per test session: pytest-xdist workers share one run through a file lock
+    in their common temporary directory, so tests that need a finished workdir (results,
+    notebooks) never pay for a second run.
     """
-    workdir = tmp_path_factory.mktemp("tiny") / "run"
+    import fcntl
+    import json
+
+    shared = tmp_path_factory.getbasetemp().parent
+    workdir = shared / "tiny_run" / "run"
+    summary = shared / "tiny_run" / "summary.json"
+    workdir.parent.mkdir(parents=True, exist_ok=True)
+    with open(shared / "tiny_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not summary.exists():
+            kills, log = _kill_and_resume(workdir)
+            summary.write_text(json.dumps({"kills": kills, "log": log}))
+    record = json.loads(summary.read_text())
+    return workdir, record["log"], record["kills"]
+
+
+def _kill_and_resume(workdir):
+    """Runs the tiny pipeline, SIGKILLing it inside cls, pseudo and seg, then to completion."""
     marker = lambda stage: (workdir / "stages" / f"{stage}.json").exists()
     pngs = lambda: list((workdir / "pseudo" / "ppmg" / "train").glob("*.png"))
     kill_points = {
@@ -82,4 +100,4 @@ def tiny_run(tmp_path_factory):
             assert code == 0, f"the tiny pipeline failed before reaching stage {stage}"
     code, _, log = run_main_until(workdir)
     assert code == 0, log[-3000:]
-    yield workdir, log, kills
+    return kills, log
