@@ -8,6 +8,7 @@ images only, which is where every variant's mIoU is measured.
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import jax
@@ -39,15 +40,21 @@ def records(config, wd: Workdir, ids: set[str] | None):
     records ``i, i + n, ...`` on process ``i`` of ``n``, so each mask is computed once and the
     eval subset (the first images) is spread over all processes too.
     """
+    remaining = None if ids is None else len(ids)
     for ex in common.examples(config, wd, "train", all_processes=True):
+        if remaining == 0:
+            return  # every wanted id was yielded: stop decoding the rest of the split
         if ids is None or ex["id"] in ids:
+            if remaining is not None:
+                remaining -= 1
             yield ex["id"], ex["image"], os.path.join(wd.cams("train"), f"{ex['id']}.npy")
 
 
 def subset_ids(config, wd: Workdir) -> list[str]:
     """The first ``eval_subset`` train ids in dataset order (all processes agree)."""
-    ids = [ex["id"] for ex in common.examples(config, wd, "train", all_processes=True)]
-    return ids[:config.pseudo.eval_subset]
+    first = itertools.islice(common.examples(config, wd, "train", all_processes=True),
+                             config.pseudo.eval_subset)
+    return [ex["id"] for ex in first]
 
 
 def summary_images(config, wd: Workdir, ids: list[str], variants: list[str]
