@@ -59,6 +59,11 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
         batch_size=16 if tiny else 40,
     ))
 
+    # Dense CRF implementation wherever a CRF runs (pseudo-masks, segmentation test time with
+    # eval.crf, cyclic masks): "pydensecrf" (host process pool; fastest on a CPU) or "jax"
+    # (pmm_jax.crf_jax, jitted, in the main process; 30-160x faster on a GPU). docs/crf.md.
+    c.crf = ml_collections.ConfigDict(dict(backend="pydensecrf"))
+
     c.pseudo = ml_collections.ConfigDict(dict(
         variants=("baseline", "crf_cvs", "ppmg_no_cvs", "ppmg"),
         train_on="ppmg",

@@ -53,6 +53,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.cam = ml_collections.ConfigDict(dict(scales=(0.5, 1.0, 1.5, 2.0), flip=True, batch_size=8))
 
+    # Dense CRF implementation wherever a CRF runs (pseudo-masks, segmentation test time with
+    # eval.crf, cyclic masks): "pydensecrf" (host process pool; fastest on a CPU) or "jax"
+    # (pmm_jax.crf_jax, jitted, in the main process; 30-160x faster on a GPU). docs/crf.md.
+    c.crf = ml_collections.ConfigDict(dict(backend="pydensecrf"))
+
     c.pseudo = ml_collections.ConfigDict(dict(
         variants=("baseline", "crf_cvs", "ppmg_no_cvs", "ppmg"),
         train_on="ppmg",
