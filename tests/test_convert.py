@@ -6,6 +6,8 @@ torch is a test-only dependency (``pip install torch``); the tests skip without 
 """
 
 import math
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,80 +25,9 @@ WIDTH_DIV = 16
 BLOCKS = (1, 1, 2, 1)
 
 
-# ---- PyTorch ResNet38-d with the official module names (written for this test) -------------
-
-class TorchResBlock(nn.Module):
-    def __init__(self, cin, mid, cout, stride=1, first_dilation=1, dilation=1):
-        super().__init__()
-        self.same_shape = cin == cout and stride == 1
-        self.bn_branch2a = nn.BatchNorm2d(cin)
-        self.conv_branch2a = nn.Conv2d(cin, mid, 3, stride, padding=first_dilation,
-                                       dilation=first_dilation, bias=False)
-        self.bn_branch2b1 = nn.BatchNorm2d(mid)
-        self.conv_branch2b1 = nn.Conv2d(mid, cout, 3, padding=dilation, dilation=dilation,
-                                        bias=False)
-        if not self.same_shape:
-            self.conv_branch1 = nn.Conv2d(cin, cout, 1, stride, bias=False)
-
-    def forward(self, x):
-        act = F.relu(self.bn_branch2a(x))
-        shortcut = x if self.same_shape else self.conv_branch1(act)
-        y = self.conv_branch2b1(F.relu(self.bn_branch2b1(self.conv_branch2a(act))))
-        return shortcut + y, act
-
-
-class TorchResBlockBot(nn.Module):
-    def __init__(self, cin, cout, dilation):
-        super().__init__()
-        self.bn_branch2a = nn.BatchNorm2d(cin)
-        self.conv_branch2a = nn.Conv2d(cin, cout // 4, 1, bias=False)
-        self.bn_branch2b1 = nn.BatchNorm2d(cout // 4)
-        self.conv_branch2b1 = nn.Conv2d(cout // 4, cout // 2, 3, padding=dilation,
-                                        dilation=dilation, bias=False)
-        self.bn_branch2b2 = nn.BatchNorm2d(cout // 2)
-        self.conv_branch2b2 = nn.Conv2d(cout // 2, cout, 1, bias=False)
-        self.conv_branch1 = nn.Conv2d(cin, cout, 1, bias=False)
-
-    def forward(self, x):
-        act = F.relu(self.bn_branch2a(x))
-        y = self.conv_branch2b1(F.relu(self.bn_branch2b1(self.conv_branch2a(act))))
-        y = self.conv_branch2b2(F.relu(self.bn_branch2b2(y)))
-        return self.conv_branch1(act) + y, act
-
-
-class TorchResNet38(nn.Module):
-    """Official layout; ``forward`` returns the activated stage outputs and fc8's CAM."""
-
-    def __init__(self, div=1, blocks=(3, 3, 6, 3), dilations=(2, 4, 2), num_classes=None):
-        super().__init__()
-        c = lambda n: n // div
-        self.conv1a = nn.Conv2d(3, c(64), 3, padding=1, bias=False)
-        cin, self.names = c(64), []
-        specs = ((2, 128, 128, 2, 1, 1), (3, 256, 256, 2, 1, 1), (4, 512, 512, 2, 1, 1),
-                 (5, 512, 1024, 1, 1, dilations[0]))
-        for (stage, mid, out, stride, first, dil), depth in zip(specs, blocks):
-            names = [f"b{stage}"] + [f"b{stage}_{i}" for i in range(1, depth)]
-            for i, name in enumerate(names):
-                setattr(self, name, TorchResBlock(cin, c(mid), c(out), stride if i == 0 else 1,
-                                                  first if i == 0 else dil, dil))
-                cin = c(out)
-            self.names.append(names)
-        self.b6 = TorchResBlockBot(cin, c(2048), dilations[1])
-        self.b7 = TorchResBlockBot(c(2048), c(4096), dilations[2])
-        self.bn7 = nn.BatchNorm2d(c(4096))
-        self.names += [["b6"], ["b7"]]
-        if num_classes:
-            self.fc8 = nn.Conv2d(c(4096), num_classes, 1, bias=False)
-
-    def forward(self, x):
-        x, feats = self.conv1a(x), []
-        for k, names in enumerate(self.names):
-            for i, name in enumerate(names):
-                x, act = getattr(self, name)(x)
-                if i == 0 and k > 0:
-                    feats.append(act)
-        feats.append(F.relu(self.bn7(x)))
-        return feats, (self.fc8(feats[-1]) if hasattr(self, "fc8") else None)
+# PyTorch ResNet38-d with the official module names (shared with bench/classifier_step.py).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/ is not installed
+from bench.classifier_torch import TorchResNet38  # noqa: E402
 
 
 def randomize_bn(module, seed=0):

@@ -1,5 +1,9 @@
-"""pmm_jax.seam against PyTorch transcriptions of the official SEAM/PMM code (written here from
-its definitions), parameter groups, frozen parameters and a few jitted training steps."""
+"""pmm_jax.seam against PyTorch transcriptions of the official SEAM/PMM code (written from its
+definitions, in bench/classifier_torch.py, shared with the classifier benchmark), parameter
+groups, frozen parameters and a few jitted training steps."""
+
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +17,8 @@ from pmm_jax.models.resnet38 import FrozenBatchNorm, ResNet38
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/ is not installed
+from bench.classifier_torch import torch_losses, torch_pcm  # noqa: E402
 
 
 def nchw(x):
@@ -31,23 +37,6 @@ def test_resize_align_corners_matches_torch(size):
                                rtol=1e-5, atol=1e-6)
 
 
-def torch_pcm(cam, f, w9):
-    """The official forward from ``cam = fc8(...)`` on: seeds, f9, PCM (NCHW)."""
-    n, c, h, w = cam.size()
-    cam_d = F.relu(cam)
-    cam_d_max = torch.max(cam_d.view(n, c, -1), dim=-1)[0].view(n, c, 1, 1) + 1e-5
-    norm = F.relu(cam_d - 1e-5) / cam_d_max
-    norm = torch.cat([torch.zeros_like(norm[:, :1]), norm], 1)  # the dead fc8 row 0
-    norm[:, 0] = 1 - torch.max(norm[:, 1:], dim=1)[0]
-    cam_max = torch.max(norm[:, 1:], dim=1, keepdim=True)[0]
-    norm[:, 1:][norm[:, 1:] < cam_max] = 0
-    f = F.conv2d(f, w9).view(n, -1, h * w)
-    f = f / (torch.norm(f, dim=1, keepdim=True) + 1e-5)
-    aff = F.relu(torch.matmul(f.transpose(1, 2), f))
-    aff = aff / (torch.sum(aff, dim=1, keepdim=True) + 1e-5)
-    return torch.matmul(norm.view(n, c + 1, -1), aff).view(n, -1, h, w)
-
-
 def test_pcm_matches_official():
     rng = np.random.RandomState(1)
     cam = rng.randn(2, 5, 6, 4).astype(np.float32)
@@ -56,60 +45,6 @@ def test_pcm_matches_official():
     ours = seam.pcm(seam.pcm_seeds(jnp.asarray(cam)), jnp.asarray(f) @ jnp.asarray(w9))
     ref = torch_pcm(nchw(cam), nchw(f), torch.from_numpy(w9.T.copy())[:, :, None, None])
     np.testing.assert_allclose(ours, nhwc(ref), rtol=1e-4, atol=1e-6)
-
-
-def torch_max_norm(p, e=1e-5):
-    n, c = p.shape[:2]
-    p = F.relu(p)
-    max_v = torch.max(p.view(n, c, -1), dim=-1)[0].view(n, c, 1, 1)
-    min_v = torch.min(p.view(n, c, -1), dim=-1)[0].view(n, c, 1, 1)
-    return F.relu(p - min_v - e) / (max_v - min_v + e)
-
-
-def torch_min_pool(x):
-    n, c, h, w = x.size()
-    k = h * w // 4
-    y = torch.topk(torch.max(x, dim=1)[0].view(n, -1), k=k, dim=-1, largest=False)[0]
-    return torch.sum(F.relu(y)) / (k * n)
-
-
-def torch_max_onehot(x):
-    x_max = torch.max(x[:, 1:], dim=1, keepdim=True)[0]
-    x[:, 1:][x[:, 1:] != x_max] = 0
-    return x
-
-
-def torch_losses(cam1, rv1, cam2, rv2, label_fg, size1, size2):
-    """The official training-loop body from the two forwards on (fc8 row 0 added as zeros)."""
-    up = lambda t, s: F.interpolate(t, s, mode="bilinear", align_corners=True)
-    cam1 = up(torch.cat([torch.zeros_like(cam1[:, :1]), cam1], 1), size1)
-    cam2 = up(torch.cat([torch.zeros_like(cam2[:, :1]), cam2], 1), size2)
-    rv1, rv2 = up(rv1, size1), up(rv2, size2)
-    n = label_fg.shape[0]
-    label = torch.cat([torch.ones(n, 1), label_fg], 1)[:, :, None, None]
-    label1 = F.adaptive_avg_pool2d(cam1, (1, 1))
-    rvmin1 = torch_min_pool((rv1 * label)[:, 1:])
-    cam1 = up(torch_max_norm(cam1), size2) * label
-    rv1 = up(torch_max_norm(rv1), size2) * label
-    label2 = F.adaptive_avg_pool2d(cam2, (1, 1))
-    rvmin2 = torch_min_pool((rv2 * label)[:, 1:])
-    cam2 = torch_max_norm(cam2) * label
-    rv2 = torch_max_norm(rv2) * label
-    cls1 = F.multilabel_soft_margin_loss(label1[:, 1:, 0, 0], label[:, 1:, 0, 0])
-    cls2 = F.multilabel_soft_margin_loss(label2[:, 1:, 0, 0], label[:, 1:, 0, 0])
-    ns, cs, hs, ws = cam2.size()
-    er = torch.mean(torch.abs(cam1[:, 1:] - cam2[:, 1:]))
-    cam1[:, 0] = 1 - torch.max(cam1[:, 1:], dim=1)[0]
-    cam2[:, 0] = 1 - torch.max(cam2[:, 1:], dim=1)[0]
-    ecr1 = torch.abs(torch_max_onehot(cam2.clone()) - rv1)
-    ecr2 = torch.abs(torch_max_onehot(cam1.clone()) - rv2)
-    k = int(cs * hs * ws * 0.2)
-    ecr = (torch.mean(torch.topk(ecr1.view(ns, -1), k=k, dim=-1)[0])
-           + torch.mean(torch.topk(ecr2.view(ns, -1), k=k, dim=-1)[0]))
-    cls = (cls1 + cls2) / 2
-    rvmin = (rvmin1 + rvmin2) / 2
-    return {"loss": cls + rvmin + er + ecr, "loss_cls": cls, "loss_rvmin": rvmin,
-            "loss_er": er, "loss_ecr": ecr}
 
 
 def test_losses_match_official():

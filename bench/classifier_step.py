@@ -1,0 +1,379 @@
+"""Benchmark of one CAM-classifier training step: pmm_jax (Flax NNX, the ``cls`` stage's jitted
+trainer step) against the same network in PyTorch, on the same machine in one run.
+
+The network is wide ResNet38-d (PMM's classifier dilations 2, 4, 2; every BatchNorm in
+inference mode with frozen affine parameters, as the official code trains it), float32.
+
+* ``--method=seam`` (default, the VOC config's classifier): the SEAM model (CAM head + PCM),
+  both views (the crop and its 0.3x copy) through the network, the official losses
+  (classification, rvmin, ER, ECR) and SEAM's four-group poly SGD with conv1a/b2 frozen.
+  JAX side: ``pmm_jax.seam.SEAM``, ``seam.seam_loss`` and ``seam.make_optimizer`` through
+  ``pmm_jax.trainer``'s jitted, donated, sharded step (the very function ``trainer.train``
+  runs). PyTorch side: ``bench/classifier_torch.py`` (official layout, ``TorchSEAM``,
+  the official loop body, parameter groups with ``requires_grad=False`` on frozen layers).
+* ``--method=plain``: the ``plain`` classifier (Dropout2d + 1x1 CAM head, multilabel
+  soft-margin on GAP) with ``trainer.sgd_poly`` (one lr for every parameter, BN affine
+  parameters included; weight decay on kernels only) on both sides.
+
+The batch (random images, random multi-hot labels with at least one class) is fixed and
+already on the device: no input pipeline is timed. Each framework runs in its own spawned
+process (so peak memory is its own): ``--warmup`` untimed steps (JAX compiles before them),
+then ``--steps`` timed ones. Reported: images/s, peak memory (GPU: the framework's peak
+allocated bytes; CPU: the process's peak RSS), XLA's FLOP count of the step and, on a GPU, its
+rate and share of ``--peak_tflops``.
+
+Full ResNet38 at crop 448 costs about 2.5 TFLOP per image and SEAM step, so the defaults are
+sized for a small CPU (crop 128, batch 2, a couple of minutes on 2 cores); ``--gpu`` switches to
+the paper's VOC setting (crop 448, batch 16, 3 warm-up and 10 timed steps):
+
+    python -m bench.classifier_step                      # CPU
+    python -m bench.classifier_step --gpu                # GPU (H100/H200)
+    python -m bench.classifier_step --method=plain --width_div=4 --crop=96 --steps=2
+
+``--check`` (with a small network, e.g. ``--width_div=32 --blocks=1,1,1,1 --crop=48``) copies
+the PyTorch weights into the Flax model and compares the loss and every trained parameter's
+gradient (dropout off) instead of timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import time
+
+# Poly schedules are built for this many steps, so the learning rate never reaches 0 here.
+SCHEDULE_STEPS = 10_000
+GPU_SETTINGS = {"crop": 448, "batch": 16, "warmup": 3, "steps": 10}
+CPU_SETTINGS = {"crop": 128, "batch": 2, "warmup": 1, "steps": 3}
+
+
+def _blocks(args):
+    return tuple(int(b) for b in args.blocks.split(","))
+
+
+def make_batch(args):
+    """The fixed NHWC float32 images and float32 multi-hot labels (numpy)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(args.batch, args.crop, args.crop, 3)).astype(np.float32)
+    labels = (rng.random((args.batch, args.num_classes)) < 0.2).astype(np.float32)
+    labels[np.arange(args.batch), rng.integers(0, args.num_classes, args.batch)] = 1.0
+    return image, labels
+
+
+def plain_loss(model, batch, rngs):
+    """``pmm_jax.stages.cls.loss_fn`` (repeated so the benchmark does not import TensorFlow):
+    multilabel soft-margin on the GAP logits, with the exact-match accuracy."""
+    import jax.numpy as jnp
+
+    from pmm_jax.models.cam_classifier import multilabel_soft_margin_loss
+
+    out = model(batch["image"], rngs=rngs)
+    loss = multilabel_soft_margin_loss(out["logits"], batch["labels"])
+    correct = jnp.all((out["logits"] > 0) == (batch["labels"] > 0.5), axis=-1)
+    return loss, {"exact_match": jnp.mean(correct)}
+
+
+def jax_model(args):
+    """``(model, tx, loss_fn)`` of the configured classifier, as the ``cls`` stage builds them."""
+    from pmm_jax import seam, trainer
+    from pmm_jax.models import init_rngs
+    from pmm_jax.models.cam_classifier import CAMClassifier
+    from pmm_jax.models.resnet38 import ResNet38
+
+    rngs = init_rngs(0)
+    backbone = ResNet38(width_div=args.width_div, blocks=_blocks(args), rngs=rngs)
+    if args.method == "seam":
+        model = seam.SEAM(backbone, args.num_classes, dropout=0.5, rngs=rngs)
+        tx, _ = seam.make_optimizer(model, args.lr, SCHEDULE_STEPS,
+                                    official_momentum=args.official_momentum)
+        loss_fn = seam.seam_loss
+    else:
+        model = CAMClassifier(backbone, args.num_classes, dropout=0.5, rngs=rngs)
+        tx, _ = trainer.sgd_poly(args.lr, SCHEDULE_STEPS)
+        loss_fn = plain_loss
+    return model, tx, loss_fn
+
+
+def build_jax(args):
+    """``(step, state, batch)``: the trainer's jitted step for the configured classifier, its
+    replicated train state and the sharded batch."""
+    from flax import nnx
+
+    from pmm_jax import sharding as shd
+    from pmm_jax import trainer
+
+    model, tx, loss_fn = jax_model(args)
+    model.train()
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
+    mesh = shd.make_mesh()
+    state = trainer._replicate(state, mesh)
+    step = trainer._make_step(graphdef, loss_fn, 0, mesh)
+    image, labels = make_batch(args)
+    batch = shd.shard_batch({"image": image, "labels": labels}, mesh)
+    return step, state, batch
+
+
+def run_jax(args) -> dict:
+    """images/s, peak memory and FLOPs of the jitted pmm_jax training step."""
+    import jax
+
+    step, state, batch = build_jax(args)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    flops = _step_flops(step, compiled, state, batch)
+    for _ in range(args.warmup):
+        state, metrics = compiled(state, batch)
+    float(metrics["loss"])
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        state, metrics = compiled(state, batch)
+    loss = float(metrics["loss"])
+    seconds = time.perf_counter() - start
+    device = jax.devices()[0]
+    stats = device.memory_stats() or {}
+    return {"framework": f"jax {jax.__version__}", "device": device.device_kind,
+            "images_per_s": args.batch * args.steps / seconds, "step_s": seconds / args.steps,
+            "peak_mem_gib": (stats["peak_bytes_in_use"] if "peak_bytes_in_use" in stats
+                             else _max_rss_bytes()) / 2**30,
+            "compile_s": compile_s, "last_loss": loss,
+            "step_tflop": flops / 1e12, "tflops_per_s": flops * args.steps / seconds / 1e12}
+
+
+def _step_flops(step, compiled, *step_args) -> float:
+    """XLA's FLOP count of the step, lowered for the CPU from abstract (unsharded) arguments:
+    the GPU program's convolutions are cuDNN custom calls that its cost analysis does not
+    count (same HLO graph either way). Falls back to the compiled program's count."""
+    import jax
+
+    def cost_flops(cost):
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float((cost or {}).get("flops", 0.0))
+
+    try:
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                          step_args)
+        lowered = jax.jit(step.__wrapped__).trace(*abstract).lower(lowering_platforms=("cpu",))
+        return cost_flops(lowered.cost_analysis())
+    except Exception as err:  # noqa: BLE001  (a FLOP count must not sink the benchmark)
+        print(f"FLOPs of the CPU lowering unavailable ({type(err).__name__}: {err}); "
+              "using the compiled program's count")
+        return cost_flops(compiled.cost_analysis())
+
+
+def build_torch(args, device="cpu"):
+    """``(model, optimizer, loss(), set_lr(step))`` for the same classifier in PyTorch."""
+    import torch
+    import torch.nn.functional as F
+
+    from bench import classifier_torch as ct
+
+    torch.manual_seed(0)
+    kwargs = dict(div=args.width_div, blocks=_blocks(args), dilations=(2, 4, 2), dropout=0.5)
+    image, labels = make_batch(args)
+    image = torch.from_numpy(image.transpose(0, 3, 1, 2).copy()).to(device)
+    labels = torch.from_numpy(labels).to(device)
+    if args.method == "seam":
+        model = ct.TorchSEAM(args.num_classes, **kwargs).to(device)
+        groups = ct.seam_param_groups(model, args.lr, 5e-4)
+        loss = lambda: ct.seam_loss(model, image, labels)["loss"]  # noqa: E731
+    else:
+        model = ct.TorchCAMClassifier(args.num_classes, **kwargs).to(device)
+        params = list(model.parameters())
+        groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": 5e-4},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+        for group in groups:
+            group.update(lr=args.lr, mult=1.0)
+        loss = lambda: F.multilabel_soft_margin_loss(model(image), labels)  # noqa: E731
+    ct.train_mode(model)
+    momentum = 5e-4 if args.official_momentum and args.method == "seam" else 0.9
+    opt = torch.optim.SGD(groups, lr=args.lr, momentum=momentum)
+
+    def set_lr(step):
+        for group in opt.param_groups:
+            group["lr"] = args.lr * group["mult"] * (1 - step / SCHEDULE_STEPS) ** 0.9
+
+    return model, opt, loss, set_lr
+
+
+def run_torch(args) -> dict:
+    """images/s and peak memory of the same network and step in PyTorch."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _, opt, loss_fn, set_lr = build_torch(args, device)
+
+    def step(i):
+        set_lr(i)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        return loss
+
+    for i in range(args.warmup):
+        loss = step(i)
+    loss.item()
+    start = time.perf_counter()
+    for i in range(args.warmup, args.warmup + args.steps):
+        loss = step(i)
+    last = loss.item()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _max_rss_bytes()
+    return {"framework": f"torch {torch.__version__}",
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "images_per_s": args.batch * args.steps / seconds, "step_s": seconds / args.steps,
+            "peak_mem_gib": peak / 2**30, "threads": torch.get_num_threads(),
+            "last_loss": last}
+
+
+def torch_key(path) -> str:
+    """State-dict key of a Flax parameter path (the Flax CAM head ``classifier`` is ``fc8``)."""
+    from pmm_jax import convert
+
+    path = ".".join(map(str, path))
+    if path.startswith("classifier."):
+        path = "fc8" + path[len("classifier"):]
+    return convert.torch_key(path)
+
+
+def jax_twin(args, torch_model):
+    """The Flax model of :func:`jax_model`, built shape-only (nothing to initialise), holding
+    ``torch_model``'s weights; dropout key streams are zero keys (unused in eval mode)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from pmm_jax import convert
+
+    abstract = nnx.eval_shape(lambda: jax_model(args)[0])
+    graphdef, weights, rest = nnx.split(abstract, (nnx.Param, nnx.BatchStat), ...)
+    source = torch_model.state_dict()
+    weights = nnx.from_flat_state([
+        (path, var.replace(jnp.asarray(convert.from_torch_layout(
+            source[torch_key(path)].detach().cpu().numpy()))))
+        for path, var in nnx.to_flat_state(weights)])
+    rest = jax.tree_util.tree_map(
+        lambda x: (jax.random.key(0, impl="rbg") if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+                   else jnp.zeros(x.shape, x.dtype)), rest)
+    return nnx.merge(graphdef, weights, rest)
+
+
+def check_same_work(args) -> dict:
+    """Runs both sides' loss and gradients once with the same weights and batch, dropout off,
+    and returns ``{"loss_jax", "loss_torch", "max_grad_err"}`` (the largest gradient error of
+    any trained parameter relative to that parameter's largest gradient). Raises
+    AssertionError when the trained parameter sets differ."""
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from pmm_jax import convert, seam
+
+    torch_model, _, torch_loss, _ = build_torch(args)
+    model = jax_twin(args, torch_model)
+    loss_fn = seam.seam_loss if args.method == "seam" else plain_loss
+    torch_model.eval()
+    model.eval()
+    loss = torch_loss()
+    loss.backward()
+    image, labels = make_batch(args)
+    batch = {"image": jnp.asarray(image), "labels": jnp.asarray(labels)}
+    (ours, _), grads = nnx.jit(nnx.value_and_grad(
+        lambda m: loss_fn(m, batch, None), has_aux=True))(model)
+    grads = {torch_key(path): v[...] for path, v in nnx.to_flat_state(grads)}
+    trained = {k: p for k, p in torch_model.named_parameters() if p.requires_grad}
+    errors = {}
+    for key, param in trained.items():
+        ref = convert.from_torch_layout(param.grad.numpy())
+        errors[key] = float(np.max(np.abs(np.asarray(grads[key]) - ref))
+                            / (np.max(np.abs(ref)) + 1e-12))
+    return {"loss_jax": float(ours), "loss_torch": loss.item(),
+            "max_grad_err": max(errors.values()), "worst": max(errors, key=errors.get),
+            "trained": len(trained)}
+
+
+def _max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _in_child(fn, args) -> dict:
+    """Runs ``fn(args)`` in a fresh spawned process (its own memory peak and threads)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, (args,))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--method", choices=("seam", "plain"), default="seam")
+    parser.add_argument("--width_div", type=int, default=1)
+    parser.add_argument("--blocks", default="3,3,6,3", help="basic blocks of b2..b5")
+    parser.add_argument("--gpu", action="store_true",
+                        help=f"full-size defaults {GPU_SETTINGS} (else {CPU_SETTINGS})")
+    parser.add_argument("--crop", type=int)
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--num_classes", type=int, default=20, help="foreground classes")
+    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--official_momentum", action="store_true",
+                        help="SEAM: momentum 5e-4 as the official optimiser (default 0.9)")
+    parser.add_argument("--peak_tflops", type=float, default=989.0,
+                        help="the device's dense peak (H100/H200 SXM bf16: 989)")
+    parser.add_argument("--check", action="store_true",
+                        help="instead of timing: run both sides' loss and gradients once with the "
+                        "same weights (dropout off) and compare them; use a small network")
+    parser.add_argument("--skip_torch", action="store_true")
+    parser.add_argument("--out_json", default="")
+    args = parser.parse_args(argv)
+    for key, value in (GPU_SETTINGS if args.gpu else CPU_SETTINGS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.check:
+        result = _in_child(check_same_work, args)
+        print(f"{args.method}: loss jax {result['loss_jax']:.6f}, torch {result['loss_torch']:.6f}; "
+              f"{result['trained']} trained parameters, largest relative gradient error "
+              f"{result['max_grad_err']:.2e} ({result['worst']})")
+        ok = (abs(result["loss_jax"] - result["loss_torch"]) <= 1e-4 * abs(result["loss_torch"])
+              and result["max_grad_err"] < 1e-3)
+        if not ok:
+            raise SystemExit("the two sides disagree")
+        return [result]
+    rows = [_in_child(run_jax, args)]
+    if not args.skip_torch:
+        rows.append(_in_child(run_torch, args))
+    load = os.getloadavg()[0]
+    name = "SEAM" if args.method == "seam" else "plain CAM classifier"
+    print(f"{name}/ResNet38-d blocks {args.blocks}, width/{args.width_div}, crop {args.crop}, "
+          f"batch {args.batch}, {args.steps} steps; {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, load {load:.1f}; XLA: {rows[0]['step_tflop']:.3f} TFLOP "
+          f"per step, compiled in {rows[0]['compile_s']:.0f} s")
+    print("| framework | device | images/s | peak memory (GiB) | TFLOP/s (share of peak) |")
+    print("| --- | --- | --- | --- | --- |")
+    for row in rows:
+        share = (f"{row['tflops_per_s']:.1f} ({100 * row['tflops_per_s'] / args.peak_tflops:.1f}%)"
+                 if row.get("tflops_per_s") and row["device"] != "cpu" else "")
+        print(f"| {row['framework']} | {row['device']} | {row['images_per_s']:.2f} | "
+              f"{row['peak_mem_gib']:.2f} | {share} |")
+    if len(rows) == 2:
+        print(f"jax / torch images/s: {rows[0]['images_per_s'] / rows[1]['images_per_s']:.2f}")
+    if args.out_json:
+        with open(args.out_json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows, "load": load}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
