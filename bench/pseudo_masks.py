@@ -99,7 +99,7 @@ def serial_official_loop(records, cfg) -> tuple[dict[str, np.ndarray], float, fl
 
     Returns the masks, wall seconds, CPU seconds and the CPU seconds spent in the CRF.
     """
-    params = crf.CRFParams.from_config(cfg.crf)
+    params = crf.backend_and_params(cfg.crf)[1]  # cfg.crf also holds the backend
     masks, crf_cpu = {}, 0.0
     out_dir = tempfile.mkdtemp()
     start, start_cpu = time.perf_counter(), time.process_time()

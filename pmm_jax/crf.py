@@ -6,6 +6,13 @@ the segmentation test runs it on the averaged softmax. Unary and pairwise terms 
 official PMM ``crf_inference``: unary ``-log(clip(p, 1e-5, 1))`` of the (not renormalised)
 input scores, one Gaussian and one bilateral Potts kernel, a fixed number of mean-field
 iterations.
+
+Two implementations of the same CRF are selectable wherever a CRF runs (pseudo-masks,
+segmentation test time, cyclic masks) with ``config.crf.backend`` (``BACKENDS``):
+``"pydensecrf"`` (this module, the default) and ``"jax"`` (``pmm_jax.crf_jax``, jitted, in
+the calling process). ``check_backend``, ``config_backend`` and ``backend_and_params`` read
+and validate the choice; this module never imports JAX itself (it is what the spawned CRF
+workers import).
 """
 
 import dataclasses
@@ -58,6 +65,38 @@ class CRFParams:
         if unknown:
             raise ValueError(f"unknown CRF parameter(s) {unknown}; allowed: {allowed}")
         return cls(**values)
+
+
+# Dense CRF implementations (``config.crf.backend``): pydensecrf on the host (a process pool
+# for throughput) or pmm_jax.crf_jax (JAX, in the calling process; wins on an accelerator).
+BACKENDS = ("pydensecrf", "jax")
+DEFAULT_BACKEND = "pydensecrf"
+
+
+def check_backend(backend, key="crf.backend"):
+    """``backend`` if it is one of ``BACKENDS``, else a ValueError naming ``key`` and them."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown dense CRF backend {key}={backend!r}; allowed values: "
+                         + ", ".join(repr(b) for b in BACKENDS))
+    return backend
+
+
+def config_backend(config):
+    """The validated ``config.crf.backend`` of a pipeline config (``DEFAULT_BACKEND`` when the
+    config has no ``crf`` section or no ``backend`` key)."""
+    section = config.get("crf", None) if hasattr(config, "get") else None
+    backend = section.get("backend", DEFAULT_BACKEND) if section is not None else DEFAULT_BACKEND
+    return check_backend(backend)
+
+
+def backend_and_params(mapping, key="crf"):
+    """``(backend, CRFParams)`` of a CRF section: ``CRFParams`` fields plus an optional
+    ``backend`` (default ``DEFAULT_BACKEND``), as in ``pmm_jax.pseudo_masks``' config."""
+    if not hasattr(mapping, "items"):
+        raise TypeError(f"{key} must be a mapping, got {type(mapping).__name__}")
+    values = dict(mapping.items())
+    backend = check_backend(values.pop("backend", DEFAULT_BACKEND), f"{key}.backend")
+    return backend, CRFParams.from_config(values)
 
 
 # Pseudo-mask generation (official refine_cam.py).

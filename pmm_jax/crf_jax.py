@@ -33,6 +33,8 @@ Entry points:
 * ``dense_crf_batched(image, probs[S, L, H, W], params)`` runs S label sets of one image (PPMG's
   per-class binary CRFs) through one lattice and one batched filter pass;
 * ``dense_crf_images(images, probs, params)`` pads several images to one shape with a mask;
+* ``dense_crf_padded(image, probs[S, L, H, W], params)`` pads one image up to a shape bucket
+  (what the pipeline's ``crf.backend = "jax"`` runs: few compilations across a data set);
 * ``crf_posterior`` is the pure jittable core for device-resident pipelines.
 
 The host wrappers size the tables themselves unless given a capacity: they start from the
@@ -597,3 +599,30 @@ def dense_crf_images(images, probs, params, capacity=None, pad_to=None):
     posterior = np.asarray(_batch_mean_field(padded_probs, lattices, compats, params.iterations))
     return [posterior[b, :p.shape[0], :, :im.shape[0], :im.shape[1]]
             for b, (im, p) in enumerate(zip(images, probs))]
+
+
+def dense_crf_padded(image, probs, params, multiple=64, capacity=None):
+    """``dense_crf_batched`` of one image padded, with a validity mask, up to the next
+    multiple of ``multiple`` pixels in height and width: ``[S, L, H, W]`` float32 numpy,
+    equal to the unpadded result.
+
+    What the pipeline runs for ``crf.backend = "jax"``: images of nearby sizes share one
+    compiled shape and one table-size cache entry, and, as in ``dense_crf_batched``, the
+    lattice builds and the mean field compile independently of the kernel widths, so the
+    pseudo-mask and segmentation-test parameter sets share them too.
+    """
+    image, probs = np.asarray(image), np.asarray(probs)
+    _validate(image, probs, params)
+    height, width = image.shape[:2]
+    padded_height = -(-height // multiple) * multiple
+    padded_width = -(-width // multiple) * multiple
+    padded_image = np.zeros((padded_height, padded_width, 3), np.uint8)
+    padded_image[:height, :width] = image
+    padded_probs = np.ones((*probs.shape[:2], padded_height, padded_width), np.float32)
+    padded_probs[:, :, :height, :width] = probs
+    valid = np.zeros((padded_height, padded_width), bool)
+    valid[:height, :width] = True
+    lattices = _sized_lattices(lambda cap: image_lattices(padded_image, params, cap, valid),
+                               padded_height, padded_width, params, capacity)
+    posterior = np.asarray(crf_mean_field(padded_probs, lattices, params))
+    return posterior[:, :, :height, :width]

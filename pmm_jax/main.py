@@ -44,6 +44,15 @@ def check_workdir(path: str) -> None:
         raise app.UsageError(f"--workdir={path} is not writable: {err}") from err
 
 
+def check_config(config) -> None:
+    """Checks the choices that would otherwise fail only deep inside a stage: the stage list
+    and the dense CRF backend ``config.crf.backend``. Raises ValueError naming the key."""
+    from pmm_jax import crf, stages
+
+    stages.parse_stages(config.stages)
+    crf.config_backend(config)
+
+
 def run(config, workdir: str) -> dict:
     """Runs the configured stages in ``workdir``; returns ``{stage: marker}`` of those run."""
     import jax
@@ -74,7 +83,7 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)
     std_logging.getLogger("pmm_jax").setLevel(std_logging.INFO)
     try:
-        stages.parse_stages(_CONFIG.value.stages)
+        check_config(_CONFIG.value)
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     except ValueError as err:
         raise app.UsageError(str(err)) from err

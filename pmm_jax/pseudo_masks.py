@@ -1,4 +1,4 @@
-"""Pseudo-mask generation from CAMs (PMM section 3.1-3.3) with a process pool for the CRFs.
+"""Pseudo-mask generation from CAMs (PMM section 3.1-3.3), CRFs in a process pool or in JAX.
 
 Four variants (``cfg.method``), all on per-class min-max normalised CAMs ``x``:
 
@@ -22,6 +22,14 @@ submission order, thresholded (posterior > 0.5) and labelled by the jitted core
 (``ppmg_labels`` / ``argmax_labels``) and written atomically (``io.write_mask``), so a killed
 run leaves only complete PNGs and a rerun skips them.
 
+CRF backend (``cfg.crf.backend``, ``pmm_jax.crf.BACKENDS``). ``"pydensecrf"`` (default):
+the process pool above. ``"jax"``: no pool; the main process runs each image's CRFs with
+``pmm_jax.crf_jax.dense_crf_padded`` (PPMG: all per-class binary CRFs of the image as label
+sets of one lattice, padded to the power-of-two class bucket; baseline: one joint CRF over
+exactly the image's ``[background, classes]``), on the image padded to the same
+``PAD_MULTIPLE`` bucket, so the CRF compiles once per bucket and label-set shape. Everything
+else (validation, skipping, errors, atomic writes) is shared.
+
 Why not ``Pool.imap``: its feeder thread drains the input iterator eagerly, which would hold
 every image of the split in memory; ``concurrent.futures.ProcessPoolExecutor`` with an
 explicit window keeps memory bounded and turns a crashed worker into ``BrokenProcessPool``
@@ -38,7 +46,7 @@ CLI::
 
     python -m pmm_jax.pseudo_masks --cam_dir=CAMS --image_dir=IMAGES --out_dir=OUT \
         [--method=ppmg|baseline|crf_cvs|ppmg_no_cvs] [--num_workers=N] \
-        [--config.alpha=11 --config.t=0.05 --config.crf.bilateral_srgb=13 ...]
+        [--config.crf.backend=pydensecrf|jax] [--config.alpha=11 --config.t=0.05 --config.crf.bilateral_srgb=13 ...]
 """
 
 from __future__ import annotations
@@ -62,7 +70,7 @@ from ml_collections import config_dict
 from tqdm import tqdm
 
 from pmm_jax import io
-from pmm_jax.crf import PSEUDO_MASK_CRF, CRFParams, dense_crf
+from pmm_jax.crf import DEFAULT_BACKEND, PSEUDO_MASK_CRF, CRFParams, backend_and_params, dense_crf
 
 METHODS = ("ppmg", "baseline", "crf_cvs", "ppmg_no_cvs")
 # Variants that smooth the CAMs with CVS before the CRF.
@@ -92,7 +100,10 @@ class PseudoMaskError(ValueError):
 
 
 def default_config() -> config_dict.ConfigDict:
-    """The paper's settings: PPMG, alpha 11, t 0.05, s 0.3, the official CRF, VOC's 21 classes."""
+    """The paper's settings: PPMG, alpha 11, t 0.05, s 0.3, the official CRF, VOC's 21 classes.
+
+    ``crf`` holds the ``CRFParams`` fields and ``backend`` (``"pydensecrf"`` or ``"jax"``).
+    """
     cfg = config_dict.ConfigDict()
     cfg.method = "ppmg"
     cfg.alpha = 11.0
@@ -100,7 +111,8 @@ def default_config() -> config_dict.ConfigDict:
     cfg.s = 0.3
     cfg.official_minmax = False
     cfg.num_classes = 21
-    cfg.crf = config_dict.ConfigDict(dataclasses.asdict(PSEUDO_MASK_CRF))
+    cfg.crf = config_dict.ConfigDict(dict(backend=DEFAULT_BACKEND,
+                                          **dataclasses.asdict(PSEUDO_MASK_CRF)))
     cfg.num_workers = config_dict.placeholder(int)
     return cfg
 
@@ -116,11 +128,12 @@ def generate(records: Iterable[tuple[str, Any, Any]], out_dir: str, cfg: config_
     paths to make resuming and sharding cheap. Process ``i`` of ``n`` (defaults: JAX's
     process index and count) handles records ``i, i + n, ...``; ids whose PNG exists are
     skipped. ``num_workers`` (else ``cfg.num_workers``, else every available core) CRF
-    processes. ``total``: number of records, for the progress bar (else ``len(records)``).
+    processes for the pydensecrf backend (ignored by the jax backend, which runs the CRFs in
+    this process). ``total``: number of records, for the progress bar (else ``len(records)``).
 
     Returns ``{"written", "skipped", "failed", "seconds", "images_per_s",
     "main_cpu_seconds"}``; the last is the CPU time of this process (all threads), i.e.
-    the work done outside the CRF workers. Raises :class:`PseudoMaskError` after the pool
+    the work done outside the CRF workers (with the jax backend, the CRFs too). Raises :class:`PseudoMaskError` after the pool
     has drained if any image failed.
     """
     settings = _settings(cfg)
@@ -128,6 +141,9 @@ def generate(records: Iterable[tuple[str, Any, Any]], out_dir: str, cfg: config_
     workers = workers if workers is not None else _available_cores()
     if workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {workers}")
+    use_pool = settings.backend == "pydensecrf"
+    # Images prepared ahead of the one being finished: the pool's queue, none in-process.
+    window = 2 * workers if use_pool else 0
     index, count = _process_shard(process_index, process_count)
     if total is None and hasattr(records, "__len__"):
         total = len(records)
@@ -160,7 +176,7 @@ def generate(records: Iterable[tuple[str, Any, Any]], out_dir: str, cfg: config_
 
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     pool = concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn"))
+        workers, mp_context=multiprocessing.get_context("spawn")) if use_pool else None
     in_flight: collections.deque[_Job] = collections.deque()
     try:
         for record in itertools.islice(records, index, None, count):
@@ -176,13 +192,14 @@ def generate(records: Iterable[tuple[str, Any, Any]], out_dir: str, cfg: config_
                 bar.update()
                 continue
             in_flight.append(job)
-            while len(in_flight) > 2 * workers:
+            while len(in_flight) > window:
                 finish(in_flight.popleft())
         while in_flight:
             finish(in_flight.popleft())
     finally:
         # On an interrupt, queued CRFs are dropped rather than run to completion.
-        pool.shutdown(wait=True, cancel_futures=True)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
 
     seconds = time.perf_counter() - start_wall
@@ -211,6 +228,7 @@ class _Settings:
     official_minmax: bool
     num_fg: int
     crf: CRFParams
+    backend: str                 # pmm_jax.crf.BACKENDS
 
 
 def _settings(cfg: config_dict.ConfigDict) -> _Settings:
@@ -220,9 +238,9 @@ def _settings(cfg: config_dict.ConfigDict) -> _Settings:
         raise ValueError(f"num_classes counts background and must be >= 2, got {cfg.num_classes}")
     if not cfg.alpha > 0:
         raise ValueError(f"alpha must be > 0, got {cfg.alpha}")
+    backend, params = backend_and_params(cfg.crf)
     return _Settings(cfg.method, float(cfg.alpha), float(cfg.t), float(cfg.s),
-                     bool(cfg.official_minmax), int(cfg.num_classes) - 1,
-                     CRFParams.from_config(cfg.crf))
+                     bool(cfg.official_minmax), int(cfg.num_classes) - 1, params, backend)
 
 
 def _available_cores() -> int:
@@ -256,7 +274,7 @@ class _Job:
     present: Any = None          # [Kb] bool, True for the K real classes
     valid: Any = None            # [Hb, Wb] bool, True inside the image
     probs: Any = None            # CRF input from the jitted core, dropped once submitted
-    image: Any = None            # uint8 [H, W, 3], dropped once submitted
+    image: Any = None            # uint8 [H, W, 3], dropped once submitted (pool) or used
     futures: list = dataclasses.field(default_factory=list)
 
 
@@ -327,7 +345,13 @@ def _pad_and_prepare(job: _Job, cams: list, settings: _Settings) -> None:
 
 
 def _submit(pool, job: _Job, settings: _Settings) -> _Job:
-    """Submits the CRF tasks of one image: one per class (PPMG) or one joint CRF."""
+    """Submits the CRF tasks of one image: one per class (PPMG) or one joint CRF.
+
+    Without a pool (jax backend) the job keeps its image and CRF input for ``_finalize``,
+    which runs the CRF, so that a failing CRF fails only its image there too.
+    """
+    if pool is None:
+        return job
     if len(job.classes):
         height, width = job.shape
         probs = np.asarray(job.probs)
@@ -347,7 +371,8 @@ def _finalize(job: _Job, settings: _Settings) -> np.ndarray:
     height, width = job.shape
     if not len(job.classes):
         return np.zeros(job.shape, np.uint8)
-    posteriors = [future.result() for future in job.futures]
+    posteriors = ([future.result() for future in job.futures] if job.futures
+                  else _jax_posteriors(job, settings))
     kb, hb, wb = job.x.shape
     if settings.method in _JOINT_METHODS:
         joint = np.zeros((kb + 1, hb, wb), np.float32)
@@ -361,6 +386,28 @@ def _finalize(job: _Job, settings: _Settings) -> np.ndarray:
     lookup = np.zeros(kb + 1, np.uint8)
     lookup[1:len(job.classes) + 1] = job.classes + 1
     return lookup[np.asarray(labels)[:height, :width]]
+
+
+def _jax_posteriors(job: _Job, settings: _Settings) -> list[np.ndarray]:
+    """The image's CRF posteriors from ``crf_jax`` in this process, as the pool returns them.
+
+    PPMG: the ``[Kb, 2]`` binary label sets (padding classes included, so the set count is a
+    power-of-two bucket; each set is an independent CRF) through one lattice. Joint variants:
+    one CRF over exactly the ``K + 1`` real labels (a padded label would change the softmax).
+    The image is padded to the ``PAD_MULTIPLE`` bucket with a validity mask.
+    """
+    from pmm_jax import crf_jax
+
+    height, width = job.shape
+    k = len(job.classes)
+    probs = np.asarray(job.probs)
+    if settings.method in _JOINT_METHODS:
+        sets = probs[None, :k + 1, :height, :width]
+    else:
+        sets = probs[:, :, :height, :width]
+    posterior = crf_jax.dense_crf_padded(job.image, sets, settings.crf, multiple=PAD_MULTIPLE)
+    job.image = job.probs = None
+    return [posterior[0]] if settings.method in _JOINT_METHODS else list(posterior[:k])
 
 
 @functools.cache

@@ -11,9 +11,13 @@ What mmseg (and WSSS_MMSeg's ``EncoderDecoder``) does at test time, each part sw
   scale (bilinear, half-pixel), optionally also mirrored; each pass's logits are resized back
   to the input size, softmaxed, un-mirrored and averaged (mmseg ``aug_test``).
 * ``crf`` (default False): the averaged probabilities of each image, cropped to its unpadded
-  size, go through a dense CRF with ``crf_params`` (default ``SEGMENTATION_TEST_CRF``) on
-  the host in a ``spawn`` process pool of ``crf_workers`` processes (0 = all cores, 1 = in
-  this process); labels are the argmax of the posterior.
+  size, go through a dense CRF with ``crf_params`` (default ``SEGMENTATION_TEST_CRF``);
+  labels are the argmax of the posterior. The implementation is the pipeline's
+  ``config.crf.backend`` (``Predictor``'s ``crf_backend``): ``"pydensecrf"`` on the host in a
+  ``spawn`` process pool of ``crf_workers`` processes (0 = all cores, 1 = in this process), or
+  ``"jax"``: ``pmm_jax.crf_jax`` in this process, one image at a time, each padded up to a
+  multiple of ``CRF_PAD_MULTIPLE`` pixels so that a split compiles a few shapes only
+  (``crf_workers`` is then unused).
 
 Everything before the CRF is one jitted function of the (static) batch shape, so a split
 compiles once. Deliberate difference from mmseg: scales apply to the padded eval canvas
@@ -36,6 +40,9 @@ import numpy as np
 
 from pmm_jax import crf, trainer
 from pmm_jax.models.pspnet import resize_bilinear, upsample_logits
+
+# The jax CRF backend pads each image's height and width up to a multiple of this.
+CRF_PAD_MULTIPLE = 64
 
 
 def window_starts(length: int, crop: int, stride: int) -> list[int]:
@@ -118,16 +125,28 @@ def _crf_executor(workers: int) -> concurrent.futures.Executor | None:
         workers, mp_context=multiprocessing.get_context("spawn"))
 
 
+def _jax_dense_crf(image: np.ndarray, probs: np.ndarray, params: crf.CRFParams) -> np.ndarray:
+    """``crf.dense_crf``'s contract (``[L, H, W]`` posterior) with ``pmm_jax.crf_jax``."""
+    from pmm_jax import crf_jax
+
+    return crf_jax.dense_crf_padded(image, probs[None], params, multiple=CRF_PAD_MULTIPLE)[0]
+
+
 class Predictor:
     """``predict(host_batch) -> uint8 labels [B,H,W]`` with the test-time options of
-    ``eval_cfg``; rows are padded like the batch (callers crop each to height x width)."""
+    ``eval_cfg``; rows are padded like the batch (callers crop each to height x width).
+    ``crf_backend``: the dense CRF implementation (``config.crf.backend``, see
+    ``pmm_jax.crf.BACKENDS``) when ``eval_cfg.crf`` is on."""
 
-    def __init__(self, model, eval_cfg: Mapping[str, Any]):
+    def __init__(self, model, eval_cfg: Mapping[str, Any],
+                 crf_backend: str = crf.DEFAULT_BACKEND):
         self._device = trainer.make_predict_fn(model, device_fn(eval_cfg))
         self._crf = bool(eval_cfg.get("crf", False))
         params = eval_cfg.get("crf_params", None)
         self._params = crf.CRFParams.from_config(params) if params else crf.SEGMENTATION_TEST_CRF
-        self._pool = _crf_executor(int(eval_cfg.get("crf_workers", 0))) if self._crf else None
+        self._backend = crf.check_backend(crf_backend)
+        use_pool = self._crf and self._backend == "pydensecrf"
+        self._pool = _crf_executor(int(eval_cfg.get("crf_workers", 0))) if use_pool else None
         if self._pool is not None:
             weakref.finalize(self, self._pool.shutdown)
 
@@ -145,7 +164,14 @@ class Predictor:
                  for i, (h, w) in sizes.items()]
         # Workers run pmm_jax.crf only (numpy + pydensecrf): a spawned child imports no JAX.
         mapper = map if self._pool is None else self._pool.map
-        posteriors = mapper(crf.dense_crf, raws, crops, [self._params] * len(raws))
+        fn = _jax_dense_crf if self._backend == "jax" else crf.dense_crf
+        posteriors = mapper(fn, raws, crops, [self._params] * len(raws))
         for (i, (h, w)), posterior in zip(sizes.items(), posteriors):
             labels[i, :h, :w] = np.argmax(posterior, axis=0)
         return labels
+
+
+def predictor(model, config) -> Predictor:
+    """The ``Predictor`` of a pipeline config: test-time options ``config.eval``, CRF backend
+    ``config.crf.backend`` (validated; pydensecrf when the config has none)."""
+    return Predictor(model, config.eval, crf_backend=crf.config_backend(config))

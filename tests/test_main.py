@@ -34,6 +34,24 @@ def test_unknown_stage_is_an_error(tmp_path):
     assert "segment" in proc.stderr and "cls,cam,pseudo,seg,cycle,eval" in proc.stderr
 
 
+def test_every_config_carries_the_crf_backend_and_a_bad_one_is_refused_early():
+    """``--config.crf.backend`` exists in every config (they are locked), pydensecrf by default;
+    main's ``check_config`` refuses an unknown value by key before any stage runs."""
+    import importlib.util
+
+    for name, args in (("demo", ()), ("demo", ("tiny",)), ("voc", ()), ("coco", ())):
+        spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config(*args)
+        assert config.crf.backend == "pydensecrf", name
+        main.check_config(config)
+    with config.unlocked():
+        config.crf.backend = "JAX"
+    with pytest.raises(ValueError, match=r"crf\.backend='JAX'.*allowed values: 'pydensecrf', 'jax'"):
+        main.check_config(config)
+
+
 def test_parse_stages_orders_and_deduplicates():
     assert stages.parse_stages("eval, cls,cls") == ["cls", "eval"]
     with pytest.raises(ValueError, match="empty"):

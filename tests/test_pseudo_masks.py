@@ -35,7 +35,7 @@ def official_cov(v, t, s):
 
 def official_mask(image, cams, cfg):
     """What the official code writes for one image, for any of the four variants."""
-    params = crf.CRFParams.from_config(cfg.crf)
+    params = crf.backend_and_params(cfg.crf)[1]
     height, width = image.shape[:2]
     keys = sorted(cams)
     norm = {k: official_normalize(cams[k]) for k in keys}
@@ -161,6 +161,104 @@ def test_pool_matches_official_loop_on_voc_photographs(tmp_path, voc_samples_dir
     cfg = config(method)
     pm.generate(records, str(tmp_path), cfg, num_workers=2, process_index=0, process_count=1)
     assert agreement(str(tmp_path), records, cfg) >= AGREEMENT
+
+
+# ------------------------------------------------------------------------------------------
+# The jax CRF backend (cfg.crf.backend = "jax") against the default pydensecrf one
+
+# The issue's bar: masks from the two backends agree on at least this share of pixels.
+BACKEND_AGREEMENT = 0.99
+
+
+def with_backend(cfg, backend):
+    cfg = cfg.copy_and_resolve_references()
+    cfg.crf.backend = backend
+    return cfg
+
+
+def mask_agreement(dir_a, dir_b, records):
+    """``{id: share of pixels where the two folders' masks agree}``."""
+    shares = {}
+    for image_id, _, _ in records:
+        a, b = (io.read_mask(os.path.join(d, f"{image_id}.png")) for d in (dir_a, dir_b))
+        assert a.shape == b.shape
+        shares[image_id] = np.count_nonzero(a == b) / a.size
+    return shares
+
+
+def test_jax_backend_agrees_with_pydensecrf_on_voc_photographs(tmp_path, voc_samples_dir):
+    """The issue's end-to-end bar, through ``generate`` as the pseudo stage calls it: PPMG and
+    baseline masks of two full-size VOC photographs with two classes each (one 512 x 384
+    bucket and one test, so both images and variants share the jax lattice compilation)."""
+    rng = np.random.default_rng(2)
+    records = []
+    for image_id in ("2007_000129", "2007_000847"):
+        image = io.read_image(str(voc_samples_dir / f"{image_id}.png"))
+        labels = io.read_mask(str(voc_samples_dir / f"{image_id}_label.png"))
+        records.append((image_id, image, cams_from_labels(labels, rng, sigma=12)))
+    for method in ("ppmg", "baseline"):
+        for backend in crf.BACKENDS:
+            out = tmp_path / method / backend
+            stats = pm.generate(records, str(out), with_backend(config(method), backend),
+                                num_workers=2, process_index=0, process_count=1)
+            assert stats["written"] == len(records) and stats["failed"] == 0
+        shares = mask_agreement(str(tmp_path / method / "pydensecrf"),
+                                str(tmp_path / method / "jax"), records)
+        print(f"{method}: jax vs pydensecrf pixel agreement {shares}")
+        assert min(shares.values()) >= BACKEND_AGREEMENT, (method, shares)
+        for image_id, _, _ in records:  # non-trivial masks: some foreground in each
+            assert io.read_mask(str(tmp_path / method / "jax" / f"{image_id}.png")).any()
+
+
+def test_pseudo_stage_honours_config_crf_backend_override(tmp_path, synthetic_records,
+                                                         monkeypatch):
+    """``--config.crf.backend=jax`` on the (locked) demo config reaches the stage's generate
+    config, which then runs crf_jax in this process and no process pool."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from pmm_jax import crf_jax
+    from pmm_jax.stages import pseudo
+
+    argv = ["main", f"--config={REPO}/configs/demo.py:tiny", "--config.crf.backend=jax"]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values,
+                                    lock_config=True, sys_argv=argv)
+    flag_values(argv)
+    config = flag_values.config
+    assert config.crf.backend == "jax"
+    cfg = pseudo.variant_config(config, "ppmg")
+    assert cfg.crf.backend == "jax" and cfg.crf.iterations == config.pseudo.crf.iterations
+    with config.unlocked():
+        config.crf.backend = "densecrf"
+    with pytest.raises(ValueError, match=r"crf\.backend='densecrf'.*'pydensecrf', 'jax'"):
+        pseudo.variant_config(config, "ppmg")
+
+    calls = []
+    real = crf_jax.dense_crf_padded
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape)
+        return real(*args, **kwargs)
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("the jax backend must not start a CRF process pool")
+
+    monkeypatch.setattr(crf_jax, "dense_crf_padded", counting)
+    monkeypatch.setattr(pm.concurrent.futures, "ProcessPoolExecutor", no_pool)
+    # The demo data set has 5 foreground classes: renumber each image's two classes 0, 1.
+    records = [(image_id, image, dict(enumerate(cams[c] for c in sorted(cams))))
+               for image_id, image, cams in synthetic_records[:2]]
+    stats = pm.generate(records, str(tmp_path), cfg, process_index=0, process_count=1)
+    assert stats["written"] == 2
+    # One batched call per image: both binary CRFs of its two classes as label sets.
+    assert calls == [(2, 2, 64, 64), (2, 2, 56, 60)]
+    assert agreement(str(tmp_path), records, cfg) >= AGREEMENT  # the official loop's masks
+
+
+def test_unknown_crf_backend_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match=r"crf\.backend='gpu'.*allowed values: 'pydensecrf', 'jax'"):
+        pm.generate([], str(tmp_path), with_backend(config("ppmg"), "gpu"))
 
 
 # ------------------------------------------------------------------------------------------
@@ -342,6 +440,17 @@ def test_cli_end_to_end_matches_generate(tmp_path, cli_inputs):
             assert png.mode == "P"
         np.testing.assert_array_equal(io.read_mask(str(out / f"{image_id}.png")),
                                       io.read_mask(str(tmp_path / "direct" / f"{image_id}.png")))
+
+
+def test_cli_takes_the_crf_backend_as_a_config_override(tmp_path, cli_inputs):
+    """``--config.crf.backend`` exists in the CLI's config (as in pmm_jax.main's) and a bad
+    value is refused by name before any work (and before JAX is imported)."""
+    result = run_python("-m", "pmm_jax.pseudo_masks", f"--cam_dir={cli_inputs / 'cams'}",
+                        f"--image_dir={cli_inputs / 'images'}", f"--out_dir={tmp_path / 'out'}",
+                        "--config.crf.backend=cuda")
+    assert result.returncode != 0
+    assert "crf.backend='cuda'" in result.stderr and "'pydensecrf', 'jax'" in result.stderr
+    assert pm.default_config().crf.backend == "pydensecrf"
 
 
 def test_cli_rejects_unknown_overrides_and_orphan_cams(tmp_path, cli_inputs):

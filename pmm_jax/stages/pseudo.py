@@ -15,14 +15,15 @@ import jax
 import ml_collections
 import numpy as np
 
-from pmm_jax import distributed, notebook_utils, pseudo_masks
+from pmm_jax import crf, distributed, notebook_utils, pseudo_masks
 from pmm_jax.data import pipeline
 from pmm_jax.stages import common
 from pmm_jax.workdir import Workdir
 
 
 def variant_config(config, method: str) -> ml_collections.ConfigDict:
-    """The ``pseudo_masks.generate`` config of one variant, from ``config.pseudo``."""
+    """The ``pseudo_masks.generate`` config of one variant, from ``config.pseudo`` and the
+    CRF backend ``config.crf.backend``."""
     cfg = pseudo_masks.default_config()
     p = config.pseudo
     cfg.method = method
@@ -30,6 +31,7 @@ def variant_config(config, method: str) -> ml_collections.ConfigDict:
     cfg.num_classes = config.data.num_classes
     cfg.num_workers = p.num_workers or None
     cfg.crf.update(p.crf.to_dict())
+    cfg.crf.backend = crf.config_backend(config)  # config.crf.backend: pydensecrf | jax
     return cfg
 
 
