@@ -119,7 +119,7 @@ def best_dir(wd: Workdir, run: str) -> str:
 
 def val_miou(config, wd: Workdir, model) -> float:
     """mIoU of ``model`` on the val split with config.eval's test-time pipeline (all processes)."""
-    predict = segment_inference.Predictor(model, config.eval)
+    predict = segment_inference.predictor(model, config)  # config.eval, config.crf.backend
     num_classes = config.data.num_classes
     cm = np.zeros((num_classes, num_classes), np.int64)
     for batch in common.eval_batches(config, wd, "val", config.eval.batch_size,
@@ -173,7 +173,7 @@ def predict_split(config, wd: Workdir, run: str, split: str, out_dir: str) -> in
     how many this process wrote, once every process has written its files.
     """
     model = load_segmenter(config, wd, run)
-    predict = segment_inference.Predictor(model, config.eval)  # config.eval's test-time options
+    predict = segment_inference.predictor(model, config)  # config.eval, config.crf.backend
     key = "config.eval.batch_size"
     batches = common.eval_batches(config, wd, split, config.eval.batch_size, key)
     total = common.num_eval_batches(config, wd, split, config.eval.batch_size, key)
