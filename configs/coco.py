@@ -2,6 +2,13 @@
 
     python -m pmm_jax.data.prepare --dataset=coco --manual_dir=~/downloads/coco --data_dir=~/tfds
     python -m pmm_jax.main --config=configs/coco.py --workdir=WORKDIR --config.data.data_dir=~/tfds
+
+Label space: the paper and WSSS_MMSeg use COCO's 91 ids (background + category ids 1..90,
+"one background and 10 invalid"; num_classes=91 in its PSPNet configs) and ignore the 10
+unused ids in test. The 81 contiguous classes here are those 91 ids without the unused ones,
+renumbered, so their mIoU is exactly the 91-id mIoU with the unused ids ignored
+(pmm_jax/evaluate.py, tests/test_coco_eval.py); score 91-id masks directly with
+`python -m pmm_jax.evaluate --num_classes=91 --class_names=coco91`.
 """
 
 import importlib.util

@@ -12,10 +12,28 @@ two official code bases differ:
 
 On the full VOC val set every class occurs in the ground truth and the two rules agree.
 
+Ignored classes (``ignore_classes``; COCO's 91-id space: :data:`IGNORED_CLASSES`): ids of
+the label space that no annotation uses, e.g. the 10 unused COCO category ids
+(``constants.COCO_UNUSED_IDS``) of the 91 classes WSSS_MMSeg evaluates COCO with. The rule:
+
+* they never enter the mean, whatever the rule and whether or not they are predicted;
+* they must never occur in the ground truth (``evaluate_dirs`` raises, naming the file);
+* a pixel predicted as one is simply wrong: a false negative of its true class (which loses
+  IoU), a false positive of no class that is averaged.
+
+So mIoU over the 91 ids with the unused ones ignored equals mIoU over the 81 contiguous
+classes of the same masks renumbered (``coco2014_wsss/contiguous``, what ``configs/coco.py``
+trains and evaluates; a network with 81 outputs cannot predict an unused id at all). The
+official code (mmseg 0.8 ``mean_iou`` + ``nanmean`` over 91 classes) drops an unused id only
+while its union is empty: were one predicted, it would count as IoU 0 in the mean.
+
 CLI::
 
     python -m pmm_jax.evaluate --pred_dir=P --gt_dir=G --num_classes=21 \
-        [--rule=mmseg|pmm] [--out_json=F] [--class_names=voc|synthetic]
+        [--rule=mmseg|pmm] [--out_json=F] [--class_names=voc|synthetic|coco|coco91] \
+        [--ignore_classes=I,J]
+
+``--class_names=coco91`` (91-id COCO masks, ``--num_classes=91``) ignores the unused ids.
 """
 
 from __future__ import annotations
@@ -27,12 +45,21 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 import numpy as np
 
 from pmm_jax import io
-from pmm_jax.constants import CLASS_NAMES, IGNORE_LABEL
+from pmm_jax.constants import CLASS_NAMES, COCO_UNUSED_IDS, IGNORE_LABEL
 
 if TYPE_CHECKING:
     import jax
 
 RULES = ("mmseg", "pmm")
+
+# Classes of a named label space that are always left out of the mean (see the docstring).
+IGNORED_CLASSES = {"coco91": COCO_UNUSED_IDS}
+
+
+def ignored_classes(class_names: str | None) -> tuple[int, ...]:
+    """The ignored classes of a label space named as in ``constants.CLASS_NAMES`` (none for
+    unnamed spaces and those without unused ids)."""
+    return tuple(IGNORED_CLASSES.get(class_names, ()))
 
 # Background threshold for CAM-only masks that never looks at ground truth: the score m at
 # which the paper's own background, (1 - m) ** alpha with alpha = 11 (section 3.1, the value
@@ -97,7 +124,8 @@ def iou_from_confusion(cm: np.ndarray, rule: str = "mmseg",
 
     ``rule`` is ``"mmseg"`` (leave out classes with an empty union) or ``"pmm"`` (leave out
     classes absent from the ground truth); ``ignore_classes`` are always left out (e.g. the
-    unused COCO ids). The mean is NaN when no class is left.
+    unused COCO ids; their predictions stay false negatives of the true classes, see the
+    module docstring). The mean is NaN when no class is left.
     """
     if rule not in RULES:
         raise ValueError(f"unknown IoU rule {rule!r}; expected one of {RULES}")
@@ -161,9 +189,11 @@ def evaluate_dirs(pred_dir: str, gt_dir: str, num_classes: int, rule: str = "mms
     """Scores every ``<id>.png`` of ``gt_dir`` against ``pred_dir/<id>.png``.
 
     Missing predictions are an error that lists them (a partial prediction folder would
-    otherwise give a plausible but wrong mIoU). Returns ``{"confusion", "iou", "miou",
-    "num_images"}``.
+    otherwise give a plausible but wrong mIoU), and so is a ground-truth file holding one of
+    ``ignore_classes`` (a wrong label space or a corrupt mask). Returns ``{"confusion",
+    "iou", "miou", "num_images"}``.
     """
+    ignore_classes = sorted({int(c) for c in ignore_classes})
     ids = sorted(f[:-4] for f in os.listdir(gt_dir) if f.endswith(".png"))
     if not ids:
         raise ValueError(f"{gt_dir}: no ground-truth .png files")
@@ -176,9 +206,15 @@ def evaluate_dirs(pred_dir: str, gt_dir: str, num_classes: int, rule: str = "mms
         pred_path = os.path.join(pred_dir, f"{image_id}.png")
         gt_path = os.path.join(gt_dir, f"{image_id}.png")
         try:
-            cm += confusion_matrix(io.read_mask(pred_path), io.read_mask(gt_path), num_classes)
+            image_cm = confusion_matrix(io.read_mask(pred_path), io.read_mask(gt_path),
+                                        num_classes)
         except ValueError as err:
             raise ValueError(f"{pred_path} vs {gt_path}: {err}") from err
+        in_gt = [c for c in ignore_classes if image_cm[c].sum()]
+        if in_gt:
+            raise ValueError(f"{gt_path}: ground truth has ignored (unused) class ids {in_gt}; "
+                             "wrong label space or a corrupt mask")
+        cm += image_cm
     iou, miou = iou_from_confusion(cm, rule, ignore_classes)
     return {"confusion": cm, "iou": iou, "miou": miou, "num_images": len(ids)}
 
@@ -217,7 +253,8 @@ def _define_flags() -> None:
     flags.DEFINE_enum("rule", "mmseg", RULES, "Which classes enter the mean IoU.")
     flags.DEFINE_string("out_json", None, "Optional JSON file for the results.")
     flags.DEFINE_enum("class_names", None, sorted(CLASS_NAMES), "Class names for the table.")
-    flags.DEFINE_list("ignore_classes", [], "Class indices always left out of the mean.")
+    flags.DEFINE_list("ignore_classes", [], "Class indices always left out of the mean "
+                      "(added to those of --class_names, e.g. coco91's unused ids).")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -227,18 +264,20 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
     names = class_names_for(f.num_classes, f.class_names)
-    ignore = [int(c) for c in f.ignore_classes]
+    ignore = sorted(set(ignored_classes(f.class_names)) | {int(c) for c in f.ignore_classes})
     try:
         result = evaluate_dirs(f.pred_dir, f.gt_dir, f.num_classes, f.rule, ignore)
     except ValueError as err:
         sys.exit(f"error: {err}")
-    print(f"{result['num_images']} images, rule {f.rule}")
+    print(f"{result['num_images']} images, rule {f.rule}"
+          + (f", ignored classes {ignore}" if ignore else ""))
     print(format_table(result["iou"], result["miou"], names))
     if f.out_json:
         io.write_json(f.out_json, {
             "pred_dir": f.pred_dir,
             "gt_dir": f.gt_dir,
             "rule": f.rule,
+            "ignored_classes": ignore,
             "num_images": result["num_images"],
             "miou": None if np.isnan(result["miou"]) else result["miou"],
             "iou": {n: None if np.isnan(v) else float(v) for n, v in zip(names, result["iou"])},
