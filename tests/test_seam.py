@@ -14,6 +14,7 @@ from flax import nnx
 
 from pmm_jax import seam
 from pmm_jax.models.resnet38 import FrozenBatchNorm, ResNet38
+from pmm_jax.models.scalenet import ScaleNet
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -143,3 +144,63 @@ def test_jitted_training_steps_decrease_loss_and_keep_frozen_params():
     np.testing.assert_array_equal(model.backbone.b2.conv_branch2a.kernel[...], frozen_before)
     np.testing.assert_array_equal(model.backbone.b4.bn_branch2a.scale[...], bn_before)
     assert np.any(np.asarray(model.backbone.b4.conv_branch2a.kernel[...]) != trained_before)
+
+
+def materialize(abstract: nnx.Module, seed: int = 0) -> nnx.Module:
+    """A shape-only (``nnx.eval_shape``) model with numpy-drawn values: He-normal kernels, BN
+    scales near 1 and offsets near 0, non-trivial BN statistics, zero RNG keys. Much cheaper
+    than initialising eagerly, which compiles one XLA program per parameter shape."""
+    rng = np.random.default_rng(seed)
+
+    def value(name, x):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.key(0, impl="rbg")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return jnp.zeros(x.shape, x.dtype)
+        if name == "kernel":
+            fan_in = int(np.prod(x.shape[:-1]))
+            return jnp.asarray(rng.normal(0, np.sqrt(2 / fan_in), x.shape), x.dtype)
+        base = {"scale": 1.0, "var": 1.0, "mean": 0.0, "bias": 0.0}[name]
+        return jnp.asarray(base + rng.uniform(0.1, 0.5, x.shape), x.dtype)
+
+    graphdef, state = nnx.split(abstract)
+    return nnx.merge(graphdef, nnx.from_flat_state([
+        (path, var.replace(value(str(path[-1]), var.get_value())))
+        for path, var in nnx.to_flat_state(state)]))
+
+
+def test_jitted_seam_step_on_tiny_scalenet_keeps_stem_layer1_and_bn_frozen():
+    """PMM's ScaleNet classifier: conv1/bn1/layer1 and every BN parameter stay as they are, BN
+    statistics never move (inference-mode BN), the rest of the backbone and the head train."""
+    structure = [[4, 3, 2, 0, 56], [6, 3, 2, 1, 28], [8, 4, 3, 2, 14], [10, 6, 2, 1, 7]]
+    model = materialize(nnx.eval_shape(lambda: seam.SEAM(
+        ScaleNet(structure=structure, layers=(1, 1, 1, 1), width_div=16, rngs=nnx.Rngs(0)),
+        3, dropout=0.0, pcm_widths=(4, 8), rngs=nnx.Rngs(1))))
+    model.train()
+    labels = seam.param_labels(model)
+    assert {path[1] for path, group in labels.items()
+            if group == seam.FROZEN and path[-1] == "kernel"} == {"conv1", "layer1"}
+    tx, _ = seam.make_optimizer(model, 0.01, 100)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    params_before = {path: np.asarray(v[...]) for path, v in
+                     nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    stats_before = {path: np.asarray(v[...]) for path, v in
+                    nnx.to_flat_state(nnx.state(model, nnx.BatchStat))}
+    rng = np.random.RandomState(0)
+    batch = {"image": jnp.asarray(rng.randn(2, 48, 48, 3), jnp.float32),
+             "labels": jnp.asarray([[1, 0, 1], [0, 1, 0]], jnp.float32)}
+
+    @nnx.jit
+    def step(model, optimizer, batch):
+        (loss, _), grads = nnx.value_and_grad(
+            lambda m: seam.seam_loss(m, batch, None), has_aux=True)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    assert np.isfinite(float(step(model, optimizer, batch)))
+    for path, value in nnx.to_flat_state(nnx.state(model, nnx.BatchStat)):
+        np.testing.assert_array_equal(value[...], stats_before[path], err_msg=str(path))
+    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        group = labels[tuple(map(str, path))]
+        changed = bool(np.any(np.asarray(value[...]) != params_before[path]))
+        assert changed == (group != seam.FROZEN), (path, group)
