@@ -46,7 +46,8 @@ CLI::
 
     python -m pmm_jax.pseudo_masks --cam_dir=CAMS --image_dir=IMAGES --out_dir=OUT \
         [--method=ppmg|baseline|crf_cvs|ppmg_no_cvs] [--num_workers=N] \
-        [--config.crf.backend=pydensecrf|jax] [--config.alpha=11 --config.t=0.05 --config.crf.bilateral_srgb=13 ...]
+        [--config.crf.backend=pydensecrf|jax] \
+        [--config.alpha=11 --config.t=0.05 --config.crf.bilateral_srgb=13 ...]
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ from ml_collections import config_dict
 from tqdm import tqdm
 
 from pmm_jax import io
-from pmm_jax.crf import DEFAULT_BACKEND, PSEUDO_MASK_CRF, CRFParams, backend_and_params, dense_crf
+from pmm_jax.crf import (DEFAULT_BACKEND, PSEUDO_MASK_CRF, CRFParams, backend_and_params,
+                         dense_crf)
 
 METHODS = ("ppmg", "baseline", "crf_cvs", "ppmg_no_cvs")
 # Variants that smooth the CAMs with CVS before the CRF.
@@ -133,8 +135,8 @@ def generate(records: Iterable[tuple[str, Any, Any]], out_dir: str, cfg: config_
 
     Returns ``{"written", "skipped", "failed", "seconds", "images_per_s",
     "main_cpu_seconds"}``; the last is the CPU time of this process (all threads), i.e.
-    the work done outside the CRF workers (with the jax backend, the CRFs too). Raises :class:`PseudoMaskError` after the pool
-    has drained if any image failed.
+    the work done outside the CRF workers (with the jax backend, the CRFs too). Raises
+    :class:`PseudoMaskError` after the pool has drained if any image failed.
     """
     settings = _settings(cfg)
     workers = num_workers if num_workers is not None else cfg.get("num_workers")

@@ -40,7 +40,8 @@ def test_every_config_carries_the_crf_backend_and_a_bad_one_is_refused_early():
     import importlib.util
 
     for name, args in (("demo", ()), ("demo", ("tiny",)), ("voc", ()), ("coco", ())):
-        spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(f"cfg_{name}",
+                                                      ROOT / "configs" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         config = module.get_config(*args)
@@ -48,7 +49,8 @@ def test_every_config_carries_the_crf_backend_and_a_bad_one_is_refused_early():
         main.check_config(config)
     with config.unlocked():
         config.crf.backend = "JAX"
-    with pytest.raises(ValueError, match=r"crf\.backend='JAX'.*allowed values: 'pydensecrf', 'jax'"):
+    with pytest.raises(ValueError,
+                       match=r"crf\.backend='JAX'.*allowed values: 'pydensecrf', 'jax'"):
         main.check_config(config)
 
 

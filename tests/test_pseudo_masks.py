@@ -257,7 +257,8 @@ def test_pseudo_stage_honours_config_crf_backend_override(tmp_path, synthetic_re
 
 
 def test_unknown_crf_backend_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match=r"crf\.backend='gpu'.*allowed values: 'pydensecrf', 'jax'"):
+    with pytest.raises(ValueError,
+                       match=r"crf\.backend='gpu'.*allowed values: 'pydensecrf', 'jax'"):
         pm.generate([], str(tmp_path), with_backend(config("ppmg"), "gpu"))
 
 
