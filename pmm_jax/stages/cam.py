@@ -1,10 +1,14 @@
 """Stage ``cam``: class activation maps for the train and val splits.
 
-CAMs are averaged over the configured scales and horizontal flips, restricted to the
-image-level label (as WSSS does for train and for CAM evaluation on val), normalised per
-class by their maximum, and written one file per image in the official PMM/SEAM format
-(``WORKDIR/cams/<split>/<id>.npy``). The stage reports CAM mIoU on val at the fixed
-background threshold ``evaluate.DEFAULT_CAM_BG_THRESHOLD`` and the threshold curve.
+``config.cam.method`` (default "multiscale"): "multiscale" averages the CAMs of the whole
+image over ``config.cam.scales`` and horizontal flips (SEAM's inference); "multicrop" is
+PMM's multi-crop inference (``pmm_jax.multicrop_cam``: tiles of ``config.cam.multicrop.crop``
+pixels, ``stride`` apart, over ``multicrop.scales``, ``flip``ped too, ``tile_batch`` tiles per
+jitted step). Either way the CAMs are restricted to the image-level label (as WSSS does for
+train and for CAM evaluation on val), normalised per class by their maximum, and written one
+file per image in the official PMM/SEAM format (``WORKDIR/cams/<split>/<id>.npy``). The
+stage reports CAM mIoU on val at the fixed background threshold
+``evaluate.DEFAULT_CAM_BG_THRESHOLD`` and the threshold curve.
 A SEAM classifier (``config.cls.method = "seam"``) contributes its PCM-refined CAM.
 """
 
@@ -12,18 +16,20 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from pmm_jax import distributed, evaluate, io, notebook_utils, trainer
+from pmm_jax import distributed, evaluate, io, multicrop_cam, notebook_utils, trainer
 from pmm_jax.stages import common
 from pmm_jax.stages.cls import build_model
 from pmm_jax.workdir import Workdir
 
 CURVE_THRESHOLDS = tuple(round(0.05 + 0.05 * i, 2) for i in range(10))
+METHODS = ("multiscale", "multicrop")
 
 
 def model_cam(model, images: jax.Array) -> jax.Array:
@@ -58,14 +64,38 @@ def multi_scale_cam(model, batch, *, scales, flip: bool) -> jax.Array:
     return total / (jnp.max(total, axis=(1, 2), keepdims=True) + 1e-5)
 
 
+def method(config) -> str:
+    """``config.cam.method``: "multiscale" (default) or "multicrop"; ValueError otherwise."""
+    name = config.cam.get("method", "multiscale")
+    if name not in METHODS:
+        raise ValueError(f"config.cam.method must be one of {METHODS}, got {name!r}")
+    return name
+
+
+def make_predictor(config, model) -> Callable[[Mapping[str, np.ndarray], Sequence[int]],
+                                              np.ndarray]:
+    """``predict(eval_batch, rows) -> [B, H, W, C]`` normalised CAMs of the configured method
+    (only ``rows`` need be correct; the multi-crop path skips the other rows' tiles)."""
+    if method(config) == "multicrop":
+        mc = config.cam.multicrop
+        return multicrop_cam.MultiCropCAM(
+            model, model_cam, scales=tuple(mc.scales), crop=mc.crop, stride=mc.stride,
+            flip=config.cam.flip, tile_batch=mc.tile_batch, batch_size_key="config.cam.batch_size",
+            tile_batch_key="config.cam.multicrop.tile_batch")
+    predict = trainer.make_predict_fn(
+        model, functools.partial(multi_scale_cam, scales=tuple(config.cam.scales),
+                                 flip=config.cam.flip),
+        batch_size_key="config.cam.batch_size")
+    return lambda batch, rows: predict(batch)
+
+
 def cam_path(wd: Workdir, split: str, image_id: str) -> str:
     return os.path.join(wd.cams(split), f"{image_id}.npy")
 
 
 def write_split(config, wd: Workdir, model, split: str) -> int:
     """Writes the CAM file of every image of this process's shard of ``split``; returns how many."""
-    predict = trainer.make_predict_fn(
-        model, functools.partial(multi_scale_cam, scales=tuple(config.cam.scales), flip=config.cam.flip))
+    predict = make_predictor(config, model)
     key = "config.cam.batch_size"
     batches = common.eval_batches(config, wd, split, config.cam.batch_size, key)
     total = common.num_eval_batches(config, wd, split, config.cam.batch_size, key)
@@ -78,7 +108,7 @@ def write_split(config, wd: Workdir, model, split: str) -> int:
         # any process still has CAMs to write (e.g. a resumed run).
         if not distributed.any_process(bool(rows)):
             continue
-        cams = predict(batch)
+        cams = predict(batch, rows)
         for i in rows:
             h, w = int(batch["height"][i]), int(batch["width"][i])
             present = np.flatnonzero(batch["labels"][i] > 0.5)
