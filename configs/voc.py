@@ -75,7 +75,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Segmenter: PSPNet (mmseg VOC settings: crop 512, batch 16, lr 0.005, 20k iterations).
     c.seg = ml_collections.ConfigDict(dict(
         model=ml_collections.ConfigDict(dict(
-            backbone=ml_collections.ConfigDict(dict(name="res2net101")),
+            # frozen_stages (mmseg's: -1 none, 0 stem, k stem + layer1..k; frozen parts get no
+            # update and eval-mode BN). WSSS_MMSeg trains every stage of Res2Net, ScaleNet101 and
+            # ResNet38 (-1); its ResNetV1c base config (configs/_base_/models/pspnet_r50-d8.py)
+            # has frozen_stages=1: set 1 with name="resnet101".
+            backbone=ml_collections.ConfigDict(dict(name="res2net101", frozen_stages=-1)),
             # ImageNet weights: `python -m pmm_jax.convert --arch=res2net101 ... --out=DIR`
             init_from="",
             bins=(1, 2, 3, 6), channels=512, dropout=0.1, aux_channels=256)),

@@ -10,6 +10,14 @@ are, so a config read back from JSON works)::
     segmenter options (build_segmenter):    bins ((1, 2, 3, 6)), channels (512),
                                             dropout (0.1), aux_channels (256)
 
+``build_segmenter`` starts the backbone's keyword arguments from
+``SEGMENTER_BACKBONE_DEFAULTS[name]`` (the config's fields win): ResNet38 and ScaleNet101 are
+built as WSSS_MMSeg's PSPNet trains them (trainable SyncBN, no frozen stage, segmentation
+dilations; ResNet38's features conv3..conv6), not as the CAM classifier uses them.
+ResNetV1c / Res2Net defaults already are the segmentation ones (strides (1, 2, 1, 1),
+dilations (1, 1, 2, 4)); their ``frozen_stages`` (mmseg's; -1 by default) is a backbone
+field too, e.g. ``backbone=dict(name="resnet101", frozen_stages=1)``.
+
 A backbone is any callable ``f(**kwargs, rngs=rngs) -> nnx.Module`` whose module maps
 ``[B,H,W,3]`` to a list of per-stage NHWC features and exposes ``out_channels`` and
 ``out_strides`` (one entry per stage). Adding a network (ResNet38-d, ScaleNet101,
@@ -34,6 +42,7 @@ from pmm_jax.models.scalenet import ScaleNet, scalenet101
 
 __all__ = [
     "BACKBONES",
+    "SEGMENTER_BACKBONE_DEFAULTS",
     "CAMClassifier",
     "PSPNet",
     "Res2Net",
@@ -50,6 +59,7 @@ __all__ = [
     "load_pretrained",
     "multilabel_soft_margin_loss",
     "resize_bilinear",
+    "segmenter_backbone_config",
     "upsample_logits",
 ]
 
@@ -75,6 +85,16 @@ _CLASSIFIER_OPTIONS = ("dropout",)
 # pretrained backbone checkpoint (pmm_jax.convert) the stage loads after building the model.
 _LOAD_OPTIONS = ("init_from",)
 _SEGMENTER_OPTIONS = ("bins", "channels", "dropout", "aux_channels")
+
+# Segmenter backbone settings of WSSS_MMSeg (mmseg/models/backbones/{resnet38d,scalenet}.py and
+# configs/pspnet_wsss/*): SyncBN trained (norm_eval=False), nothing frozen, ResNet38 b5/b6/b7
+# dilations 2/4/4 with the features [conv3, conv4, conv5, conv6] (PSPNet's auxiliary head on
+# conv5, 1024 channels), ScaleNet dilations (1, 1, 2, 4). The classifier keeps the classes'
+# own defaults (frozen BN, stage 1 frozen).
+SEGMENTER_BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "resnet38": dict(dilations=(2, 4, 4), norm="batch", frozen_stages=-1, out_indices=(1, 2, 3, 5)),
+    "scalenet101": dict(dilations=(1, 1, 2, 4), norm="batch", frozen_stages=-1),
+}
 
 
 def init_rngs(seed: int) -> nnx.Rngs:
@@ -109,7 +129,16 @@ def build_classifier(cfg: Mapping[str, Any], num_classes: int, rngs: nnx.Rngs) -
                          rngs=rngs)
 
 
+def segmenter_backbone_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The backbone config ``build_segmenter`` builds: ``SEGMENTER_BACKBONE_DEFAULTS`` of its
+    name, overridden by the given fields."""
+    given = dict(cfg.items())
+    return {**SEGMENTER_BACKBONE_DEFAULTS.get(given.get("name"), {}), **given}
+
+
 def build_segmenter(cfg: Mapping[str, Any], num_classes: int, rngs: nnx.Rngs) -> PSPNet:
-    """PSPNet over ``num_classes`` classes (background included) from a model config."""
+    """PSPNet over ``num_classes`` classes (background included) from a model config; the
+    backbone gets ``SEGMENTER_BACKBONE_DEFAULTS`` (see the module docstring)."""
     options = _head_options(cfg, _SEGMENTER_OPTIONS)
-    return PSPNet(build_backbone(cfg["backbone"], rngs), num_classes, **options, rngs=rngs)
+    backbone = build_backbone(segmenter_backbone_config(cfg["backbone"]), rngs)
+    return PSPNet(backbone, num_classes, **options, rngs=rngs)

@@ -12,7 +12,10 @@ Layout of the official Res2Net v1b code, as the WSSS_MMSeg fork uses it for PSPN
   then 1x1 conv to ``4 * planes`` + BN, plus the shortcut, ReLU;
 * shortcut when the shape changes (``downsample``): average pool (kernel = stride = the
   block's stride, ceil mode, padding not counted; identity at stride 1), 1x1 conv, BN;
-* every block of a dilated stage uses its full dilation (no contraction, unlike ResNetV1c).
+* every block of a dilated stage uses its full dilation (no contraction, unlike ResNetV1c);
+* ``frozen_stages`` as ResNetV1c's (-1 by default: the official Res2Net has no such option and
+  WSSS_MMSeg trains every stage): 0 freezes the stem (``conv1``, ``bn1``), k also
+  layer1..layerk, with ``FrozenBatchNorm`` there and their names in ``frozen_prefixes``.
 
 Submodules carry the official / timm PyTorch names (``conv1.{0,1,3,4,6}``, ``bn1``,
 ``layerI.J.{conv1,bn1,convs.K,bns.K,conv3,bn3,downsample.{1,2}}``) for ``pmm_jax.convert``.
@@ -30,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pmm_jax.models.resnet38 import frozen_stage_prefixes
 from pmm_jax.models.resnet_v1c import (EXPANSION, blocks_per_layer, bn, conv, max_pool_3x3_s2,
                                        run_sequence)
 
@@ -47,20 +51,23 @@ class Bottle2neck(nnx.Module):
     """Res2Net bottleneck with ``scale`` hierarchical groups; see the module docstring."""
 
     def __init__(self, in_channels: int, planes: int, *, stride: int, dilation: int,
-                 first: bool, base_width: int, scale: int, rngs: nnx.Rngs):
+                 first: bool, base_width: int, scale: int, frozen: bool = False,
+                 rngs: nnx.Rngs):
         if scale < 2:
             raise ValueError(f"scale must be >= 2, got {scale}")
         width = planes * base_width // 64
         out_channels = planes * EXPANSION
         self.first, self.stride = first, stride
-        self.conv1, self.bn1 = conv(in_channels, width * scale, 1, rngs=rngs), bn(width * scale, rngs)
+        self.conv1 = conv(in_channels, width * scale, 1, rngs=rngs)
+        self.bn1 = bn(width * scale, rngs, frozen)
         self.convs = nnx.List([conv(width, width, 3, stride=stride, dilation=dilation, rngs=rngs)
                                for _ in range(scale - 1)])
-        self.bns = nnx.List([bn(width, rngs) for _ in range(scale - 1)])
-        self.conv3, self.bn3 = conv(width * scale, out_channels, 1, rngs=rngs), bn(out_channels, rngs)
+        self.bns = nnx.List([bn(width, rngs, frozen) for _ in range(scale - 1)])
+        self.conv3 = conv(width * scale, out_channels, 1, rngs=rngs)
+        self.bn3 = bn(out_channels, rngs, frozen)
         self.downsample = (nnx.List([functools.partial(avg_pool_ceil, stride=stride),
                                      conv(in_channels, out_channels, 1, rngs=rngs),
-                                     bn(out_channels, rngs)])
+                                     bn(out_channels, rngs, frozen)])
                            if stride != 1 or in_channels != out_channels else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -87,6 +94,7 @@ class Res2Net(nnx.Module):
       planes: bottleneck planes per stage (64, 128, 256, 512); stage outputs are 4x.
       base_width, scale: 26 and 4 ("26w_4s").
       stem_width: stem output channels (64).
+      frozen_stages: -1 (nothing), 0 (the stem) or k (the stem and layer1..layerk).
     """
 
     def __init__(
@@ -99,6 +107,7 @@ class Res2Net(nnx.Module):
         stem_width: int = 64,
         strides: Sequence[int] = (1, 2, 1, 1),
         dilations: Sequence[int] = (1, 1, 2, 4),
+        frozen_stages: int = -1,
         in_channels: int = 3,
         rngs: nnx.Rngs,
     ):
@@ -107,20 +116,23 @@ class Res2Net(nnx.Module):
         if not len(blocks) == len(planes) == len(strides) == len(dilations) == 4:
             raise ValueError("blocks, planes, strides and dilations need 4 entries; got "
                              f"{list(blocks)}, {list(planes)}, {list(strides)}, {list(dilations)}")
-        half = stem_width // 2
-        self.conv1 = nnx.List([conv(in_channels, half, 3, stride=2, rngs=rngs), bn(half, rngs),
-                               jax.nn.relu, conv(half, half, 3, rngs=rngs), bn(half, rngs),
+        self.frozen_prefixes = frozen_stage_prefixes(
+            ("conv1", "bn1"), [(f"layer{i}",) for i in (1, 2, 3, 4)], frozen_stages)
+        half, stem_frozen = stem_width // 2, frozen_stages >= 0
+        self.conv1 = nnx.List([conv(in_channels, half, 3, stride=2, rngs=rngs),
+                               bn(half, rngs, stem_frozen), jax.nn.relu,
+                               conv(half, half, 3, rngs=rngs), bn(half, rngs, stem_frozen),
                                jax.nn.relu, conv(half, stem_width, 3, rngs=rngs)])
-        self.bn1 = bn(stem_width, rngs)
-        block_args = dict(base_width=base_width, scale=scale, rngs=rngs)
+        self.bn1 = bn(stem_width, rngs, stem_frozen)
         channels, stride_so_far, out_strides = stem_width, 4, []
         for i, (depth, plane, stride, dilation) in enumerate(zip(blocks, planes, strides,
                                                                  dilations)):
-            layer = [Bottle2neck(channels, plane, stride=stride, dilation=dilation, first=True,
-                                 **block_args)]
+            block_args = dict(base_width=base_width, scale=scale, frozen=i + 1 <= frozen_stages,
+                              dilation=dilation, rngs=rngs)
+            layer = [Bottle2neck(channels, plane, stride=stride, first=True, **block_args)]
             channels = plane * EXPANSION
-            layer += [Bottle2neck(channels, plane, stride=1, dilation=dilation, first=False,
-                                  **block_args) for _ in range(depth - 1)]
+            layer += [Bottle2neck(channels, plane, stride=1, first=False, **block_args)
+                      for _ in range(depth - 1)]
             setattr(self, f"layer{i + 1}", nnx.List(layer))
             stride_so_far *= stride
             out_strides.append(stride_so_far)

@@ -19,18 +19,30 @@ b7     1 bottleneck, drop 0.5    1024/2048->4096 1       2 (PMM classifier; 4 in
 =====  ========================  =============  =======  ========
 
 Output stride 8. ``dilations`` sets (b5, b6, b7); the classifier default (2, 4, 2) is PMM's
-``network/resnet38d.py``, (2, 4, 4) is SEAM's and the segmenter's.
+``network/resnet38d.py``, (2, 4, 4) is SEAM's and the segmenter's (WSSS_MMSeg
+``mmseg/models/backbones/resnet38d.py``, ``WideRes38``).
 
 Features (backbone protocol): one per stage, each the *activated* output, i.e.
 ``relu(bn(x))`` with the BN that the next block applies first (pre-activation). So feature 2
 is SEAM's ``conv4`` (512 ch), feature 3 its ``conv5`` (1024 ch) and feature 5 its ``conv6``
 (``relu(bn7(b7))``, 4096 ch) -- exactly what the official ``forward_as_dict`` exposes.
 
-BatchNorm: the official code keeps every BN in inference mode with frozen affine parameters,
-so BN here always uses the running statistics (``FrozenBatchNorm``); freezing the affine
-parameters and ``conv1a`` (and b2 for SEAM) is the optimiser's job (a mask by parameter path,
-see ``pmm_jax.seam.param_groups``). Dropout (b6, b7: torch ``Dropout2d``) is active in
-train mode only.
+BatchNorm (``norm``): the official classifier keeps every BN in inference mode with frozen
+affine parameters, so by default (``norm="frozen"``) BN always uses the running statistics
+(``FrozenBatchNorm``); freezing the affine parameters and ``conv1a`` (and b2 for SEAM) is the
+optimiser's job (a mask by parameter path, see ``pmm_jax.seam.param_labels``). The
+segmenter's WideRes38 trains its BN (SyncBN, ``norm_eval=False``): ``norm="batch"`` builds
+trainable ``nnx.BatchNorm`` (torch momentum 0.1, epsilon 1e-5), whose statistics are those of
+the global batch under ``jax.jit`` with a sharded batch. Dropout (b6, b7: torch
+``Dropout2d``) is active in train mode only.
+
+Frozen stages (``frozen_stages``, mmseg's meaning): -1 nothing; 0 the stem (``conv1a``);
+k >= 1 the stem and stages b2 .. b(k+1). ``frozen_prefixes`` lists their attribute names for
+an optimiser mask (the classifier's default 1 is PMM/SEAM's ``not_training``: conv1a, b2);
+their BN layers are ``FrozenBatchNorm`` whatever ``norm`` says (mmseg puts frozen stages in
+eval mode). ``out_indices`` picks features (mmseg's name): the segmenter uses (1, 2, 3, 5),
+WideRes38's ``[conv3, conv4, conv5, conv6]`` (256, 512, 1024, 4096 channels at strides
+4, 8, 8, 8), so PSPNet's auxiliary head reads conv5 (1024 channels) as in WSSS_MMSeg.
 """
 
 from __future__ import annotations
@@ -43,6 +55,8 @@ import numpy as np
 from flax import nnx
 
 BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9  # flax's decay; torch (Sync)BatchNorm momentum 0.1
+NORMS = ("frozen", "batch")
 
 
 def conv_init(key: jax.Array, shape: tuple, dtype=jnp.float32) -> jax.Array:
@@ -72,6 +86,32 @@ class FrozenBatchNorm(nnx.Module):
         return x * mul + (self.bias[...] - self.mean[...] * mul)
 
 
+def batch_norm(channels: int, *, frozen: bool, rngs: nnx.Rngs) -> nnx.Module:
+    """``FrozenBatchNorm`` when ``frozen``, else a trainable ``nnx.BatchNorm`` with torch's
+    defaults (momentum 0.1, epsilon 1e-5). Both hold ``scale``, ``bias``, ``mean``, ``var``."""
+    if frozen:
+        return FrozenBatchNorm(channels)
+    return nnx.BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, rngs=rngs)
+
+
+def check_norm(norm: str) -> None:
+    """ValueError unless ``norm`` is one of :data:`NORMS`."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+def frozen_stage_prefixes(stem: Sequence[str], stages: Sequence[Sequence[str]],
+                          frozen_stages: int) -> tuple[str, ...]:
+    """Attribute names of mmseg's ``frozen_stages``: -1 none, 0 the ``stem`` names, k >= 1 the
+    stem and the names of ``stages[:k]``; ValueError outside -1 .. len(stages)."""
+    if not -1 <= frozen_stages <= len(stages):
+        raise ValueError(f"frozen_stages must be in -1..{len(stages)} (-1: nothing frozen, "
+                         f"0: the stem, k: the stem and the first k stages), got {frozen_stages}")
+    if frozen_stages < 0:
+        return ()
+    return tuple(stem) + tuple(name for stage in stages[:frozen_stages] for name in stage)
+
+
 def conv(in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
          dilation: int = 1, rngs: nnx.Rngs) -> nnx.Conv:
     """Bias-free conv with torch's symmetric padding ``dilation * (k // 2)``."""
@@ -89,11 +129,12 @@ class ResBlock(nnx.Module):
     """
 
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int, *,
-                 stride: int = 1, first_dilation: int = 1, dilation: int = 1, rngs: nnx.Rngs):
-        self.bn_branch2a = FrozenBatchNorm(in_channels)
+                 stride: int = 1, first_dilation: int = 1, dilation: int = 1,
+                 frozen_bn: bool = True, rngs: nnx.Rngs):
+        self.bn_branch2a = batch_norm(in_channels, frozen=frozen_bn, rngs=rngs)
         self.conv_branch2a = conv(in_channels, mid_channels, 3, stride=stride,
                                   dilation=first_dilation, rngs=rngs)
-        self.bn_branch2b1 = FrozenBatchNorm(mid_channels)
+        self.bn_branch2b1 = batch_norm(mid_channels, frozen=frozen_bn, rngs=rngs)
         self.conv_branch2b1 = conv(mid_channels, out_channels, 3, dilation=dilation, rngs=rngs)
         same_shape = in_channels == out_channels and stride == 1
         self.conv_branch1 = (None if same_shape else
@@ -113,14 +154,14 @@ class ResBlockBot(nnx.Module):
     Returns ``(output, relu(bn(input)))``."""
 
     def __init__(self, in_channels: int, out_channels: int, *, dilation: int, dropout: float,
-                 rngs: nnx.Rngs):
+                 frozen_bn: bool = True, rngs: nnx.Rngs):
         quarter, half = out_channels // 4, out_channels // 2
-        self.bn_branch2a = FrozenBatchNorm(in_channels)
+        self.bn_branch2a = batch_norm(in_channels, frozen=frozen_bn, rngs=rngs)
         self.conv_branch2a = conv(in_channels, quarter, 1, rngs=rngs)
-        self.bn_branch2b1 = FrozenBatchNorm(quarter)
+        self.bn_branch2b1 = batch_norm(quarter, frozen=frozen_bn, rngs=rngs)
         self.dropout_2b1 = nnx.Dropout(dropout, broadcast_dims=(1, 2), rngs=rngs)
         self.conv_branch2b1 = conv(quarter, half, 3, dilation=dilation, rngs=rngs)
-        self.bn_branch2b2 = FrozenBatchNorm(half)
+        self.bn_branch2b2 = batch_norm(half, frozen=frozen_bn, rngs=rngs)
         self.dropout_2b2 = nnx.Dropout(dropout, broadcast_dims=(1, 2), rngs=rngs)
         self.conv_branch2b2 = conv(half, out_channels, 1, rngs=rngs)
         self.conv_branch1 = conv(in_channels, out_channels, 1, rngs=rngs)
@@ -141,21 +182,31 @@ class ResNet38(nnx.Module):
       blocks: basic blocks in b2, b3, b4, b5 (official (3, 3, 6, 3)).
       dilations: dilation of (b5, b6, b7).
       dropout: Dropout2d rates of (b6, b7).
+      norm: "frozen" (every BN on running statistics; the classifier) or "batch" (trainable
+        BatchNorm; the segmenter).
+      frozen_stages: -1 .. 6, see the module docstring (default 1: conv1a and b2).
+      out_indices: which of the six features to return (default all).
 
     Attributes:
-      out_channels, out_strides: per stage (b2 .. b7).
-      frozen_prefixes: parameters never trained (PMM/SEAM's ``not_training``: conv1a and b2).
+      out_channels, out_strides: per returned feature.
+      frozen_prefixes: attribute names of the frozen stem and stages (an optimiser mask).
     """
-
-    frozen_prefixes = ("conv1a", "b2", "b2_1", "b2_2")
 
     def __init__(self, *, width_div: int = 1, blocks: Sequence[int] = (3, 3, 6, 3),
                  dilations: Sequence[int] = (2, 4, 2), dropout: Sequence[float] = (0.3, 0.5),
-                 in_channels: int = 3, rngs: nnx.Rngs):
+                 norm: str = "frozen", frozen_stages: int = 1,
+                 out_indices: Sequence[int] | None = None, in_channels: int = 3,
+                 rngs: nnx.Rngs):
         blocks, dilations, dropout = tuple(blocks), tuple(dilations), tuple(dropout)
         if len(blocks) != 4 or len(dilations) != 3 or len(dropout) != 2:
             raise ValueError("resnet38 needs 4 block counts (b2..b5), 3 dilations (b5, b6, b7) "
                              f"and 2 dropout rates (b6, b7); got {blocks}, {dilations}, {dropout}")
+        check_norm(norm)
+        out_indices = tuple(range(6)) if out_indices is None else tuple(out_indices)
+        if not out_indices or any(not 0 <= i < 6 for i in out_indices):
+            raise ValueError(f"resnet38 out_indices must be in 0..5, got {list(out_indices)}")
+        # Stage k (1-based: b2 = 1 .. b7 = 6) has frozen BN when k <= frozen_stages.
+        frozen_bn = lambda k: norm == "frozen" or k <= frozen_stages
         ch = lambda c: max(1, c // width_div)
         self.conv1a = conv(in_channels, ch(64), 3, rngs=rngs)
         # (stage, mid, out, stride, first dilation, dilation) of the basic-block stages.
@@ -167,20 +218,26 @@ class ResNet38(nnx.Module):
             for i, name in enumerate(names):
                 setattr(self, name, ResBlock(
                     channels, ch(mid), ch(out), stride=stride if i == 0 else 1,
-                    first_dilation=first if i == 0 else dil, dilation=dil, rngs=rngs))
+                    first_dilation=first if i == 0 else dil, dilation=dil,
+                    frozen_bn=frozen_bn(stage - 1), rngs=rngs))
                 channels = ch(out)
             stage_names.append(tuple(names))
         self.b6 = ResBlockBot(channels, ch(2048), dilation=dilations[1], dropout=dropout[0],
-                              rngs=rngs)
+                              frozen_bn=frozen_bn(5), rngs=rngs)
         self.b7 = ResBlockBot(ch(2048), ch(4096), dilation=dilations[2], dropout=dropout[1],
-                              rngs=rngs)
-        self.bn7 = FrozenBatchNorm(ch(4096))
+                              frozen_bn=frozen_bn(6), rngs=rngs)
+        self.bn7 = batch_norm(ch(4096), frozen=frozen_bn(6), rngs=rngs)
         self.stage_names = tuple(stage_names) + (("b6",), ("b7",))
-        self.out_channels = (ch(128), ch(256), ch(512), ch(1024), ch(2048), ch(4096))
-        self.out_strides = (2, 4, 8, 8, 8, 8)
+        self.frozen_prefixes = frozen_stage_prefixes(
+            ("conv1a",), self.stage_names[:-1] + (("b7", "bn7"),), frozen_stages)
+        self.out_indices = out_indices
+        channels = (ch(128), ch(256), ch(512), ch(1024), ch(2048), ch(4096))
+        self.out_channels = tuple(channels[i] for i in out_indices)
+        self.out_strides = tuple((2, 4, 8, 8, 8, 8)[i] for i in out_indices)
 
     def __call__(self, x: jax.Array) -> list[jax.Array]:
-        """``x[B,H,W,3]`` -> activated features of b2..b7 at strides 2, 4, 8, 8, 8, 8."""
+        """``x[B,H,W,3]`` -> activated features of b2..b7 at strides 2, 4, 8, 8, 8, 8 (those
+        of ``out_indices``)."""
         x = self.conv1a(x)
         features = []
         for k, stage in enumerate(self.stage_names):
@@ -189,4 +246,4 @@ class ResNet38(nnx.Module):
                 if i == 0 and k > 0:  # the activated output of the previous stage
                     features.append(act)
         features.append(jax.nn.relu(self.bn7(x)))
-        return features
+        return [features[i] for i in self.out_indices]

@@ -9,7 +9,12 @@ Layout (mmseg ``ResNetV1c``, ``style="pytorch"``), as in the official PSPNet con
   to 4x; 1x1 strided projection shortcut when the shape changes), ``blocks=(3, 4, 23, 3)``;
 * segmentation strides (1, 2, 1, 1) and dilations (1, 1, 2, 4): output stride 8;
 * ``contract_dilation`` (mmseg, on in its PSPNet configs): the first block of a stage with
-  dilation d > 1 uses d // 2, the others d.
+  dilation d > 1 uses d // 2, the others d;
+* ``frozen_stages`` (mmseg's meaning; -1 by default, as mmseg's class): 0 freezes the stem,
+  k >= 1 the stem and layer1..layerk. Frozen parts get ``FrozenBatchNorm`` (mmseg puts them in
+  eval mode: running statistics, never updated) and their attribute names are in
+  ``frozen_prefixes``, which the segmenter's optimiser masks (never updated, no weight
+  decay). WSSS_MMSeg's ResNetV1c PSPNet base config sets 1 (stem and layer1).
 
 Submodules carry the PyTorch names (mmseg ``stem.{0,1,3,4,6,7}`` or torchvision
 ``conv1``/``bn1``; ``layerI.J.{conv1,bn1,...,downsample.{0,1}}``), so ``pmm_jax.convert``
@@ -28,7 +33,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from pmm_jax.models.resnet import BN_EPSILON, BN_MOMENTUM, CONV_INIT
+from pmm_jax.models.resnet import CONV_INIT
+from pmm_jax.models.resnet38 import batch_norm, frozen_stage_prefixes
 
 DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 EXPANSION = 4
@@ -43,9 +49,10 @@ def conv(in_channels: int, out_channels: int, kernel_size: int, *, stride: int =
                     use_bias=False, kernel_init=CONV_INIT, rngs=rngs)
 
 
-def bn(channels: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    """BatchNorm with torch's defaults (momentum 0.1, epsilon 1e-5)."""
-    return nnx.BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, rngs=rngs)
+def bn(channels: int, rngs: nnx.Rngs, frozen: bool = False) -> nnx.Module:
+    """BatchNorm with torch's defaults (momentum 0.1, epsilon 1e-5); ``FrozenBatchNorm``
+    (running statistics only) in a frozen stage."""
+    return batch_norm(channels, frozen=frozen, rngs=rngs)
 
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
@@ -53,12 +60,14 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
-def make_deep_stem(in_channels: int, width: int, rngs: nnx.Rngs) -> nnx.List:
+def make_deep_stem(in_channels: int, width: int, rngs: nnx.Rngs, frozen: bool = False
+                   ) -> nnx.List:
     """``[conv, bn, relu] x 3`` (3x3, the first stride 2), indexed as torch's Sequential."""
     half = width // 2
-    return nnx.List([conv(in_channels, half, 3, stride=2, rngs=rngs), bn(half, rngs), jax.nn.relu,
-                     conv(half, half, 3, rngs=rngs), bn(half, rngs), jax.nn.relu,
-                     conv(half, width, 3, rngs=rngs), bn(width, rngs), jax.nn.relu])
+    return nnx.List([conv(in_channels, half, 3, stride=2, rngs=rngs), bn(half, rngs, frozen),
+                     jax.nn.relu, conv(half, half, 3, rngs=rngs), bn(half, rngs, frozen),
+                     jax.nn.relu, conv(half, width, 3, rngs=rngs), bn(width, rngs, frozen),
+                     jax.nn.relu])
 
 
 def run_sequence(layers, x: jax.Array) -> jax.Array:
@@ -70,17 +79,20 @@ def run_sequence(layers, x: jax.Array) -> jax.Array:
 
 class Bottleneck(nnx.Module):
     """1x1 reduce, 3x3 (stride, dilation), 1x1 expand to ``4 * planes``; projection shortcut
-    ``downsample = [1x1 strided conv, bn]`` when the shape changes; ReLU after the sum."""
+    ``downsample = [1x1 strided conv, bn]`` when the shape changes; ReLU after the sum.
+    ``frozen``: its BN layers are ``FrozenBatchNorm`` (a frozen stage)."""
 
     def __init__(self, in_channels: int, planes: int, *, stride: int, dilation: int,
-                 rngs: nnx.Rngs):
+                 frozen: bool = False, rngs: nnx.Rngs):
         out_channels = planes * EXPANSION
-        self.conv1, self.bn1 = conv(in_channels, planes, 1, rngs=rngs), bn(planes, rngs)
+        self.conv1 = conv(in_channels, planes, 1, rngs=rngs)
+        self.bn1 = bn(planes, rngs, frozen)
         self.conv2 = conv(planes, planes, 3, stride=stride, dilation=dilation, rngs=rngs)
-        self.bn2 = bn(planes, rngs)
-        self.conv3, self.bn3 = conv(planes, out_channels, 1, rngs=rngs), bn(out_channels, rngs)
+        self.bn2 = bn(planes, rngs, frozen)
+        self.conv3 = conv(planes, out_channels, 1, rngs=rngs)
+        self.bn3 = bn(out_channels, rngs, frozen)
         self.downsample = (nnx.List([conv(in_channels, out_channels, 1, stride=stride, rngs=rngs),
-                                     bn(out_channels, rngs)])
+                                     bn(out_channels, rngs, frozen)])
                            if stride != 1 or in_channels != out_channels else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -101,6 +113,8 @@ class ResNetV1c(nnx.Module):
         outputs 4x that.
       stem_width: stem output channels (64).
       deep_stem: mmseg's 3-conv stem (True) or torchvision's 7x7 conv (False).
+      frozen_stages: -1 (nothing), 0 (the stem) or k (the stem and layer1..layerk); see the
+        module docstring.
     """
 
     def __init__(
@@ -114,6 +128,7 @@ class ResNetV1c(nnx.Module):
         dilations: Sequence[int] = (1, 1, 2, 4),
         contract_dilation: bool = True,
         deep_stem: bool = True,
+        frozen_stages: int = -1,
         in_channels: int = 3,
         rngs: nnx.Rngs,
     ):
@@ -125,20 +140,25 @@ class ResNetV1c(nnx.Module):
         if not len(blocks) == len(strides) == len(dilations) == 4:
             raise ValueError("blocks, strides and dilations need 4 entries (one per stage); "
                              f"got {list(blocks)}, {list(strides)}, {list(dilations)}")
+        self.frozen_prefixes = frozen_stage_prefixes(
+            ("stem",) if deep_stem else ("conv1", "bn1"),
+            [(f"layer{i}",) for i in (1, 2, 3, 4)], frozen_stages)
         if deep_stem:
-            self.stem = make_deep_stem(in_channels, stem_width, rngs)
+            self.stem = make_deep_stem(in_channels, stem_width, rngs, frozen_stages >= 0)
         else:
             self.stem = None
             self.conv1 = conv(in_channels, stem_width, 7, stride=2, rngs=rngs)
-            self.bn1 = bn(stem_width, rngs)
+            self.bn1 = bn(stem_width, rngs, frozen_stages >= 0)
         channels, stride_so_far, out_channels, out_strides = stem_width, 4, [], []
         for i, (depth_i, stride, dilation) in enumerate(zip(blocks, strides, dilations)):
             planes = base_width * 2 ** i
             first = dilation // 2 if contract_dilation and dilation > 1 else dilation
-            layer = [Bottleneck(channels, planes, stride=stride, dilation=first, rngs=rngs)]
+            frozen = i + 1 <= frozen_stages
+            layer = [Bottleneck(channels, planes, stride=stride, dilation=first, frozen=frozen,
+                                rngs=rngs)]
             channels = planes * EXPANSION
-            layer += [Bottleneck(channels, planes, stride=1, dilation=dilation, rngs=rngs)
-                      for _ in range(depth_i - 1)]
+            layer += [Bottleneck(channels, planes, stride=1, dilation=dilation, frozen=frozen,
+                                 rngs=rngs) for _ in range(depth_i - 1)]
             setattr(self, f"layer{i + 1}", nnx.List(layer))
             stride_so_far *= stride
             out_channels.append(channels)

@@ -16,9 +16,14 @@ the ImageNet feature side come from the published structure json (a list, one
 ``[c1, c2, c4, c7, side]`` per block), read from a file path.
 
 Module names follow the PyTorch ones (``conv1``, ``bn1``, ``layer1.0.conv2.3``,
-``layer2.0.downsample.1``, ...), so ``pmm_jax.convert`` maps state-dict keys by name. All BN
-is in inference mode (``FrozenBatchNorm``), as in the official training code;
-``frozen_prefixes`` names the parameters it never trains (conv1, bn1, layer1).
+``layer2.0.downsample.1``, ...), so ``pmm_jax.convert`` maps state-dict keys by name. By
+default (``norm="frozen"``) all BN is in inference mode (``FrozenBatchNorm``), as in PMM's
+classifier training; ``frozen_prefixes`` names the parameters it never trains (default
+``frozen_stages=1``: conv1, bn1, layer1). WSSS_MMSeg's segmentation ScaleNet
+(``mmseg/models/backbones/scalenet.py``) trains everything with SyncBN (``norm_eval=False``,
+no frozen stages) and dilations (1, 1, 2, 4): ``norm="batch", frozen_stages=-1``, which
+``pmm_jax.models.build_segmenter`` fills in by default. Frozen stages always get
+``FrozenBatchNorm``.
 
 Features (backbone protocol): the outputs of layer1..layer4 (SEAM's PCM reads layer2 and
 layer3), strides (4, 8, 8, 8), channels (256, 512, 1024, 2048) / ``width_div``.
@@ -34,7 +39,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pmm_jax.models.resnet38 import FrozenBatchNorm, conv, conv_init
+from pmm_jax.models.resnet38 import (batch_norm, check_norm, conv, conv_init,
+                                     frozen_stage_prefixes)
 
 SCALES = (1, 2, 4, 7)
 EXPANSION = 4
@@ -83,21 +89,22 @@ class SABlock(nnx.Module):
     """Scale-aggregation bottleneck; see the module docstring."""
 
     def __init__(self, in_channels: int, planes: int, entry: Sequence[int], *, stride: int,
-                 dilation: int, rngs: nnx.Rngs):
+                 dilation: int, frozen_bn: bool = True, rngs: nnx.Rngs):
         widths, side = entry[:-1], entry[-1]
         out = planes * EXPANSION
         self.stride = stride
-        self.downsample = (nnx.List([conv(in_channels, out, 1, rngs=rngs), FrozenBatchNorm(out)])
+        norm = lambda c: batch_norm(c, frozen=frozen_bn, rngs=rngs)
+        self.downsample = (nnx.List([conv(in_channels, out, 1, rngs=rngs), norm(out)])
                            if stride != 1 or in_channels != out else None)
         self.conv1 = conv(in_channels, planes, 1, rngs=rngs)
-        self.bn1 = FrozenBatchNorm(planes)
+        self.bn1 = norm(planes)
         big = [side / 2 ** i > 1 for i in range(len(SCALES))]
         self.conv2 = nnx.List([
             conv(planes, c, 3 if big[i] else 1, dilation=dilation if big[i] else 1, rngs=rngs)
             if c > 0 else None for i, c in enumerate(widths)])
-        self.bn2 = nnx.List([FrozenBatchNorm(c) if c > 0 else None for c in widths])
+        self.bn2 = nnx.List([norm(c) if c > 0 else None for c in widths])
         self.conv3 = conv(sum(widths), out, 1, rngs=rngs)
-        self.bn3 = FrozenBatchNorm(out)
+        self.bn3 = norm(out)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.stride > 1:
@@ -124,13 +131,19 @@ class ScaleNet(nnx.Module):
       dilations: dilation of the 3x3 branch convs of each layer.
       width_div: divides the stem and plane widths (tests; the branch widths come from
         ``structure``).
+      norm: "frozen" (BN on running statistics; the classifier) or "batch" (trainable
+        BatchNorm; the segmenter).
+      frozen_stages: mmseg's meaning: -1 nothing, 0 the stem (conv1, bn1), k the stem and
+        layer1..layerk (default 1, PMM's classifier).
     """
-
-    frozen_prefixes = ("conv1", "bn1", "layer1")
 
     def __init__(self, *, structure: str | Sequence, layers: Sequence[int] = (3, 4, 23, 3),
                  dilations: Sequence[int] = (1, 1, 1, 1), width_div: int = 1,
-                 in_channels: int = 3, rngs: nnx.Rngs):
+                 norm: str = "frozen", frozen_stages: int = 1, in_channels: int = 3,
+                 rngs: nnx.Rngs):
+        check_norm(norm)
+        self.frozen_prefixes = frozen_stage_prefixes(
+            ("conv1", "bn1"), [(f"layer{k}",) for k in (1, 2, 3, 4)], frozen_stages)
         structure, layers = load_structure(structure), tuple(layers)
         if sum(layers) != len(structure) or len(layers) != 4 or len(tuple(dilations)) != 4:
             raise ValueError(f"ScaleNet layers {list(layers)} need {sum(layers)} structure "
@@ -139,14 +152,16 @@ class ScaleNet(nnx.Module):
         stem = 64 // width_div
         self.conv1 = nnx.Conv(in_channels, stem, (7, 7), strides=2, padding=((3, 3), (3, 3)),
                               use_bias=False, kernel_init=conv_init, rngs=rngs)
-        self.bn1 = FrozenBatchNorm(stem)
+        self.bn1 = batch_norm(stem, frozen=norm == "frozen" or frozen_stages >= 0, rngs=rngs)
         channels, entries = stem, iter(structure)
         for k, (depth, stride, dilation) in enumerate(zip(layers, (1, 2, 1, 1), dilations)):
             planes = 64 * 2 ** k // width_div
             blocks = []
             for i in range(depth):
                 blocks.append(SABlock(channels, planes, next(entries), stride=stride if i == 0
-                                      else 1, dilation=dilation, rngs=rngs))
+                                      else 1, dilation=dilation,
+                                      frozen_bn=norm == "frozen" or k + 1 <= frozen_stages,
+                                      rngs=rngs))
                 channels = planes * EXPANSION
             setattr(self, f"layer{k + 1}", nnx.List(blocks))
         self.out_channels = tuple(64 * 2 ** k // width_div * EXPANSION for k in range(4))

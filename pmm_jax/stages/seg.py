@@ -14,6 +14,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import tqdm
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -89,6 +90,40 @@ def mmseg_batches(config, ds, start_step: int):
         shuffle_buffer=config.data.shuffle_buffer)
 
 
+def _path_names(path) -> tuple[str, ...]:
+    """A parameter's pytree key path as strings (without nnx's trailing ``value``)."""
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    return tuple(names[:-1] if names and names[-1] == "value" else names)
+
+
+def frozen_param_labels(model: nnx.Module) -> dict[tuple[str, ...], bool]:
+    """``{parameter path: frozen}``: True under one of ``model.backbone.frozen_prefixes`` (the
+    backbone's ``frozen_stages``, mmseg's ``requires_grad=False`` parameters)."""
+    prefixes = set(getattr(model.backbone, "frozen_prefixes", ()))
+    labels = {}
+    for path, _ in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param)):
+        names = _path_names(path)
+        labels[names] = len(names) > 2 and names[0] == "backbone" and names[1] in prefixes
+    return labels
+
+
+def make_optimizer(config, model: nnx.Module):
+    """mmseg's SGD with poly decay (``config.seg``); returns ``(tx, schedule)``. Parameters of
+    the backbone's frozen stages (``frozen_prefixes``) get no update at all (no gradient
+    step, momentum or weight decay), as mmseg's ``frozen_stages``; with none frozen ``tx`` is
+    exactly ``trainer.sgd_poly``'s."""
+    cfg = config.seg
+    tx, schedule = trainer.sgd_poly(cfg.lr, cfg.num_steps, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay,
+                                    end_lr=cfg.get("min_lr", 0.0))
+    labels = frozen_param_labels(model)
+    if any(labels.values()):
+        label_tree = lambda params: jax.tree_util.tree_map_with_path(
+            lambda path, _: "frozen" if labels[_path_names(path)] else "train", params)
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, label_tree)
+    return tx, schedule
+
+
 def train_segmenter(config, wd: Workdir, run: str, mask_dir: str, loss: str) -> None:
     """Trains (or resumes) segmenter ``run`` on the masks in ``mask_dir``."""
     cfg = config.seg
@@ -100,11 +135,10 @@ def train_segmenter(config, wd: Workdir, run: str, mask_dir: str, loss: str) -> 
         num_classes=config.data.num_classes)
     batches = (mmseg_batches(config, ds, start) if cfg.get("augment") == "mmseg"
                else common.train_batches(config, ds, cfg, "config.seg.batch_size", start))
-    tx, schedule = trainer.sgd_poly(cfg.lr, cfg.num_steps, momentum=cfg.momentum,
-                                    weight_decay=cfg.weight_decay,
-                                    end_lr=cfg.get("min_lr", 0.0))
+    model = build_model(config, config.seed)
+    tx, schedule = make_optimizer(config, model)
     eval_every = cfg.get("eval_every", 0)
-    trainer.train(build_model(config, config.seed), run_loss(config, loss), batches, tx,
+    trainer.train(model, run_loss(config, loss), batches, tx,
                   num_steps=cfg.num_steps, ckpt_dir=ckpt_dir, log_dir=wd.log_dir(f"seg/{run}"),
                   seed=config.seed, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
                   lr_schedule=schedule, image_summary_fn=mask_summary, desc=f"seg {run}",
