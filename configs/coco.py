@@ -30,6 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
     c = _voc_config()
     c.data.update(dict(name="coco2014_wsss/contiguous", class_names="coco", num_classes=81,
                        train_split="train", val_split="val", eval_pad_to=(640, 640)))
+    # Multi-crop CAM inference as on VOC; the official COCO run trains its classifier without
+    # rough masks ("simplify and speed up training"), so cls.multicrop.rough_masks stays "".
     c.cls.update(dict(batch_size=8, lr=0.01, num_steps=20 * 82783 // 8))
     c.pseudo.eval_subset = 2000
     c.seg.update(dict(batch_size=64, lr=0.01, min_lr=5e-5, num_steps=40000, ckpt_every=4000,

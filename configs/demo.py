@@ -8,6 +8,9 @@ Sized to finish in minutes on a 2-core CPU (see README). ``get_config("tiny")`` 
 
 import ml_collections
 
+# PMM's multi-crop scales: 0.75 to 3.0 in steps of 0.25.
+MULTICROP_SCALES = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0)
+
 
 def _resnet(widths, blocks, strides, dilations, stem_width):
     return ml_collections.ConfigDict(dict(
@@ -51,12 +54,23 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
         weight_decay=5e-4,
         log_every=4 if tiny else 50,
         ckpt_every=4 if tiny else 200,
+        # PMM's multi-crop training (docs/multicrop.md), off while rough_masks is "": tiles of
+        # `crop` pixels `stride` apart at one of `scales` (the paper's 448/300 relative to
+        # ~500-pixel VOC images, scaled to these images), labelled from rough masks.
+        multicrop=ml_collections.ConfigDict(dict(
+            rough_masks="", scales=MULTICROP_SCALES, crop=32 if tiny else 64,
+            stride=21 if tiny else 43)),
     ))
 
     c.cam = ml_collections.ConfigDict(dict(
+        method="multiscale",  # or "multicrop" (PMM's multi-crop inference, docs/multicrop.md)
         scales=(1.0,) if tiny else (1.0, 1.5),
         flip=True,
         batch_size=16 if tiny else 40,
+        # method="multicrop": tiles as in cls.multicrop, `tile_batch` tiles per jitted step.
+        multicrop=ml_collections.ConfigDict(dict(
+            scales=MULTICROP_SCALES, crop=32 if tiny else 64, stride=21 if tiny else 43,
+            tile_batch=32)),
     ))
 
     # Dense CRF implementation wherever a CRF runs (pseudo-masks, segmentation test time with

@@ -9,6 +9,9 @@ global (split over processes and devices).
 
 import ml_collections
 
+# PMM's multi-crop scales (training and inference): 0.75 to 3.0 in steps of 0.25.
+MULTICROP_SCALES = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0)
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -49,9 +52,22 @@ def get_config() -> ml_collections.ConfigDict:
         weight_decay=5e-4,
         log_every=50,
         ckpt_every=1000,
+        # PMM's multi-crop training (docs/multicrop.md): 448-pixel tiles 300 apart at a random
+        # scale of 0.75..3.0, labelled by the 10% rule from rough masks of a first model. Off
+        # while rough_masks is "" (the first model: random-scale crops); then
+        # `python -m pmm_jax.rough_masks --config=configs/voc.py --workdir=FIRST_RUN` and
+        # --config.cls.multicrop.rough_masks=FIRST_RUN/rough_masks/train.
+        multicrop=ml_collections.ConfigDict(dict(
+            rough_masks="", scales=MULTICROP_SCALES, crop=448, stride=300)),
     ))
 
-    c.cam = ml_collections.ConfigDict(dict(scales=(0.5, 1.0, 1.5, 2.0), flip=True, batch_size=8))
+    # CAMs: PMM's multi-crop inference (448-pixel tiles, stride 300, scales 0.75..3.0, each
+    # tile also flipped; tile_batch tiles per jitted step over all devices). The first model
+    # of the multi-crop recipe uses method="multiscale" (SEAM's: whole image at `scales`).
+    c.cam = ml_collections.ConfigDict(dict(
+        method="multicrop", scales=(0.5, 1.0, 1.5, 2.0), flip=True, batch_size=8,
+        multicrop=ml_collections.ConfigDict(dict(
+            scales=MULTICROP_SCALES, crop=448, stride=300, tile_batch=16))))
 
     # Dense CRF implementation wherever a CRF runs (pseudo-masks, segmentation test time with
     # eval.crf, cyclic masks): "pydensecrf" (host process pool; fastest on a CPU) or "jax"
