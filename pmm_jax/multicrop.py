@@ -14,12 +14,20 @@ Semantics of the official ``VOC12ClsDatasetMultiCrop`` / ``VOC12ClsHeatCropDatas
 * Test: each tile's CAM, resized back to its box and multiplied by the image-level label, is
   summed into the full map and divided by the per-pixel tile count (flipped views count as
   tiles of their own).
+
+Rough masks (training): one file per training image in a folder, in either of the official
+``VOC12ClsHeatCropDataset`` formats: ``<id>.png``, a label PNG whose value c+1 marks class c's
+rough mask (0 background, anything else, e.g. 255, nothing), or ``<id>.npy``, a pickled dict
+``{0: background probability, c+1: probability of class c}`` (classes keyed 1-based, key 0
+ignored) thresholded at 0.9. ``python -m pmm_jax.rough_masks`` writes the PNG form from a first
+run's CAMs.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+import os
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -96,3 +104,61 @@ def accumulate(tile_cams: Sequence[np.ndarray], boxes: Sequence[tuple[int, int, 
         total[:, y1:y2, x1:x2] += cam * labels[:, None, None]
         count[y1:y2, x1:x2] += 1
     return (total / np.maximum(count, 1)).astype(np.float32)
+
+
+ROUGH_MASK_SUFFIXES = (".png", ".npy")
+_MAX_LISTED_MISSING = 5
+
+
+def rough_mask_paths(directory: str, ids: Iterable[str]) -> dict[str, str]:
+    """``{id: rough-mask file}`` (``<id>.png``, else ``<id>.npy``) for every id; raises
+    FileNotFoundError with the number of missing files and the first expected names."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"rough-mask folder {directory} does not exist (make it with "
+                                "`python -m pmm_jax.rough_masks`, see docs/multicrop.md)")
+    present = set(os.listdir(directory))
+    paths, missing = {}, []
+    for image_id in ids:
+        name = next((image_id + s for s in ROUGH_MASK_SUFFIXES if image_id + s in present), None)
+        if name is None:
+            missing.append(os.path.join(directory, image_id + ".png"))
+        else:
+            paths[image_id] = os.path.join(directory, name)
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(paths) + len(missing)} training images have no rough mask "
+            f"in {directory} (first: {', '.join(missing[:_MAX_LISTED_MISSING])}; .npy is "
+            "accepted too). Make them with `python -m pmm_jax.rough_masks` (docs/multicrop.md).")
+    return paths
+
+
+def read_rough_masks(path: str, num_classes: int) -> dict[int, np.ndarray]:
+    """``{0-based class: [H, W] bool}`` rough masks from a file of either format (module
+    docstring); classes without a pixel are left out. Errors name the file."""
+    if path.endswith(".png"):
+        from pmm_jax.io import read_mask
+
+        labels = read_mask(path)
+        values = np.unique(labels)
+        bad = values[(values > num_classes) & (values != 255)]
+        if bad.size:
+            raise ValueError(f"{path}: rough-mask values {bad.tolist()} are not classes 1.."
+                             f"{num_classes} (class c+1), 0 or 255")
+        return {int(v) - 1: labels == v for v in values if 1 <= v <= num_classes}
+    try:
+        heat = np.load(path, allow_pickle=True)
+        heat = heat.item() if heat.dtype == object and heat.shape == () else heat
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read rough mask ({err})") from err
+    if not isinstance(heat, dict):
+        raise ValueError(f"{path}: expected a pickled dict {{0: background, c+1: HxW "
+                         f"probability}}, got {type(heat).__name__}")
+    masks = {}
+    for key, prob in heat.items():
+        key = int(key)
+        if not 0 <= key <= num_classes:
+            raise ValueError(f"{path}: class key {key} is outside 0..{num_classes} (the keys "
+                             "are 1-based: c+1 for class c, 0 for background)")
+        if key > 0:
+            masks[key - 1] = np.asarray(prob) > ROUGH_MASK_THRESHOLD
+    return masks

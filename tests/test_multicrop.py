@@ -92,3 +92,119 @@ def test_accumulate_averages_over_covering_tiles_and_masks_labels():
     assert out.shape == (2, 5, 8)
     np.testing.assert_allclose(out[0, 0], [1, 1, 1, 2, 2, 2, 3, 3])
     assert np.all(out[0, 4] == 0) and np.all(out[1] == 0)
+
+
+# Rough masks (the training crops' labels) and the tf.data multi-crop training batches.
+
+def test_read_rough_masks_png_and_official_npy(tmp_path):
+    from pmm_jax import io
+
+    labels = np.full((6, 8), 255, np.uint8)
+    labels[:2] = 0
+    labels[3:, :4] = 2  # class 1
+    labels[3:, 6:] = 4  # class 3
+    io.write_mask(str(tmp_path / "a.png"), labels)
+    masks = multicrop.read_rough_masks(str(tmp_path / "a.png"), 4)
+    assert sorted(masks) == [1, 3] and masks[1].sum() == 12 and masks[3].sum() == 6
+    # Official npy: {0: background, c+1: probability of class c}, thresholded at 0.9.
+    heat = {0: np.full((6, 8), 0.95), 2: np.where(labels == 2, 0.95, 0.5),
+            3: np.full((6, 8), 0.9)}
+    np.save(tmp_path / "b.npy", heat, allow_pickle=True)
+    masks = multicrop.read_rough_masks(str(tmp_path / "b.npy"), 4)
+    assert sorted(masks) == [1, 2] and masks[1].sum() == 12 and masks[2].sum() == 0
+    np.save(tmp_path / "c.npy", {5: np.ones((6, 8))}, allow_pickle=True)
+    with pytest.raises(ValueError, match=r"c\.npy: class key 5 is outside 0\.\.4"):
+        multicrop.read_rough_masks(str(tmp_path / "c.npy"), 4)
+    io.write_mask(str(tmp_path / "d.png"), np.full((6, 8), 7, np.uint8))
+    with pytest.raises(ValueError, match=r"d\.png: rough-mask values \[7\]"):
+        multicrop.read_rough_masks(str(tmp_path / "d.png"), 4)
+
+
+def test_rough_mask_paths_name_the_missing_files(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "b.npy").write_bytes(b"")
+    assert multicrop.rough_mask_paths(str(tmp_path), ["a", "b"]) == {
+        "a": str(tmp_path / "a.png"), "b": str(tmp_path / "b.npy")}
+    with pytest.raises(FileNotFoundError, match=r"1 of 3 training images .*c\.png"):
+        multicrop.rough_mask_paths(str(tmp_path), ["a", "b", "c"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        multicrop.rough_mask_paths(str(tmp_path / "nope"), ["a"])
+
+
+def toy_dataset():
+    """Two tfds-style examples: 'a' (60x80, black but for a white bottom-right corner, the
+    rough mask of class 1) and 'b' (40x40, class 0 and 2 in its image label)."""
+    import tensorflow as tf
+
+    a = np.zeros((60, 80, 3), np.uint8)
+    a[40:, 60:] = 255
+    examples = [("a", a, [1.0, 1.0, 0.0]), ("b", np.full((40, 40, 3), 128, np.uint8),
+                                             [1.0, 0.0, 1.0])]
+
+    def gen():
+        for image_id, image, labels in examples:
+            yield {"id": image_id, "image": image, "labels": np.float32(labels),
+                   "mask": np.zeros(image.shape[:2] + (1,), np.uint8)}
+
+    return tf.data.Dataset.from_generator(gen, output_signature={
+        "id": tf.TensorSpec((), tf.string), "image": tf.TensorSpec((None, None, 3), tf.uint8),
+        "labels": tf.TensorSpec((3,), tf.float32),
+        "mask": tf.TensorSpec((None, None, 1), tf.uint8)})
+
+
+def write_toy_rough_masks(directory):
+    from pmm_jax import io
+
+    corner = np.zeros((60, 80), np.uint8)
+    corner[40:, 60:] = 2
+    io.write_mask(str(directory / "a.png"), corner)
+    b = np.zeros((40, 40), np.uint8)
+    b[:, :20] = 1  # class 0
+    b[:, 20:] = 2  # class 1: not in b's image label, so never a crop label
+    io.write_mask(str(directory / "b.png"), b)
+
+
+def test_multicrop_train_batches(tmp_path):
+    from pmm_jax.data import pipeline
+
+    write_toy_rough_masks(tmp_path)
+    kwargs = dict(rough_masks=str(tmp_path), batch_size=4, crop_size=16, seed=3,
+                  num_classes_fg=3, scales=(1.0, 2.0), tile=32, stride=20, shuffle_buffer=2)
+    batches = pipeline.multicrop_train_batches(toy_dataset(), **kwargs)
+    seen = {"a": 0, "b": 0}
+    for _ in range(6):
+        batch = next(batches)
+        assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == np.float32
+        assert batch["mask"].shape == (4, 16, 16) and batch["labels"].shape == (4, 3)
+        for image_id, image, labels in zip(batch["id"], batch["image"], batch["labels"]):
+            image_id = image_id.decode()
+            seen[image_id] += 1
+            if image_id == "a":
+                assert labels.tolist() in ([0, 1, 0], [0, 0, 0])
+                if labels[1]:  # a tile labelled by the corner's rough mask shows the corner
+                    assert image.max() > 1.5
+            else:
+                assert labels.tolist() in ([1, 0, 0], [0, 0, 0])
+    assert seen["a"] and seen["b"]
+    again = pipeline.multicrop_train_batches(toy_dataset(), **kwargs)
+    np.testing.assert_array_equal(next(again)["image"],
+                                  next(pipeline.multicrop_train_batches(toy_dataset(),
+                                                                        **kwargs))["image"])
+
+
+def test_multicrop_train_batches_name_missing_and_mismatched_rough_masks(tmp_path):
+    import tensorflow as tf
+
+    from pmm_jax import io
+    from pmm_jax.data import pipeline
+
+    write_toy_rough_masks(tmp_path)
+    (tmp_path / "b.png").unlink()
+    kwargs = dict(rough_masks=str(tmp_path), batch_size=2, crop_size=16, seed=0,
+                  num_classes_fg=3, scales=(1.0,), tile=32, stride=20)
+    with pytest.raises(FileNotFoundError, match=r"1 of 2 training images .*b\.png"):
+        pipeline.multicrop_train_batches(toy_dataset(), **kwargs)
+    io.write_mask(str(tmp_path / "b.png"), np.ones((40, 41), np.uint8))
+    with pytest.raises(tf.errors.OpError, match=r"b\.png: rough mask is 40x41 but its image is "
+                                                r"40x40"):
+        next(pipeline.multicrop_train_batches(toy_dataset(), **kwargs))

@@ -4,6 +4,9 @@
 soft-margin on GAP of the CAM head and ``trainer.sgd_poly``; "seam" trains
 ``pmm_jax.seam.SEAM`` (CAM head + PCM) with the SEAM losses and its four-group optimiser
 (``config.cls.official_momentum``, default False, reproduces the official momentum 5e-4).
+With ``config.cls.multicrop.rough_masks`` set to a folder of rough masks, the classifier trains
+on PMM's multi-crop tiles (``pipeline.multicrop_train_batches``: ``multicrop.scales``,
+``crop``, ``stride``; docs/multicrop.md) instead of random-scale crops.
 Checkpoints go to ``WORKDIR/cls/ckpt`` and are resumed automatically.
 """
 
@@ -15,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from pmm_jax import models, seam, trainer, visualize
+from pmm_jax.data import pipeline
 from pmm_jax.models.cam_classifier import multilabel_soft_margin_loss
 from pmm_jax.stages import common
 from pmm_jax.workdir import Workdir
@@ -47,6 +51,27 @@ def build_model(config, seed: int = 0) -> nnx.Module:
     return model
 
 
+def rough_masks(config) -> str:
+    """The rough-mask folder of multi-crop training, or "" (random-scale crops)."""
+    multicrop = config.cls.get("multicrop")
+    return multicrop.get("rough_masks", "") if multicrop is not None else ""
+
+
+def train_batches(config, wd: Workdir, start: int):
+    """The classifier's training batches from step ``start``: multi-crop tiles when
+    ``config.cls.multicrop.rough_masks`` is set, else ``common.train_batches``."""
+    cfg, key = config.cls, "config.cls.batch_size"
+    ds = common.split_dataset(config, wd, "train")
+    if not rough_masks(config):
+        return common.train_batches(config, ds, cfg, key, start)
+    mc = cfg.multicrop
+    return pipeline.multicrop_train_batches(
+        ds, rough_masks=mc.rough_masks, batch_size=common.local_batch_size(cfg.batch_size, key),
+        crop_size=cfg.crop_size, seed=config.seed + start,
+        num_classes_fg=common.num_foreground(config), scales=tuple(mc.scales), tile=mc.crop,
+        stride=mc.stride, shuffle_buffer=config.data.shuffle_buffer)
+
+
 def loss_fn(model, batch, rngs):
     """Multilabel soft-margin loss on the classifier's logits, with the exact-match accuracy."""
     out = model(batch["image"], rngs=rngs)
@@ -67,8 +92,7 @@ def run(config, wd: Workdir) -> dict:
     cfg = config.cls
     ckpt_dir = wd.ckpt_dir("cls")
     start = trainer.latest_step(ckpt_dir) or 0
-    batches = common.train_batches(config, common.split_dataset(config, wd, "train"), cfg,
-                                   "config.cls.batch_size", start)
+    batches = train_batches(config, wd, start)
     model = build_model(config, config.seed)
     if method(config) == "seam":
         tx, schedule = seam.make_optimizer(
