@@ -99,7 +99,7 @@ def _path_names(path) -> tuple[str, ...]:
 def frozen_param_labels(model: nnx.Module) -> dict[tuple[str, ...], bool]:
     """``{parameter path: frozen}``: True under one of ``model.backbone.frozen_prefixes`` (the
     backbone's ``frozen_stages``, mmseg's ``requires_grad=False`` parameters)."""
-    prefixes = set(getattr(model.backbone, "frozen_prefixes", ()))
+    prefixes = set(getattr(getattr(model, "backbone", None), "frozen_prefixes", ()))
     labels = {}
     for path, _ in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param)):
         names = _path_names(path)
