@@ -17,17 +17,22 @@ import os
 import ml_collections
 
 
-def _voc_config() -> ml_collections.ConfigDict:
-    """configs/voc.py's config, loaded by path so this file works from any directory."""
+def _voc():
+    """The configs/voc.py module, loaded by path so this file works from any directory."""
     spec = importlib.util.spec_from_file_location(
         "voc_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "voc.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module
+
+
+def get_sweep(name: str) -> list[dict]:
+    """The same ablation sweeps as configs/voc.py (``alpha``, ``cvs_s``, ``pus_mode``, ``pus``)."""
+    return _voc().get_sweep(name)
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = _voc_config()
+    c = _voc().get_config()
     c.data.update(dict(name="coco2014_wsss/contiguous", class_names="coco", num_classes=81,
                        train_split="train", val_split="val", eval_pad_to=(640, 640)))
     # Multi-crop CAM inference as on VOC; the official COCO run trains its classifier without

@@ -128,3 +128,18 @@ def get_config() -> ml_collections.ConfigDict:
         rule="mmseg", batch_size=8, sliding_window=(512, 480),
         scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), flip=True, crf=True, crf_workers=0))
     return c
+
+
+def get_sweep(name: str) -> list[dict]:
+    """The paper's ablations as sweeps for ``launch/sweep.py`` (one override dict per run):
+    ``alpha`` (background power), ``cvs_s`` (CVS strength s; 0 = no smoothing), ``pus_mode``
+    (Table 3: no PUS / pow / ignore / clamp) and ``pus`` (beta = kappa)."""
+    sweeps = {
+        "alpha": [{"pseudo.alpha": a} for a in (8.0, 11.0, 14.0)],
+        "cvs_s": [{"pseudo.s": s} for s in (0.0, 0.3, 0.6)],
+        "pus_mode": [{"seg.pus.mode": m} for m in ("none", "pow", "ignore", "clamp")],
+        "pus": [{"seg.pus.beta": b, "seg.pus.kappa": b} for b in (0.3, 0.5, 0.8)],
+    }
+    if name not in sweeps:
+        raise ValueError(f"configs/voc.py: unknown sweep {name!r}; known: {sorted(sweeps)}")
+    return sweeps[name]

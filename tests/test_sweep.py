@@ -112,3 +112,30 @@ def test_unknown_sweep_is_an_error(tmp_path):
     proc = run_script("--config=configs/demo.py", "--sweep=nope", f"--root={tmp_path}",
                       "--print_only")
     assert proc.returncode != 0 and "unknown sweep" in proc.stderr
+
+
+@pytest.mark.parametrize("config_file", ["demo.py", "voc.py", "coco.py"])
+def test_every_sweep_overrides_existing_config_keys(config_file):
+    """Each sweep of each config names keys its locked config has, with values of their type,
+    so no run of a sweep fails on a typo after the others spent their time."""
+    path = ROOT / "configs" / config_file
+    spec = importlib.util.spec_from_file_location(f"cfg_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.lock()
+    names = {"demo.py": ("alpha", "cvs_s", "pus"), "voc.py": ("alpha", "cvs_s", "pus_mode", "pus"),
+             "coco.py": ("alpha", "cvs_s", "pus_mode", "pus")}[config_file]
+    for name in names:
+        runs = sweep.load_sweep(str(path), name)
+        assert len(runs) >= 2
+        for overrides in runs:
+            for key, value in overrides.items():
+                trial = config.copy_and_resolve_references()
+                node = trial
+                *parents, leaf = key.split(".")
+                for part in parents:
+                    node = node[part]
+                node[leaf] = value  # a locked config raises on an unknown key or a bad type
+    with pytest.raises(ValueError, match="unknown sweep"):
+        sweep.load_sweep(str(path), "no_such_sweep")
