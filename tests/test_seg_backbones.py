@@ -153,6 +153,7 @@ def path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
+@pytest.mark.xdist_group("seg_steps")  # one worker computes `steps` once
 def test_bn_statistics_and_updates_are_over_the_global_batch(steps):
     _, (_, after4, metrics4, _), (_, after1, metrics1, _), y = steps
     assert jax.device_count() == 4
@@ -172,6 +173,7 @@ def test_bn_statistics_and_updates_are_over_the_global_batch(steps):
     assert np.max(np.abs(observed - per_device_var) / observed) > 100 * 1e-4
 
 
+@pytest.mark.xdist_group("seg_steps")  # one worker computes `steps` once
 def test_frozen_stages_get_no_update_and_frozen_bn(steps):
     _, (before, after, _, model), _, _ = steps
     b, a = flat(before), flat(after)
