@@ -198,11 +198,9 @@ class MultiCropCAM:
                           out_specs=(spec, spec), check_vma=False),
             donate_argnums=(2, 3))
         self._finish = jax.jit(finish, out_shardings=shd.data_sharding(self.mesh))
-
-    def _zeros(self, shape: tuple[int, ...]) -> jax.Array:
-        """A float32 array of zeros sharded over ``"data"`` (made on the devices)."""
-        return jax.jit(lambda: jnp.zeros(shape, jnp.float32),
-                       out_shardings=shd.data_sharding(self.mesh))()
+        # float32 zeros sharded over "data", made on the devices (compiled once per shape).
+        self._zeros = jax.jit(lambda shape: jnp.zeros(shape, jnp.float32), static_argnums=0,
+                              out_shardings=shd.data_sharding(self.mesh))
 
     def __call__(self, batch: Mapping[str, np.ndarray], rows: Sequence[int]) -> np.ndarray:
         local = {k: np.asarray(batch[k]) for k in ("raw", "labels")}

@@ -93,9 +93,12 @@ def cam_path(wd: Workdir, split: str, image_id: str) -> str:
     return os.path.join(wd.cams(split), f"{image_id}.npy")
 
 
-def write_split(config, wd: Workdir, model, split: str) -> int:
-    """Writes the CAM file of every image of this process's shard of ``split``; returns how many."""
-    predict = make_predictor(config, model)
+def write_split(config, wd: Workdir, model, split: str, predict=None) -> int:
+    """Writes the CAM file of every image of this process's shard of ``split``; returns how many.
+
+    ``predict``: a :func:`make_predictor` result to reuse (one compilation for both splits);
+    made from ``model`` when None."""
+    predict = predict or make_predictor(config, model)
     key = "config.cam.batch_size"
     batches = common.eval_batches(config, wd, split, config.cam.batch_size, key)
     total = common.num_eval_batches(config, wd, split, config.cam.batch_size, key)
@@ -146,7 +149,8 @@ def summary_images(config, wd: Workdir, split: str = "val") -> dict[str, np.ndar
 def run(config, wd: Workdir) -> dict:
     model = trainer.restore_model(build_model(config), wd.ckpt_dir("cls"),
                                   hint="run stage 'cls' first")
-    counts = {split: write_split(config, wd, model, split) for split in ("train", "val")}
+    predict = make_predictor(config, model)
+    counts = {split: write_split(config, wd, model, split, predict) for split in ("train", "val")}
     if distributed.is_main():
         common.write_images(wd.log_dir("cam"), summary_images(config, wd))
     return {**cam_metrics(config, wd), "written": counts,
