@@ -144,14 +144,20 @@ def plan(batch: Mapping[str, np.ndarray], rows: Sequence[int], *, scales: Sequen
     count = max((math.ceil(len(t) / per_device) for t in lists), default=0)
     chunks = []
     for k in range(count):
-        chunk = np.zeros((devices, per_device, len(TILE_FIELDS)), np.int32)
-        chunk[..., 3:5] = 1  # padding tiles: a 1x1 box at the origin, invalid
+        chunk = padding_tiles(devices * per_device).reshape(devices, per_device, -1)
         for j, tiles in enumerate(lists):
             part = tiles[k * per_device:(k + 1) * per_device]
             if part:
                 chunk[j, :len(part)] = part
         chunks.append(chunk.reshape(devices * per_device, len(TILE_FIELDS)))
     return chunks
+
+
+def padding_tiles(n: int) -> np.ndarray:
+    """``n`` invalid tiles (a 1x1 box at the origin, ``valid`` 0): they add nothing."""
+    tiles = np.zeros((n, len(TILE_FIELDS)), np.int32)
+    tiles[:, 3:5] = 1
+    return tiles
 
 
 class MultiCropCAM:
@@ -182,7 +188,8 @@ class MultiCropCAM:
         self.batch_size_key = batch_size_key
         self.mesh = shd.make_mesh()
         graphdef, state = nnx.split(model)
-        self.state = trainer._replicate(state, self.mesh)  # noqa: SLF001 (same replication)
+        # The trainer's replication (every process contributes its copy when several).
+        self.state = trainer._replicate(state, self.mesh)  # noqa: SLF001
         views = 2 if flip else 1
         spec = PartitionSpec(shd.DATA_AXIS)
 
@@ -211,9 +218,7 @@ class MultiCropCAM:
                       devices=jax.local_device_count(), per_device=self.per_device)
         # Every process runs as many steps as the busiest one (the steps are collective).
         steps = max(distributed.gather_ints({"chunks": len(chunks)})["chunks"])
-        empty = np.zeros((jax.local_device_count() * self.per_device, len(TILE_FIELDS)),
-                         np.int32)
-        empty[:, 3:5] = 1
+        empty = padding_tiles(jax.local_device_count() * self.per_device)
         for k in range(steps):
             tiles = chunks[k] if k < len(chunks) else empty
             tiles = shd.shard_batch({"tiles": tiles}, self.mesh)["tiles"]
