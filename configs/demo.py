@@ -54,9 +54,9 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
         weight_decay=5e-4,
         log_every=4 if tiny else 50,
         ckpt_every=4 if tiny else 200,
-        # PMM's multi-crop training (docs/multicrop.md), off while rough_masks is "": tiles of
-        # `crop` pixels `stride` apart at one of `scales` (the paper's 448/300 relative to
-        # ~500-pixel VOC images, scaled to these images), labelled from rough masks.
+        # PMM's multi-crop training (docs/multicrop.md), off while rough_masks is "": PMM's
+        # tiles (`crop`, `stride`: the paper's 448/300 relative to ~500-pixel VOC images,
+        # scaled to these images) at one of `scales`, labelled from rough masks.
         multicrop=ml_collections.ConfigDict(dict(
             rough_masks="", scales=MULTICROP_SCALES, crop=32 if tiny else 64,
             stride=21 if tiny else 43)),

@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
         weight_decay=5e-4,
         log_every=50,
         ckpt_every=1000,
-        # PMM's multi-crop training (docs/multicrop.md): 448-pixel tiles 300 apart at a random
+        # PMM's multi-crop training (docs/multicrop.md): a tile (crop 448, stride 300) at a random
         # scale of 0.75..3.0, labelled by the 10% rule from rough masks of a first model. Off
         # while rough_masks is "" (the first model: random-scale crops); then
         # `python -m pmm_jax.rough_masks --config=configs/voc.py --workdir=FIRST_RUN` and
@@ -61,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
             rough_masks="", scales=MULTICROP_SCALES, crop=448, stride=300)),
     ))
 
-    # CAMs: PMM's multi-crop inference (448-pixel tiles, stride 300, scales 0.75..3.0, each
+    # CAMs: PMM's multi-crop inference (tiles of crop 448, stride 300, scales 0.75..3.0, each
     # tile also flipped; tile_batch tiles per jitted step over all devices). The first model
     # of the multi-crop recipe uses method="multiscale" (SEAM's: whole image at `scales`).
     c.cam = ml_collections.ConfigDict(dict(

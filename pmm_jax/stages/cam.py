@@ -2,13 +2,13 @@
 
 ``config.cam.method`` (default "multiscale"): "multiscale" averages the CAMs of the whole
 image over ``config.cam.scales`` and horizontal flips (SEAM's inference); "multicrop" is
-PMM's multi-crop inference (``pmm_jax.multicrop_cam``: tiles of ``config.cam.multicrop.crop``
-pixels, ``stride`` apart, over ``multicrop.scales``, ``flip``ped too, ``tile_batch`` tiles per
-jitted step). Either way the CAMs are restricted to the image-level label (as WSSS does for
-train and for CAM evaluation on val), normalised per class by their maximum, and written one
-file per image in the official PMM/SEAM format (``WORKDIR/cams/<split>/<id>.npy``). The
-stage reports CAM mIoU on val at the fixed background threshold
-``evaluate.DEFAULT_CAM_BG_THRESHOLD`` and the threshold curve.
+PMM's multi-crop inference (``pmm_jax.multicrop_cam``: ``multicrop.tile_boxes`` tiles of
+``config.cam.multicrop.crop`` and ``stride`` at every one of ``multicrop.scales``, ``flip``ped
+too, ``tile_batch`` tiles per jitted step). Either way the CAMs are restricted to the
+image-level label (as WSSS does for train and for CAM evaluation on val), normalised per class
+by their maximum, and written one file per image in the official PMM/SEAM format
+(``WORKDIR/cams/<split>/<id>.npy``). The stage reports CAM mIoU on val at the fixed
+background threshold ``evaluate.DEFAULT_CAM_BG_THRESHOLD`` and the threshold curve.
 A SEAM classifier (``config.cls.method = "seam"``) contributes its PCM-refined CAM.
 """
 
