@@ -189,7 +189,7 @@ class MultiCropCAM:
         self.mesh = shd.make_mesh()
         graphdef, state = nnx.split(model)
         # The trainer's replication (every process contributes its copy when several).
-        self.state = trainer._replicate(state, self.mesh)  # noqa: SLF001
+        self.state = trainer.replicate(state, self.mesh)
         views = 2 if flip else 1
         spec = PartitionSpec(shd.DATA_AXIS)
 

@@ -87,7 +87,7 @@ def restore_model(model: nnx.Module, ckpt_dir: str, hint: str) -> nnx.Module:
     step = latest_step(ckpt_dir)
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}: {hint}")
-    state = _replicate(nnx.state(model), shd.make_mesh())
+    state = replicate(nnx.state(model), shd.make_mesh())
     with _manager(ckpt_dir, read_only=True) as manager:
         restored = manager.restore(step, args=ocp.args.Composite(
             model=ocp.args.StandardRestore(_abstract(state))))
@@ -125,14 +125,14 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: Iterator[Mapping[str, np.
     model.train()
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
-    state = _replicate(state, mesh)
+    state = replicate(state, mesh)
     with _manager(ckpt_dir, save_interval_steps=ckpt_every) as manager:
         start = _restore_train_state(manager, state)
         if start:
             log.info("%s: resumed from the checkpoint at step %d of %d in %s", desc, start,
                      num_steps, ckpt_dir)
         if start < num_steps:
-            step_fn = _make_step(graphdef, loss_fn, seed, mesh)
+            step_fn = make_step(graphdef, loss_fn, seed, mesh)
             writer = metric_writers.create_default_writer(
                 log_dir, just_logging=jax.process_index() > 0)
             try:
@@ -161,7 +161,7 @@ def make_predict_fn(model: nnx.Module, fn: Callable[[nnx.Module, Mapping[str, ja
     """
     mesh = shd.make_mesh()
     graphdef, state = nnx.split(model)
-    state = _replicate(state, mesh)
+    state = replicate(state, mesh)
 
     def apply(state, batch):
         eval_model = nnx.merge(graphdef, state)
@@ -180,7 +180,7 @@ def make_predict_fn(model: nnx.Module, fn: Callable[[nnx.Module, Mapping[str, ja
     return predict
 
 
-def _make_step(graphdef: nnx.GraphDef, loss_fn: LossFn, seed: int, mesh: jax.sharding.Mesh
+def make_step(graphdef: nnx.GraphDef, loss_fn: LossFn, seed: int, mesh: jax.sharding.Mesh
                ) -> Callable[[nnx.State, Mapping[str, jax.Array]], tuple[nnx.State, dict]]:
     """The jitted train step ``(state, batch) -> (new_state, metrics)``, state donated."""
     base_key = jax.random.key(seed)
@@ -321,7 +321,7 @@ def _is_key(x: Any) -> bool:
     return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def _replicate(state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
+def replicate(state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
     """Puts every array of ``state`` on all devices (a no-op for already replicated arrays).
 
     With several processes ``device_put`` cannot target other hosts' devices: each process

@@ -1,7 +1,7 @@
 """The paper-scale segmenter's training set-up (issue #5): synchronised BatchNorm over a
 sharded batch, mmseg's ``frozen_stages``, and the four segmentation backbones by name.
 
-* Sync BN: one step of the trainer's jitted train step (``trainer._make_step``, what
+* Sync BN: one step of the trainer's jitted train step (``trainer.make_step``, what
   ``trainer.train`` runs for the seg stage) with the seg stage's optimiser and PUS loss, on a
   batch sharded over the suite's 4 virtual CPU devices, must give the same BN running
   statistics, loss and updated parameters as the same step on one device with the whole
@@ -109,10 +109,10 @@ def one_step(config, graphdef, state, mesh):
     model.train()
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     step_graph, step_state = nnx.split((model, optimizer))
-    step_state = trainer._replicate(step_state, mesh)
+    step_state = trainer.replicate(step_state, mesh)
     batch = shd.shard_batch(host_batch(), mesh, config_key="config.seg.batch_size")
     assert len(batch["image"].sharding.device_set) == mesh.size
-    step = trainer._make_step(step_graph, seg.run_loss(config, "pus"), config.seed, mesh)
+    step = trainer.make_step(step_graph, seg.run_loss(config, "pus"), config.seed, mesh)
     compiled = step.lower(step_state, batch).compile({"xla_backend_optimization_level": 0})
     new_state, metrics = compiled(step_state, batch)
     after = jax.device_get(nnx.to_pure_dict(new_state[0]))
