@@ -112,7 +112,13 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
 
     c.cycle = ml_collections.ConfigDict(dict(num_cycles=1, source="pus", loss="ce"))
 
-    c.eval = ml_collections.ConfigDict(dict(rule="mmseg", batch_size=16 if tiny else 40))
+    # Test-time pipeline (pmm_jax.segment_inference), also used for the cyclic masks: the tiny
+    # variant runs all of it (sliding window, two scales + flip, dense CRF in this process)
+    # so the tests cover it; the demo predicts in one plain pass.
+    c.eval = ml_collections.ConfigDict(dict(
+        rule="mmseg", batch_size=16 if tiny else 40,
+        sliding_window=(32, 24) if tiny else None, scales=(0.75, 1.0) if tiny else (1.0,),
+        flip=tiny, crf=tiny, crf_workers=1))
     return c
 
 
