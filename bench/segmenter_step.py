@@ -21,12 +21,11 @@ share of ``--peak_tflops``.
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing
 import os
 import platform
-import resource
 import time
+
+from bench import step_report
 
 
 def _widths(args):
@@ -94,7 +93,7 @@ def run_jax(args) -> dict:
     return {"framework": f"jax {jax.__version__}", "device": device.device_kind,
             "images_per_s": args.batch * args.steps / seconds,
             "peak_mem_gib": (stats["peak_bytes_in_use"] if "peak_bytes_in_use" in stats
-                             else _max_rss_bytes()) / 2**30,
+                             else step_report.max_rss_bytes()) / 2**30,
             "step_tflop": flops / 1e12, "tflops_per_s": flops * args.steps / seconds / 1e12}
 
 
@@ -139,20 +138,10 @@ def run_torch(args) -> dict:
         loss = step()
     loss.item()
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _max_rss_bytes()
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else step_report.max_rss_bytes()
     return {"framework": f"torch {torch.__version__}",
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "images_per_s": args.batch * args.steps / seconds, "peak_mem_gib": peak / 2**30}
-
-
-def _max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _in_child(fn, args) -> dict:
-    """Runs ``fn(args)`` in a fresh spawned process (its own memory peak and threads)."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, (args,))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -173,25 +162,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    rows = [_in_child(run_jax, args)]
+    rows = [step_report.in_child(run_jax, args)]
     if not args.skip_torch:
-        rows.append(_in_child(run_torch, args))
-    load = os.getloadavg()[0]
-    print(f"PSPNet/ResNetV1c blocks {args.blocks}, width/{args.width_div}, crop {args.crop}, "
-          f"batch {args.batch}, {args.steps} steps; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, load {load:.1f}")
-    print("| framework | device | images/s | peak memory (GiB) | TFLOP/s (share of peak) |")
-    print("| --- | --- | --- | --- | --- |")
-    for row in rows:
-        share = (f"{row['tflops_per_s']:.1f} ({100 * row['tflops_per_s'] / args.peak_tflops:.1f}%)"
-                 if row.get("tflops_per_s") and row["device"] != "cpu" else "")
-        print(f"| {row['framework']} | {row['device']} | {row['images_per_s']:.2f} | "
-              f"{row['peak_mem_gib']:.2f} | {share} |")
-    if len(rows) == 2:
-        print(f"jax / torch images/s: {rows[0]['images_per_s'] / rows[1]['images_per_s']:.2f}")
-    if args.out_json:
-        with open(args.out_json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows, "load": load}, f, indent=1)
+        rows.append(step_report.in_child(run_torch, args))
+    step_report.print_table(rows, args, (
+        f"PSPNet/ResNetV1c blocks {args.blocks}, width/{args.width_div}, crop {args.crop}, "
+        f"batch {args.batch}, {args.steps} steps; {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, load {{load}}"))
 
 
 if __name__ == "__main__":

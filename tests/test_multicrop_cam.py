@@ -14,6 +14,7 @@ from pmm_jax import multicrop, multicrop_cam, seam
 from pmm_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
 from pmm_jax.models.scalenet import ScaleNet
 from pmm_jax.stages.cam import model_cam
+from test_seam import materialize
 
 CROP, STRIDE, SCALES = 32, 20, (0.75, 1.0, 1.6)
 
@@ -73,28 +74,6 @@ def reference_cam(forward, raw, labels, flip=True):
                 boxes.append(box)
     full = multicrop.accumulate(cams, boxes, labels, h, w)
     return full / (full.max(axis=(1, 2), keepdims=True) + 1e-5)
-
-
-def materialize(abstract, seed=0):
-    """A shape-only model with numpy-drawn values (He-normal kernels, BN near identity with
-    non-trivial statistics): much cheaper than eager initialisation, which compiles one XLA
-    program per parameter shape."""
-    rng = np.random.default_rng(seed)
-
-    def value(name, x):
-        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.random.key(0, impl="rbg")
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            return jnp.zeros(x.shape, x.dtype)
-        if name == "kernel":
-            return jnp.asarray(rng.normal(0, np.sqrt(2 / np.prod(x.shape[:-1])), x.shape), x.dtype)
-        base = {"scale": 1.0, "var": 1.0, "mean": 0.0, "bias": 0.0}[name]
-        return jnp.asarray(base + rng.uniform(0.1, 0.5, x.shape), x.dtype)
-
-    graphdef, state = nnx.split(abstract)
-    return nnx.merge(graphdef, nnx.from_flat_state([
-        (path, var.replace(value(str(path[-1]), var.get_value())))
-        for path, var in nnx.to_flat_state(state)]))
 
 
 # A ScaleNet-layout backbone (PMM's multi-crop classifier), one block per layer, 1/16 width.

@@ -16,7 +16,7 @@ from pmm_jax import io, main, rough_masks
 from pmm_jax.data import pipeline
 from pmm_jax.stages import cam, cls, common
 from pmm_jax.workdir import Workdir
-from test_multicrop_cam import materialize
+from test_seam import materialize
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # 48-pixel images: at 0.5 smaller than a 32-pixel tile (one tile), 2 x 2 tiles at 1.0 and
