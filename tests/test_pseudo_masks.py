@@ -150,14 +150,20 @@ def test_pool_matches_official_loop_on_synthetic_images(tmp_path, synthetic_reco
     assert values > {0, 4, 12}
 
 
-@pytest.mark.parametrize("method", ["ppmg", "baseline"])
-def test_pool_matches_official_loop_on_voc_photographs(tmp_path, voc_samples_dir, method):
-    rng = np.random.default_rng(1)
+def voc_records(voc_samples_dir, image_ids, rng):
+    """``(id, image, cams)`` records of real VOC photographs, with CAMs made from their labels."""
     records = []
-    for image_id in ("2007_000129", "2007_000033"):
+    for image_id in image_ids:
         image = io.read_image(str(voc_samples_dir / f"{image_id}.png"))
         labels = io.read_mask(str(voc_samples_dir / f"{image_id}_label.png"))
         records.append((image_id, image, cams_from_labels(labels, rng, sigma=12)))
+    return records
+
+
+@pytest.mark.parametrize("method", ["ppmg", "baseline"])
+def test_pool_matches_official_loop_on_voc_photographs(tmp_path, voc_samples_dir, method):
+    rng = np.random.default_rng(1)
+    records = voc_records(voc_samples_dir, ("2007_000129", "2007_000033"), rng)
     cfg = config(method)
     pm.generate(records, str(tmp_path), cfg, num_workers=2, process_index=0, process_count=1)
     assert agreement(str(tmp_path), records, cfg) >= AGREEMENT
@@ -191,11 +197,7 @@ def test_jax_backend_agrees_with_pydensecrf_on_voc_photographs(tmp_path, voc_sam
     baseline masks of two full-size VOC photographs with two classes each (one 512 x 384
     bucket and one test, so both images and variants share the jax lattice compilation)."""
     rng = np.random.default_rng(2)
-    records = []
-    for image_id in ("2007_000129", "2007_000847"):
-        image = io.read_image(str(voc_samples_dir / f"{image_id}.png"))
-        labels = io.read_mask(str(voc_samples_dir / f"{image_id}_label.png"))
-        records.append((image_id, image, cams_from_labels(labels, rng, sigma=12)))
+    records = voc_records(voc_samples_dir, ("2007_000129", "2007_000847"), rng)
     for method in ("ppmg", "baseline"):
         for backend in crf.BACKENDS:
             out = tmp_path / method / backend
