@@ -16,8 +16,8 @@ What mmseg (and WSSS_MMSeg's ``EncoderDecoder``) does at test time, each part sw
   ``config.crf.backend`` (``Predictor``'s ``crf_backend``): ``"pydensecrf"`` on the host in a
   ``spawn`` process pool of ``crf_workers`` processes (0 = all cores, 1 = in this process), or
   ``"jax"``: ``pmm_jax.crf_jax`` in this process, one image at a time, each padded up to a
-  multiple of ``CRF_PAD_MULTIPLE`` pixels so that a split compiles a few shapes only
-  (``crf_workers`` is then unused).
+  multiple of 64 pixels (``crf_jax.dense_crf_padded``) so that a split compiles a few shapes
+  only (``crf_workers`` is then unused).
 
 Everything before the CRF is one jitted function of the (static) batch shape, so a split
 compiles once. Deliberate difference from mmseg: scales apply to the padded eval canvas
@@ -40,9 +40,6 @@ import numpy as np
 
 from pmm_jax import crf, trainer
 from pmm_jax.models.pspnet import resize_bilinear, upsample_logits
-
-# The jax CRF backend pads each image's height and width up to a multiple of this.
-CRF_PAD_MULTIPLE = 64
 
 
 def window_starts(length: int, crop: int, stride: int) -> list[int]:
@@ -129,7 +126,7 @@ def _jax_dense_crf(image: np.ndarray, probs: np.ndarray, params: crf.CRFParams) 
     """``crf.dense_crf``'s contract (``[L, H, W]`` posterior) with ``pmm_jax.crf_jax``."""
     from pmm_jax import crf_jax
 
-    return crf_jax.dense_crf_padded(image, probs[None], params, multiple=CRF_PAD_MULTIPLE)[0]
+    return crf_jax.dense_crf_padded(image, probs[None], params)[0]
 
 
 class Predictor:
