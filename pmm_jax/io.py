@@ -216,18 +216,15 @@ def read_class_dict(path: str) -> dict[int, np.ndarray]:
     real-valued numpy arrays. Anything else, including a refused pickle, is a ValueError
     naming the file. Values are returned as stored.
     """
-    header = dtype = None
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
-            header = _NPY_HEADERS.get(version)
-            if header is not None:
-                shape, _, dtype = header(f)
-                obj = _ClassDictUnpickler(f).load() if dtype.hasobject else None
+            if version not in _NPY_HEADERS:
+                raise ValueError(f"unsupported .npy format version {version}")
+            shape, _, dtype = _NPY_HEADERS[version](f)
+            obj = _ClassDictUnpickler(f).load() if dtype.hasobject else None
     except Exception as err:  # noqa: BLE001 - any failure to parse untrusted bytes
         raise ValueError(f"{path}: cannot read ({type(err).__name__}: {err})") from err
-    if header is None:
-        raise ValueError(f"{path}: unsupported .npy format version {version}")
     if not dtype.hasobject:
         raise ValueError(f"{path}: expected a pickled dict {{class index: HxW array}}, got a "
                          f"plain {dtype} array of shape {shape}")
