@@ -34,6 +34,9 @@ CLI::
         [--ignore_classes=I,J]
 
 ``--class_names=coco91`` (91-id COCO masks, ``--num_classes=91``) ignores the unused ids.
+A bad flag or file (a missing folder, a corrupt or non-label PNG, a class list of the wrong
+length, an ignored class that is not an index, an unwritable ``--out_json``) ends the CLI
+with a one-paragraph ``error:`` line naming it and exit status 1.
 """
 
 from __future__ import annotations
@@ -194,6 +197,10 @@ def evaluate_dirs(pred_dir: str, gt_dir: str, num_classes: int, rule: str = "mms
     "iou", "miou", "num_images"}``.
     """
     ignore_classes = sorted({int(c) for c in ignore_classes})
+    for flag, folder in (("gt_dir", gt_dir), ("pred_dir", pred_dir)):
+        if not os.path.isdir(folder):
+            raise ValueError(f"--{flag}={folder}: "
+                             + ("not a directory" if os.path.exists(folder) else "does not exist"))
     ids = sorted(f[:-4] for f in os.listdir(gt_dir) if f.endswith(".png"))
     if not ids:
         raise ValueError(f"{gt_dir}: no ground-truth .png files")
@@ -205,9 +212,9 @@ def evaluate_dirs(pred_dir: str, gt_dir: str, num_classes: int, rule: str = "mms
     for image_id in ids:
         pred_path = os.path.join(pred_dir, f"{image_id}.png")
         gt_path = os.path.join(gt_dir, f"{image_id}.png")
+        pred, gt = io.read_mask(pred_path), io.read_mask(gt_path)  # errors name the file
         try:
-            image_cm = confusion_matrix(io.read_mask(pred_path), io.read_mask(gt_path),
-                                        num_classes)
+            image_cm = confusion_matrix(pred, gt, num_classes)
         except ValueError as err:
             raise ValueError(f"{pred_path} vs {gt_path}: {err}") from err
         in_gt = [c for c in ignore_classes if image_cm[c].sum()]
@@ -263,9 +270,12 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    names = class_names_for(f.num_classes, f.class_names)
-    ignore = sorted(set(ignored_classes(f.class_names)) | {int(c) for c in f.ignore_classes})
     try:
+        if f.num_classes < 1:
+            raise ValueError(f"--num_classes={f.num_classes} must be >= 1")
+        names = class_names_for(f.num_classes, f.class_names)
+        ignore = sorted(set(ignored_classes(f.class_names))
+                        | set(_parse_ignore_classes(f.ignore_classes, f.num_classes)))
         result = evaluate_dirs(f.pred_dir, f.gt_dir, f.num_classes, f.rule, ignore)
     except ValueError as err:
         sys.exit(f"error: {err}")
@@ -273,7 +283,7 @@ def main(argv: Sequence[str]) -> None:
           + (f", ignored classes {ignore}" if ignore else ""))
     print(format_table(result["iou"], result["miou"], names))
     if f.out_json:
-        io.write_json(f.out_json, {
+        _write_report(f.out_json, {
             "pred_dir": f.pred_dir,
             "gt_dir": f.gt_dir,
             "rule": f.rule,
@@ -283,6 +293,30 @@ def main(argv: Sequence[str]) -> None:
             "iou": {n: None if np.isnan(v) else float(v) for n, v in zip(names, result["iou"])},
             "confusion": result["confusion"].tolist(),
         })
+
+
+def _parse_ignore_classes(values: Sequence[str], num_classes: int) -> list[int]:
+    """``--ignore_classes`` as class indices; a ValueError naming the flag unless each is an
+    integer in ``0..num_classes-1``."""
+    classes = []
+    for value in values:
+        try:
+            classes.append(int(value))
+        except ValueError:
+            raise ValueError(f"--ignore_classes: {value!r} is not a class index") from None
+        if not 0 <= classes[-1] < num_classes:
+            raise ValueError(f"--ignore_classes: {value} is outside 0..{num_classes - 1} "
+                             f"(--num_classes={num_classes})")
+    return classes
+
+
+def _write_report(path: str, report: dict) -> None:
+    """Writes the JSON report; exits with an error naming ``--out_json`` if it cannot."""
+    try:
+        io.write_json(path, report)
+    except OSError as err:
+        sys.exit(f"error: --out_json={path}: cannot write the report "
+                 f"({type(err).__name__}: {err.strerror or err}); the table above is complete")
 
 
 if __name__ == "__main__":

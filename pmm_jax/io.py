@@ -3,6 +3,11 @@
 Every writer here goes through a temporary file in the destination folder followed by
 ``os.replace``, so a killed process never leaves a half-written output behind and a stage
 can treat "the file exists" as "this item is done".
+
+Readers treat every file as untrusted input: a CAM file (a pickled dict, the official
+format) is unpickled by :class:`_ClassDictUnpickler`, which admits numpy's own array
+reconstruction and nothing else, so a crafted ``.npy`` cannot run code; a bad file of any
+kind is a ValueError naming it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import os
 import pickle
 import tempfile
+import zipfile
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -68,20 +74,58 @@ def write_mask(path: str, mask: np.ndarray) -> None:
 
 
 def read_mask(path: str) -> np.ndarray:
-    """Reads a label PNG (palette or greyscale) as a ``[H, W]`` uint8 array of indices."""
-    with Image.open(path) as image:
-        if image.mode not in ("P", "L"):
-            raise ValueError(f"{path}: expected a palette or greyscale label PNG, got mode {image.mode}")
-        return np.array(image, dtype=np.uint8)
+    """Reads a label PNG (palette or greyscale) as a ``[H, W]`` uint8 array of indices.
+
+    Anything else is a ValueError naming the file: an RGB (colour-coded) label, a 16-bit
+    one, or a file that is not a PNG at all, e.g. a JPEG saved under a ``.png`` name (its
+    compression smears labels into neighbouring class ids, so scoring it is silently wrong).
+    Whether the values are classes of the label space is the caller's check.
+    """
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG":
+                raise ValueError(f"expected a PNG label image, but the file is {image.format}; "
+                                 "labels must be stored losslessly as palette or greyscale PNG")
+            if image.mode not in ("P", "L"):
+                raise ValueError(f"expected a palette or greyscale label PNG, got mode {image.mode}")
+            return np.array(image, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
+# Greyscale modes of 16-bit PNGs (Pillow opens them as "I;16"; older Pillow as "I").
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
 def read_image(path: str) -> np.ndarray:
-    """Reads an image file as ``[H, W, 3]`` uint8 RGB; the error names the file."""
+    """Reads an image file as ``[H, W, 3]`` uint8 RGB; the error names the file.
+
+    16-bit greyscale PNGs are rescaled to 8 bits (``round(v * 255 / 65535)``, exact for an
+    8-bit image stored as ``v * 257``); ``convert("RGB")`` would clip them to 0 and 255.
+    Other wide-range images (32-bit integer or float, e.g. from TIFF) have no defined range
+    and are refused. (16-bit RGB PNGs are read by Pillow as 8-bit RGB already.)
+    """
     try:
         with Image.open(path) as image:
-            return np.array(image.convert("RGB"), dtype=np.uint8)
-    except (OSError, ValueError) as err:
+            return rgb_array(image)
+    except (OSError, ValueError, SyntaxError) as err:
         raise ValueError(f"{path}: cannot read image ({err})") from err
+
+
+def rgb_array(image: Image.Image) -> np.ndarray:
+    """An open PIL image as ``[H, W, 3]`` uint8 RGB, 16-bit greyscale rescaled (see
+    :func:`read_image`); a ValueError for image modes without a defined 8-bit mapping."""
+    if image.mode in _SIXTEEN_BIT_MODES or (image.mode == "I" and image.format == "PNG"):
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"{image.mode} image has values outside 0..65535")
+        grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode in ("I", "F"):
+        raise ValueError(f"{image.mode} ({'32-bit integer' if image.mode == 'I' else 'float'}) "
+                         "images have no defined 8-bit range; convert it to an 8-bit or 16-bit "
+                         "PNG or a JPEG")
+    return np.array(image.convert("RGB"), dtype=np.uint8)
 
 
 def write_image(path: str, image: np.ndarray) -> None:
@@ -108,17 +152,92 @@ def read_cams(path: str) -> dict[int, np.ndarray]:
     """Reads a CAM file written by :func:`write_cams` or by the official PMM/SEAM code.
 
     Returns ``{0-based class index: [H, W] float32}``. Also accepts a ``.npz`` with arrays
-    ``cams`` ``[K, H, W]`` and ``classes`` ``[K]``.
+    ``cams`` ``[K, H, W]`` and ``classes`` ``[K]`` (distinct integers). A ``.npy`` is read
+    by :func:`read_class_dict` (no code runs from it). An empty dict is a valid file (an
+    image without foreground classes). Errors name the file.
+    """
+    if not path.endswith(".npz"):
+        return {k: v.astype(np.float32) for k, v in read_class_dict(path).items()}
+    try:
+        with np.load(path) as data:
+            cams, classes = data["cams"], data["classes"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path}: cannot read CAM file ({err})") from err
+    if classes.ndim != 1 or classes.dtype.kind not in "iu":
+        raise ValueError(f"{path}: 'classes' must be a 1-D integer array, got {classes.dtype} "
+                         f"of shape {classes.shape}")
+    if cams.ndim != 3 or cams.dtype.kind not in "fiu" or len(cams) != len(classes):
+        raise ValueError(f"{path}: 'cams' must be a numeric [K, H, W] array with K = "
+                         f"len(classes) = {len(classes)}, got {cams.dtype} of shape {cams.shape}")
+    if len(set(classes.tolist())) != len(classes):
+        raise ValueError(f"{path}: 'classes' {classes.tolist()} repeats a class")
+    return {int(c): cams[i].astype(np.float32) for i, c in enumerate(classes)}
+
+
+class _ClassDictUnpickler(pickle.Unpickler):
+    """Unpickles what ``np.save`` writes for a dict of numpy arrays, and nothing else.
+
+    A pickle can name any importable callable and call it (``os.system``, ``builtins.exec``,
+    ...), which is why ``np.load(allow_pickle=True)`` is unsafe on a file from elsewhere.
+    Dicts, ints, tuples, lists and bytes are opcodes needing no lookup; the only globals the
+    format names are numpy's array, dtype and scalar reconstruction, under the numpy 1.x
+    (``numpy.core``) or 2.x (``numpy._core``) module path. Every other global is refused.
+    """
+
+    ALLOWED = {
+        **{(f"{core}.multiarray", name): obj
+           for core in ("numpy.core", "numpy._core")
+           for name, obj in (("_reconstruct", np.zeros(0).__reduce__()[0]),
+                             ("scalar", np.int64(0).__reduce__()[0]))},
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self.ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refused to unpickle {module}.{name}: a dict of numpy arrays never needs it, "
+                "and loading it could run arbitrary code") from None
+
+
+# .npy header readers by format version (3.0 only differs for non-latin-1 field names).
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def read_class_dict(path: str) -> dict[int, np.ndarray]:
+    """Reads a ``.npy`` holding a pickled ``{int: numeric array}`` dict without running code.
+
+    That is the official CAM format (``np.save`` of ``{class: CAM}``) and the official
+    rough-mask format. The pickle goes through :class:`_ClassDictUnpickler`; keys must be
+    integers (Python or numpy, not bool: ``"7"`` or ``2.7`` is not a class index) and values
+    real-valued numpy arrays. Anything else, including a refused pickle, is a ValueError
+    naming the file. Values are returned as stored.
     """
     try:
-        if path.endswith(".npz"):
-            with np.load(path) as data:
-                return {int(c): data["cams"][i].astype(np.float32) for i, c in enumerate(data["classes"])}
-        obj = np.load(path, allow_pickle=True)
-    except (OSError, ValueError, pickle.UnpicklingError, KeyError, EOFError) as err:
-        raise ValueError(f"{path}: cannot read CAM file ({err})") from err
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version not in _NPY_HEADERS:
+                raise ValueError(f"unsupported .npy format version {version}")
+            shape, _, dtype = _NPY_HEADERS[version](f)
+            obj = _ClassDictUnpickler(f).load() if dtype.hasobject else None
+    except Exception as err:  # noqa: BLE001 - any failure to parse untrusted bytes
+        raise ValueError(f"{path}: cannot read ({type(err).__name__}: {err})") from err
+    if not dtype.hasobject:
+        raise ValueError(f"{path}: expected a pickled dict {{class index: HxW array}}, got a "
+                         f"plain {dtype} array of shape {shape}")
     if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == ():
         obj = obj.item()
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a pickled dict {{class index: HxW array}}, got {type(obj).__name__}")
-    return {int(k): np.asarray(v, dtype=np.float32) for k, v in obj.items()}
+    if type(obj) is not dict:
+        raise ValueError(f"{path}: expected a pickled dict {{class index: HxW array}}, got "
+                         f"{type(obj).__name__}")
+    for key, value in obj.items():
+        if isinstance(key, (bool, np.bool_)) or not isinstance(key, (int, np.integer)):
+            raise ValueError(f"{path}: key {key!r} ({type(key).__name__}) is not an integer "
+                             "class index")
+        if not isinstance(value, np.ndarray) or value.dtype.kind not in "fiu":
+            kind = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
+            raise ValueError(f"{path}: the value of key {key} is {kind}, not a numeric array")
+    return {int(k): v for k, v in obj.items()}

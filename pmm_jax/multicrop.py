@@ -145,17 +145,10 @@ def read_rough_masks(path: str, num_classes: int) -> dict[int, np.ndarray]:
             raise ValueError(f"{path}: rough-mask values {bad.tolist()} are not classes 1.."
                              f"{num_classes} (class c+1), 0 or 255")
         return {int(v) - 1: labels == v for v in values if 1 <= v <= num_classes}
-    try:
-        heat = np.load(path, allow_pickle=True)
-        heat = heat.item() if heat.dtype == object and heat.shape == () else heat
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: cannot read rough mask ({err})") from err
-    if not isinstance(heat, dict):
-        raise ValueError(f"{path}: expected a pickled dict {{0: background, c+1: HxW "
-                         f"probability}}, got {type(heat).__name__}")
+    from pmm_jax.io import read_class_dict
+
     masks = {}
-    for key, prob in heat.items():
-        key = int(key)
+    for key, prob in read_class_dict(path).items():  # refuses non-dicts and non-int keys
         if not 0 <= key <= num_classes:
             raise ValueError(f"{path}: class key {key} is outside 0..{num_classes} (the keys "
                              "are 1-based: c+1 for class c, 0 for background)")

@@ -36,11 +36,15 @@ explicit window keeps memory bounded and turns a crashed worker into ``BrokenPro
 instead of a hang.
 
 Errors. A bad record (unreadable image or CAM file, CAM with NaN/inf, CAM size != image
-size, class index outside ``0..num_classes-2``, no image) or a CRF that raises fails only that
-image: the run goes on, and after the pool has drained ``generate`` raises
+size, class index outside ``0..num_classes-2`` or not an integer, no image), any other
+exception while preparing it, a CRF that raises or a mask that cannot be written fails only
+that image: the run goes on, and after the pool has drained ``generate`` raises
 :class:`PseudoMaskError` listing every failed id with its cause (``err.stats`` holds the
-counts). An image whose CAM dict is empty (no foreground class) gets an all-background mask;
-that is documented behaviour, not an error.
+counts); the CLI prints the counts and exits with status 1. An ``out_dir`` that cannot be
+created or written is a ValueError before any work. CAM files are read by ``io.read_cams``,
+which never runs code from a file (a pickle naming anything but numpy's array
+reconstruction fails that image). An image whose CAM dict is empty (no foreground class)
+gets an all-background mask; that is documented behaviour, not an error.
 
 CLI::
 
@@ -61,6 +65,7 @@ import math
 import multiprocessing
 import os
 import sys
+import tempfile
 import time
 import types
 from concurrent.futures.process import BrokenProcessPool
@@ -139,6 +144,7 @@ def generate(records: Iterable[tuple[str, Any, Any]], out_dir: str, cfg: config_
     :class:`PseudoMaskError` after the pool has drained if any image failed.
     """
     settings = _settings(cfg)
+    _check_out_dir(out_dir)
     workers = num_workers if num_workers is not None else cfg.get("num_workers")
     workers = workers if workers is not None else _available_cores()
     if workers < 1:
@@ -150,7 +156,6 @@ def generate(records: Iterable[tuple[str, Any, Any]], out_dir: str, cfg: config_
     if total is None and hasattr(records, "__len__"):
         total = len(records)
     shard_total = len(range(index, total, count)) if total is not None else None
-    os.makedirs(out_dir, exist_ok=True)
 
     counts = collections.Counter()
     failures: list[tuple[str, str]] = []
@@ -166,12 +171,12 @@ def generate(records: Iterable[tuple[str, Any, Any]], out_dir: str, cfg: config_
     def finish(job: _Job) -> None:
         try:
             mask = _finalize(job, settings)
+            io.write_mask(os.path.join(out_dir, f"{job.image_id}.png"), mask)
         except BrokenProcessPool:
             raise
-        except Exception as err:  # noqa: BLE001 - a failing CRF fails only its image
+        except Exception as err:  # noqa: BLE001 - a failing CRF or write fails only its image
             fail(job.image_id, f"{type(err).__name__}: {err}")
             return
-        io.write_mask(os.path.join(out_dir, f"{job.image_id}.png"), mask)
         counts["written"] += 1
         bar.set_postfix(counts, refresh=False)
         bar.update()
@@ -186,8 +191,13 @@ def generate(records: Iterable[tuple[str, Any, Any]], out_dir: str, cfg: config_
             try:
                 done = os.path.exists(os.path.join(out_dir, f"{_checked_id(image_id)}.png"))
                 job = None if done else _submit(pool, _prepare(record, settings), settings)
+            except BrokenProcessPool:
+                raise
             except (ValueError, TypeError, OSError) as err:
                 fail(image_id, str(err))
+                continue
+            except Exception as err:  # noqa: BLE001 - e.g. an IndexError from a bad record
+                fail(image_id, f"{type(err).__name__}: {err}")
                 continue
             if job is None:
                 counts["skipped"] += 1
@@ -243,6 +253,18 @@ def _settings(cfg: config_dict.ConfigDict) -> _Settings:
     backend, params = backend_and_params(cfg.crf)
     return _Settings(cfg.method, float(cfg.alpha), float(cfg.t), float(cfg.s),
                      bool(cfg.official_minmax), int(cfg.num_classes) - 1, params, backend)
+
+
+def _check_out_dir(out_dir: str) -> None:
+    """Creates ``out_dir`` and writes a probe file in it; a ValueError naming it if either
+    fails (a file in the way, a read-only folder), before any image is read."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as err:
+        raise ValueError(f"out_dir {out_dir}: cannot write pseudo-masks there "
+                         f"({type(err).__name__}: {err.strerror or err})") from err
 
 
 def _available_cores() -> int:
@@ -305,7 +327,8 @@ def _prepare(record, settings: _Settings) -> _Job:
     shape = image.shape[:2]
     classes = sorted(cams)
     for c in classes:
-        if not isinstance(c, (int, np.integer)) or not 0 <= c < settings.num_fg:
+        if (isinstance(c, bool) or not isinstance(c, (int, np.integer))
+                or not 0 <= c < settings.num_fg):
             raise ValueError(f"{image_id}: CAM{cam_source} has class index {c!r} outside "
                              f"0..{settings.num_fg - 1} (num_classes={settings.num_fg + 1})")
         cam = np.asarray(cams[c])
@@ -440,8 +463,13 @@ def list_records(cam_dir: str, image_dir: str) -> list[tuple[str, str, str]]:
     """``(id, image path, CAM path)`` for every ``<id>.npy``/``<id>.npz`` of ``cam_dir``.
 
     The image is ``image_dir/<id>.jpg`` (or ``.png``, ``.jpeg``). CAM files without an image
-    are an error listing them, raised before any work starts.
+    are an error listing them, raised before any work starts, and so is a folder that is
+    missing or not a folder.
     """
+    for flag, folder in (("--cam_dir", cam_dir), ("--image_dir", image_dir)):
+        if not os.path.isdir(folder):
+            raise ValueError(f"{flag}={folder}: "
+                             + ("not a directory" if os.path.exists(folder) else "does not exist"))
     cams: dict[str, str] = {}
     for name in sorted(os.listdir(cam_dir)):
         image_id, suffix = os.path.splitext(name)
@@ -491,9 +519,16 @@ def main(argv: Sequence[str]) -> None:
     try:
         records = list_records(f.cam_dir, f.image_dir)
         stats = generate(records, f.out_dir, cfg, num_workers=f.num_workers)
-    except ValueError as err:
+    except PseudoMaskError as err:
+        sys.exit(f"error: {err}\n" + _format_stats(err.stats))
+    except (ValueError, OSError) as err:
         sys.exit(f"error: {err}")
-    print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
+    print(_format_stats(stats))
+
+
+def _format_stats(stats: dict) -> str:
+    return " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in stats.items())
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from PIL import Image
 
 from pmm_jax import evaluate as ev
 from pmm_jax import io
@@ -148,6 +149,51 @@ def test_cli_prints_table_writes_json_and_lists_missing_predictions(tmp_path):
     os.remove(pred_dir / "im1.png")
     result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "im1" in result.stderr and "no prediction" in result.stderr
+
+
+def test_cli_bad_files_and_flags_are_one_paragraph_errors(tmp_path):
+    """Each bad ground-truth file or flag ends the CLI with status 1 and an ``error:``
+    paragraph naming it, never a traceback (nor, for a lossy or RGB label, a score)."""
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    labels = np.zeros((8, 10), np.uint8)
+    labels[2:6, 3:8] = 2
+    io.write_mask(str(pred_dir / "a.png"), labels)
+    io.write_mask(str(gt_dir / "a.png"), labels)
+    Image.fromarray(labels).save(tmp_path / "lossy.png", format="JPEG")
+    Image.fromarray(np.stack([labels * 40] * 3, -1)).save(tmp_path / "rgb.png")
+    noisy = np.random.default_rng(0).integers(0, 6, (16, 16)).astype(np.uint8)
+    io.write_mask(str(tmp_path / "noisy.png"), noisy)
+    (tmp_path / "cut.png").write_bytes((tmp_path / "noisy.png").read_bytes()[:-40])
+    io.write_mask(str(tmp_path / "wrong.png"), np.full((8, 10), 30, np.uint8))
+    (tmp_path / "report.json").mkdir()
+    gt_file = str(gt_dir / "a.png")
+    base = [f"--pred_dir={pred_dir}", f"--gt_dir={gt_dir}", "--num_classes=6"]
+    # (flags, ground-truth file to put at gt/a.png first or None, what stderr must hold)
+    cases = [
+        ([f"--pred_dir={pred_dir}", f"--gt_dir={tmp_path / 'nope'}"], None,
+         [f"--gt_dir={tmp_path / 'nope'}: does not exist"]),
+        (base + ["--class_names=voc"], None, ["--class_names=voc has 21 classes, --num_classes=6"]),
+        (base + ["--ignore_classes=1,x"], None, ["--ignore_classes: 'x' is not a class index"]),
+        (base + ["--ignore_classes=6"], None, ["--ignore_classes: 6 is outside 0..5"]),
+        (base + [f"--out_json={tmp_path / 'report.json'}"], None,
+         [f"--out_json={tmp_path / 'report.json'}: cannot write the report"]),
+        (base, "lossy.png", [f"{gt_file}: ", "the file is JPEG"]),
+        (base, "rgb.png", [f"{gt_file}: ", "got mode RGB"]),
+        (base, "cut.png", [f"{gt_file}: ", "truncated"]),
+        (base, "wrong.png", [f"{gt_file}: ", "ground truth has labels [30]"]),
+    ]
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    for args, gt_name, expected in cases:
+        if gt_name:
+            os.replace(tmp_path / gt_name, gt_file)
+        result = subprocess.run([sys.executable, "-m", "pmm_jax.evaluate", *args], env=env,
+                                cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+        assert all(text in result.stderr for text in expected), (expected, result.stderr)
+        # Only an unwritable report comes after the table; a bad input gives no score.
+        assert ("mIoU" in result.stdout) == ("--out_json" in expected[0]), result.stdout
 
 
 def test_class_names():

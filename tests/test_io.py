@@ -1,7 +1,9 @@
 """Tests of pmm_jax.io: atomic writes, palette PNG masks and the official CAM format."""
 
+import builtins
 import os
 import pickle
+import subprocess
 
 import numpy as np
 import pytest
@@ -70,3 +72,138 @@ def test_read_image_names_the_file(tmp_path):
 def test_json_round_trip(tmp_path):
     io.write_json(str(tmp_path / "r.json"), {"b": 1, "a": [0.5]})
     assert io.read_json(str(tmp_path / "r.json")) == {"a": [0.5], "b": 1}
+
+
+# ------------------------------------------------------------------------------------------
+# Hostile and malformed CAM files: nothing in a data file may run code.
+
+
+class _Payload:
+    """Unpickles to ``func(*args)``: what an attacker's ``__reduce__`` makes a pickle do."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def hostile_npy(path, marker, how="exec"):
+    """Writes ``path``, a ``.npy`` that ``np.load(allow_pickle=True)`` would turn into code
+    writing the file ``marker``: through ``builtins.exec``, ``os.system``,
+    ``subprocess.call``, or (``"empty"``) ``builtins.eval`` of an expression that writes the
+    file and evaluates to ``{}``, so the old reader returned an empty CAM dict."""
+    marker = str(marker)
+    payload = {
+        "exec": _Payload(builtins.exec, f"open({marker!r}, 'w').write('pwned')"),
+        "system": _Payload(os.system, f"touch '{marker}'"),
+        "subprocess": _Payload(subprocess.call, ["touch", marker]),
+        "empty": _Payload(builtins.eval, f"(open({marker!r}, 'w').write('pwned'), {{}})[1]"),
+    }[how]
+    np.save(path, payload, allow_pickle=True)
+    return str(path)
+
+
+@pytest.mark.parametrize("how", ["exec", "system", "subprocess", "empty"])
+def test_hostile_cam_file_is_refused_and_runs_nothing(tmp_path, how):
+    marker = tmp_path / "pwned"
+    path = hostile_npy(tmp_path / "evil.npy", marker, how)
+    # The payload is live: numpy's own pickle loader runs it.
+    np.load(path, allow_pickle=True)
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(ValueError, match=r"evil\.npy: .*refused to unpickle"):
+        io.read_cams(path)
+    assert not marker.exists()
+
+
+def _numpy1_npy(path, obj):
+    """``path`` as numpy 1.x's ``np.save`` wrote it: pickle protocol 3 naming
+    ``numpy.core.multiarray`` (numpy 2 writes protocol 4 and ``numpy._core``)."""
+    array = np.empty((), dtype=object)
+    array[()] = obj
+    data = pickle.dumps(array, protocol=3).replace(b"numpy._core.multiarray\n",
+                                                   b"numpy.core.multiarray\n")
+    assert b"cnumpy.core.multiarray\n_reconstruct\n" in data and b"_core" not in data
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "|O", "fortran_order": False, "shape": ()})
+        f.write(data)
+    return str(path)
+
+
+def test_official_cam_files_of_numpy_1_and_2_still_load(tmp_path):
+    """The official format (np.save of {class: float map}) under both numpy module paths,
+    with Python and numpy integer keys, float16/32/64 values; an empty dict is valid."""
+    rng = np.random.default_rng(0)
+    cams = {0: rng.random((4, 5)).astype(np.float16), np.int64(14): rng.random((4, 5)),
+            np.uint8(3): rng.random((4, 5)).astype(np.float32)}
+    np.save(tmp_path / "v2.npy", cams, allow_pickle=True)
+    for path in (str(tmp_path / "v2.npy"), _numpy1_npy(tmp_path / "v1.npy", cams)):
+        read = io.read_cams(path)
+        assert sorted(read) == [0, 3, 14] and all(type(k) is int for k in read)
+        for key, value in cams.items():
+            assert read[int(key)].dtype == np.float32
+            np.testing.assert_allclose(read[int(key)], value.astype(np.float32))
+    np.save(tmp_path / "empty.npy", {}, allow_pickle=True)
+    assert io.read_cams(str(tmp_path / "empty.npy")) == {}
+
+
+@pytest.mark.parametrize("key", ["7", 2.7, True])
+def test_cam_keys_must_be_integers(tmp_path, key):
+    path = str(tmp_path / "keys.npy")
+    np.save(path, {0: np.ones((2, 2)), key: np.ones((2, 2))}, allow_pickle=True)
+    with pytest.raises(ValueError, match=r"keys\.npy: key .* is not an integer class index"):
+        io.read_cams(path)
+
+
+def test_cam_values_must_be_numeric_arrays(tmp_path):
+    for name, value in (("list", [[1.0]]), ("objects", np.array([None, 1.0], dtype=object)),
+                        ("strings", np.array(["a"]))):
+        path = str(tmp_path / f"{name}.npy")
+        np.save(path, {0: value}, allow_pickle=True)
+        with pytest.raises(ValueError, match=rf"{name}\.npy: the value of key 0 is"):
+            io.read_cams(path)
+
+
+def test_npz_cams_must_match_their_integer_classes(tmp_path):
+    cases = {"long": (np.ones((1, 3, 3)), np.array([4, 7])),
+             "float": (np.ones((2, 3, 3)), np.array([4.0, 7.5])),
+             "repeat": (np.ones((2, 3, 3)), np.array([4, 4])),
+             "flat": (np.ones((2, 3)), np.array([4, 7]))}
+    for name, (cams, classes) in cases.items():
+        np.savez(tmp_path / f"{name}.npz", cams=cams, classes=classes)
+        with pytest.raises(ValueError, match=rf"{name}\.npz: '(cams|classes)'"):
+            io.read_cams(str(tmp_path / f"{name}.npz"))
+
+
+def test_sixteen_bit_png_is_rescaled_not_clipped(tmp_path):
+    grey = np.array([[0, 1, 127], [128, 200, 255]], np.uint8)
+    path = str(tmp_path / "deep.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(path)
+    with Image.open(path) as image:
+        assert image.mode == "I;16"
+        assert np.asarray(image.convert("RGB"))[0, 1, 0] == 255  # what clipping would give
+    np.testing.assert_array_equal(io.read_image(path), np.repeat(grey[:, :, None], 3, axis=2))
+    Image.fromarray(np.full((2, 3), 70000, np.int32)).save(tmp_path / "wide.tif")
+    Image.fromarray(np.full((2, 3), 0.5, np.float32)).save(tmp_path / "float.tif")
+    for name in ("wide.tif", "float.tif"):
+        with pytest.raises(ValueError, match=rf"{name}: cannot read image .*no defined 8-bit"):
+            io.read_image(str(tmp_path / name))
+
+
+def test_label_png_must_be_a_lossless_palette_or_greyscale_png(tmp_path):
+    labels = np.zeros((16, 16), np.uint8)
+    labels[4:12, 4:12] = 3
+    Image.fromarray(labels).save(tmp_path / "grey.png")
+    np.testing.assert_array_equal(io.read_mask(str(tmp_path / "grey.png")), labels)
+    Image.fromarray(labels).save(tmp_path / "jpeg.png", format="JPEG")
+    Image.fromarray(PALETTE[labels]).save(tmp_path / "rgb.png")
+    Image.fromarray(labels.astype(np.uint16)).save(tmp_path / "deep.png")
+    noisy = str(tmp_path / "noisy.png")
+    io.write_mask(noisy, np.random.default_rng(0).integers(0, 21, (16, 16)))
+    (tmp_path / "cut.png").write_bytes(open(noisy, "rb").read()[:-40])  # inside the pixel data
+    for name, cause in (("jpeg.png", "the file is JPEG"), ("rgb.png", "got mode RGB"),
+                        ("deep.png", "got mode I;16"), ("cut.png", "")):
+        with pytest.raises(ValueError, match=rf"{name}: .*{cause}"):
+            io.read_mask(str(tmp_path / name))

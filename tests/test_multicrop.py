@@ -120,6 +120,18 @@ def test_read_rough_masks_png_and_official_npy(tmp_path):
         multicrop.read_rough_masks(str(tmp_path / "d.png"), 4)
 
 
+def test_hostile_rough_mask_npy_is_refused_and_runs_nothing(tmp_path):
+    from test_io import hostile_npy
+
+    path = hostile_npy(tmp_path / "evil.npy", tmp_path / "pwned", "subprocess")
+    with pytest.raises(ValueError, match=r"evil\.npy: .*refused to unpickle subprocess\.call"):
+        multicrop.read_rough_masks(path, 4)
+    assert not (tmp_path / "pwned").exists()
+    np.save(tmp_path / "keys.npy", {0: np.ones((2, 2)), "2": np.ones((2, 2))}, allow_pickle=True)
+    with pytest.raises(ValueError, match=r"keys\.npy: key '2' \(str\) is not an integer"):
+        multicrop.read_rough_masks(str(tmp_path / "keys.npy"), 4)
+
+
 def test_rough_mask_paths_name_the_missing_files(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     (tmp_path / "b.npy").write_bytes(b"")

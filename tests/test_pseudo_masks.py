@@ -12,6 +12,7 @@ from scipy.ndimage import gaussian_filter
 
 from pmm_jax import crf, io
 from pmm_jax import pseudo_masks as pm
+from test_io import hostile_npy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 21
@@ -354,13 +355,17 @@ def test_bad_inputs_are_reported_by_file_and_the_rest_is_written(tmp_path, synth
     records.append(("garbled", str(images / "good.png"), str(cam_dir / "garbled.npy")))
     records.append(("orphan", None, {3: np.ones(shape)}))
     records.append(("array", image, {3: np.full(shape, np.inf)}))
+    records.append(("boolean", image, {True: np.ones(shape)}))
+    # Any exception while preparing a record fails only that image (here an IndexError).
+    records.append(("index", image, IndexErrorCams({3: np.ones(shape)})))
 
     with pytest.raises(pm.PseudoMaskError) as caught:
         pm.generate(records, str(tmp_path / "out"), config("ppmg"), num_workers=1,
                     process_index=0, process_count=1)
     err = caught.value
     assert sorted(i for i, _ in err.failures) == sorted(
-        ["nan", "small", "class", "negative", "broken", "garbled", "orphan", "array"])
+        ["nan", "small", "class", "negative", "broken", "garbled", "orphan", "array", "boolean",
+         "index"])
     causes = dict(err.failures)
     for name in ("nan", "small", "class", "negative", "garbled"):
         assert str(cam_dir / f"{name}.npy") in causes[name], causes[name]
@@ -371,8 +376,32 @@ def test_bad_inputs_are_reported_by_file_and_the_rest_is_written(tmp_path, synth
     assert "cannot read" in causes["broken"] and "cannot read" in causes["garbled"]
     assert "no image" in causes["orphan"]
     assert "array" in str(err) and "nan" in str(err)
-    assert (err.stats["written"], err.stats["failed"]) == (1, 8)
+    assert "class index True" in causes["boolean"]
+    assert causes["index"] == "IndexError: no CAM here"
+    assert (err.stats["written"], err.stats["failed"]) == (1, 10)
     assert os.listdir(tmp_path / "out") == ["good.png"]
+
+
+class IndexErrorCams(dict):
+    """A CAM mapping whose lookup raises IndexError (as a bad record once did mid-run)."""
+
+    def __getitem__(self, key):
+        raise IndexError("no CAM here")
+
+
+def test_unwritable_out_dir_is_an_error_before_any_work(tmp_path, monkeypatch):
+    """A read-only folder (simulated: the tests may run as root, who can write anywhere) or
+    a file in the way is a ValueError naming the folder."""
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=rf"out_dir {tmp_path / 'file'}: cannot write"):
+        pm.generate([], str(tmp_path / "file"), config("ppmg"))
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(pm.tempfile, "TemporaryFile", read_only)
+    with pytest.raises(ValueError, match=r"out_dir .*ro: cannot write .*Permission denied"):
+        pm.generate([("x", None, {})], str(tmp_path / "ro"), config("ppmg"))
 
 
 def test_invalid_config_is_rejected(tmp_path):
@@ -454,6 +483,52 @@ def test_cli_takes_the_crf_backend_as_a_config_override(tmp_path, cli_inputs):
     assert result.returncode != 0
     assert "crf.backend='cuda'" in result.stderr and "'pydensecrf', 'jax'" in result.stderr
     assert pm.default_config().crf.backend == "pydensecrf"
+
+
+def test_cli_refuses_hostile_and_malformed_cams_per_image_and_exits_1(tmp_path, cli_inputs):
+    """Through the CLI: CAM payloads that would write a file (one unpickling to ``{}``), an
+    ``.npz`` with more classes than CAMs and a string class key each fail their image only;
+    the good image is written, the run ends with the failures and counts, status 1, and
+    no traceback; no payload ran."""
+    cam_dir, marker = tmp_path / "cams", tmp_path / "pwned"
+    cam_dir.mkdir()
+    good = sorted(os.listdir(cli_inputs / "cams"))[0]
+    (cam_dir / good).write_bytes((cli_inputs / "cams" / good).read_bytes())
+    good_id = os.path.splitext(good)[0]
+    cams = io.read_cams(str(cam_dir / good))
+    hostile_npy(cam_dir / "evil.npy", marker, "system")
+    hostile_npy(cam_dir / "empty.npy", marker, "empty")
+    np.savez(cam_dir / "long.npz", cams=np.stack([cams[min(cams)]]), classes=np.array([0, 1]))
+    np.save(cam_dir / "key7.npy", {"7": cams[min(cams)]}, allow_pickle=True)
+    image = next(cli_inputs.glob(f"images/{good_id}.*"))
+    (tmp_path / "images").mkdir()
+    for image_id in (good_id, "evil", "empty", "long", "key7"):
+        (tmp_path / "images" / f"{image_id}{image.suffix}").write_bytes(image.read_bytes())
+    result = run_python("-m", "pmm_jax.pseudo_masks", f"--cam_dir={cam_dir}",
+                        f"--image_dir={tmp_path / 'images'}", f"--out_dir={tmp_path / 'out'}",
+                        "--num_workers=1", "--config.crf.iterations=2")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "4 image(s) failed" in result.stderr and "written=1 skipped=0 failed=4" in result.stderr
+    for name in ("evil.npy", "empty.npy"):
+        assert f"{cam_dir / name}: cannot read (UnpicklingError: refused" in result.stderr
+    assert f"{cam_dir / 'long.npz'}: 'cams' must be" in result.stderr
+    assert f"{cam_dir / 'key7.npy'}: key '7'" in result.stderr
+    assert os.listdir(tmp_path / "out") == [f"{good_id}.png"]
+    assert not marker.exists()
+
+
+def test_cli_missing_cam_dir_and_file_out_dir_are_one_line_errors(tmp_path, cli_inputs):
+    base = ["-m", "pmm_jax.pseudo_masks", f"--image_dir={cli_inputs / 'images'}"]
+    (tmp_path / "file").write_text("")
+    for args, message in (
+            ([f"--cam_dir={tmp_path / 'nope'}", f"--out_dir={tmp_path / 'out'}"],
+             f"error: --cam_dir={tmp_path / 'nope'}: does not exist"),
+            ([f"--cam_dir={cli_inputs / 'cams'}", f"--out_dir={tmp_path / 'file'}"],
+             f"error: out_dir {tmp_path / 'file'}: cannot write pseudo-masks there")):
+        result = run_python(*base, *args)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.strip().startswith(message), result.stderr
 
 
 def test_cli_rejects_unknown_overrides_and_orphan_cams(tmp_path, cli_inputs):

@@ -196,3 +196,20 @@ def test_sbd_id_without_a_mask_names_the_id(tmp_path):
     (tmp_path / "manual" / "benchmark_RELEASE" / "dataset" / "cls" / "2008_000011.mat").unlink()
     with pytest.raises(voc.InputError, match=r"id '2008_000011' has no mask: .*2008_000011\.mat"):
         build(tmp_path / "manual", tmp_path / "tfds")
+
+
+def test_label_png_must_be_lossless_and_16_bit_images_are_rescaled(tmp_path):
+    """A JPEG saved as ``<id>.png`` or an RGB label is refused by name; a 16-bit greyscale
+    image is rescaled to 8 bits (``convert("RGB")`` would clip it to 0 and 255)."""
+    mask = random_mask((12, 16), seed=1)
+    Image.fromarray(mask).save(tmp_path / "lossy.png", format="JPEG")
+    Image.fromarray(np.stack([mask] * 3, -1)).save(tmp_path / "rgb.png")
+    with pytest.raises(voc.InputError, match=r"'a': .*lossy\.png is a JPEG file"):
+        voc.read_png_mask(tmp_path / "lossy.png", "a")
+    with pytest.raises(voc.InputError, match=r"'b': .*rgb\.png is a RGB image"):
+        voc.read_png_mask(tmp_path / "rgb.png", "b")
+    grey = np.random.default_rng(0).integers(0, 256, (5, 7)).astype(np.uint8)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "deep.png")
+    image, size = voc.load_image(tmp_path / "deep.png", "c")
+    assert size == (5, 7)
+    np.testing.assert_array_equal(image, np.repeat(grey[:, :, None], 3, axis=2))

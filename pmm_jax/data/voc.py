@@ -51,6 +51,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pmm_jax.constants import IGNORE_LABEL, VOC_CLASSES
 from pmm_jax.data.synthetic import labels_from_mask
+from pmm_jax.io import rgb_array
 
 NUM_CLASSES = len(VOC_CLASSES) - 1
 
@@ -118,8 +119,9 @@ def load_image(path: pathlib.Path, image_id: str) -> tuple[bytes | np.ndarray, t
     """Reads and fully decodes an image; returns what to store and its ``(height, width)``.
 
     A JPEG in RGB or greyscale is stored as its original bytes (decoding it later with three
-    channels gives RGB); any other image is stored as a uint8 RGB array. Decoding here
-    catches truncated or corrupt files at preparation time instead of during training.
+    channels gives RGB); any other image is stored as a uint8 RGB array (``io.rgb_array``:
+    16-bit greyscale is rescaled, not clipped). Decoding here catches truncated or corrupt
+    files at preparation time instead of during training.
     """
     try:
         data = path.read_bytes()
@@ -131,7 +133,7 @@ def load_image(path: pathlib.Path, image_id: str) -> tuple[bytes | np.ndarray, t
             size = (image.height, image.width)
             if image.format == "JPEG" and image.mode in ("RGB", "L"):
                 return data, size
-            return np.asarray(image.convert("RGB"), dtype=np.uint8), size
+            return rgb_array(image), size
     except UnidentifiedImageError:
         raise CorruptImageError(path, "not a recognised image format") from None
     except (OSError, ValueError, SyntaxError) as err:
@@ -235,6 +237,10 @@ def read_png_mask(path: pathlib.Path, image_id: str) -> np.ndarray:
     """A palette or greyscale label PNG as ``[H, W]`` uint8 class indices."""
     try:
         with Image.open(path) as image:
+            if image.format != "PNG":
+                raise InputError(f"id {image_id!r}: {path} is a {image.format} file; expected a "
+                                 "palette or greyscale label PNG (lossy compression corrupts "
+                                 "labels)")
             if image.mode not in ("P", "L"):
                 raise InputError(f"id {image_id!r}: {path} is a {image.mode} image; expected a "
                                  "palette or greyscale label PNG")
