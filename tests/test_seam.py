@@ -48,6 +48,27 @@ def test_pcm_matches_official():
     np.testing.assert_allclose(ours, nhwc(ref), rtol=1e-4, atol=1e-6)
 
 
+def test_pcm_gradient_is_finite_and_official_on_a_zero_padded_crop():
+    # The bottom rows and right columns are the crop's zero padding: image 0, features 0.
+    rng = np.random.RandomState(2)
+    cam = rng.randn(2, 6, 6, 3).astype(np.float32)
+    f = rng.randn(2, 6, 6, 7).astype(np.float32)
+    f[:, 4:], f[:, :, 5:] = 0.0, 0.0
+    w9 = rng.randn(7, 5).astype(np.float32)
+    probe = rng.randn(2, 6, 6, 4).astype(np.float32)
+
+    def objective(f, w9):
+        return jnp.sum(seam.pcm(seam.pcm_seeds(jnp.asarray(cam)), f @ w9) * probe)
+
+    grads = jax.grad(objective, argnums=(0, 1))(jnp.asarray(f), jnp.asarray(w9))
+    assert all(np.isfinite(g).all() for g in grads)
+    tf, tw = nchw(f).requires_grad_(), torch.from_numpy(w9.T.copy())[:, :, None, None]
+    tw.requires_grad_()
+    (torch_pcm(nchw(cam), tf, tw) * nchw(probe)).sum().backward()
+    np.testing.assert_allclose(grads[0], nhwc(tf.grad), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(grads[1], tw.grad[:, :, 0, 0].numpy().T, rtol=1e-4, atol=1e-4)
+
+
 def test_losses_match_official():
     rng = np.random.RandomState(2)
     b, c = 3, 4
