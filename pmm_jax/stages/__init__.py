@@ -29,6 +29,7 @@ REQUIRES = {"cam": "cls", "pseudo": "cam", "seg": "pseudo", "cycle": "seg", "eva
 
 # The model config that each training stage initialises from ``<key>.model.init_from``.
 TRAINS_FROM = {"cls": "cls", "seg": "seg", "cycle": "seg"}
+MODEL_NAMES = {"cls": "classifier", "seg": "segmenter"}
 
 
 class StageInputError(RuntimeError):
@@ -69,9 +70,9 @@ def check_random_init(config: ml_collections.ConfigDict) -> None:
                      f"{structure} --out=DIR, then --config.{key}.model.init_from=DIR")
     raise ValueError(
         f"{' and '.join(f'config.{k}.model.init_from' for k in keys)} "
-        f"{'is' if len(keys) == 1 else 'are'} empty: the {' and the '.join(keys)} model would "
-        "train from random weights, which the paper never does (a random-init classifier "
-        "trains far worse). Get the ImageNet weights and convert them: "
+        f"{'is' if len(keys) == 1 else 'are'} empty: the "
+        f"{' and the '.join(MODEL_NAMES[k] for k in keys)} would train from random weights, "
+        "which the paper never does. Get the ImageNet weights and convert them: "
         + "; ".join(steps) + ". See README.md, section 'ImageNet weights'. To train from "
         "random weights anyway, set --config.allow_random_init=True.")
 
