@@ -133,7 +133,9 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: Iterator[Mapping[str, np.
     over the devices. ``eval_fn(step, eval_model)``, when given, runs every ``eval_every``
     steps and after the last one on an eval-mode copy of the current model (mmseg's periodic
     validation; the caller keeps the best checkpoint, e.g. with ``save_model``). The model is
-    updated in place and returned in eval mode.
+    updated in place and returned in eval mode. Raises :class:`DivergenceError` (naming
+    ``desc``, the first bad step, its metrics and the last good checkpoint) when the loss or
+    the gradient norm stops being finite; no later state is saved (module docstring).
     """
     mesh = shd.make_mesh()
     model.train()
