@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 class DivergenceError(FloatingPointError):
     """Training produced a non-finite loss or gradient norm; nothing after it was saved."""
 
+
 LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], nnx.Rngs],
                   tuple[jax.Array, Mapping[str, jax.Array]]]
 
