@@ -151,9 +151,9 @@ def best_dir(wd: Workdir, run: str) -> str:
     return wd.ckpt_dir(f"seg/{run}/best")
 
 
-def val_miou(config, wd: Workdir, model, source: str = "the segmenter") -> float:
-    """mIoU of ``model`` on the val split with config.eval's test-time pipeline (all processes);
-    ``source`` names the model in the error raised when its probabilities are not finite."""
+def val_miou(config, wd: Workdir, model) -> float:
+    """mIoU of ``model`` on the val split with config.eval's test-time pipeline (all processes)."""
+    source = "the segmenter being trained, in its periodic validation (config.seg.eval_every)"
     # config.eval, config.crf.backend
     predict = segment_inference.predictor(model, config, source=source)
     num_classes = config.data.num_classes
@@ -178,8 +178,7 @@ def keep_best(config, wd: Workdir, run: str):
     record = os.path.join(os.path.dirname(directory), "best.json")
 
     def eval_fn(step: int, model) -> None:
-        miou = val_miou(config, wd, model,
-                        f"stage '{trained_by(run)}': segmenter '{run}' at step {step} on val")
+        miou = val_miou(config, wd, model)
         best = io.read_json(record)["miou"] if os.path.exists(record) else -1.0
         if distributed.is_main():
             print(f"seg {run} step {step}: val mIoU {100 * miou:.2f} "
