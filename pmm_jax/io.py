@@ -13,7 +13,7 @@ import json
 import os
 import pickle
 import tempfile
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 from PIL import Image
@@ -25,7 +25,7 @@ class NonFiniteError(FloatingPointError):
     """A model's output holds NaN or inf and was not written (see :func:`require_finite`)."""
 
 
-def require_finite(arrays: Iterator[np.ndarray] | list[np.ndarray], what: str) -> None:
+def require_finite(arrays: Iterable[np.ndarray], what: str) -> None:
     """Raises ``NonFiniteError("<what> ... not finite ...")`` unless every array is finite.
 
     Writers of model outputs call it first, so NaN CAMs or predictions are refused where
