@@ -149,7 +149,7 @@ def test_jax_crf_backend_agrees_with_pydensecrf():
     predictor = si.predictor(model, config)
     assert predictor._backend == "jax" and predictor._pool is None
     ours = predictor(batch)
-    probs = predictor._device(batch)  # the averaged probabilities the CRF starts from
+    probs, _ = predictor._device(batch)  # the averaged probabilities the CRF starts from
     same = total = 0
     for i, (h, w) in enumerate(zip(batch["height"][:3], batch["width"][:3])):
         reference = crf.dense_crf(batch["raw"][i, :h, :w],
