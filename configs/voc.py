@@ -17,6 +17,9 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.stages = "cls,cam,pseudo,seg,cycle,eval"
+    # Training the classifier or segmenter with an empty init_from (random weights) is refused
+    # unless this is True; ImageNet weights: see README.md, section 'ImageNet weights'.
+    c.allow_random_init = False
 
     c.data = ml_collections.ConfigDict(dict(
         name="voc2012_wsss",

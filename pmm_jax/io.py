@@ -19,12 +19,29 @@ import os
 import pickle
 import tempfile
 import zipfile
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 from PIL import Image
 
 from pmm_jax.constants import PALETTE
+
+
+class NonFiniteError(FloatingPointError):
+    """A model's output holds NaN or inf and was not written (see :func:`require_finite`)."""
+
+
+def require_finite(arrays: Iterable[np.ndarray], what: str) -> None:
+    """Raises ``NonFiniteError("<what> ... not finite ...")`` unless every array is finite.
+
+    Writers of model outputs call it first, so NaN CAMs or predictions are refused where
+    they are produced (``what`` names the stage and the model) instead of failing stages
+    later, or not at all.
+    """
+    bad = sum(int(np.size(a) - np.count_nonzero(np.isfinite(a))) for a in arrays)
+    if bad:
+        raise NonFiniteError(f"{what}: {bad} values are not finite (NaN or inf); refusing to "
+                             "write them")
 
 
 @contextlib.contextmanager

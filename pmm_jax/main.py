@@ -45,12 +45,14 @@ def check_workdir(path: str) -> None:
 
 
 def check_config(config) -> None:
-    """Checks the choices that would otherwise fail only deep inside a stage: the stage list
-    and the dense CRF backend ``config.crf.backend``. Raises ValueError naming the key."""
+    """Checks the choices that would otherwise fail only deep inside a stage: the stage list,
+    the dense CRF backend ``config.crf.backend`` and training from random weights
+    (``stages.check_random_init``). Raises ValueError naming the key."""
     from pmm_jax import crf, stages
 
     stages.parse_stages(config.stages)
     crf.config_backend(config)
+    stages.check_random_init(config)
 
 
 def run(config, workdir: str) -> dict:

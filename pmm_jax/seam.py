@@ -123,11 +123,20 @@ def pcm_seeds(cam: jax.Array) -> jax.Array:
     return jnp.concatenate([1.0 - fg_max, jnp.where(norm < fg_max, 0.0, norm)], axis=-1)
 
 
+def norm_with_zero_gradient(x: jax.Array) -> jax.Array:
+    """Euclidean norm over the last axis (kept) with ``torch.norm``'s gradient: 0 at a zero
+    vector, where ``jnp.linalg.norm``'s is NaN. The PCM's per-pixel features are exactly zero
+    in a crop's zero padding (VOC's 375-pixel sides in a 448 crop)."""
+    squared = jnp.sum(x * x, axis=-1, keepdims=True)
+    nonzero = squared > 0
+    return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squared, 1.0)), 0.0)
+
+
 def pcm(seeds: jax.Array, features: jax.Array) -> jax.Array:
     """Refines ``seeds[B,h,w,K]`` with the affinity of ``features[B,h,w,D]`` (same h, w)."""
     b, h, w, k = seeds.shape
     f = features.reshape(b, h * w, -1)
-    f = f / (jnp.linalg.norm(f, axis=-1, keepdims=True) + EPS)
+    f = f / (norm_with_zero_gradient(f) + EPS)
     aff = jax.nn.relu(jnp.einsum("bid,bjd->bij", f, f))
     aff = aff / (jnp.sum(aff, axis=1, keepdims=True) + EPS)
     return jnp.einsum("bij,bik->bjk", aff, seeds.reshape(b, h * w, k)).reshape(b, h, w, k)

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pmm_jax import crf, trainer
+from pmm_jax import crf, io, trainer
 from pmm_jax.models.pspnet import resize_bilinear, upsample_logits
 
 
@@ -102,13 +102,16 @@ def _options(eval_cfg: Mapping[str, Any]) -> dict:
 
 
 def device_fn(eval_cfg: Mapping[str, Any]) -> Callable:
-    """``fn(model, batch)`` for ``trainer.make_predict_fn``: uint8 labels ``[B,H,W]``, or the
-    averaged probabilities ``[B,H,W,K]`` when the CRF is on (it needs them on the host)."""
+    """``fn(model, batch)`` for ``trainer.make_predict_fn``: ``(out, finite)`` with ``out``
+    uint8 labels ``[B,H,W]``, or the averaged probabilities ``[B,H,W,K]`` when the CRF is on
+    (it needs them on the host), and ``finite[B]``: whether each row's probabilities are all
+    finite (an argmax of NaN is a label like any other)."""
     options, use_crf = _options(eval_cfg), bool(eval_cfg.get("crf", False))
 
     def fn(model, batch):
         probs = averaged_probs(lambda x: model(x)["logits"], batch["image"], **options)
-        return probs if use_crf else jnp.argmax(probs, axis=-1).astype(jnp.uint8)
+        finite = jnp.all(jnp.isfinite(probs), axis=(1, 2, 3))
+        return (probs if use_crf else jnp.argmax(probs, axis=-1).astype(jnp.uint8)), finite
 
     return fn
 
@@ -133,11 +136,14 @@ class Predictor:
     """``predict(host_batch) -> uint8 labels [B,H,W]`` with the test-time options of
     ``eval_cfg``; rows are padded like the batch (callers crop each to height x width).
     ``crf_backend``: the dense CRF implementation (``config.crf.backend``, see
-    ``pmm_jax.crf.BACKENDS``) when ``eval_cfg.crf`` is on."""
+    ``pmm_jax.crf.BACKENDS``) when ``eval_cfg.crf`` is on. ``source`` names the model (and the
+    stage that trained it) in the ``io.NonFiniteError`` raised when a valid row's
+    probabilities are not finite."""
 
     def __init__(self, model, eval_cfg: Mapping[str, Any],
-                 crf_backend: str = crf.DEFAULT_BACKEND):
+                 crf_backend: str = crf.DEFAULT_BACKEND, source: str = "the segmenter"):
         self._device = trainer.make_predict_fn(model, device_fn(eval_cfg))
+        self._source = source
         self._crf = bool(eval_cfg.get("crf", False))
         params = eval_cfg.get("crf_params", None)
         self._params = crf.CRFParams.from_config(params) if params else crf.SEGMENTATION_TEST_CRF
@@ -148,7 +154,14 @@ class Predictor:
             weakref.finalize(self, self._pool.shutdown)
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
-        out = self._device(batch)
+        out, finite = self._device(batch)
+        valid = batch.get("valid", np.ones(len(finite), bool))
+        bad = np.flatnonzero(valid & ~finite)
+        if len(bad):
+            ids = [batch["id"][i].decode() if "id" in batch else str(i) for i in bad]
+            raise io.NonFiniteError(
+                f"{self._source}: the segmentation probabilities of image(s) {ids} are not "
+                "finite (NaN or inf); refusing to write predictions from them")
         return self._crf_labels(out, batch) if self._crf else out
 
     def _crf_labels(self, probs: np.ndarray, batch: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -168,7 +181,7 @@ class Predictor:
         return labels
 
 
-def predictor(model, config) -> Predictor:
+def predictor(model, config, source: str = "the segmenter") -> Predictor:
     """The ``Predictor`` of a pipeline config: test-time options ``config.eval``, CRF backend
     ``config.crf.backend`` (validated; pydensecrf when the config has none)."""
-    return Predictor(model, config.eval, crf_backend=crf.config_backend(config))
+    return Predictor(model, config.eval, crf_backend=crf.config_backend(config), source=source)

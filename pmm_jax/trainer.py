@@ -25,6 +25,16 @@ the processes and writes the replicated arrays once.
 
 Metrics stay on device (summed by a tiny jitted add) and are fetched to the host only on log
 steps, so the host never waits on the accelerator in between.
+
+Divergence: the step also returns the global gradient norm (``grad_norm``). Every step a tiny
+jitted function records on device the first step whose loss or gradient norm is not finite, and
+that step's metrics; the host reads that record only where it would act on the state: before
+logging, saving a checkpoint or evaluating. A diverged run therefore raises
+:class:`DivergenceError` at the next such step (at most ``min(log_every, ckpt_every)`` wasted
+steps) without ever saving a state computed after the bad step, so the newest checkpoint is the
+last good one and a resumed run starts from it. A per-step host check would instead make the
+host wait for every step before dispatching the next, losing the asynchronous dispatch that
+keeps the accelerator busy.
 """
 
 import logging
@@ -46,6 +56,11 @@ from jax.sharding import PartitionSpec
 from pmm_jax import sharding as shd
 
 log = logging.getLogger(__name__)
+
+
+class DivergenceError(FloatingPointError):
+    """Training produced a non-finite loss or gradient norm; nothing after it was saved."""
+
 
 LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], nnx.Rngs],
                   tuple[jax.Array, Mapping[str, jax.Array]]]
@@ -119,7 +134,9 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: Iterator[Mapping[str, np.
     over the devices. ``eval_fn(step, eval_model)``, when given, runs every ``eval_every``
     steps and after the last one on an eval-mode copy of the current model (mmseg's periodic
     validation; the caller keeps the best checkpoint, e.g. with ``save_model``). The model is
-    updated in place and returned in eval mode.
+    updated in place and returned in eval mode. Raises :class:`DivergenceError` (naming
+    ``desc``, the first bad step, its metrics and the last good checkpoint) when the loss or
+    the gradient norm stops being finite; no later state is saved (module docstring).
     """
     mesh = shd.make_mesh()
     model.train()
@@ -182,7 +199,8 @@ def make_predict_fn(model: nnx.Module, fn: Callable[[nnx.Module, Mapping[str, ja
 
 def make_step(graphdef: nnx.GraphDef, loss_fn: LossFn, seed: int, mesh: jax.sharding.Mesh
                ) -> Callable[[nnx.State, Mapping[str, jax.Array]], tuple[nnx.State, dict]]:
-    """The jitted train step ``(state, batch) -> (new_state, metrics)``, state donated."""
+    """The jitted train step ``(state, batch) -> (new_state, metrics)``, state donated;
+    ``metrics`` holds ``loss``, the loss function's metrics and the global ``grad_norm``."""
     base_key = jax.random.key(seed)
 
     def step(state, batch):
@@ -194,7 +212,8 @@ def make_step(graphdef: nnx.GraphDef, loss_fn: LossFn, seed: int, mesh: jax.shar
 
         (loss, metrics), grads = nnx.value_and_grad(objective, has_aux=True)(model)
         optimizer.update(model, grads)
-        return nnx.state((model, optimizer)), {"loss": loss, **metrics}
+        return nnx.state((model, optimizer)), {"loss": loss, **metrics,
+                                               "grad_norm": optax.tree.norm(grads)}
 
     rep = shd.replicated(mesh)
     return jax.jit(step, in_shardings=(rep, shd.data_sharding(mesh)), out_shardings=(rep, rep),
@@ -206,6 +225,7 @@ def _loop(step_fn, state, batches, manager, writer, mesh, graphdef, *, start, nu
           eval_every=0):
     """Runs steps ``start+1 .. num_steps``: train, accumulate metrics, log, checkpoint."""
     sums, count, tick = None, 0, time.perf_counter()
+    first_bad = None
     bar = tqdm.tqdm(total=num_steps, initial=start, desc=desc, dynamic_ncols=True,
                     disable=jax.process_index() != 0)
     with bar:
@@ -214,9 +234,17 @@ def _loop(step_fn, state, batches, manager, writer, mesh, graphdef, *, start, nu
             batch = shd.shard_batch(host_batch, mesh, config_key=batch_size_key)
             state, metrics = step_fn(state, batch)
             sums = metrics if sums is None else _tree_add(sums, metrics)
+            first_bad = _track_divergence(_no_divergence(metrics) if first_bad is None
+                                          else first_bad, metrics, step)
             count += 1
             bar.update(1)
-            if step % log_every == 0 or step == num_steps:
+            log_now = step % log_every == 0 or step == num_steps
+            save_now = step == num_steps or manager.should_save(step)
+            eval_now = eval_fn is not None and eval_every and (step % eval_every == 0
+                                                               or step == num_steps)
+            if log_now or save_now or eval_now:
+                _raise_if_diverged(first_bad, desc, manager)
+            if log_now:
                 elapsed, tick = time.perf_counter() - tick, time.perf_counter()
                 scalars = {k: float(v) / count for k, v in jax.device_get(sums).items()}
                 scalars["steps_per_sec"] = count / elapsed
@@ -228,10 +256,9 @@ def _loop(step_fn, state, batches, manager, writer, mesh, graphdef, *, start, nu
                                                       host_batch))
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}")
                 sums, count = None, 0
-            if step == num_steps or manager.should_save(step):
+            if save_now:
                 manager.save(step, args=_save_args(state), force=True)
-            if eval_fn is not None and eval_every and (step % eval_every == 0
-                                                       or step == num_steps):
+            if eval_now:
                 eval_fn(step, _eval_model(graphdef, state))
     return state
 
@@ -240,6 +267,41 @@ def _loop(step_fn, state, batches, manager, writer, mesh, graphdef, *, start, nu
 def _tree_add(a, b):
     """Adds two metric dicts on device (no host transfer)."""
     return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+def _no_divergence(metrics: dict) -> dict:
+    """The initial divergence record: no bad step (0), zero metrics shaped like ``metrics``."""
+    return {"step": jnp.zeros((), jnp.int32), "metrics": jax.tree_util.tree_map(jnp.zeros_like,
+                                                                                metrics)}
+
+
+@jax.jit
+def _track_divergence(record: dict, metrics: dict, step) -> dict:
+    """Updates on device the record of the first step (1-based) whose loss or gradient norm
+    is not finite, with that step's metrics; a few scalar operations, no host transfer."""
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    first = (record["step"] == 0) & ~finite
+    return {"step": jnp.where(first, step, record["step"]),
+            "metrics": jax.tree_util.tree_map(lambda old, new: jnp.where(first, new, old),
+                                              record["metrics"], metrics)}
+
+
+def _raise_if_diverged(record: dict, desc: str, manager: ocp.CheckpointManager) -> None:
+    """Raises DivergenceError naming the run, the first bad step, its loss terms and gradient
+    norm, and the last good checkpoint, when ``record`` holds a bad step (a host fetch)."""
+    record = jax.device_get(record)
+    step = int(record["step"])
+    if not step:
+        return
+    values = ", ".join(f"{k}={float(v):.6g}" for k, v in record["metrics"].items())
+    last = manager.latest_step()
+    where = (f"the last good checkpoint is step {last} in {manager.directory} (left as it was; "
+             "a rerun resumes from it)" if last is not None
+             else f"no checkpoint had been saved in {manager.directory}")
+    raise DivergenceError(
+        f"{desc}: training diverged at step {step}: the loss or the gradient norm is not "
+        f"finite ({values}). Nothing from step {step} on was saved; {where}. Lower the learning "
+        "rate, or start from converted ImageNet weights (init_from) instead of random weights.")
 
 
 def _eval_model(graphdef, state) -> nnx.Module:

@@ -46,12 +46,56 @@ def test_every_config_carries_the_crf_backend_and_a_bad_one_is_refused_early():
         spec.loader.exec_module(module)
         config = module.get_config(*args)
         assert config.crf.backend == "pydensecrf", name
+        config.allow_random_init = True  # voc/coco refuse random weights (tested below)
         main.check_config(config)
     with config.unlocked():
         config.crf.backend = "JAX"
     with pytest.raises(ValueError,
                        match=r"crf\.backend='JAX'.*allowed values: 'pydensecrf', 'jax'"):
         main.check_config(config)
+
+
+def load_config(name: str, *args):
+    """``configs/<name>.py``'s ``get_config(*args)``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*args)
+
+
+@pytest.mark.parametrize("name", ["voc", "coco"])
+def test_paper_configs_refuse_random_init_naming_the_keys(name):
+    config = load_config(name)
+    assert config.allow_random_init is False
+    with pytest.raises(ValueError) as err:
+        main.check_config(config)
+    message = str(err.value)
+    for text in ("config.cls.model.init_from and config.seg.model.init_from are empty",
+                 "python -m pmm_jax.convert --arch=resnet38 --src=", "--arch=res2net101",
+                 "--config.cls.model.init_from=DIR", "--config.seg.model.init_from=DIR",
+                 "see README.md, section 'ImageNet weights'", "--config.allow_random_init=True"):
+        assert text.lower() in message.lower(), (text, message)
+    config.stages = "cycle"  # cyclic training trains segmenters too
+    with pytest.raises(ValueError, match=r"config\.seg\.model\.init_from is empty"):
+        main.check_config(config)
+    config.stages = "cam,pseudo,eval"  # trains nothing
+    main.check_config(config)
+    config.stages = "cls,seg"
+    config.cls.model.init_from, config.seg.model.init_from = "/w/resnet38", "/w/res2net101"
+    main.check_config(config)
+    config.cls.model.init_from, config.allow_random_init = "", True
+    main.check_config(config)
+    for args in ((), ("tiny",)):
+        assert load_config("demo", *args).allow_random_init is True
+
+
+def test_random_init_is_refused_before_any_stage_runs(tmp_path):
+    proc = run_main("--config=configs/voc.py", f"--workdir={tmp_path / 'wd'}")
+    assert proc.returncode != 0
+    assert "config.cls.model.init_from and config.seg.model.init_from" in proc.stderr
+    assert not (tmp_path / "wd").exists(), "no stage may have started"
 
 
 def test_parse_stages_orders_and_deduplicates():

@@ -48,6 +48,43 @@ def test_pcm_matches_official():
     np.testing.assert_allclose(ours, nhwc(ref), rtol=1e-4, atol=1e-6)
 
 
+def test_pcm_gradient_is_finite_and_official_on_a_zero_padded_crop():
+    # The bottom rows and right columns are the crop's zero padding: image 0, features 0.
+    rng = np.random.RandomState(2)
+    cam = rng.randn(2, 6, 6, 3).astype(np.float32)
+    f = rng.randn(2, 6, 6, 7).astype(np.float32)
+    f[:, 4:], f[:, :, 5:] = 0.0, 0.0
+    w9 = rng.randn(7, 5).astype(np.float32)
+    probe = rng.randn(2, 6, 6, 4).astype(np.float32)
+
+    def objective(f, w9):
+        return jnp.sum(seam.pcm(seam.pcm_seeds(jnp.asarray(cam)), f @ w9) * probe)
+
+    grads = jax.grad(objective, argnums=(0, 1))(jnp.asarray(f), jnp.asarray(w9))
+    assert all(np.isfinite(g).all() for g in grads)
+    tf, tw = nchw(f).requires_grad_(), torch.from_numpy(w9.T.copy())[:, :, None, None]
+    tw.requires_grad_()
+    (torch_pcm(nchw(cam), tf, tw) * nchw(probe)).sum().backward()
+    np.testing.assert_allclose(grads[0], nhwc(tf.grad), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(grads[1], tw.grad[:, :, 0, 0].numpy().T, rtol=1e-4, atol=1e-4)
+
+
+def test_resnet38_convs_start_from_torch_default_init():
+    """Every backbone conv is ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` (PyTorch's default, kept
+    by the official ResNet38-d); He init made random-init SEAM diverge (docs/models.md)."""
+    # Built in one jitted program (eagerly, each parameter shape compiles its own).
+    backbone = nnx.jit(lambda: ResNet38(width_div=8, blocks=(1, 1, 1, 1), rngs=nnx.Rngs(0)))()
+    kernels = [(path, p[...]) for path, p in nnx.iter_graph(backbone)
+               if isinstance(p, nnx.Param) and p[...].ndim == 4]
+    assert len(kernels) == 21  # conv1a, 3 per basic block, 4 per bottleneck
+    for path, k in kernels:
+        bound = 1 / np.sqrt(np.prod(k.shape[:-1]))
+        assert float(jnp.max(jnp.abs(k))) <= bound, path
+        if k.size >= 4096:
+            np.testing.assert_allclose(float(jnp.std(k)), bound / np.sqrt(3), rtol=0.1,
+                                       err_msg=str(path))
+
+
 def test_losses_match_official():
     rng = np.random.RandomState(2)
     b, c = 3, 4

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pmm_jax import crf, models, segment_inference as si, trainer
+from pmm_jax import crf, io, models, segment_inference as si, trainer
 from pmm_jax.stages import seg
 
 
@@ -93,7 +93,8 @@ def test_predictor_options_off_equals_argmax_and_crf_matches_host_loop():
     predictor = si.Predictor(model, ml_collections.ConfigDict(dict(
         scales=(0.75, 1.0), flip=True, sliding_window=(24, 16), crf=True, crf_workers=2)))
     labels = predictor(batch)
-    probs = predictor._device(batch)  # the jitted averaged probabilities the CRF starts from
+    probs, finite = predictor._device(batch)  # the averaged probabilities the CRF starts from
+    assert finite.all()
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
     for i, (h, w) in enumerate(zip(batch["height"][:3], batch["width"][:3])):
         posterior = crf.dense_crf(batch["raw"][i, :h, :w],
@@ -102,6 +103,24 @@ def test_predictor_options_off_equals_argmax_and_crf_matches_host_loop():
         np.testing.assert_array_equal(labels[i, :h, :w], posterior.argmax(0))
         assert not labels[i, h:].any() and not labels[i, :, w:].any()
     assert not labels[3].any()  # padding row: no CRF
+
+
+def nan_weights(model):
+    """``model`` with every parameter NaN (a diverged checkpoint)."""
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree_util.tree_map(lambda p: jnp.full_like(p, jnp.nan), params))
+    return model
+
+
+@pytest.mark.parametrize("use_crf", [False, True])
+def test_predictor_refuses_non_finite_probabilities_naming_the_source(use_crf):
+    model = nan_weights(_tiny_segmenter())
+    batch = _batch(np.random.default_rng(4)) | {"id": np.array([b"a", b"b", b"c", b"pad"])}
+    predictor = si.Predictor(model, ml_collections.ConfigDict(dict(crf=use_crf, crf_workers=1)),
+                             crf_backend="jax", source="stage 'eval': segmenter 'pus'")
+    with pytest.raises(io.NonFiniteError, match=r"stage 'eval': segmenter 'pus': .*"
+                       r"\['a', 'b', 'c'\] are not finite"):
+        predictor(batch)
 
 
 class _PixelNet(nnx.Module):
@@ -130,7 +149,7 @@ def test_jax_crf_backend_agrees_with_pydensecrf():
     predictor = si.predictor(model, config)
     assert predictor._backend == "jax" and predictor._pool is None
     ours = predictor(batch)
-    probs = predictor._device(batch)  # the averaged probabilities the CRF starts from
+    probs, _ = predictor._device(batch)  # the averaged probabilities the CRF starts from
     same = total = 0
     for i, (h, w) in enumerate(zip(batch["height"][:3], batch["width"][:3])):
         reference = crf.dense_crf(batch["raw"][i, :h, :w],

@@ -193,6 +193,48 @@ def test_predict_returns_local_rows_in_order(uninterrupted):
                                 batch_size_key="config.eval.batch_size")(make_batch(0, 6))
 
 
+def poisoned_batches(bad_step: int):
+    """Batches for steps 1.. where step ``bad_step``'s batch carries a ``poison`` flag."""
+    for s in itertools.count(0):
+        yield make_batch(s) | {"poison": np.full(8, float(s + 1 == bad_step), np.float32)}
+
+
+def nan_loss(model, batch, rngs):
+    """``loss_fn``, made NaN (loss and gradient) by a poisoned batch."""
+    loss, metrics = loss_fn(model, batch, rngs)
+    return loss + jnp.where(batch["poison"].max() > 0, jnp.nan, 0.0), metrics
+
+
+def nan_gradient(model, batch, rngs):
+    """``loss_fn`` plus ``|v| - |v|`` (no change in value), where ``v`` is ``0 * kernel`` on a
+    poisoned batch (``|v|`` has a NaN gradient at 0) and a constant elsewhere: a finite loss
+    with a non-finite gradient norm at that step only."""
+    loss, metrics = loss_fn(model, batch, rngs)
+    poison = batch["poison"].max()
+    v = model.head.kernel[...] * 0.0 + (1.0 - poison)
+    norm = jnp.linalg.norm(v)
+    return loss + norm - jax.lax.stop_gradient(norm), metrics
+
+
+@pytest.mark.parametrize("loss, text", [(nan_loss, "loss=nan"), (nan_gradient, "grad_norm=nan")])
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, loss, text):
+    ckpt = str(tmp_path / "ckpt")
+    with pytest.raises(trainer.DivergenceError) as err:
+        run(tmp_path, 10, batches=poisoned_batches(5), loss=loss, log_every=4, ckpt_every=2,
+            desc="seg pus")
+    message = str(err.value)
+    # Found at step 6 (a checkpoint step), before anything from step 5 on was saved.
+    assert "seg pus: training diverged at step 5" in message and text in message
+    assert "accuracy=" in message and "grad_norm=" in message
+    assert f"last good checkpoint is step 4 in {tmp_path / 'ckpt'}" in message
+    assert trainer.latest_step(ckpt) == 4
+    # The kept checkpoint is the state after step 4 of a run that never saw the poison.
+    good = tmp_path / "good"
+    expected = params_of(run(good, 4, batches=batches_from(0), ckpt_every=2))
+    restored = trainer.restore_model(TinyNet(nnx.Rngs(1)), ckpt, "run stage cls first")
+    assert_trees_close(params_of(restored), expected)
+
+
 def test_sgd_poly_schedule_and_decay_mask():
     tx, schedule = trainer.sgd_poly(0.2, 100, power=0.9, end_lr=0.01)
     np.testing.assert_allclose(schedule(0), 0.2)

@@ -61,10 +61,20 @@ NORMS = ("frozen", "batch")
 
 def conv_init(key: jax.Array, shape: tuple, dtype=jnp.float32) -> jax.Array:
     """He normal over fan-out, ``N(0, 2 / (kh * kw * out))`` (torch ``kaiming_normal_(mode=
-    "fan_out")``, ScaleNet's own init); untruncated, which also compiles far faster on CPU
-    than the truncated normal."""
+    "fan_out")``, ScaleNet's own init; ResNet38-d uses :func:`torch_conv_init`); untruncated,
+    which also compiles far faster on CPU than the truncated normal."""
     fan_out = int(np.prod(shape[:-2])) * shape[-1]
     return jax.random.normal(key, shape, dtype) * np.sqrt(2.0 / fan_out).astype(dtype)
+
+
+def torch_conv_init(key: jax.Array, shape: tuple, dtype=jnp.float32) -> jax.Array:
+    """PyTorch's default ``nn.Conv2d`` weight, ``kaiming_uniform_(a=sqrt(5))``:
+    ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` with ``fan_in = kh * kw * in`` (variance
+    ``1 / (3 fan_in)``). The official ResNet38-d (SEAM/PMM ``resnet38d.Net``, WSSS_MMSeg
+    ``WideRes38``) keeps it for every backbone conv; see docs/models.md, "Divergence from
+    random init", for why He init diverges in this pre-activation network."""
+    bound = 1.0 / np.sqrt(int(np.prod(shape[:-1])))
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 class FrozenBatchNorm(nnx.Module):
@@ -113,12 +123,18 @@ def frozen_stage_prefixes(stem: Sequence[str], stages: Sequence[Sequence[str]],
 
 
 def conv(in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
-         dilation: int = 1, rngs: nnx.Rngs) -> nnx.Conv:
-    """Bias-free conv with torch's symmetric padding ``dilation * (k // 2)``."""
+         dilation: int = 1, kernel_init=conv_init, rngs: nnx.Rngs) -> nnx.Conv:
+    """Bias-free conv with torch's symmetric padding ``dilation * (k // 2)``; ResNet38-d's
+    own convs pass ``kernel_init=torch_conv_init`` (:func:`conv38`)."""
     pad = dilation * (kernel_size // 2)
     return nnx.Conv(in_channels, out_channels, (kernel_size, kernel_size), strides=stride,
                     padding=((pad, pad), (pad, pad)), kernel_dilation=dilation, use_bias=False,
-                    kernel_init=conv_init, rngs=rngs)
+                    kernel_init=kernel_init, rngs=rngs)
+
+
+def conv38(*args, **kwargs) -> nnx.Conv:
+    """:func:`conv` initialised as the official ResNet38-d (:func:`torch_conv_init`)."""
+    return conv(*args, kernel_init=torch_conv_init, **kwargs)
 
 
 class ResBlock(nnx.Module):
@@ -132,13 +148,13 @@ class ResBlock(nnx.Module):
                  stride: int = 1, first_dilation: int = 1, dilation: int = 1,
                  frozen_bn: bool = True, rngs: nnx.Rngs):
         self.bn_branch2a = batch_norm(in_channels, frozen=frozen_bn, rngs=rngs)
-        self.conv_branch2a = conv(in_channels, mid_channels, 3, stride=stride,
-                                  dilation=first_dilation, rngs=rngs)
+        self.conv_branch2a = conv38(in_channels, mid_channels, 3, stride=stride,
+                                    dilation=first_dilation, rngs=rngs)
         self.bn_branch2b1 = batch_norm(mid_channels, frozen=frozen_bn, rngs=rngs)
-        self.conv_branch2b1 = conv(mid_channels, out_channels, 3, dilation=dilation, rngs=rngs)
+        self.conv_branch2b1 = conv38(mid_channels, out_channels, 3, dilation=dilation, rngs=rngs)
         same_shape = in_channels == out_channels and stride == 1
         self.conv_branch1 = (None if same_shape else
-                             conv(in_channels, out_channels, 1, stride=stride, rngs=rngs))
+                             conv38(in_channels, out_channels, 1, stride=stride, rngs=rngs))
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         act = jax.nn.relu(self.bn_branch2a(x))
@@ -157,14 +173,14 @@ class ResBlockBot(nnx.Module):
                  frozen_bn: bool = True, rngs: nnx.Rngs):
         quarter, half = out_channels // 4, out_channels // 2
         self.bn_branch2a = batch_norm(in_channels, frozen=frozen_bn, rngs=rngs)
-        self.conv_branch2a = conv(in_channels, quarter, 1, rngs=rngs)
+        self.conv_branch2a = conv38(in_channels, quarter, 1, rngs=rngs)
         self.bn_branch2b1 = batch_norm(quarter, frozen=frozen_bn, rngs=rngs)
         self.dropout_2b1 = nnx.Dropout(dropout, broadcast_dims=(1, 2), rngs=rngs)
-        self.conv_branch2b1 = conv(quarter, half, 3, dilation=dilation, rngs=rngs)
+        self.conv_branch2b1 = conv38(quarter, half, 3, dilation=dilation, rngs=rngs)
         self.bn_branch2b2 = batch_norm(half, frozen=frozen_bn, rngs=rngs)
         self.dropout_2b2 = nnx.Dropout(dropout, broadcast_dims=(1, 2), rngs=rngs)
-        self.conv_branch2b2 = conv(half, out_channels, 1, rngs=rngs)
-        self.conv_branch1 = conv(in_channels, out_channels, 1, rngs=rngs)
+        self.conv_branch2b2 = conv38(half, out_channels, 1, rngs=rngs)
+        self.conv_branch1 = conv38(in_channels, out_channels, 1, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         act = jax.nn.relu(self.bn_branch2a(x))
@@ -208,7 +224,7 @@ class ResNet38(nnx.Module):
         # Stage k (1-based: b2 = 1 .. b7 = 6) has frozen BN when k <= frozen_stages.
         frozen_bn = lambda k: norm == "frozen" or k <= frozen_stages
         ch = lambda c: max(1, c // width_div)
-        self.conv1a = conv(in_channels, ch(64), 3, rngs=rngs)
+        self.conv1a = conv38(in_channels, ch(64), 3, rngs=rngs)
         # (stage, mid, out, stride, first dilation, dilation) of the basic-block stages.
         specs = ((2, 128, 128, 2, 1, 1), (3, 256, 256, 2, 1, 1), (4, 512, 512, 2, 1, 1),
                  (5, 512, 1024, 1, 1, dilations[0]))

@@ -27,6 +27,11 @@ ORDER = ("cls", "cam", "pseudo", "seg", "cycle", "eval")
 REQUIRES = {"cam": "cls", "pseudo": "cam", "seg": "pseudo", "cycle": "seg", "eval": "seg"}
 
 
+# The model config that each training stage initialises from ``<key>.model.init_from``.
+TRAINS_FROM = {"cls": "cls", "seg": "seg", "cycle": "seg"}
+MODEL_NAMES = {"cls": "classifier", "seg": "segmenter"}
+
+
 class StageInputError(RuntimeError):
     """A stage's inputs are missing from the workdir."""
 
@@ -41,6 +46,35 @@ def parse_stages(spec: str) -> list[str]:
     if not names:
         raise ValueError("--config.stages is empty; choose from " + ",".join(ORDER))
     return sorted(set(names), key=ORDER.index)
+
+
+def check_random_init(config: ml_collections.ConfigDict) -> None:
+    """Refuses (ValueError) to train the classifier or the segmenter from random weights.
+
+    A selected stage of ``TRAINS_FROM`` whose ``config.<cls|seg>.model.init_from`` is empty
+    would train from random weights, which the paper never does and which is far from its
+    results; that is allowed only with ``config.allow_random_init = True`` (the demo configs).
+    The error names the keys and says how to get and convert ImageNet weights.
+    """
+    if config.get("allow_random_init", False):
+        return
+    keys = sorted({TRAINS_FROM[name] for name in parse_stages(config.stages)
+                   if name in TRAINS_FROM and not config[TRAINS_FROM[name]].model.get("init_from")})
+    if not keys:
+        return
+    steps = []
+    for key in keys:
+        arch = config[key].model.backbone.name
+        structure = f" --structure=PATH/{arch}.json" if arch.startswith("scalenet") else ""
+        steps.append(f"python -m pmm_jax.convert --arch={arch} --src=IMAGENET_WEIGHTS.pth"
+                     f"{structure} --out=DIR, then --config.{key}.model.init_from=DIR")
+    raise ValueError(
+        f"{' and '.join(f'config.{k}.model.init_from' for k in keys)} "
+        f"{'is' if len(keys) == 1 else 'are'} empty: the "
+        f"{' and the '.join(MODEL_NAMES[k] for k in keys)} would train from random weights, "
+        "which the paper never does. Get the ImageNet weights and convert them: "
+        + "; ".join(steps) + ". See README.md, section 'ImageNet weights'. To train from "
+        "random weights anyway, set --config.allow_random_init=True.")
 
 
 def _runner(name: str) -> Callable[[ml_collections.ConfigDict, Workdir], dict]:

@@ -115,8 +115,12 @@ def write_split(config, wd: Workdir, model, split: str, predict=None) -> int:
         for i in rows:
             h, w = int(batch["height"][i]), int(batch["width"][i])
             present = np.flatnonzero(batch["labels"][i] > 0.5)
-            io.write_cams(cam_path(wd, split, batch["id"][i].decode()),
-                          {int(c): cams[i, :h, :w, c] for c in present})
+            image_cams = {int(c): cams[i, :h, :w, c] for c in present}
+            image_id = batch["id"][i].decode()
+            io.require_finite(image_cams.values(), (
+                f"stage 'cam' ({method(config)}): the CAMs of {split} image {image_id} from "
+                f"the classifier in {wd.ckpt_dir('cls')} (trained by stage 'cls')"))
+            io.write_cams(cam_path(wd, split, image_id), image_cams)
             written += 1
     distributed.barrier(f"cams-{split}-written")  # later readers need every process's files
     return written

@@ -20,7 +20,7 @@ def run(config, wd: Workdir) -> dict:
     source = config.cycle.source
     for run in cycle_runs(config):
         mask_dir = wd.pseudo_masks(run, "train")
-        seg.predict_split(config, wd, source, "train", mask_dir)
+        seg.predict_split(config, wd, source, "train", mask_dir, stage="cycle")
         seg.train_segmenter(config, wd, run, mask_dir, config.cycle.loss)
         source = run
     return {"runs": cycle_runs(config)}

@@ -153,7 +153,9 @@ def best_dir(wd: Workdir, run: str) -> str:
 
 def val_miou(config, wd: Workdir, model) -> float:
     """mIoU of ``model`` on the val split with config.eval's test-time pipeline (all processes)."""
-    predict = segment_inference.predictor(model, config)  # config.eval, config.crf.backend
+    source = "the segmenter being trained, in its periodic validation (config.seg.eval_every)"
+    # config.eval, config.crf.backend
+    predict = segment_inference.predictor(model, config, source=source)
     num_classes = config.data.num_classes
     cm = np.zeros((num_classes, num_classes), np.int64)
     for batch in common.eval_batches(config, wd, "val", config.eval.batch_size,
@@ -190,24 +192,38 @@ def keep_best(config, wd: Workdir, run: str):
     return eval_fn
 
 
-def load_segmenter(config, wd: Workdir, run: str) -> nnx.Module:
-    """Segmenter ``run``: its best-val checkpoint when ``config.seg.eval_every`` kept one,
-    else its last."""
+def trained_by(run: str) -> str:
+    """The stage that trains segmenter ``run``: 'cycle' for cyclic runs, else 'seg'."""
+    return "cycle" if run.startswith("cycle") else "seg"
+
+
+def segmenter_checkpoint(config, wd: Workdir, run: str) -> str:
+    """Segmenter ``run``'s checkpoint folder: its best-val one when ``config.seg.eval_every``
+    kept one, else its last."""
     best = best_dir(wd, run)
     use_best = config.seg.get("eval_every", 0) and trainer.latest_step(best) is not None
-    ckpt_dir = best if use_best else wd.ckpt_dir(f"seg/{run}")
-    return trainer.restore_model(build_model(config), ckpt_dir,
+    return best if use_best else wd.ckpt_dir(f"seg/{run}")
+
+
+def load_segmenter(config, wd: Workdir, run: str) -> nnx.Module:
+    """Segmenter ``run`` restored from :func:`segmenter_checkpoint`."""
+    return trainer.restore_model(build_model(config), segmenter_checkpoint(config, wd, run),
                                  hint=f"segmenter '{run}' is not trained: run stage 'seg' or 'cycle' first")
 
 
-def predict_split(config, wd: Workdir, run: str, split: str, out_dir: str) -> int:
+def predict_split(config, wd: Workdir, run: str, split: str, out_dir: str,
+                  stage: str = "eval") -> int:
     """Writes segmenter ``run``'s predicted mask of every image in ``split`` to ``out_dir``.
 
     Each process predicts its shard; images whose PNG already exists are skipped. Returns
-    how many this process wrote, once every process has written its files.
+    how many this process wrote, once every process has written its files. ``stage`` (the
+    caller) is named, with the segmenter, when its predictions are not finite.
     """
     model = load_segmenter(config, wd, run)
-    predict = segment_inference.predictor(model, config)  # config.eval, config.crf.backend
+    source = (f"stage '{stage}': segmenter '{run}' ({segmenter_checkpoint(config, wd, run)}, "
+              f"trained by stage '{trained_by(run)}') on {split}")
+    # config.eval, config.crf.backend
+    predict = segment_inference.predictor(model, config, source=source)
     key = "config.eval.batch_size"
     batches = common.eval_batches(config, wd, split, config.eval.batch_size, key)
     total = common.num_eval_batches(config, wd, split, config.eval.batch_size, key)
