@@ -102,21 +102,17 @@ def plan(names: list[str], redo: list[str], config: ml_collections.ConfigDict,
          wd: Workdir) -> dict[str, str]:
     """``{stage: action}`` in pipeline order: "skip" (complete and current), "run" (not
     complete: starts or resumes), "redo" (named in ``redo``: outputs deleted, runs again) or
-    "repair" (complete but outputs missing: runs again, redoing only those). A stage this run
-    needs whose outputs are missing is repaired too. Raises StaleStageError naming every
-    completed (or half-done) stage made with other settings or inputs, and the keys."""
+    "repair" (complete but outputs missing: runs again, redoing only those). The completed
+    stages a running stage needs are repaired too when their outputs are missing. Raises
+    StaleStageError naming every completed (or half-done) stage made with other settings or
+    inputs, and the keys."""
     extra = set(redo) - set(names)
     if extra:
         raise StageError(f"--redo names stage(s) {sorted(extra)} that --config.stages="
                          f"{config.stages!r} does not run")
-    todo = set(names)
-    for name in names:
-        need = REQUIRES.get(name)
-        while need and need not in todo and _needs_repair(need, config, wd):
-            todo.add(need)
-            need = REQUIRES.get(need)
     actions, renewed, stale = {}, set(), {}
-    for name in [n for n in ORDER if n in todo]:
+
+    def decide(name: str) -> None:
         current = record.relevant_config(config, name, ORDER)
         marker = _read(wd.stage_marker(name))
         if name in redo or marker is None:
@@ -125,7 +121,7 @@ def plan(names: list[str], redo: list[str], config: ml_collections.ConfigDict,
                 stale[name] = record.changed_keys(started["config"], current)
             actions[name] = "redo" if name in redo else "run"
             renewed.add(name)
-            continue
+            return
         reasons = record.changed_keys(marker.get("config", current), current)
         for stage, marker_id in marker.get("inputs", {}).items():
             if stage in renewed:
@@ -134,22 +130,33 @@ def plan(names: list[str], redo: list[str], config: ml_collections.ConfigDict,
                 reasons.append(f"stage {stage} was redone after {name}")
         if reasons:
             stale[name] = reasons
+            return
         missing = record.missing_outputs(config, wd, name, marker.get("outputs", {}))
         if missing:
             log.warning("stage %s: complete but %s; running it again to redo what is missing",
                         name, "; ".join(missing))
         actions[name] = "repair" if missing else "skip"
+
+    for name in [n for n in ORDER if n in names]:
+        decide(name)
+    for name in [n for n, action in actions.items() if action != "skip"]:
+        need = REQUIRES.get(name)
+        while need and need not in actions and _needs_repair(need, config, wd):
+            decide(need)
+            need = REQUIRES.get(need)
     stale = {name: reasons for name, reasons in stale.items() if reasons}
     if stale:
         reasons = list(dict.fromkeys(r for rs in stale.values() for r in rs))
         again = [n for n in ORDER if n in stale or n in redo]
+        also = [n for n in ORDER if n in names or n in again] if set(again) - set(names) else []
         raise StaleStageError(
-            f"{wd.root} holds stage(s) {', '.join(stale)} made with other settings or inputs "
-            f"than this run's ({'; '.join(reasons)}). To redo them with this run's settings "
-            f"(their outputs are deleted), add --redo={','.join(again)}; to keep them, run with "
+            f"{wd.root} holds stage(s) {', '.join(n for n in ORDER if n in stale)} made with "
+            f"other settings or inputs than this run's ({'; '.join(reasons)}). To redo them "
+            f"with this run's settings (their outputs are deleted), add --redo={','.join(again)}"
+            + (f" --config.stages={','.join(also)}" if also else "") + "; to keep them, run with "
             f"the settings they were made with (see {os.path.dirname(wd.stage_marker('cls'))}/"
             f"<stage>.json) or use another --workdir.")
-    return actions
+    return {name: actions[name] for name in ORDER if name in actions}
 
 
 def run_stage(name: str, config: ml_collections.ConfigDict, wd: Workdir,
