@@ -122,6 +122,7 @@ def plan(names: list[str], redo: list[str], config: ml_collections.ConfigDict,
             actions[name] = "redo" if name in redo else "run"
             renewed.add(name)
             return
+        # A marker written before markers held records has no config or inputs to compare.
         reasons = record.changed_keys(marker.get("config", current), current)
         for stage, marker_id in marker.get("inputs", {}).items():
             if stage in renewed:
