@@ -20,7 +20,8 @@ steps and after the last step; once a save has completed, a digest of its files
 (``DIGEST_FILE``: size and sha256 of each) is written into the step's folder. Restoring checks
 it: a step whose files were changed, truncated or removed is skipped with a warning for the
 newest intact one (training moves the damaged steps aside to ``<ckpt_dir>.damaged/`` and
-redoes them); ``CheckpointError`` when no step is intact. ``train`` restores the latest one and continues from its step; a
+redoes them); ``CheckpointError`` when no step is intact.
+``train`` restores the latest one and continues from its step; a
 run that is already complete returns the restored model without compiling anything. The data
 iterator is the caller's: a resumed run must hand ``train`` an iterator whose first batch is the
 one for step ``latest_step(ckpt_dir)`` (0 when ``None``), e.g. by skipping or re-seeding its
@@ -54,7 +55,8 @@ from pmm_jax import sharding as shd
 
 log = logging.getLogger(__name__)
 
-# Written into each checkpoint step's folder once the save completed: {relative path: {size, sha256}}.
+# Written into each checkpoint step's folder once its save completed:
+# {path relative to the step folder: {"size", "sha256"}}.
 DIGEST_FILE = "pmm_digest.json"
 
 LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], nnx.Rngs],

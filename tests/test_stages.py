@@ -103,7 +103,8 @@ def test_a_stage_without_its_checkpoint_is_not_marked_complete(finished, monkeyp
     shutil.rmtree(wd.ckpt_dir("cls"))
     pathlib.Path(wd.stage_marker("cls")).unlink()
     monkeypatch.setattr(stages, "_runner", lambda name: lambda config, wd: {})
-    with pytest.raises(stages.StageOutputError, match=r"stage cls finished without its outputs "
-                                                      r"\(cls/ckpt has no intact checkpoint of step 12"):
+    with pytest.raises(stages.StageOutputError, match=r"stage cls finished without its "
+                                                      r"outputs \(cls/ckpt has no intact "
+                                                      r"checkpoint of step 12"):
         stages.run_stage("cls", config, wd, "run")
     assert not pathlib.Path(wd.stage_marker("cls")).exists()

@@ -186,8 +186,8 @@ def run_stage(name: str, config: ml_collections.ConfigDict, wd: Workdir,
     written = record.measure_outputs(config, wd, name)
     unfinished = record.unfinished_outputs(config, wd, name, written)
     if unfinished:
-        raise StageOutputError(f"stage {name} finished without its outputs ({'; '.join(unfinished)}); "
-                               f"it is not marked complete in {marker}")
+        raise StageOutputError(f"stage {name} finished without its outputs "
+                               f"({'; '.join(unfinished)}); it is not marked complete in {marker}")
     inputs = {n: m["id"] for n, m in completed(wd).items()
               if ORDER.index(n) < ORDER.index(name) and "id" in m}
     result = {"seconds": round(time.time() - start, 2), "metrics": metrics, "config": current,
