@@ -3,7 +3,9 @@ r"""Runs the PMM pipeline: ``python -m pmm_jax.main --config=configs/demo.py --w
 Stages (``--config.stages=cls,cam,pseudo,seg,cycle,eval``) run in order; each reads its
 inputs from the workdir and skips work already done, so rerunning the same command after a
 kill resumes. Overrides use ml_collections syntax (``--config.seg.num_steps=100``); the config
-is locked, so a misspelt key is an error.
+is locked, so a misspelt key is an error. A completed stage made with other settings is
+refused unless ``--redo=STAGES`` names it (``pmm_jax.stages.plan``); one run at a time holds
+the workdir (``WORKDIR/.lock``).
 
 Several processes (hosts) run the same command on one shared workdir. On a Cloud TPU VM and
 under SLURM/Open MPI they find each other by themselves; elsewhere pass
@@ -12,8 +14,12 @@ under SLURM/Open MPI they find each other by themselves; elsewhere pass
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import logging as std_logging
 import os
+import re
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -28,6 +34,9 @@ _COORDINATOR = flags.DEFINE_string(
     "--num_processes and --process_id); unset = detect a TPU pod/SLURM/MPI job, else one process.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
+_REDO = flags.DEFINE_list(
+    "redo", [], "Stages to run again from scratch, their outputs deleted first (e.g. "
+    "--redo=pseudo,seg): needed when a setting that affects a completed stage changed.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -46,54 +55,146 @@ def check_workdir(path: str) -> None:
 
 def check_config(config) -> None:
     """Checks the choices that would otherwise fail only deep inside a stage: the stage list,
-    the dense CRF backend ``config.crf.backend`` and training from random weights
-    (``stages.check_random_init``). Raises ValueError naming the key."""
+    the dense CRF backend ``config.crf.backend``, the positive counts and training from random
+    weights (``stages.check_random_init``). Raises ValueError naming the key."""
     from pmm_jax import crf, stages
 
     stages.parse_stages(config.stages)
     crf.config_backend(config)
+    check_positive(config)
     stages.check_random_init(config)
 
 
-def run(config, workdir: str) -> dict:
-    """Runs the configured stages in ``workdir``; returns ``{stage: marker}`` of those run."""
+# Config keys (last dotted part) that must be positive integers wherever they appear.
+POSITIVE_KEYS = ("batch_size", "num_steps", "log_every", "ckpt_every", "tile_batch")
+
+
+def check_positive(config) -> None:
+    """Refuses a zero or negative batch size, step count or interval by its key: they would
+    fail deep inside a stage, or (``num_steps=0``) finish a stage without a checkpoint."""
+    from pmm_jax.stages import record
+
+    for key, value in record.flatten(config.to_dict()).items():
+        if key.rsplit(".", 1)[-1] in POSITIVE_KEYS and (
+                isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ValueError(f"config.{key}={value!r} must be a positive integer")
+
+
+def config_error(err: Exception, argv: list[str]) -> str:
+    """One paragraph for an error loading the config file or applying an override."""
+    text = str(err)
+    # ml_collections quotes a KeyError's message inside an AttributeError's: unwrap them.
+    while len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+        try:
+            text = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            break
+    text = " ".join(str(text).split())
+    if "[Errno" in text:  # a missing or unreadable config file: keep the OS's own words
+        text = text[text.index("[Errno"):]
+    unknown = re.match(r"'([^']+)'", text)
+    overrides = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
+    culprits = [o for o in overrides if unknown and unknown.group(1) in o.split(".")]
+    if isinstance(err, (AttributeError, KeyError)) and culprits:
+        return (f"{culprits[0]}: the config has no key {unknown.group(1)!r}"
+                f"{text[unknown.end():]} (configs are locked: an override must name an "
+                "existing key)")
+    source = next((arg for arg in argv if arg.startswith("--config=")), "--config")
+    return f"{source}: cannot load the config ({type(err).__name__}: {text})"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad config file or override reported as one paragraph
+    and exit status 1 instead of a traceback."""
+    try:
+        rest = flags.FLAGS(argv)
+        _CONFIG.value.to_dict()  # a config that failed to load raises its error here
+        return rest
+    except flags.Error as err:
+        message = " ".join(str(err).split())
+        if "Traceback (most recent call last)" in message:  # an error inside get_config()
+            message = (message.split("Traceback")[0]
+                       + str(err).strip().splitlines()[-1])
+    except (AttributeError, ImportError, KeyError, OSError, SyntaxError, TypeError,
+            ValueError) as err:
+        message = config_error(err, argv)
+    sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
+                     "Pass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(1)
+
+
+@contextlib.contextmanager
+def hold_workdir(wd):
+    """The run's hold on ``wd``: process 0 takes its lock (``workdir.lock``) for the whole run
+    and the run's other processes share it; all of them stop when another run holds it."""
+    from pmm_jax import distributed, workdir
+
+    with contextlib.ExitStack() as stack:
+        busy = None
+        if distributed.is_main():
+            try:
+                stack.enter_context(workdir.lock(wd))
+            except workdir.WorkdirBusyError as err:
+                busy = str(err)
+        if distributed.any_process(busy is not None):
+            raise workdir.WorkdirBusyError(busy or workdir.busy_message(wd))
+        yield
+
+
+def run(config, workdir: str, redo: list[str] = ()) -> dict:
+    """Runs the configured stages in ``workdir`` (redoing those in ``redo``); returns
+    ``{stage: marker}`` of those run. ``config.json`` keeps the first run's config."""
     import jax
 
     from pmm_jax import distributed, io, stages
     from pmm_jax.workdir import Workdir
 
     names = stages.parse_stages(config.stages)
+    redo = stages.parse_stages(",".join(redo), "--redo") if redo else []
     check_workdir(workdir)
     wd = Workdir(workdir)
-    if distributed.is_main():
-        io.write_json(wd.config_json, config.to_dict())
-    if jax.process_count() > 1:
-        # tfds builds the synthetic dataset on first use: one process builds, the others wait.
-        from pmm_jax.stages import common
-        if distributed.is_main():
-            common.data_dir(config, wd)
-        distributed.barrier("dataset-ready")
-    return {name: stages.run_stage(name, config, wd) for name in names}
+    with hold_workdir(wd):
+        if distributed.is_main() and not os.path.exists(wd.config_json):
+            io.write_json(wd.config_json, config.to_dict())
+        if jax.process_count() > 1:
+            # tfds builds the synthetic dataset on first use: one process builds, the others wait.
+            from pmm_jax.stages import common
+            if distributed.is_main():
+                common.data_dir(config, wd)
+            distributed.barrier("dataset-ready")
+        actions = stages.plan(names, redo, config, wd)
+        distributed.barrier("planned")  # nothing is deleted before every process has planned
+        return {name: stages.run_stage(name, config, wd, action)
+                for name, action in actions.items()}
+
+
+def fail(message: str) -> None:
+    """Ends the run with ``message`` as one paragraph on stderr and exit status 1."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(1)
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from pmm_jax import distributed, stages
+        fail(f"unexpected arguments: {argv[1:]}")
+    from pmm_jax import distributed, io, stages, trainer, workdir
     # Library chatter (orbax's read-only notices, tfds) only on errors; this package's
     # progress messages at INFO.
     logging.set_verbosity(logging.ERROR)
     std_logging.getLogger("pmm_jax").setLevel(std_logging.INFO)
     try:
         check_config(_CONFIG.value)
+        if _REDO.value:
+            stages.parse_stages(",".join(_REDO.value), "--redo")
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     except ValueError as err:
-        raise app.UsageError(str(err)) from err
+        fail(str(err))
     try:
-        run(_CONFIG.value, _WORKDIR.value)
-    except stages.StageInputError as err:
-        raise app.UsageError(str(err)) from err
+        run(_CONFIG.value, _WORKDIR.value, _REDO.value)
+    except (app.UsageError, stages.StageError, trainer.CheckpointError,
+            trainer.DivergenceError, io.NonFiniteError, workdir.WorkdirBusyError) as err:
+        fail(str(err))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -16,7 +16,12 @@ built with its own stream (``nnx.Dropout(rate, rngs=rngs)``) may ignore the argu
 its key and counter live in the state and are checkpointed, so resuming is exact either way.
 
 Resuming: checkpoints (orbax, two items ``model`` and ``opt``) are saved every ``ckpt_every``
-steps and after the last step. ``train`` restores the latest one and continues from its step; a
+steps and after the last step; once a save has completed, a digest of its files
+(``DIGEST_FILE``: size and sha256 of each) is written into the step's folder. Restoring checks
+it: a step whose files were changed, truncated or removed is skipped with a warning for the
+newest intact one (training moves the damaged steps aside to ``<ckpt_dir>.damaged/`` and
+redoes them); ``CheckpointError`` when no step is intact.
+``train`` restores the latest one and continues from its step; a
 run that is already complete returns the restored model without compiling anything. The data
 iterator is the caller's: a resumed run must hand ``train`` an iterator whose first batch is the
 one for step ``latest_step(ckpt_dir)`` (0 when ``None``), e.g. by skipping or re-seeding its
@@ -37,7 +42,9 @@ host wait for every step before dispatching the next, losing the asynchronous di
 keeps the accelerator busy.
 """
 
+import hashlib
 import logging
+import os
 import time
 from typing import Any, Callable, Iterator, Mapping
 
@@ -53,6 +60,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
+from pmm_jax import distributed, io
 from pmm_jax import sharding as shd
 
 log = logging.getLogger(__name__)
@@ -61,6 +69,10 @@ log = logging.getLogger(__name__)
 class DivergenceError(FloatingPointError):
     """Training produced a non-finite loss or gradient norm; nothing after it was saved."""
 
+
+# Written into each checkpoint step's folder once its save completed:
+# {path relative to the step folder: {"size", "sha256"}}.
+DIGEST_FILE = "pmm_digest.json"
 
 LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], nnx.Rngs],
                   tuple[jax.Array, Mapping[str, jax.Array]]]
@@ -84,29 +96,41 @@ def sgd_poly(lr: float, num_steps: int, *, momentum: float = 0.9, weight_decay: 
     return tx, schedule
 
 
+class CheckpointError(RuntimeError):
+    """No intact checkpoint in a checkpoint folder that has steps."""
+
+
 def latest_step(ckpt_dir: str) -> int | None:
-    """The step of the newest complete checkpoint in ``ckpt_dir``; None when there is none."""
+    """The step of the newest intact checkpoint in ``ckpt_dir`` (see ``_damage``); None when
+    there is none."""
     if not epath.Path(ckpt_dir).exists():
         return None
     with _manager(ckpt_dir, read_only=True) as manager:
-        return manager.latest_step()
+        for step in sorted(manager.all_steps(), reverse=True):
+            if _damage(_step_dir(manager, step), ("model",)) is None:
+                return step
+    return None
 
 
 def restore_model(model: nnx.Module, ckpt_dir: str, hint: str) -> nnx.Module:
-    """Loads the model part of the latest checkpoint into ``model`` (in place) and returns it.
+    """Loads the model part of the newest intact checkpoint into ``model`` (in place) and
+    returns it.
 
     The optimizer state is not read. The model is replicated over all devices and set to eval
     mode. Raises ``FileNotFoundError("no checkpoint in <dir>: <hint>")`` when there is none;
-    ``hint`` tells the user what to run, e.g. "run stage cls first".
+    ``hint`` tells the user what to run, e.g. "run stage cls first"; ``CheckpointError``
+    when every step is damaged.
     """
-    step = latest_step(ckpt_dir)
-    if step is None:
+    if not epath.Path(ckpt_dir).exists():
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}: {hint}")
     state = replicate(nnx.state(model), shd.make_mesh())
     with _manager(ckpt_dir, read_only=True) as manager:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            model=ocp.args.StandardRestore(_abstract(state))))
-    _load(state, restored["model"])
+        found = _restore_newest_intact(manager, lambda step: manager.restore(
+            step, args=ocp.args.Composite(model=ocp.args.StandardRestore(_abstract(state)))),
+            ("model",))
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}: {hint}")
+    _load(state, found[1]["model"])
     nnx.update(model, state)
     model.eval()
     return model
@@ -257,7 +281,7 @@ def _loop(step_fn, state, batches, manager, writer, mesh, graphdef, *, start, nu
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}")
                 sums, count = None, 0
             if save_now:
-                manager.save(step, args=_save_args(state), force=True)
+                _save(manager, step, _save_args(state))
             if eval_now:
                 eval_fn(step, _eval_model(graphdef, state))
     return state
@@ -332,22 +356,112 @@ def save_model(model: nnx.Module, ckpt_dir: str, step: int) -> None:
     """Writes ``model`` (its ``model`` item only) as the one checkpoint kept in ``ckpt_dir``;
     ``restore_model`` reads it. For best-so-far checkpoints; every process calls it."""
     with _manager(ckpt_dir, max_to_keep=1) as manager:
-        manager.save(step, args=ocp.args.Composite(
-            model=ocp.args.StandardSave(_saveable(nnx.state(model)))), force=True)
-        manager.wait_until_finished()
+        _save(manager, step, ocp.args.Composite(
+            model=ocp.args.StandardSave(_saveable(nnx.state(model)))))
+
+
+def _save(manager: ocp.CheckpointManager, step: int, args: ocp.args.Composite) -> None:
+    """Saves ``step``, waits until it is complete, then writes its digest (process 0)."""
+    manager.save(step, args=args, force=True)
+    manager.wait_until_finished()
+    if distributed.is_main():
+        step_dir = _step_dir(manager, step)
+        io.write_json(os.path.join(step_dir, DIGEST_FILE), _digest(step_dir))
+
+
+def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
+    return os.path.join(str(manager.directory), str(step))
+
+
+def _digest(step_dir: str) -> dict[str, dict]:
+    """``{relative path: {"size", "sha256"}}`` of every file in a step folder but the digest."""
+    out = {}
+    for root, _, names in os.walk(step_dir):
+        for name in names:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, step_dir)
+            if rel != DIGEST_FILE:
+                out[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+    return out
+
+
+def _sha256(path: str) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def _damage(step_dir: str, items: tuple[str, ...]) -> str | None:
+    """What is wrong with a saved step, or None: a missing item folder, or a file missing or
+    of another size or sha256 than its digest says. A step without a digest (saved by older
+    code, or killed between its save and the digest) is only checked for its items."""
+    missing = [item for item in items if not os.path.isdir(os.path.join(step_dir, item))]
+    if missing:
+        return f"item {missing[0]}/ is missing"
+    digest_path = os.path.join(step_dir, DIGEST_FILE)
+    if not os.path.exists(digest_path):
+        return None
+    try:
+        expected = io.read_json(digest_path)
+    except (OSError, ValueError) as err:
+        return f"unreadable {DIGEST_FILE}: {err}"
+    for rel, want in sorted(expected.items()):
+        path = os.path.join(step_dir, rel)
+        if not os.path.isfile(path):
+            return f"{rel} is missing"
+        if os.path.getsize(path) != want["size"]:
+            return f"{rel} has {os.path.getsize(path)} bytes, {want['size']} were saved"
+        if _sha256(path) != want["sha256"]:
+            return f"{rel} differs from what was saved (sha256 mismatch)"
+    return None
+
+
+def _restore_newest_intact(manager: ocp.CheckpointManager, restore: Callable[[int], Any],
+                           items: tuple[str, ...]) -> tuple[int, Any] | None:
+    """``(step, restore(step))`` for the newest step that is intact and restores; damaged
+    steps are skipped with a warning. None without steps; CheckpointError when all are damaged."""
+    problems = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        problem = _damage(_step_dir(manager, step), items)
+        if problem is None:
+            try:
+                return step, restore(step)
+            except Exception as err:  # orbax/tensorstore raise many types for unreadable data
+                problem = f"unreadable ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        problems.append(f"step {step}: {problem}")
+        log.warning("checkpoint step %d in %s is damaged (%s); trying an earlier step", step,
+                    manager.directory, problem)
+    if problems:
+        raise CheckpointError(
+            f"no intact checkpoint in {manager.directory} ({'; '.join(problems)}); delete that "
+            "folder to train this model again from scratch")
+    return None
 
 
 def _restore_train_state(manager: ocp.CheckpointManager, state: nnx.State) -> int:
-    """Loads the latest checkpoint into ``state`` (in place); returns its step (0 if none)."""
-    step = manager.latest_step()
-    if step is None:
-        return 0
+    """Loads the newest intact checkpoint into ``state`` (in place); returns its step (0 if
+    none). Damaged newer steps are moved to ``<ckpt_dir>.damaged/`` so that they are redone."""
     model_state, opt_state = state[0], state[1]
-    restored = manager.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(_abstract(model_state)),
-        opt=ocp.args.StandardRestore(_abstract(opt_state))))
-    _load(model_state, restored["model"])
-    _load(opt_state, restored["opt"])
+    found = _restore_newest_intact(manager, lambda step: manager.restore(
+        step, args=ocp.args.Composite(model=ocp.args.StandardRestore(_abstract(model_state)),
+                                      opt=ocp.args.StandardRestore(_abstract(opt_state)))),
+        ("model", "opt"))
+    step = found[0] if found else 0
+    damaged = [s for s in manager.all_steps() if s > step]
+    if damaged:
+        if distributed.is_main():
+            aside = f"{manager.directory}.damaged"
+            os.makedirs(aside, exist_ok=True)
+            for s in damaged:
+                os.replace(_step_dir(manager, s), os.path.join(aside, f"{s}-{time.time():.0f}"))
+        distributed.barrier(f"checkpoint-damaged-set-aside-{manager.directory}")
+        manager.reload()
+    if found is None:
+        return 0
+    _load(model_state, found[1]["model"])
+    _load(opt_state, found[1]["opt"])
     return step
 
 

@@ -1,13 +1,17 @@
 """Where every stage's inputs and outputs live inside a run's workdir.
 
 All paths are derived here so that stages, notebooks and tests agree on one layout
-(documented in docs/design.md).
+(documented in docs/design.md). :func:`lock` keeps a second run out of a workdir in use.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
+import socket
+from typing import Iterator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +23,10 @@ class Workdir:
     def data_dir(self, configured: str = "") -> str:
         """The tensorflow-datasets data_dir: the configured one, else ``root/tfds``."""
         return configured or os.path.join(self.root, "tfds")
+
+    @property
+    def lock_file(self) -> str:
+        return os.path.join(self.root, ".lock")
 
     @property
     def config_json(self) -> str:
@@ -46,3 +54,40 @@ class Workdir:
 
     def predictions(self, run: str, split: str) -> str:
         return os.path.join(self.root, "predictions", run, split)
+
+
+class WorkdirBusyError(RuntimeError):
+    """Another run holds the workdir's lock."""
+
+
+def holder(wd: Workdir) -> str:
+    """``host H pid P``: who holds (or last held) the workdir's lock, as its file says."""
+    try:
+        with open(wd.lock_file) as f:
+            return f.read().strip() or "an unknown process"
+    except OSError:
+        return "an unknown process"
+
+
+def busy_message(wd: Workdir) -> str:
+    return (f"{wd.root} is in use by another run ({holder(wd)}, see {wd.lock_file}); wait for "
+            "it to finish or stop it, or use another --workdir")
+
+
+@contextlib.contextmanager
+def lock(wd: Workdir) -> Iterator[None]:
+    """Holds an exclusive ``flock`` on ``WORKDIR/.lock`` (host and pid written in it) for the
+    duration; raises WorkdirBusyError naming the holder when another process has it. The
+    kernel drops the lock when its process dies, so a killed run never leaves it behind.
+    On a shared filesystem (NFS v4, Lustre, GPFS) ``flock`` reaches across hosts."""
+    fd = os.open(wd.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise WorkdirBusyError(busy_message(wd)) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock

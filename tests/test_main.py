@@ -10,6 +10,8 @@ import pytest
 from pmm_jax import io, main, stages
 from pmm_jax.workdir import Workdir
 
+from test_record import tiny_config
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -20,11 +22,36 @@ def run_main(*args, timeout=120):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_unknown_override_key_is_an_error(tmp_path):
-    proc = run_main("--config=configs/demo.py:tiny", f"--workdir={tmp_path}",
-                    "--config.cls.num_stpes=3")
-    assert proc.returncode != 0
-    assert "num_stpes" in proc.stderr
+@pytest.mark.parametrize("args, message", [
+    (("--config=configs/demo.py:tiny", "--config.cls.num_stpes=3"),
+     '--config.cls.num_stpes: the config has no key \'num_stpes\' Did you mean "num_steps"'),
+    (("--config=configs/nope.py",),
+     "--config=configs/nope.py: cannot load the config (OSError: [Errno 2] No such file"),
+    (("--config={bad}",), "cannot load the config (SyntaxError: invalid syntax (bad.py, line 1)"),
+    (("--config=configs/demo.py:tiny", "--config.seg.batch_size=0"),
+     "error: config.seg.batch_size=0 must be a positive integer"),
+])
+def test_config_errors_are_one_paragraph(tmp_path, args, message):
+    """A misspelt key, a missing or broken config file, a zero batch size: the message names
+    the key or file, no traceback, exit status 1."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("def get_config(:\n")
+    proc = run_main(*(a.format(bad=bad) for a in args), f"--workdir={tmp_path / 'run'}")
+    assert proc.returncode == 1
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 2, proc.stderr
+
+
+def test_non_positive_steps_and_batch_sizes_are_refused_by_key():
+    config = tiny_config()
+    main.check_config(config)
+    for key in ("cls.num_steps", "seg.num_steps", "cam.batch_size", "eval.batch_size"):
+        section, name = key.split(".")
+        for bad in (0, -2):
+            changed = tiny_config()
+            changed[section][name] = bad
+            with pytest.raises(ValueError, match=rf"config\.{key}={bad} must be a positive"):
+                main.check_config(changed)
 
 
 def test_unknown_stage_is_an_error(tmp_path):
@@ -159,3 +186,28 @@ def test_ci_runs_the_readme_test_command():
     demo, tests = blocks
     assert "pmm_jax.main --config=configs/demo.py" in demo
     assert tests in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.xdist_group("tiny_run")
+def test_deleted_cam_and_mask_are_redone_by_rerunning_the_later_stage(tiny_run, tmp_path):
+    """A train CAM and its PPMG mask deleted after the run: ``--config.stages=pseudo`` redoes
+    the CAM (stage cam is repaired first), then the mask; the markers keep their identity."""
+    import shutil
+
+    shutil.copytree(tiny_run[0], tmp_path / "run")
+    wd = Workdir(str(tmp_path / "run"))
+    cam = sorted(pathlib.Path(wd.cams("train")).glob("*.npy"))[0]
+    mask = pathlib.Path(wd.pseudo_masks("ppmg")) / f"{cam.stem}.png"
+    cam.unlink()
+    mask.unlink()
+    before = {n: io.read_json(wd.stage_marker(n)) for n in ("cam", "pseudo")}
+    proc = run_main("--config=configs/demo.py:tiny", f"--workdir={wd.root}",
+                    "--config.stages=pseudo", "--config.pseudo.num_workers=1", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stage cam: complete but cams/train holds 63 of its 64 files" in proc.stderr
+    assert cam.exists() and mask.exists()
+    for name, old in before.items():
+        new = io.read_json(wd.stage_marker(name))
+        assert new["id"] == old["id"] and new["outputs"] == old["outputs"]
+        for key in ("cam_miou", "pseudo_mask_miou"):  # the redone files are the same
+            assert new["metrics"].get(key) == old["metrics"].get(key)

@@ -245,3 +245,52 @@ def test_sgd_poly_schedule_and_decay_mask():
     updates, _ = jax.jit(tx.update)(zero, tx.init(params), params)
     np.testing.assert_allclose(updates["kernel"], -0.2 * 5e-4 * np.ones((2, 2)), rtol=1e-6)
     np.testing.assert_allclose(updates["bias"], 0.0)
+
+
+def copy_checkpoints(uninterrupted, tmp_path) -> pathlib.Path:
+    """A copy of the 10-step run's checkpoints (steps 9 and 10, each with its digest)."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(uninterrupted.path / "ckpt", ckpt)
+    assert (ckpt / "10" / trainer.DIGEST_FILE).exists()
+    return ckpt
+
+
+def largest_file(directory: pathlib.Path) -> pathlib.Path:
+    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_flipped_bytes_fall_back_to_the_intact_step_and_training_redoes_it(
+        tmp_path, uninterrupted, caplog):
+    """64 flipped bytes in step 10's model data: restore warns and uses step 9; training
+    sets step 10 aside, redoes it from step 9 and ends where the uninterrupted run did."""
+    ckpt = copy_checkpoints(uninterrupted, tmp_path)
+    data = largest_file(ckpt / "10" / "model")
+    raw = bytearray(data.read_bytes())
+    raw[100:164] = bytes(b ^ 0xFF for b in raw[100:164])
+    data.write_bytes(bytes(raw))
+    assert trainer.latest_step(str(ckpt)) == 9
+    with caplog.at_level("WARNING", logger="pmm_jax.trainer"):
+        model = trainer.restore_model(TinyNet(nnx.Rngs(1)), str(ckpt), "run stage cls first")
+    assert "checkpoint step 10" in caplog.text and "sha256 mismatch" in caplog.text
+    with pytest.raises(AssertionError):
+        assert_trees_close(params_of(model), uninterrupted.final)  # step 9's weights
+    resumed = params_of(run(tmp_path, 10, batches=batches_from(9)))
+    assert_trees_close(resumed, uninterrupted.final)
+    assert trainer.latest_step(str(ckpt)) == 10 and list((tmp_path / "ckpt.damaged").iterdir())
+
+
+def test_truncated_file_or_missing_item_falls_back_and_none_intact_is_an_error(
+        tmp_path, uninterrupted):
+    import shutil
+
+    ckpt = copy_checkpoints(uninterrupted, tmp_path)
+    data = largest_file(ckpt / "10" / "opt")
+    data.write_bytes(data.read_bytes()[:10])
+    assert trainer.latest_step(str(ckpt)) == 9
+    shutil.rmtree(ckpt / "9" / "model")
+    assert trainer.latest_step(str(ckpt)) is None
+    with pytest.raises(trainer.CheckpointError, match=r"step 10: opt/.* has 10 bytes.*"
+                                                      r"step 9: item model/ is missing"):
+        trainer.restore_model(TinyNet(nnx.Rngs(1)), str(ckpt), "run stage cls first")

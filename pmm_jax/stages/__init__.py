@@ -1,9 +1,14 @@
 """The pipeline's stages, their order, and the bookkeeping that makes runs resumable.
 
 Each stage module exposes ``run(config, workdir) -> dict`` (its metrics). A finished stage
-leaves a marker ``WORKDIR/stages/<name>.json`` holding its wall seconds and metrics; a rerun
-skips it. Inside a stage, finished items (checkpoints, CAM files, masks) are skipped too, so
-a killed stage resumes where it stopped.
+leaves a marker ``WORKDIR/stages/<name>.json`` holding its wall seconds, metrics and what it ran
+with and wrote (``pmm_jax.stages.record``); a rerun skips it. Inside a stage, finished items
+(checkpoints, CAM files, masks) are skipped too, so a killed stage resumes where it stopped.
+
+Before anything runs, :func:`plan` decides each stage's action: a completed stage whose
+settings or inputs differ from this run's is refused (``StaleStageError``) unless named in
+``--redo`` (its outputs are deleted and it runs again); one whose outputs have gone missing
+runs again to redo them, keeping its identity.
 """
 
 from __future__ import annotations
@@ -12,11 +17,13 @@ import importlib
 import logging
 import os
 import time
+import uuid
 from typing import Callable, Mapping
 
 import ml_collections
 
 from pmm_jax import distributed, io
+from pmm_jax.stages import record
 from pmm_jax.workdir import Workdir
 
 log = logging.getLogger(__name__)
@@ -32,19 +39,32 @@ TRAINS_FROM = {"cls": "cls", "seg": "seg", "cycle": "seg"}
 MODEL_NAMES = {"cls": "classifier", "seg": "segmenter"}
 
 
-class StageInputError(RuntimeError):
+class StageError(RuntimeError):
+    """The workdir does not allow a stage to run, or a stage did not write its outputs."""
+
+
+class StageInputError(StageError):
     """A stage's inputs are missing from the workdir."""
 
 
-def parse_stages(spec: str) -> list[str]:
-    """Parses ``"cls,cam"`` into stage names in pipeline order; unknown names are an error."""
+class StaleStageError(StageError):
+    """Completed stages were made with other settings or inputs than this run's."""
+
+
+class StageOutputError(StageError):
+    """A stage finished without writing all of its outputs."""
+
+
+def parse_stages(spec: str, flag: str = "--config.stages") -> list[str]:
+    """Parses ``"cls,cam"`` into stage names in pipeline order; unknown names are an error
+    naming ``flag``."""
     names = [name.strip() for name in spec.split(",") if name.strip()]
     unknown = [name for name in names if name not in ORDER]
     if unknown:
-        raise ValueError(f"unknown stage(s) {unknown} in --config.stages={spec!r}; "
+        raise ValueError(f"unknown stage(s) {unknown} in {flag}={spec!r}; "
                          f"known stages in order: {','.join(ORDER)}")
     if not names:
-        raise ValueError("--config.stages is empty; choose from " + ",".join(ORDER))
+        raise ValueError(f"{flag} is empty; choose from " + ",".join(ORDER))
     return sorted(set(names), key=ORDER.index)
 
 
@@ -98,26 +118,123 @@ def completed(wd: Workdir) -> Mapping[str, dict]:
             if os.path.exists(wd.stage_marker(name))}
 
 
-def run_stage(name: str, config: ml_collections.ConfigDict, wd: Workdir) -> dict:
-    """Runs one stage unless its marker says it is done; returns its marker contents."""
+def _read(path: str) -> dict | None:
+    return io.read_json(path) if os.path.exists(path) else None
+
+
+def _started_path(wd: Workdir, name: str) -> str:
+    """Written when a stage starts: the settings its partial outputs are made with."""
+    return os.path.join(os.path.dirname(wd.stage_marker(name)), f"{name}.started.json")
+
+
+def _needs_repair(name: str, config, wd: Workdir) -> bool:
+    marker = _read(wd.stage_marker(name))
+    return bool(marker and record.missing_outputs(config, wd, name, marker.get("outputs", {})))
+
+
+def plan(names: list[str], redo: list[str], config: ml_collections.ConfigDict,
+         wd: Workdir) -> dict[str, str]:
+    """``{stage: action}`` in pipeline order: "skip" (complete and current), "run" (not
+    complete: starts or resumes), "redo" (named in ``redo``: outputs deleted, runs again) or
+    "repair" (complete but outputs missing: runs again, redoing only those). The completed
+    stages a running stage needs are repaired too when their outputs are missing. Raises
+    StaleStageError naming every completed (or half-done) stage made with other settings or
+    inputs, and the keys."""
+    extra = set(redo) - set(names)
+    if extra:
+        raise StageError(f"--redo names stage(s) {sorted(extra)} that --config.stages="
+                         f"{config.stages!r} does not run")
+    actions, renewed, stale = {}, set(), {}
+
+    def decide(name: str) -> None:
+        current = record.relevant_config(config, name, ORDER)
+        marker = _read(wd.stage_marker(name))
+        if name in redo or marker is None:
+            started = _read(_started_path(wd, name)) if name not in redo else None
+            if started:
+                stale[name] = record.changed_keys(started["config"], current)
+            actions[name] = "redo" if name in redo else "run"
+            renewed.add(name)
+            return
+        # A marker written before markers held records has no config or inputs to compare.
+        reasons = record.changed_keys(marker.get("config", current), current)
+        for stage, marker_id in marker.get("inputs", {}).items():
+            if stage in renewed:
+                reasons.append(f"stage {stage} runs again before {name}")
+            elif (_read(wd.stage_marker(stage)) or {}).get("id") != marker_id:
+                reasons.append(f"stage {stage} was redone after {name}")
+        if reasons:
+            stale[name] = reasons
+            return
+        missing = record.missing_outputs(config, wd, name, marker.get("outputs", {}))
+        if missing:
+            log.warning("stage %s: complete but %s; running it again to redo what is missing",
+                        name, "; ".join(missing))
+        actions[name] = "repair" if missing else "skip"
+
+    for name in [n for n in ORDER if n in names]:
+        decide(name)
+    for name in [n for n, action in actions.items() if action != "skip"]:
+        need = REQUIRES.get(name)
+        while need and need not in actions and _needs_repair(need, config, wd):
+            decide(need)
+            need = REQUIRES.get(need)
+    stale = {name: reasons for name, reasons in stale.items() if reasons}
+    if stale:
+        reasons = list(dict.fromkeys(r for rs in stale.values() for r in rs))
+        again = [n for n in ORDER if n in stale or n in redo]
+        also = [n for n in ORDER if n in names or n in again] if set(again) - set(names) else []
+        raise StaleStageError(
+            f"{wd.root} holds stage(s) {', '.join(n for n in ORDER if n in stale)} made with "
+            f"other settings or inputs than this run's ({'; '.join(reasons)}). To redo them "
+            f"with this run's settings (their outputs are deleted), add --redo={','.join(again)}"
+            + (f" --config.stages={','.join(also)}" if also else "") + "; to keep them, run with "
+            f"the settings they were made with (see {os.path.dirname(wd.stage_marker('cls'))}/"
+            f"<stage>.json) or use another --workdir.")
+    return {name: actions[name] for name in ORDER if name in actions}
+
+
+def run_stage(name: str, config: ml_collections.ConfigDict, wd: Workdir,
+              action: str = "run") -> dict:
+    """Carries out ``name``'s :func:`plan` action; returns its marker contents."""
     marker = wd.stage_marker(name)
-    if os.path.exists(marker):
+    if action == "skip":
         log.info("stage %s: already complete (%s); skipping", name, marker)
         return io.read_json(marker)
+    previous = _read(marker) if action == "repair" else None
+    if action == "redo":
+        if distributed.is_main():
+            record.remove([marker, _started_path(wd, name),
+                           *record.owned_paths(config, wd, name)])
+        distributed.barrier(f"stage-{name}-cleared")
     check_inputs(name, wd)
-    log.info("stage %s: starting", name)
+    current = record.relevant_config(config, name, ORDER)
+    if distributed.is_main() and not previous:
+        io.write_json(_started_path(wd, name), {"config": current})
+    log.info("stage %s: %s", name, "redoing missing outputs" if previous else "starting")
     start = time.time()
     metrics = _runner(name)(config, wd)
-    record = {"seconds": round(time.time() - start, 2), "metrics": metrics}
     # The marker is written once every process has finished the stage, and no process starts
     # the next stage (whose input check reads the marker) before it exists.
     distributed.barrier(f"stage-{name}-done")
+    written = record.measure_outputs(config, wd, name)
+    unfinished = record.unfinished_outputs(config, wd, name, written)
+    if unfinished:
+        raise StageOutputError(f"stage {name} finished without its outputs "
+                               f"({'; '.join(unfinished)}); it is not marked complete in {marker}")
+    inputs = {n: m["id"] for n, m in completed(wd).items()
+              if ORDER.index(n) < ORDER.index(name) and "id" in m}
+    result = {"seconds": round(time.time() - start, 2), "metrics": metrics, "config": current,
+              "inputs": previous.get("inputs", inputs) if previous else inputs,
+              "id": previous.get("id", uuid.uuid4().hex) if previous else uuid.uuid4().hex,
+              "outputs": written}
     if distributed.is_main():
-        io.write_json(marker, record)
+        io.write_json(marker, result)
+        record.remove([_started_path(wd, name)])
     distributed.barrier(f"stage-{name}-marked")
-    log.info("stage %s: done in %.1f s%s", name, record["seconds"],
+    log.info("stage %s: done in %.1f s%s", name, result["seconds"],
              "".join(f"; {k}={v:.6f}" for k, v in headline(metrics).items()))
-    return record
+    return result
 
 
 def headline(metrics: Mapping, prefix: str = "") -> dict[str, float]:

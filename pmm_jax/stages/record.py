@@ -1,0 +1,173 @@
+"""What a stage ran with and what it left behind, so that a rerun can tell whether it still holds.
+
+A stage's marker records (besides its time and metrics) ``config``: the config keys that affect
+its results (:func:`relevant_config`), ``inputs``: the ids of the earlier stages' markers it
+ran after, ``id``: its own id, and ``outputs``: what it wrote (:func:`measure_outputs`: file
+counts per folder, the step of each checkpoint). ``pmm_jax.stages.plan`` compares them with
+the current config and workdir before anything runs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shutil
+from typing import Any, Mapping, Sequence
+
+import ml_collections
+
+from pmm_jax.workdir import Workdir
+
+# The first stage whose results a config key (a dotted prefix; the longest match wins)
+# affects; a key not listed affects every stage (seed, data.*, cls.*, and any new key).
+FIRST_AFFECTED = {
+    "cam": "cam",
+    "crf": "pseudo",
+    "pseudo": "pseudo",
+    "eval.rule": "pseudo",  # the pseudo-mask mIoU is measured with it
+    "seg": "seg",
+    "eval": "seg",  # seg.eval_every's validation picks the kept checkpoint with it
+    "cycle": "cycle",
+}
+
+# Keys that change how a stage runs (speed, logging, where data is read from, which stages
+# run), not what it computes: changing them never makes a completed stage stale.
+NO_EFFECT = ("stages", "data.data_dir", "*.log_every", "*.ckpt_every", "*num_workers",
+             "*crf_workers", "cam.batch_size", "eval.batch_size", "cam.multicrop.tile_batch")
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": (1, 2)}}`` -> ``{"a.b": [1, 2]}``: values as JSON stores them."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = json.loads(json.dumps(value, default=str))
+    return out
+
+
+def first_affected(key: str) -> str:
+    """The first stage whose results ``key`` affects (``FIRST_AFFECTED``; "cls" otherwise)."""
+    matches = [p for p in FIRST_AFFECTED if key == p or key.startswith(p + ".")]
+    return FIRST_AFFECTED[max(matches, key=len)] if matches else "cls"
+
+
+def relevant_config(config: ml_collections.ConfigDict, stage: str, order: Sequence[str]
+                    ) -> dict[str, Any]:
+    """The flattened config keys that affect ``stage``: its own and every earlier stage's."""
+    upto = order.index(stage)
+    return {key: value for key, value in flatten(config.to_dict()).items()
+            if not any(fnmatch.fnmatchcase(key, pattern) for pattern in NO_EFFECT)
+            and order.index(first_affected(key)) <= upto}
+
+
+def changed_keys(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``"key: old -> new"`` for every key both hold with different values (a key only one
+    holds was added or removed by a code change, not by the user)."""
+    return [f"{key}: {recorded[key]!r} -> {current[key]!r}" for key in sorted(recorded)
+            if key in current and recorded[key] != current[key]]
+
+
+def _cycle_runs(config) -> list[str]:
+    return [f"cycle{i}" for i in range(1, config.cycle.num_cycles + 1)]
+
+
+def outputs(config, wd: Workdir, stage: str) -> dict[str, str]:
+    """``{path: kind}`` of what ``stage`` writes: "files" (a folder of per-item files),
+    "checkpoint" (an orbax folder) or "file"."""
+    variants = dict.fromkeys([config.pseudo.train_on, *config.pseudo.variants])
+    runs = [*config.seg.runs, *_cycle_runs(config)]
+    return {
+        "cls": {wd.ckpt_dir("cls"): "checkpoint"},
+        "cam": {wd.cams("train"): "files", wd.cams("val"): "files"},
+        "pseudo": {wd.pseudo_masks(v): "files" for v in variants},
+        "seg": {wd.ckpt_dir(f"seg/{run}"): "checkpoint" for run in config.seg.runs},
+        "cycle": {**{wd.pseudo_masks(run): "files" for run in _cycle_runs(config)},
+                  **{wd.ckpt_dir(f"seg/{run}"): "checkpoint" for run in _cycle_runs(config)}},
+        "eval": {**{wd.predictions(run, "val"): "files" for run in runs},
+                 wd.results_json: "file"},
+    }[stage]
+
+
+def owned_paths(config, wd: Workdir, stage: str) -> list[str]:
+    """Everything ``stage`` writes (outputs, TensorBoard logs, set-aside checkpoints): what
+    ``--redo`` deletes."""
+    variants = dict.fromkeys([config.pseudo.train_on, *config.pseudo.variants])
+    root = wd.root
+    return {
+        "cls": [os.path.join(root, "cls")],
+        "cam": [os.path.join(root, "cams"), wd.log_dir("cam")],
+        "pseudo": [*(os.path.dirname(wd.pseudo_masks(v)) for v in variants),
+                   wd.log_dir("pseudo")],
+        "seg": [os.path.join(root, "seg", run) for run in config.seg.runs],
+        "cycle": [p for run in _cycle_runs(config) for p in (
+            os.path.dirname(wd.pseudo_masks(run)), os.path.join(root, "seg", run))],
+        "eval": [os.path.join(root, "predictions"), wd.results_json],
+    }[stage]
+
+
+def remove(paths: Sequence[str]) -> None:
+    """Deletes files and folders (absent ones are fine)."""
+    for path in paths:
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def _count_files(directory: str) -> int:
+    if not os.path.isdir(directory):
+        return 0
+    return sum(1 for name in os.listdir(directory) if not name.startswith("."))
+
+
+def measure_outputs(config, wd: Workdir, stage: str) -> dict[str, int]:
+    """``{path relative to the workdir: count}``: files in each folder, the step of the newest
+    intact checkpoint (0 when none), 1 for a file that exists."""
+    from pmm_jax import trainer
+
+    out = {}
+    for path, kind in outputs(config, wd, stage).items():
+        if kind == "files":
+            count = _count_files(path)
+        elif kind == "checkpoint":
+            count = trainer.latest_step(path) or 0
+        else:
+            count = int(os.path.exists(path))
+        out[os.path.relpath(path, wd.root)] = count
+    return out
+
+
+def _note(path: str, kind: str, now: int, want: int) -> str:
+    if kind == "checkpoint":
+        return f"{path} has no intact checkpoint of step {want} (newest intact: {now or 'none'})"
+    if kind == "files":
+        return f"{path} holds {now} of its {want} files"
+    return f"{path} is missing"
+
+
+def missing_outputs(config, wd: Workdir, stage: str, recorded: Mapping[str, int]) -> list[str]:
+    """What a completed stage no longer has, compared with its marker's ``outputs``."""
+    kinds = {os.path.relpath(p, wd.root): k for p, k in outputs(config, wd, stage).items()}
+    now = measure_outputs(config, wd, stage)
+    return [_note(path, kinds.get(path, "files"), now.get(path, 0), want)
+            for path, want in sorted(recorded.items()) if now.get(path, 0) < want]
+
+
+def unfinished_outputs(config, wd: Workdir, stage: str, measured: Mapping[str, int]
+                       ) -> list[str]:
+    """What a stage that just ran failed to write: each checkpoint must be at the configured
+    final step (``cls.num_steps``, ``seg.num_steps``), ``results.json`` must exist."""
+    notes = []
+    for path, kind in outputs(config, wd, stage).items():
+        rel = os.path.relpath(path, wd.root)
+        if kind == "checkpoint":
+            want = config.cls.num_steps if stage == "cls" else config.seg.num_steps
+            if measured[rel] != want:
+                notes.append(_note(rel, kind, measured[rel], want))
+        elif kind == "file" and not measured[rel]:
+            notes.append(_note(rel, kind, 0, 1))
+    return notes

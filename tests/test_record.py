@@ -1,0 +1,40 @@
+"""What a stage's marker records: the config keys that affect it, compared on rerun."""
+
+import importlib.util
+import pathlib
+
+from pmm_jax import stages
+from pmm_jax.stages import record
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config():
+    spec = importlib.util.spec_from_file_location("demo_cfg", ROOT / "configs" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config("tiny")
+
+
+def test_each_stage_depends_on_its_own_and_earlier_sections_only():
+    config = tiny_config()
+    cls = record.relevant_config(config, "cls", stages.ORDER)
+    pseudo = record.relevant_config(config, "pseudo", stages.ORDER)
+    evaluation = record.relevant_config(config, "eval", stages.ORDER)
+    assert {"seed", "data.name", "cls.lr", "cls.num_steps"} <= set(cls)
+    assert not any(k.startswith(("cam.", "pseudo.", "seg.", "eval.", "crf.")) for k in cls)
+    assert {"cls.lr", "cam.scales", "pseudo.alpha", "crf.backend", "eval.rule"} <= set(pseudo)
+    assert not any(k.startswith(("seg.", "cycle.", "eval.sliding")) for k in pseudo)
+    assert {"seg.pus.beta", "cycle.num_cycles", "eval.sliding_window"} <= set(evaluation)
+    # Speed, logging and stage-list keys never make a stage stale.
+    for key in ("stages", "cls.log_every", "seg.ckpt_every", "pseudo.num_workers",
+                "eval.crf_workers", "cam.batch_size", "eval.batch_size", "data.data_dir",
+                "cam.multicrop.tile_batch"):
+        assert key not in evaluation, key
+
+
+def test_changed_keys_lists_differences_of_keys_both_hold():
+    old = {"cls.lr": 0.1, "cam.scales": [1.0], "removed.key": 1}
+    new = {"cls.lr": 0.05, "cam.scales": [1.0], "added.key": 2}
+    assert record.changed_keys(old, new) == ["cls.lr: 0.1 -> 0.05"]
+    assert record.flatten({"a": {"b": (1, (2, 3))}}) == {"a.b": [1, [2, 3]]}
