@@ -7,6 +7,7 @@ import pathlib
 import struct
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -220,6 +221,19 @@ def test_small_resnet38_converts_without_torch_or_mxnet(tmp_path, monkeypatch):
             np.asarray(var[...]), convert.from_torch_layout(state[convert.torch_key(key)]))
 
 
+def zeros_like_model(abstract):
+    """A shape-only module made concrete with zeros (RNG keys: key 0), for ``load_pretrained``
+    to fill; initialising the full network eagerly costs 15 s of CPU."""
+    def value(x):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.key(0, impl="rbg")
+        return jnp.zeros(x.shape, x.dtype)
+
+    graphdef, state = nnx.split(abstract)
+    return nnx.merge(graphdef, nnx.from_flat_state([
+        (path, var.replace(value(var.get_value()))) for path, var in nnx.to_flat_state(state)]))
+
+
 def test_full_size_resnet38_params_equal_the_pth_route(tmp_path):
     """The full ResNet38-d (105M parameters) written as SEAM's ImageNet .params and as a .pth:
     both conversions hold the same arrays bit for bit, the features of the backbone loaded
@@ -228,7 +242,7 @@ def test_full_size_resnet38_params_equal_the_pth_route(tmp_path):
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/: not installed
     from bench.classifier_torch import TorchResNet38  # noqa: PLC0415
 
-    backbone = models.ResNet38(rngs=models.init_rngs(1))
+    backbone = nnx.eval_shape(lambda: models.ResNet38(rngs=models.init_rngs(1)))
     state = random_resnet38_state(backbone)
     pth, params = tmp_path / "resnet38d.pth", tmp_path / "ilsvrc-cls_rna-a1_cls1000_ep-0001.params"
     torch.save({k: torch.from_numpy(v) for k, v in state.items()}, pth)
@@ -239,6 +253,7 @@ def test_full_size_resnet38_params_equal_the_pth_route(tmp_path):
         src.unlink()
 
     x = np.random.default_rng(0).normal(size=(1, 3, 40, 32)).astype(np.float32)
+    backbone = zeros_like_model(backbone)
     backbone.eval()
     forward = nnx.jit(lambda m, x: m(x))
     feats, weights = {}, {}
