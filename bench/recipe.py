@@ -19,10 +19,13 @@ total, one table per dataset:
   ``--max_seg_batch`` are timed at that size and scaled linearly.
 * ``seg val``: the in-training validation (``seg.eval_every``) on val with the test pipeline.
 * ``cycle masks``: test-time inference of the train split (cyclic pseudo-masks).
-* ``eval``: test-time inference of one image (``pmm_jax.segment_inference.Predictor``: sliding
-  window 512/480, six scales, flip, dense CRF with each backend) x val images x segmenters.
+* ``eval``: test-time inference of one image x val images x segmenters: what
+  ``pmm_jax.segment_inference.Predictor`` runs, timed as its device part
+  (``segment_inference.device_fn``: sliding window 512/480, six scales, flip, softmax average)
+  plus the dense CRF of the averaged probabilities with each backend.
 
-Every unit is timed after one untimed call (compilation), as the best of ``--repeats``.
+Every unit is timed after one untimed call (compilation), as the best of ``--repeats``;
+``--units`` restricts which are timed (the others print "not timed").
 Input pipelines, checkpoints and file writing are not timed. One image or one batch at a time
 on this process's devices: a projection, not a measurement of a full run.
 
@@ -34,7 +37,7 @@ the output is then labelled SHRUNK and its hours are not the paper recipe's.
     python -m bench.recipe --shrink             # CPU sanity run, labelled SHRUNK
     python -m bench.recipe --datasets=voc --width_div=32 --res_div=16 --shallow --repeats=1
 
-At load this imports only jax, flax, optax and numpy; ml_collections (configs, pseudo-masks)
+At load this imports only jax, flax and numpy; ml_collections (configs, pseudo-masks)
 and pydensecrf are imported where needed, TensorFlow never (no input pipeline runs). Without
 pydensecrf its backend is skipped with a note.
 """
@@ -54,7 +57,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
