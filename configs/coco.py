@@ -9,6 +9,10 @@ unused ids in test. The 81 contiguous classes here are those 91 ids without the 
 renumbered, so their mIoU is exactly the 91-id mIoU with the unused ids ignored
 (pmm_jax/evaluate.py, tests/test_coco_eval.py); score 91-id masks directly with
 `python -m pmm_jax.evaluate --num_classes=91 --class_names=coco91`.
+
+ImageNet weights are those of configs/voc.py (same backbones, same keys
+--config.cls.model.init_from and --config.seg.model.init_from); download and convert commands:
+README.md, "ImageNet weights".
 """
 
 import importlib.util

@@ -33,12 +33,15 @@ def get_config() -> ml_collections.ConfigDict:
     ))
 
     # CAM classifier: SEAM (pmm_jax.seam: CAM head + PCM, its losses and four parameter groups)
-    # on wide ResNet38-d (paper: batch 16, lr 0.02, 20 epochs, crop 448). ImageNet weights:
-    # `python -m pmm_jax.convert --arch=resnet38 --src=W.pth --out=DIR`, then
-    # --config.cls.model.init_from=DIR (init_from="" trains from scratch). The paper's best CAMs
+    # on wide ResNet38-d (paper: batch 16, lr 0.02, 20 epochs, crop 448). ImageNet weights
+    # (download locations: README.md, "ImageNet weights"): the MXNet file SEAM/PMM use,
+    # `python -m pmm_jax.convert --arch=resnet38 --src=ilsvrc-cls_rna-a1_cls1000_ep-0001.params
+    # --out=DIR` (numpy only; a .pth works too), then --config.cls.model.init_from=DIR
+    # (init_from="" trains from scratch). The paper's best CAMs
     # use ScaleNet101 (PMM: no dropout before the head): in a config file set
     # c.cls.model.backbone = dict(name="scalenet101", structure="PATH/scalenet101.json") and
-    # c.cls.model.dropout = 0.0 (convert with --arch=scalenet101 --structure=PATH).
+    # c.cls.model.dropout = 0.0 (convert scalenet101.pth from PMM's or ScaleNet's downloads with
+    # --arch=scalenet101 --structure=PATH).
     # official_momentum=True reproduces the official SGD momentum of 5e-4 (see pmm_jax/seam.py).
     c.cls = ml_collections.ConfigDict(dict(
         method="seam",
@@ -99,7 +102,9 @@ def get_config() -> ml_collections.ConfigDict:
             # ResNet38 (-1); its ResNetV1c base config (configs/_base_/models/pspnet_r50-d8.py)
             # has frozen_stages=1: set 1 with name="resnet101".
             backbone=ml_collections.ConfigDict(dict(name="res2net101", frozen_stages=-1)),
-            # ImageNet weights: `python -m pmm_jax.convert --arch=res2net101 ... --out=DIR`
+            # ImageNet weights (README.md, "ImageNet weights"): `python -m pmm_jax.convert
+            # --arch=res2net101 --src=res2net101_v1b_26w_4s-0812c246.pth --out=DIR`, then
+            # --config.seg.model.init_from=DIR (resnet101: resnet101_v1c-e67eebb6.pth)
             init_from="",
             bins=(1, 2, 3, 6), channels=512, dropout=0.1, aux_channels=256)),
         aux_weight=0.4,

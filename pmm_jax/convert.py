@@ -1,10 +1,17 @@
-"""PyTorch weights -> pretrained backbone checkpoint that a config loads with one key.
+"""PyTorch or MXNet weights -> pretrained backbone checkpoint that a config loads with one key.
 
     pip install torch   # reading a .pth needs it; nothing else in pmm_jax does
     python -m pmm_jax.convert --arch=resnet38 --src=resnet38d.pth --out=~/ckpt/resnet38
+    python -m pmm_jax.convert --arch=resnet38 --src=ilsvrc-cls_rna-a1_cls1000_ep-0001.params \\
+        --out=~/ckpt/resnet38   # the MXNet ImageNet file of PSA/SEAM/PMM: numpy only
     python -m pmm_jax.convert --arch=scalenet101 --src=scalenet101.pth \\
         --structure=scalenet101.json --out=~/ckpt/scalenet101
     python -m pmm_jax.main ... --config.cls.model.init_from=~/ckpt/resnet38
+
+The source format is read from the file's first bytes: a PyTorch state dict (``torch.save``
+zip or legacy pickle) or an MXNet NDArray list (``mxnet.nd.save``, read by
+``pmm_jax.mxnet_params`` and renamed as SEAM's ``convert_mxnet_to_torch`` does). The
+weights table with download locations is the README's "ImageNet weights" section.
 
 The backbones name their submodules after the official PyTorch modules, so a tensor's
 PyTorch key and its path in the Flax model are the same string up to the leaf name
@@ -30,7 +37,7 @@ from typing import Callable, Mapping
 import numpy as np
 from flax import nnx
 
-from pmm_jax import models
+from pmm_jax import models, mxnet_params
 from pmm_jax.models import pretrained, res2net, resnet_v1c
 
 # Flax leaf name -> PyTorch leaf name.
@@ -129,7 +136,14 @@ def load_torch_state_dict(src: str) -> dict[str, np.ndarray]:
         import torch  # noqa: PLC0415 (optional dependency, only for converting)
     except ImportError as e:
         raise ImportError("converting PyTorch weights needs torch: pip install torch") from e
-    obj = torch.load(src, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's own message suggests weights_only=False: never needed here
+        raise ValueError(
+            f"{src} could not be read as a PyTorch state dict with torch.load(weights_only=True) "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). A state dict "
+            "holds only tensors; re-save the network's weights with "
+            "torch.save(model.state_dict(), PATH)") from None
     for wrapper in ("state_dict", "model", "main"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
@@ -137,12 +151,42 @@ def load_torch_state_dict(src: str) -> dict[str, np.ndarray]:
             for k, v in obj.items() if hasattr(v, "detach")}
 
 
+ACCEPTED_FORMATS = ("a PyTorch state dict (.pth, torch.save: zip or legacy pickle) or an MXNet "
+                    "NDArray list (.params, mxnet.nd.save; --arch="
+                    + "/".join(sorted(mxnet_params.STATE_DICT_READERS)) + " only)")
+
+
+def source_format(src: str) -> str:
+    """``"mxnet"`` or ``"torch"`` from the file's first bytes; ValueError naming the file and
+    the accepted formats for anything else."""
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"--src {src}: no such file")
+    if mxnet_params.is_ndarray_list(src):
+        return "mxnet"
+    with open(src, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04" or head[:1] == b"\x80":  # zip archive or pickle protocol >= 2
+        return "torch"
+    raise ValueError(f"{src} is in none of the formats pmm_jax.convert reads: {ACCEPTED_FORMATS}")
+
+
+def load_state_dict(src: str, arch: str) -> dict[str, np.ndarray]:
+    """``src`` as a PyTorch-named ``{key: numpy array}``, whichever accepted format it is in."""
+    if source_format(src) == "torch":
+        return load_torch_state_dict(src)
+    if arch not in mxnet_params.STATE_DICT_READERS:
+        raise ValueError(f"{src} is an MXNet NDArray list, but MXNet names are only known for "
+                         f"--arch={'/'.join(sorted(mxnet_params.STATE_DICT_READERS))}; "
+                         f"convert the {arch} weights to a PyTorch .pth")
+    return mxnet_params.STATE_DICT_READERS[arch](src)
+
+
 def convert(arch: str, src: str, out: str, structure: str | None = None) -> dict:
-    """Converts ``src`` (a .pth of ``arch``) into the pretrained checkpoint ``out``; returns
-    the metadata written (also ``out/pretrained.json``)."""
+    """Converts ``src`` (a .pth or MXNet .params of ``arch``) into the pretrained checkpoint
+    ``out``; returns the metadata written (also ``out/pretrained.json``)."""
     if arch not in CONVERTERS:
         raise ValueError(f"unknown --arch {arch!r}; known: {sorted(CONVERTERS)}")
-    state_dict = load_torch_state_dict(src)
+    state_dict = load_state_dict(src, arch)
     backbone = CONVERTERS[arch](state_dict, structure)
     hint = (f"is {src} a {arch} checkpoint"
             + (f" and does --structure={structure} belong to it?" if structure else "?"))
@@ -159,7 +203,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pmm_jax.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", required=True, choices=sorted(CONVERTERS))
-    parser.add_argument("--src", required=True, help="PyTorch state dict (.pth)")
+    parser.add_argument("--src", required=True,
+                        help="PyTorch state dict (.pth) or MXNet NDArray list (.params)")
     parser.add_argument("--structure", default=None, help="ScaleNet structure json")
     parser.add_argument("--out", required=True, help="output checkpoint directory")
     return parser.parse_args(argv)

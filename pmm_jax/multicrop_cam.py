@@ -35,7 +35,12 @@ from jax.sharding import PartitionSpec
 
 from pmm_jax import distributed, multicrop, trainer
 from pmm_jax import sharding as shd
-from pmm_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
+from pmm_jax.constants import IMAGENET_MEAN, IMAGENET_STD
+
+# The ImageNet statistics on the 0..1 scale of the tiles, from the 0..255 ones in constants (the
+# same float32 values as data.pipeline's; importing that would pull in TensorFlow).
+_MEAN_01 = np.asarray(IMAGENET_MEAN) / 255.0
+_STD_01 = np.asarray(IMAGENET_STD) / 255.0
 
 # Tile descriptor columns: row of the image on its device, box (y1, x1, y2, x2), valid flag.
 TILE_FIELDS = ("slot", "y1", "x1", "y2", "x2", "valid")
@@ -80,7 +85,7 @@ def cut_tiles(images: jax.Array, tiles: jax.Array, crop: int) -> jax.Array:
         return jnp.einsum("oh,hwc,pw->opc", wy, source, wx, precision=_HIGHEST)
 
     cut = jax.vmap(one)(slot, y1, x1, y2, x2)
-    return (cut - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+    return (cut - jnp.asarray(_MEAN_01)) / jnp.asarray(_STD_01)
 
 
 def tile_cams(model_cam: Callable, model, crops: jax.Array, flip: bool) -> jax.Array:

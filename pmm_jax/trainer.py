@@ -54,7 +54,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import tqdm
-from clu import metric_writers
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -174,6 +173,8 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: Iterator[Mapping[str, np.
                      num_steps, ckpt_dir)
         if start < num_steps:
             step_fn = make_step(graphdef, loss_fn, seed, mesh)
+            from clu import metric_writers  # noqa: PLC0415 (imports TensorFlow: only to train)
+
             writer = metric_writers.create_default_writer(
                 log_dir, just_logging=jax.process_index() > 0)
             try:

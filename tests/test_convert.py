@@ -135,3 +135,15 @@ def test_resnet38_parameter_count_equals_official():
     n_torch = sum(p.numel() for p in official.parameters())
     assert models.count_params(backbone) == n_torch == 105_070_912
     assert backbone.out_channels[-1] == 4096 and backbone.out_strides[-1] == 8
+
+
+def test_unreadable_pth_is_refused_without_suggesting_weights_only_false(tmp_path):
+    """A pickle holding more than tensors (a whole pickled object): torch.load(weights_only=True)
+    fails; the message names the file and says how to re-save, never to load unsafely."""
+    src = tmp_path / "whole_model.pth"
+    torch.save({"model": pathlib.PurePosixPath("not/a/tensor")}, src)
+    with pytest.raises(ValueError) as err:
+        convert.convert("resnet38", str(src), str(tmp_path / "out"))
+    message = str(err.value)
+    assert str(src) in message and "torch.save(model.state_dict(), PATH)" in message
+    assert "weights_only=False" not in message

@@ -1,0 +1,573 @@
+"""Projected time of the paper recipe (``configs/voc.py``, ``configs/coco.py``) on this device.
+
+Times one unit of every costly stage at the paper's shapes, then multiplies by the recipe's
+counts read from the configs (steps, images, runs) and prints projected hours per stage and in
+total, one table per dataset:
+
+* ``cls``: one classifier train step (the config's method and backbone, SEAM on ResNet38-d,
+  crop 448, the config's batch, the trainer's jitted step) x ``cls.num_steps``. Precision: the
+  config's ``compute_dtype`` (looked up in ``cls``, then at the top level) when it is there,
+  applied by casting parameters and images in the loss; float32 when the config has none.
+* ``cam``: multi-crop CAMs of one 500x375 image (``pmm_jax.multicrop_cam.MultiCropCAM``: all
+  ten scales, crop 448, stride 300, flips, the config's tile batch) x (train + val images).
+* ``pseudo``: the PPMG pseudo-mask of one such image (``pmm_jax.pseudo_masks.generate``, two
+  present classes) with each CRF backend x train images (+ the other variants on
+  ``pseudo.eval_subset`` images, at PPMG's cost). The pydensecrf backend is timed in CPU
+  seconds per image (one worker) and projected over a pool of every core of this machine; the
+  jax backend runs in-process (wall seconds).
+* ``seg``: one PSPNet train step (the config's backbone, crop 512, PUS loss + auxiliary head)
+  x ``seg.num_steps`` x runs (``seg.runs`` + cyclic rounds). Batches larger than
+  ``--max_seg_batch`` are timed at that size and scaled linearly.
+* ``seg val``: the in-training validation (``seg.eval_every``) on val with the test pipeline.
+* ``cycle masks``: test-time inference of the train split (cyclic pseudo-masks).
+* ``eval``: test-time inference of one image x val images x segmenters: what
+  ``pmm_jax.segment_inference.Predictor`` runs, timed as its device part
+  (``segment_inference.device_fn``: sliding window 512/480, six scales, flip, softmax average)
+  plus the dense CRF of the averaged probabilities with each backend.
+
+Every unit is timed after one untimed call (compilation), as the best of ``--repeats``;
+``--units`` restricts which are timed (the others print "not timed").
+Input pipelines, checkpoints and file writing are not timed. One image or one batch at a time
+on this process's devices: a projection, not a measurement of a full run.
+
+``--shrink`` divides every network width by 8 and every resolution (images, crops, strides,
+windows) by 4 and keeps one block per stage, so the run finishes in minutes on a small CPU;
+the output is then labelled SHRUNK and its hours are not the paper recipe's.
+
+    python -m bench.recipe                      # full size (GPU): both datasets
+    python -m bench.recipe --shrink             # CPU sanity run, labelled SHRUNK
+    python -m bench.recipe --datasets=voc --width_div=32 --res_div=16 --shallow --repeats=1
+
+At load this imports only jax, flax and numpy; ml_collections (configs, pseudo-masks)
+and pydensecrf are imported where needed, TensorFlow never (no input pipeline runs). Without
+pydensecrf its backend is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import math
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGE_HW = (375, 500)  # a typical VOC image (height, width)
+PRESENT_CLASSES = (8, 14)  # the pseudo-mask image's labels (0-based foreground: cat, person)
+CRF_BACKENDS = ("pydensecrf", "jax")
+UNITS = ("cls", "cam", "pseudo", "seg", "test")
+SHRINK = {"width_div": 8, "res_div": 4, "shallow": True}
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    """How far the networks and resolutions are reduced (all 1 / False: the paper's sizes)."""
+    width_div: int = 1
+    res_div: int = 1
+    shallow: bool = False
+
+    @property
+    def full(self) -> bool:
+        return self.width_div == 1 and self.res_div == 1 and not self.shallow
+
+    def px(self, n: int) -> int:
+        return max(1, int(round(n / self.res_div)))
+
+    def label(self) -> str:
+        if self.full:
+            return "full size (the paper's shapes)"
+        return (f"SHRUNK (widths / {self.width_div}, resolutions / {self.res_div}"
+                f"{', one block per stage' if self.shallow else ''}): NOT the paper recipe's time")
+
+
+def load_config(dataset: str):
+    """``configs/<dataset>.py``'s ``get_config()`` (imports ml_collections)."""
+    path = os.path.join(REPO, "configs", f"{dataset}.py")
+    spec = importlib.util.spec_from_file_location(f"recipe_{dataset}_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def compute_dtype(config) -> str:
+    """The configured compute precision: ``cls.compute_dtype``, else ``compute_dtype``, else
+    float32 (configs without the key)."""
+    for section in (config.cls, config):
+        if "compute_dtype" in section:
+            return str(section.compute_dtype)
+    return "float32"
+
+
+def shrunk_backbone(cfg, size: Size) -> dict:
+    """A backbone config dict with the widths and depth of ``size`` (unchanged at full size)."""
+    cfg = dict(cfg)
+    if size.full:
+        return cfg
+    w, name = size.width_div, cfg["name"]
+    one = (1, 1, 1, 1)
+    if name == "resnet38":
+        cfg.update(width_div=w, **({"blocks": one} if size.shallow else {}))
+    elif name == "scalenet101":
+        cfg.update(width_div=w, **({"layers": one} if size.shallow else {}))
+    elif name == "res2net101":
+        # at least 3 planes: Res2Net's group width is planes * 26 // 64
+        cfg.update(planes=tuple(max(3, p // w) for p in (64, 128, 256, 512)),
+                   stem_width=max(2, 64 // w), **({"blocks": one} if size.shallow else {}))
+    elif name in ("resnet50", "resnet101"):
+        cfg.update(base_width=max(1, 64 // w), stem_width=max(2, 64 // w),
+                   **({"blocks": one} if size.shallow else {}))
+    else:
+        raise ValueError(f"bench/recipe.py cannot shrink backbone {name!r}")
+    return cfg
+
+
+def best_time(fn, repeats: int) -> float:
+    """Seconds of the fastest of ``repeats`` calls of ``fn`` (after one untimed call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def cast_loss(loss_fn, dtype: str):
+    """``loss_fn`` computing in ``dtype``: floating parameters and images are cast inside the
+    step (float32 master weights and optimizer state); identity for float32."""
+    if dtype == "float32":
+        return loss_fn
+    target = jnp.dtype(dtype)
+
+    def cast(x):
+        return x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    def wrapped(model, batch, rngs):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        low = nnx.merge(graphdef, jax.tree.map(cast, params), rest)
+        batch = {k: cast(v) if k == "image" else v for k, v in batch.items()}
+        loss, metrics = loss_fn(low, batch, rngs)
+        return loss.astype(jnp.float32), metrics
+
+    return wrapped
+
+
+def train_step_seconds(model, tx, loss_fn, batch: dict, repeats: int) -> float:
+    """Seconds per step of the trainer's jitted, donated, sharded step."""
+    from pmm_jax import sharding as shd
+    from pmm_jax import trainer
+
+    model.train()
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
+    mesh = shd.make_mesh()
+    holder = {"state": trainer.replicate(state, mesh)}
+    step = trainer.make_step(graphdef, loss_fn, 0, mesh)
+    device_batch = shd.shard_batch(batch, mesh)
+
+    def run():
+        holder["state"], metrics = step(holder["state"], device_batch)
+        jax.block_until_ready(metrics)
+
+    return best_time(run, repeats)
+
+
+def classifier(config, size: Size):
+    """The configured CAM classifier (as ``stages.cls.build_model``, shrunk by ``size``)."""
+    from pmm_jax import models, seam
+
+    rngs = models.init_rngs(0)
+    backbone = models.build_backbone(shrunk_backbone(config.cls.model.backbone, size), rngs)
+    num_fg = config.data.num_classes - 1
+    options = {k: v for k, v in config.cls.model.items()
+               if k not in ("backbone", "init_from", "compute_dtype")}
+    if config.cls.get("method", "plain") == "seam":
+        return seam.SEAM(backbone, num_fg, **options, rngs=rngs)
+    from pmm_jax.models.cam_classifier import CAMClassifier  # noqa: PLC0415
+    return CAMClassifier(backbone, num_fg, dropout=options.get("dropout", 0.5), rngs=rngs)
+
+
+def plain_loss(model, batch, rngs):
+    """Multilabel soft-margin on the GAP logits (``stages.cls.loss_fn``, without TensorFlow)."""
+    from pmm_jax.models.cam_classifier import multilabel_soft_margin_loss
+
+    out = model(batch["image"], rngs=rngs)
+    return multilabel_soft_margin_loss(out["logits"], batch["labels"]), {}
+
+
+def time_cls(config, size: Size, repeats: int, dtype: str) -> float:
+    """Seconds per classifier train step at the configured crop and batch."""
+    from pmm_jax import seam, trainer
+
+    model = classifier(config, size)
+    cfg, crop = config.cls, size.px(config.cls.crop_size)
+    if cfg.get("method", "plain") == "seam":
+        tx, _ = seam.make_optimizer(model, cfg.lr, cfg.num_steps)
+        loss_fn = seam.seam_loss
+    else:
+        tx, _ = trainer.sgd_poly(cfg.lr, cfg.num_steps)
+        loss_fn = plain_loss
+    rng = np.random.default_rng(0)
+    labels = np.zeros((cfg.batch_size, config.data.num_classes - 1), np.float32)
+    labels[np.arange(cfg.batch_size), rng.integers(0, labels.shape[1], cfg.batch_size)] = 1
+    batch = {"image": rng.normal(size=(cfg.batch_size, crop, crop, 3)).astype(np.float32),
+             "labels": labels}
+    return train_step_seconds(model, tx, cast_loss(loss_fn, dtype), batch, repeats)
+
+
+def eval_batch(image: np.ndarray, pad_to, num_labels: int) -> dict:
+    """A host eval batch holding ``image`` in row 0 of a canvas ``pad_to``, padded with invalid
+    rows to the device count (only row 0 is real work for the CAM tiler)."""
+    rows = jax.device_count()
+    h, w = image.shape[:2]
+    raw = np.zeros((rows, *pad_to, 3), np.uint8)
+    raw[0, :h, :w] = image
+    labels = np.zeros((rows, num_labels), np.float32)
+    labels[0, list(PRESENT_CLASSES)] = 1
+    return {"raw": raw, "labels": labels, "valid": np.arange(rows) == 0,
+            "height": np.full(rows, h, np.int32), "width": np.full(rows, w, np.int32)}
+
+
+def test_image(size: Size, seed: int = 0) -> np.ndarray:
+    """A smooth random uint8 RGB image of VOC's 500x375 (divided by ``size.res_div``)."""
+    h, w = size.px(IMAGE_HW[0]), size.px(IMAGE_HW[1])
+    rng = np.random.default_rng(seed)
+    coarse = rng.random((h // 16 + 2, w // 16 + 2, 3))
+    ys, xs = np.linspace(0, coarse.shape[0] - 1.01, h), np.linspace(0, coarse.shape[1] - 1.01, w)
+    image = coarse[ys.astype(int)][:, xs.astype(int)] * 200 + rng.random((h, w, 3)) * 55
+    return image.astype(np.uint8)
+
+
+def time_cam(config, size: Size, repeats: int) -> float:
+    """Seconds of multi-crop (or multi-scale) CAMs of one image, as the cam stage runs them."""
+    from pmm_jax import multicrop_cam
+
+    model = classifier(config, size)
+    model.eval()
+    mc = config.cam.multicrop
+    pad = tuple(size.px(p) for p in config.data.eval_pad_to)
+    batch = eval_batch(test_image(size), pad, config.data.num_classes - 1)
+    devices = jax.device_count()
+    tile_batch = max(devices, mc.tile_batch // devices * devices)
+
+    def model_cam(model, images):  # stages.cam.model_cam, without TensorFlow
+        out = model(images)
+        return out["cam_rv"][..., 1:] if "cam_rv" in out else out["cam"]
+
+    predict = multicrop_cam.MultiCropCAM(
+        model, model_cam, scales=tuple(mc.scales), crop=size.px(mc.crop),
+        stride=size.px(mc.stride), flip=bool(config.cam.flip), tile_batch=tile_batch)
+    return best_time(lambda: predict(batch, [0]), repeats)
+
+
+def cams_of(image: np.ndarray) -> dict[int, np.ndarray]:
+    """Two overlapping smooth blobs, one CAM per present class (values in [0, 1])."""
+    h, w = image.shape[:2]
+    yy, xx = np.mgrid[:h, :w]
+    cams = {}
+    for k, (cy, cx) in zip(PRESENT_CLASSES, ((0.4, 0.35), (0.6, 0.65))):
+        d = ((yy / h - cy) ** 2 + (xx / w - cx) ** 2) / 0.05
+        cams[k] = np.exp(-d).astype(np.float32)
+    return cams
+
+
+def pydensecrf_available() -> bool:
+    return importlib.util.find_spec("pydensecrf") is not None
+
+
+def pseudo_cfg(config, method: str, backend: str):
+    """``pseudo_masks.generate``'s config of one variant (as ``stages.pseudo.variant_config``)."""
+    from pmm_jax import pseudo_masks
+
+    cfg = pseudo_masks.default_config()
+    p = config.pseudo
+    cfg.method = method
+    cfg.alpha, cfg.t, cfg.s, cfg.official_minmax = p.alpha, p.t, p.s, p.official_minmax
+    cfg.num_classes = config.data.num_classes
+    for key, value in p.crf.items():
+        cfg.crf[key] = value
+    cfg.crf.backend = backend
+    return cfg
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process (all threads) and of its finished children (pool workers)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def time_pseudo_masks(config, size: Size, backend: str, method: str, repeats: int) -> float:
+    """Seconds per image of ``pseudo_masks.generate`` with ``backend``, from the difference
+    between three images and one so that pool start-up and compilation cancel: CPU seconds of
+    every process for pydensecrf (one worker; the projection spreads them over a pool of every
+    core, and CPU time barely moves with other load), wall seconds for the in-process jax CRF."""
+    from pmm_jax import pseudo_masks
+
+    image = test_image(size)
+    cams = cams_of(image)
+    cfg = pseudo_cfg(config, method, backend)
+    clock = cpu_seconds if backend == "pydensecrf" else time.perf_counter
+
+    def run(n: int, tag: str) -> float:
+        with tempfile.TemporaryDirectory() as out_dir:
+            records = [(f"{tag}{i}", image, cams) for i in range(n)]
+            start = clock()
+            pseudo_masks.generate(records, out_dir, cfg, num_workers=1, process_index=0,
+                                  process_count=1)
+            return clock() - start
+
+    run(1, "warm")
+    times = []
+    for r in range(repeats):
+        three, one = run(3, f"a{r}_"), run(1, f"b{r}_")
+        times.append((three - one) / 2 if three > one else three / 3)
+    return min(times)
+
+
+def segmenter(config, size: Size):
+    """The configured PSPNet (``models.build_segmenter``, shrunk by ``size``)."""
+    from pmm_jax import models
+
+    cfg = dict(config.seg.model)
+    cfg["backbone"] = shrunk_backbone(cfg["backbone"], size)
+    cfg.pop("init_from", None)
+    if not size.full:
+        cfg.update(channels=max(2, cfg["channels"] // size.width_div),
+                   aux_channels=max(2, cfg["aux_channels"] // size.width_div))
+    return models.build_segmenter(cfg, config.data.num_classes, models.init_rngs(0))
+
+
+def seg_loss(config):
+    """The seg stage's loss (``stages.seg.loss_fn`` with ``config.seg.pus``), without TensorFlow."""
+    from pmm_jax import pmm
+    from pmm_jax.models.pspnet import upsample_logits
+
+    pus, aux_weight = config.seg.pus, config.seg.aux_weight
+
+    def loss_fn(model, batch, rngs):
+        out = model(batch["image"], rngs=rngs)
+        size = batch["mask"].shape[1:3]
+        def head(logits):
+            return pmm.pus_loss(upsample_logits(logits, size), batch["mask"], mode=pus.mode,
+                                beta=pus.beta, kappa=pus.kappa, reduction=pus.reduction)
+
+        return head(out["logits"]) + aux_weight * head(out["aux_logits"]), {}
+
+    return loss_fn
+
+
+def time_seg(config, size: Size, repeats: int, dtype: str, max_batch: int) -> tuple[float, int]:
+    """``(seconds per step, timed batch)`` of the segmenter train step at the configured crop."""
+    from pmm_jax import trainer
+
+    cfg = config.seg
+    batch_size = min(cfg.batch_size, max_batch)
+    batch_size = max(jax.device_count(), batch_size // jax.device_count() * jax.device_count())
+    crop = size.px(cfg.crop_size)
+    model = segmenter(config, size)
+    tx, _ = trainer.sgd_poly(cfg.lr, cfg.num_steps, momentum=cfg.momentum,
+                             weight_decay=cfg.weight_decay, end_lr=cfg.get("min_lr", 0.0))
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(batch_size, crop, crop, 3)).astype(np.float32),
+             "mask": rng.integers(0, config.data.num_classes,
+                                  (batch_size, crop, crop)).astype(np.int32)}
+    return train_step_seconds(model, tx, cast_loss(seg_loss(config), dtype), batch,
+                              repeats), batch_size
+
+
+def test_batch(config, size: Size) -> dict:
+    """An eval batch of one image (rows padded to the device count) as the eval pipeline
+    gives it: ImageNet-normalised ``image`` on the ``eval_pad_to`` canvas, ``raw`` for the CRF."""
+    from pmm_jax.constants import IMAGENET_MEAN, IMAGENET_STD
+
+    pad = tuple(size.px(p) for p in config.data.eval_pad_to)
+    batch = eval_batch(test_image(size), pad, config.data.num_classes - 1)
+    batch.pop("labels")
+    batch["image"] = ((batch["raw"].astype(np.float32) - np.asarray(IMAGENET_MEAN, np.float32))
+                      / np.asarray(IMAGENET_STD, np.float32))
+    return batch
+
+
+def time_test(config, size: Size, backends: list[str], repeats: int) -> dict[str, float]:
+    """Seconds of the test-time pipeline on one image per CRF backend, as
+    ``segment_inference.Predictor`` runs it: the device part (``config.eval``: sliding window,
+    scales, flip, softmax average; compiled once for all backends) plus the dense CRF of the
+    averaged probabilities with each backend."""
+    from pmm_jax import crf, crf_jax, segment_inference, trainer
+
+    eval_cfg = dict(config.eval)
+    if eval_cfg.get("sliding_window"):
+        eval_cfg["sliding_window"] = tuple(size.px(v) for v in eval_cfg["sliding_window"])
+    predict = trainer.make_predict_fn(segmenter(config, size),
+                                      segment_inference.device_fn(eval_cfg))
+    batch = test_batch(config, size)
+    device_s = best_time(lambda: predict(batch), repeats)
+    if not eval_cfg.get("crf"):
+        return {b: device_s for b in backends}
+    h, w = int(batch["height"][0]), int(batch["width"][0])
+    probs = np.ascontiguousarray(np.asarray(predict(batch))[0, :h, :w].transpose(2, 0, 1))
+    raw = np.ascontiguousarray(batch["raw"][0, :h, :w])
+    params = crf.SEGMENTATION_TEST_CRF
+    run = {"pydensecrf": lambda: crf.dense_crf(raw, probs, params),
+           "jax": lambda: crf_jax.dense_crf_padded(raw, probs[None], params)[0]}
+    return {b: device_s + best_time(run[b], repeats) for b in backends}
+
+
+# Split sizes of the datasets the configs name (images).
+SPLITS = {"voc2012_wsss": {"train_aug": 10582, "val": 1449},
+          "coco2014_wsss/contiguous": {"train": 82783, "val": 40504}}
+
+
+def counts(config) -> dict:
+    """The recipe's units of work: steps, images and runs, from the config."""
+    split = SPLITS[config.data.name]
+    train, val = split[config.data.train_split], split[config.data.val_split]
+    segmenters = len(config.seg.runs) + config.cycle.num_cycles
+    others = len([v for v in config.pseudo.variants if v != config.pseudo.train_on])
+    return {"train": train, "val": val, "segmenters": segmenters,
+            "cls_steps": config.cls.num_steps,
+            "cam_images": train + val,
+            "pseudo_images": train + others * min(config.pseudo.eval_subset, train),
+            "seg_steps": config.seg.num_steps * segmenters,
+            "seg_val_images": (config.seg.num_steps // config.seg.eval_every
+                               if config.seg.get("eval_every") else 0) * val * segmenters,
+            "cycle_images": config.cycle.num_cycles * train,
+            "eval_images": val * segmenters}
+
+
+def measure(config, size: Size, args, backends: list[str]) -> dict:
+    """Seconds per unit of every stage (pseudo-masks and test time per CRF backend)."""
+    dtype = compute_dtype(config)
+    out = {"dtype": dtype}
+
+    def timed(key, fn, *fn_args):
+        start = time.perf_counter()
+        out[key] = fn(*fn_args)
+        print(f"  {key}: {out[key]} (measured in {time.perf_counter() - start:.0f} s)",
+              file=sys.stderr, flush=True)
+
+    units = set(args.units.split(","))
+    if "cls" in units:
+        timed("cls_step", time_cls, config, size, args.repeats, dtype)
+    if "cam" in units:
+        timed("cam_image", time_cam, config, size, args.repeats)
+    if "seg" in units:
+        timed("seg", time_seg, config, size, args.repeats, dtype, args.max_seg_batch)
+        out["seg_step"], out["seg_batch"] = out.pop("seg")
+    for backend in backends if "pseudo" in units else ():
+        timed(f"pseudo_image/{backend}", time_pseudo_masks, config, size, backend,
+              config.pseudo.train_on, args.repeats)
+    if "test" in units:
+        timed("test", time_test, config, size, backends, args.repeats)
+        out.update({f"test_image/{b}": v for b, v in out.pop("test").items()})
+    return out
+
+
+def table(dataset: str, config, t: dict, backends: list[str], cores: int) -> list[str]:
+    """Markdown rows: stage, unit, seconds per unit, count, projected hours per CRF backend."""
+    n = counts(config)
+    nan = float("nan")
+    seg_scale = config.seg.batch_size / t.get("seg_batch", config.seg.batch_size)
+    per = lambda key: {b: t.get(key.format(b=b), nan) for b in backends}  # noqa: E731
+    rows = [("cls", f"train step (batch {config.cls.batch_size}, crop {config.cls.crop_size})",
+             per("cls_step"), n["cls_steps"], 1),
+            ("cam", "multi-crop CAMs of one image (10 scales, flips)",
+             per("cam_image"), n["cam_images"], 1),
+            ("pseudo", "PPMG pseudo-mask of one image",
+             per("pseudo_image/{b}"), n["pseudo_images"], None),
+            ("seg", f"train step (batch {config.seg.batch_size}, crop {config.seg.crop_size})",
+             {b: v * seg_scale for b, v in per("seg_step").items()}, n["seg_steps"], 1),
+            ("seg val", "test-time inference of one image (window, scales, flip, CRF)",
+             per("test_image/{b}"), n["seg_val_images"], 1),
+            ("cycle masks", "test-time inference of one image",
+             per("test_image/{b}"), n["cycle_images"], 1),
+            ("eval", "test-time inference of one image",
+             per("test_image/{b}"), n["eval_images"], 1)]
+    lines = [f"### {dataset}: projected hours ({config.data.name}, {n['train']} train / "
+             f"{n['val']} val images, {n['segmenters']} segmenter(s))", "",
+             "| stage | unit | " + " | ".join(f"s/unit ({b})" for b in backends) + " | count | "
+             + " | ".join(f"hours ({b} CRF)" for b in backends) + " |",
+             "| --- | --- | " + " | ".join("---:" for _ in backends) + " | ---: | "
+             + " | ".join("---:" for _ in backends) + " |"]
+    totals = {b: 0.0 for b in backends}
+    for stage, unit, seconds, count, parallel in rows:
+        hours = {}
+        for b in backends:
+            # pydensecrf pseudo-masks run in a pool of every core; everything else serially.
+            workers = parallel or (cores if b == "pydensecrf" else 1)
+            hours[b] = seconds[b] * count / workers / 3600 if count else 0.0
+            totals[b] += hours[b]
+        fmt = lambda v, spec: "not timed" if math.isnan(v) else format(v, spec)  # noqa: E731
+        lines.append(f"| {stage} | {unit} | " + " | ".join(fmt(seconds[b], ".3f") for b in backends)
+                     + f" | {count} | " + " | ".join(fmt(hours[b], ".2f") for b in backends) + " |")
+    lines.append("| **total** | | " + " | ".join("" for _ in backends) + " | | "
+                 + " | ".join(f"**{fmt(totals[b], '.1f')}**" for b in backends) + " |")
+    return lines
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.recipe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default="voc,coco", help="configs/<name>.py, comma-separated")
+    parser.add_argument("--shrink", action="store_true",
+                        help=f"preset for a small CPU: {SHRINK} (output labelled SHRUNK)")
+    parser.add_argument("--width_div", type=int, default=1, help="divide every network width")
+    parser.add_argument("--res_div", type=int, default=1, help="divide every resolution")
+    parser.add_argument("--shallow", action="store_true", help="one block per backbone stage")
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls per unit (best kept)")
+    parser.add_argument("--max_seg_batch", type=int, default=16,
+                        help="larger segmenter batches are timed at this size, scaled linearly")
+    parser.add_argument("--units", default=",".join(UNITS),
+                        help="units to time (others print 'not timed'): " + ",".join(UNITS))
+    parser.add_argument("--backends", default=",".join(CRF_BACKENDS),
+                        help="CRF backends to time (pydensecrf is skipped when not installed)")
+    args = parser.parse_args(argv)
+    if args.shrink:
+        args.width_div, args.res_div, args.shallow = (SHRINK["width_div"], SHRINK["res_div"],
+                                                      SHRINK["shallow"])
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    size = Size(args.width_div, args.res_div, args.shallow)
+    backends = [b for b in args.backends.split(",") if b]
+    notes = []
+    if "pydensecrf" in backends and not pydensecrf_available():
+        backends.remove("pydensecrf")
+        notes.append("pydensecrf is not installed: its CRF backend was skipped")
+    cores = len(os.sched_getaffinity(0))
+    device = jax.devices()[0]
+    print(f"# Projected paper-recipe time: {size.label()}")
+    print(f"device: {jax.device_count()} x {device.device_kind} ({device.platform}); host "
+          f"{platform.node()} with {cores} cores, load {os.getloadavg()[0]:.1f} at start; "
+          f"jax {jax.__version__}")
+    for dataset in [d for d in args.datasets.split(",") if d]:
+        config = load_config(dataset)
+        start = time.perf_counter()
+        t = measure(config, size, args, backends)
+        print()
+        print("\n".join(table(dataset, config, t, backends, cores)))
+        seg_batch = f"; segmenter step timed at batch {t['seg_batch']}" if "seg_batch" in t else ""
+        print(f"\nprecision: {t['dtype']}{seg_batch}; measured in "
+              f"{time.perf_counter() - start:.0f} s, load {os.getloadavg()[0]:.1f}")
+    for note in notes + [
+            "one image / one batch at a time; input pipelines, checkpoints and file writes not "
+            f"timed; pydensecrf pseudo-masks projected over a pool of {cores} cores"]:
+        print(f"note: {note}")
+    if not size.full:
+        print(f"note: {size.label()}")
+
+
+if __name__ == "__main__":
+    main()
