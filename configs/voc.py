@@ -17,6 +17,9 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.stages = "cls,cam,pseudo,seg,cycle,eval"
+    # Compute dtype of every model (pmm_jax/precision.py, docs/models.md): "auto" = bfloat16 on
+    # a GPU/TPU, float32 on a CPU; params, BN statistics and optimizer state stay float32.
+    c.compute_dtype = "auto"
 
     c.data = ml_collections.ConfigDict(dict(
         name="voc2012_wsss",

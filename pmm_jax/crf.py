@@ -18,8 +18,6 @@ workers import).
 import dataclasses
 
 import numpy as np
-import pydensecrf.densecrf as dcrf
-from pydensecrf.utils import unary_from_softmax
 
 # Probabilities are clipped to [UNARY_CLIP, 1] before the log (pydensecrf default, official).
 UNARY_CLIP = 1e-5
@@ -132,6 +130,11 @@ def dense_crf(image, probs, params):
         raise ValueError("probs must be finite floating-point scores")
     if not isinstance(params, CRFParams):
         raise TypeError(f"params must be a CRFParams, got {type(params).__name__}")
+
+    # Imported here so that code which only may run a CRF (segmentation inference, the
+    # benchmarks) loads where pydensecrf is not installed.
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_softmax
 
     num_labels, height, width = probs.shape
     crf = dcrf.DenseCRF2D(width, height, num_labels)

@@ -37,7 +37,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import tqdm
-from clu import metric_writers
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -132,6 +131,10 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: Iterator[Mapping[str, np.
             log.info("%s: resumed from the checkpoint at step %d of %d in %s", desc, start,
                      num_steps, ckpt_dir)
         if start < num_steps:
+            # clu (and through it TensorFlow) only where logging needs it: the benchmarks
+            # import this module on machines without TensorFlow.
+            from clu import metric_writers
+
             step_fn = make_step(graphdef, loss_fn, seed, mesh)
             writer = metric_writers.create_default_writer(
                 log_dir, just_logging=jax.process_index() > 0)
