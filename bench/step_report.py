@@ -42,9 +42,10 @@ def peak_tflops(device_kind: str, given: float | None) -> float | None:
 
 
 def step_flops(compiled, lowered) -> tuple[float | None, str]:
-    """``(FLOPs, source)`` of one step from XLA's cost analysis on the backend it runs on:
-    the compiled program's count, or, where that counts nothing (convolutions lowered to
-    library calls that a backend's cost model skips), the lowered (unoptimised) program's.
+    """``(FLOPs, source)`` of one step from XLA's cost analysis on the backend it runs on: the
+    lowered (unoptimised) program's count, where every convolution is still an HLO
+    convolution, or else the compiled program's (on a GPU the compiled program's convolutions
+    are cuDNN custom calls that its cost analysis skips, so that count is a fallback only).
     ``(None, why)`` when neither has a count: never a silent 0."""
     def count(stage) -> float:
         try:
@@ -54,11 +55,11 @@ def step_flops(compiled, lowered) -> tuple[float | None, str]:
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         return float((cost or {}).get("flops", 0.0))
 
-    for stage, source in ((compiled, "compiled"), (lowered, "lowered")):
+    for stage, source in ((lowered, "lowered step"), (compiled, "compiled step")):
         flops = count(stage)
         if flops > 0:
             return flops, source
-    return None, "XLA reported no FLOP count for this backend"
+    return None, "XLA reported no FLOP count on this backend"
 
 
 def memory_gib(compiled) -> dict:
