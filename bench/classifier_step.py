@@ -2,7 +2,10 @@
 trainer step) against the same network in PyTorch, on the same machine in one run.
 
 The network is wide ResNet38-d (PMM's classifier dilations 2, 4, 2; every BatchNorm in
-inference mode with frozen affine parameters, as the official code trains it), float32.
+inference mode with frozen affine parameters, as the official code trains it). ``--dtype``:
+float32 (default) or bfloat16, i.e. the model's ``compute_dtype`` on the JAX side
+(``pmm_jax.precision``: bf16 convolutions, float32 parameters, heads and losses) and PyTorch
+AMP (``torch.autocast(device, torch.bfloat16)`` around forward and loss) on the other.
 
 * ``--method=seam`` (default, the VOC config's classifier): the SEAM model (CAM head + PCM),
   both views (the crop and its 0.3x copy) through the network, the official losses
@@ -18,9 +21,12 @@ inference mode with frozen affine parameters, as the official code trains it), f
 The batch (random images, random multi-hot labels with at least one class) is fixed and
 already on the device: no input pipeline is timed. Each framework runs in its own spawned
 process (so peak memory is its own): ``--warmup`` untimed steps (JAX compiles before them),
-then ``--steps`` timed ones. Reported: images/s, peak memory (GPU: the framework's peak
-allocated bytes; CPU: the process's peak RSS), XLA's FLOP count of the step and, on a GPU, its
-rate and share of ``--peak_tflops``.
+then ``--steps`` timed ones. Reported (``bench/step_report.py``): images/s, both sides' last
+loss (a non-finite loss is an error), peak memory (GPU: the framework's peak allocated
+bytes; CPU: the process's peak RSS), XLA's temp buffer size of the compiled step, XLA's FLOP
+count of the step on the backend it runs on and, on a GPU/TPU, its rate and share of the
+device's dense bf16 peak (``step_report.BF16_PEAK_TFLOPS``, or ``--peak_tflops``).
+Only jax, flax, optax, orbax, numpy and torch need be installed.
 
 Full ResNet38 at crop 448 costs about 2.5 TFLOP per image and SEAM step, so the defaults are
 sized for a small CPU (crop 128, batch 2, a couple of minutes on 2 cores); ``--gpu`` switches to
@@ -28,6 +34,7 @@ the paper's VOC setting (crop 448, batch 16, 3 warm-up and 10 timed steps):
 
     python -m bench.classifier_step                      # CPU
     python -m bench.classifier_step --gpu                # GPU (H100/H200)
+    python -m bench.classifier_step --gpu --dtype=bfloat16
     python -m bench.classifier_step --method=plain --width_div=4 --crop=96 --steps=2
 
 ``--check`` (with a small network, e.g. ``--width_div=32 --blocks=1,1,1,1 --crop=48``) copies
@@ -80,7 +87,7 @@ def plain_loss(model, batch, rngs):
 
 def jax_model(args):
     """``(model, tx, loss_fn)`` of the configured classifier, as the ``cls`` stage builds them."""
-    from pmm_jax import seam, trainer
+    from pmm_jax import precision, seam, trainer
     from pmm_jax.models import init_rngs
     from pmm_jax.models.cam_classifier import CAMClassifier
     from pmm_jax.models.resnet38 import ResNet38
@@ -96,7 +103,7 @@ def jax_model(args):
         model = CAMClassifier(backbone, args.num_classes, dropout=0.5, rngs=rngs)
         tx, _ = trainer.sgd_poly(args.lr, SCHEDULE_STEPS)
         loss_fn = plain_loss
-    return model, tx, loss_fn
+    return precision.set_compute_dtype(model, getattr(args, "dtype", "float32")), tx, loss_fn
 
 
 def build_jax(args):
@@ -120,14 +127,12 @@ def build_jax(args):
 
 
 def run_jax(args) -> dict:
-    """images/s, peak memory and FLOPs of the jitted pmm_jax training step."""
-    import jax
-
+    """images/s, loss, peak memory, XLA memory and FLOPs of the jitted pmm_jax training step."""
     step, state, batch = build_jax(args)
     start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    lowered = step.lower(state, batch)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
-    flops = _step_flops(step, compiled, state, batch)
     for _ in range(args.warmup):
         state, metrics = compiled(state, batch)
     float(metrics["loss"])
@@ -136,35 +141,7 @@ def run_jax(args) -> dict:
         state, metrics = compiled(state, batch)
     loss = float(metrics["loss"])
     seconds = time.perf_counter() - start
-    device = jax.devices()[0]
-    stats = device.memory_stats() or {}
-    return {"framework": f"jax {jax.__version__}", "device": device.device_kind,
-            "images_per_s": args.batch * args.steps / seconds, "step_s": seconds / args.steps,
-            "peak_mem_gib": (stats["peak_bytes_in_use"] if "peak_bytes_in_use" in stats
-                             else step_report.max_rss_bytes()) / 2**30,
-            "compile_s": compile_s, "last_loss": loss,
-            "step_tflop": flops / 1e12, "tflops_per_s": flops * args.steps / seconds / 1e12}
-
-
-def _step_flops(step, compiled, *step_args) -> float:
-    """XLA's FLOP count of the step, lowered for the CPU from abstract (unsharded) arguments:
-    the GPU program's convolutions are cuDNN custom calls that its cost analysis does not
-    count (same HLO graph either way). Falls back to the compiled program's count."""
-    import jax
-
-    def cost_flops(cost):
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float((cost or {}).get("flops", 0.0))
-
-    try:
-        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                          step_args)
-        lowered = jax.jit(step.__wrapped__).trace(*abstract).lower(lowering_platforms=("cpu",))
-        return cost_flops(lowered.cost_analysis())
-    except Exception as err:  # noqa: BLE001  (a FLOP count must not sink the benchmark)
-        print(f"FLOPs of the CPU lowering unavailable ({type(err).__name__}: {err}); "
-              "using the compiled program's count")
-        return cost_flops(compiled.cost_analysis())
+    return step_report.jax_row(args, compiled, lowered, seconds, loss, compile_s)
 
 
 def build_torch(args, device="cpu"):
@@ -182,7 +159,7 @@ def build_torch(args, device="cpu"):
     if args.method == "seam":
         model = ct.TorchSEAM(args.num_classes, **kwargs).to(device)
         groups = ct.seam_param_groups(model, args.lr, 5e-4)
-        loss = lambda: ct.seam_loss(model, image, labels)["loss"]  # noqa: E731
+        forward = lambda: ct.seam_loss(model, image, labels)["loss"]  # noqa: E731
     else:
         model = ct.TorchCAMClassifier(args.num_classes, **kwargs).to(device)
         params = list(model.parameters())
@@ -190,7 +167,12 @@ def build_torch(args, device="cpu"):
                   {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
         for group in groups:
             group.update(lr=args.lr, mult=1.0)
-        loss = lambda: F.multilabel_soft_margin_loss(model(image), labels)  # noqa: E731
+        forward = lambda: F.multilabel_soft_margin_loss(model(image), labels)  # noqa: E731
+
+    def loss():
+        with step_report.torch_autocast(getattr(args, "dtype", "float32"), device):
+            return forward()
+
     ct.train_mode(model)
     momentum = 5e-4 if args.official_momentum and args.method == "seam" else 0.9
     opt = torch.optim.SGD(groups, lr=args.lr, momentum=momentum)
@@ -225,12 +207,7 @@ def run_torch(args) -> dict:
         loss = step(i)
     last = loss.item()
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else step_report.max_rss_bytes()
-    return {"framework": f"torch {torch.__version__}",
-            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-            "images_per_s": args.batch * args.steps / seconds, "step_s": seconds / args.steps,
-            "peak_mem_gib": peak / 2**30, "threads": torch.get_num_threads(),
-            "last_loss": last}
+    return step_report.torch_row(args, device, seconds, last)
 
 
 def torch_key(path) -> str:
@@ -314,13 +291,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--official_momentum", action="store_true",
                         help="SEAM: momentum 5e-4 as the official optimiser (default 0.9)")
-    parser.add_argument("--peak_tflops", type=float, default=989.0,
-                        help="the device's dense peak (H100/H200 SXM bf16: 989)")
+    step_report.add_common_args(parser)
     parser.add_argument("--check", action="store_true",
                         help="instead of timing: run both sides' loss and gradients once with the "
                         "same weights (dropout off) and compare them; use a small network")
-    parser.add_argument("--skip_torch", action="store_true")
-    parser.add_argument("--out_json", default="")
     args = parser.parse_args(argv)
     for key, value in (GPU_SETTINGS if args.gpu else CPU_SETTINGS).items():
         if getattr(args, key) is None:
@@ -346,9 +320,10 @@ def main(argv=None) -> list[dict]:
     name = "SEAM" if args.method == "seam" else "plain CAM classifier"
     step_report.print_table(rows, args, (
         f"{name}/ResNet38-d blocks {args.blocks}, width/{args.width_div}, crop {args.crop}, "
-        f"batch {args.batch}, {args.steps} steps; {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, load {{load}}; XLA: {rows[0]['step_tflop']:.3f} TFLOP "
-        f"per step, compiled in {rows[0]['compile_s']:.0f} s"))
+        f"batch {args.batch}, {args.dtype}, {args.steps} steps; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {{load}}; "
+        f"JAX compiled in {rows[0]['compile_s']:.0f} s"))
+    step_report.check_finite(rows)
     return rows
 
 

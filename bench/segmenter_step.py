@@ -1,21 +1,33 @@
-"""Benchmark of one PSPNet training step: pmm_jax (Flax NNX, jit) against the same network in
-PyTorch, on the same machine in one run.
+"""Benchmark of one PSPNet training step: the ``seg`` stage's own jitted step (pmm_jax) against
+the same network in PyTorch, on the same machine in one run.
 
-The network is PSPNet (PSP head, FCN auxiliary head with loss weight 0.4) on mmseg's
-ResNetV1c (deep stem, strides 1,2,1,1, dilations 1,1,2,4 with contract_dilation), float32,
-BatchNorm in training mode, SGD momentum 0.9 with weight decay; the loss is per-pixel
-cross-entropy on logits upsampled to the crop, as the seg stage trains. ``--width_div``
-divides every channel count (stem, stages, heads), ``--blocks`` overrides the depth, so a
-CPU run stays short; the defaults are the paper's ResNet101 at crop 512, batch 16.
+JAX side: exactly what ``pmm_jax.stages.seg.train_segmenter`` hands ``trainer.train``: the
+model from ``seg.build_model`` (PSPNet + FCN auxiliary head on mmseg's ResNetV1c, the
+config's ``compute_dtype``), ``seg.make_optimizer`` (mmseg's poly SGD, frozen stages
+masked), the ``ce`` run's ``seg.run_loss`` (decode + 0.4 x auxiliary cross-entropy on logits
+upsampled to the crop) and ``trainer.make_step`` (the jitted, donated step, state replicated
+and batch sharded over every device), with configs/voc.py's ``seg`` settings
+(:data:`VOC_SEG`; tests/test_bench_segmenter.py keeps them equal). PyTorch side:
+``bench/segmenter_torch.py``, same layout, BatchNorm in training mode, SGD momentum 0.9 with
+weight decay, the same loss.
+
+``--dtype``: float32 (default) or bfloat16: ``config.compute_dtype`` on the JAX side (bf16
+convolutions, float32 parameters, BN statistics, logits and loss) and PyTorch AMP
+(``torch.autocast(device, torch.bfloat16)``) on the other. ``--width_div`` divides every
+channel count (stem, stages, heads), ``--blocks`` overrides the depth, so a CPU run stays
+short; the defaults are the paper's ResNet101 at crop 512, batch 16.
 
 Each framework runs in its own spawned process (so peak memory is its own): ``--warmup``
-untimed steps (compilation included for JAX), then ``--steps`` timed ones. Reported:
-images/s, peak memory (GPU: the framework's peak allocated bytes; CPU: the process's peak
-RSS), and on a GPU, the FLOP rate of the JAX step (XLA's count of the lowered step) and its
-share of ``--peak_tflops``.
+untimed steps (compilation before them for JAX), then ``--steps`` timed ones. Reported
+(``bench/step_report.py``): images/s, both sides' last loss (a non-finite loss is an error),
+peak memory (GPU: the framework's peak allocated bytes; CPU: the process's peak RSS), XLA's
+temp buffer size, XLA's FLOP count of the compiled step on its own backend and, on a GPU/TPU,
+TFLOP/s and the share of the device's dense bf16 peak. Only jax, flax, optax, orbax, numpy and
+torch need be installed (no TensorFlow, clu, ml_collections or pydensecrf).
 
     python -m bench.segmenter_step --width_div=4 --blocks=1,1,2,1 --crop=128 --batch=4   # CPU
-    python -m bench.segmenter_step                                                       # GPU
+    python -m bench.segmenter_step --warmup=3 --steps=10                                 # GPU
+    python -m bench.segmenter_step --warmup=3 --steps=10 --dtype=bfloat16                # GPU
 """
 
 from __future__ import annotations
@@ -27,6 +39,18 @@ import time
 
 from bench import step_report
 
+# configs/voc.py's seg optimiser and loss settings (the bench cannot import the config file:
+# it needs ml_collections).
+VOC_SEG = dict(lr=0.005, min_lr=1e-4, momentum=0.9, weight_decay=5e-4, num_steps=20000,
+               aux_weight=0.4, bins=(1, 2, 3, 6), dropout=0.1)
+
+
+class Section(dict):
+    """A dict with attribute access: enough of ``ml_collections.ConfigDict`` for the seg
+    stage's build/optimiser/loss functions."""
+
+    __getattr__ = dict.__getitem__
+
 
 def _widths(args):
     d = args.width_div
@@ -37,77 +61,73 @@ def _blocks(args):
     return tuple(int(b) for b in args.blocks.split(","))
 
 
-def run_jax(args) -> dict:
-    """images/s, peak memory and FLOPs of the jitted pmm_jax training step."""
-    import jax
-    import jax.numpy as jnp
+def seg_config(args) -> Section:
+    """The slice of a pmm_jax config the seg stage's step reads: configs/voc.py's ``seg``
+    settings on ResNetV1c (``args.blocks``, widths / ``args.width_div``, nothing frozen)."""
+    w = _widths(args)
+    backbone = Section(name="resnet101", blocks=_blocks(args), base_width=w["base_width"],
+                       stem_width=w["stem_width"], frozen_stages=-1)
+    model = Section(backbone=backbone, init_from="", bins=VOC_SEG["bins"],
+                    channels=w["channels"], dropout=VOC_SEG["dropout"],
+                    aux_channels=w["aux_channels"])
+    seg = Section(model=model, pus=Section(mode="none", beta=0.5, kappa=0.5, reduction="all"),
+                  **{k: VOC_SEG[k] for k in ("lr", "min_lr", "momentum", "weight_decay",
+                                             "num_steps", "aux_weight")})
+    return Section(seed=0, compute_dtype=args.dtype, seg=seg,
+                   data=Section(num_classes=args.num_classes))
+
+
+def make_batch(args):
+    """The fixed NHWC float32 images and int32 label masks (numpy)."""
     import numpy as np
-    import optax
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(args.batch, args.crop, args.crop, 3)).astype(np.float32)
+    mask = rng.integers(0, args.num_classes, (args.batch, args.crop, args.crop)).astype(np.int32)
+    return image, mask
+
+
+def build_jax(args):
+    """``(step, state, batch)``: the seg stage's jitted train step, its replicated train state
+    and the sharded batch."""
     from flax import nnx
 
-    from pmm_jax import pmm
-    from pmm_jax.models.pspnet import PSPNet, upsample_logits
-    from pmm_jax.models.resnet_v1c import ResNetV1c
+    from pmm_jax import sharding as shd
+    from pmm_jax import trainer
+    from pmm_jax.stages import seg
 
-    w = _widths(args)
-    rngs = nnx.Rngs(jax.random.key(0, impl="rbg"))
-    backbone = ResNetV1c(blocks=_blocks(args), base_width=w["base_width"],
-                         stem_width=w["stem_width"], rngs=rngs)
-    model = PSPNet(backbone, args.num_classes, channels=w["channels"],
-                   aux_channels=w["aux_channels"], rngs=rngs)
+    config = seg_config(args)
+    model = seg.build_model(config, config.seed)
+    tx, _ = seg.make_optimizer(config, model)
     model.train()
-    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.005, momentum=0.9))
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    graphdef, state = nnx.split((model, optimizer))
+    graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
+    mesh = shd.make_mesh()
+    state = trainer.replicate(state, mesh)
+    step = trainer.make_step(graphdef, seg.run_loss(config, "ce"), config.seed, mesh)
+    image, mask = make_batch(args)
+    return step, state, shd.shard_batch({"image": image, "mask": mask}, mesh)
 
-    def step(state, image, mask):
-        model, optimizer = nnx.merge(graphdef, state)
 
-        def loss_fn(model):
-            out = model(image)
-            ce = lambda logits: pmm.pus_loss(upsample_logits(logits, mask.shape[1:3]), mask,  # noqa: E731
-                                             mode="none", beta=0.0, kappa=1.0)
-            return ce(out["logits"]) + 0.4 * ce(out["aux_logits"])
-
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        optimizer.update(model, grads)
-        return nnx.state((model, optimizer)), loss
-
-    jitted = jax.jit(step, donate_argnums=0)
-    rng = np.random.default_rng(0)
-    image = jnp.asarray(rng.normal(size=(args.batch, args.crop, args.crop, 3)), jnp.float32)
-    mask = jnp.asarray(rng.integers(0, args.num_classes, (args.batch, args.crop, args.crop)),
-                       jnp.int32)
-    compiled = jitted.lower(state, image, mask).compile()
+def run_jax(args) -> dict:
+    """images/s, loss, peak memory, XLA memory and FLOPs of the seg stage's train step."""
+    step, state, batch = build_jax(args)
+    start = time.perf_counter()
+    lowered = step.lower(state, batch)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
     for _ in range(args.warmup):
-        state, loss = compiled(state, image, mask)
-    float(loss)
+        state, metrics = compiled(state, batch)
+    float(metrics["loss"])
     start = time.perf_counter()
     for _ in range(args.steps):
-        state, loss = compiled(state, image, mask)
-    float(loss)
+        state, metrics = compiled(state, batch)
+    loss = float(metrics["loss"])
     seconds = time.perf_counter() - start
-    device = jax.devices()[0]
-    stats = device.memory_stats() or {}
-    flops = _step_flops(jitted, state, image, mask)
-    return {"framework": f"jax {jax.__version__}", "device": device.device_kind,
-            "images_per_s": args.batch * args.steps / seconds,
-            "peak_mem_gib": (stats["peak_bytes_in_use"] if "peak_bytes_in_use" in stats
-                             else step_report.max_rss_bytes()) / 2**30,
-            "step_tflop": flops / 1e12, "tflops_per_s": flops * args.steps / seconds / 1e12}
-
-
-def _step_flops(jitted, *step_args) -> float:
-    """XLA's FLOP count of the step, lowered for the CPU: the GPU program's convolutions are
-    cuDNN custom calls that its cost analysis does not count (same HLO graph either way)."""
-    lowered = jitted.trace(*step_args).lower(lowering_platforms=("cpu",))
-    cost = lowered.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float((cost or {}).get("flops", 0.0))
+    return step_report.jax_row(args, compiled, lowered, seconds, loss, compile_s)
 
 
 def run_torch(args) -> dict:
-    """images/s and peak memory of the same network and step in PyTorch."""
+    """images/s, loss and peak memory of the same network and step in PyTorch."""
     import torch
 
     from bench.segmenter_torch import TorchPSPNet
@@ -117,15 +137,19 @@ def run_torch(args) -> dict:
     torch.manual_seed(0)
     model = TorchPSPNet(_blocks(args), w["base_width"], w["stem_width"], w["channels"],
                         w["aux_channels"], args.num_classes).to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9, weight_decay=5e-4)
-    image = torch.randn(args.batch, 3, args.crop, args.crop, device=device)
-    mask = torch.randint(0, args.num_classes, (args.batch, args.crop, args.crop), device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=VOC_SEG["lr"], momentum=VOC_SEG["momentum"],
+                          weight_decay=VOC_SEG["weight_decay"])
+    image, mask = make_batch(args)
+    image = torch.from_numpy(image.transpose(0, 3, 1, 2).copy()).to(device)
+    mask = torch.from_numpy(mask).long().to(device)
+    ce = torch.nn.functional.cross_entropy
 
     def step():
         opt.zero_grad(set_to_none=True)
-        logits, aux = model(image)
-        loss = (torch.nn.functional.cross_entropy(logits, mask, ignore_index=255)
-                + 0.4 * torch.nn.functional.cross_entropy(aux, mask, ignore_index=255))
+        with step_report.torch_autocast(args.dtype, device):
+            logits, aux = model(image)
+            loss = (ce(logits, mask, ignore_index=255)
+                    + VOC_SEG["aux_weight"] * ce(aux, mask, ignore_index=255))
         loss.backward()
         opt.step()
         return loss
@@ -136,12 +160,8 @@ def run_torch(args) -> dict:
     start = time.perf_counter()
     for _ in range(args.steps):
         loss = step()
-    loss.item()
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else step_report.max_rss_bytes()
-    return {"framework": f"torch {torch.__version__}",
-            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-            "images_per_s": args.batch * args.steps / seconds, "peak_mem_gib": peak / 2**30}
+    last = loss.item()
+    return step_report.torch_row(args, device, time.perf_counter() - start, last)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -153,22 +173,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_classes", type=int, default=21)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--peak_tflops", type=float, default=989.0,
-                        help="the device's dense peak (H100/H200 SXM bf16: 989)")
-    parser.add_argument("--skip_torch", action="store_true")
-    parser.add_argument("--out_json", default="")
+    step_report.add_common_args(parser)
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     rows = [step_report.in_child(run_jax, args)]
     if not args.skip_torch:
         rows.append(step_report.in_child(run_torch, args))
     step_report.print_table(rows, args, (
         f"PSPNet/ResNetV1c blocks {args.blocks}, width/{args.width_div}, crop {args.crop}, "
-        f"batch {args.batch}, {args.steps} steps; {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, load {{load}}"))
+        f"batch {args.batch}, {args.dtype}, {args.steps} steps; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"load {{load}}; JAX compiled in {rows[0]['compile_s']:.0f} s"))
+    step_report.check_finite(rows)
+    return rows
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     c.seed = 0
     c.stages = "cls,cam,pseudo,seg,cycle,eval"
     c.allow_random_init = True  # the demo models train from random weights
+    c.compute_dtype = "float32"  # or "bfloat16" / "auto" (pmm_jax/precision.py)
 
     c.data = ml_collections.ConfigDict(dict(
         name=f"synthetic_wsss/{variant}",

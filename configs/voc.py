@@ -20,6 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Training the classifier or segmenter with an empty init_from (random weights) is refused
     # unless this is True; ImageNet weights: see README.md, section 'ImageNet weights'.
     c.allow_random_init = False
+    # Compute dtype of every model (pmm_jax/precision.py, docs/models.md): "auto" = bfloat16 on
+    # a GPU/TPU, float32 on a CPU; params, BN statistics and optimizer state stay float32.
+    c.compute_dtype = "auto"
 
     c.data = ml_collections.ConfigDict(dict(
         name="voc2012_wsss",

@@ -153,10 +153,13 @@ class SEAM(nnx.Module):
         :func:`default_pcm_features`); resized to the CAM size when their stride differs.
       pcm_widths: output channels of those convs (official 64, 128).
 
-    ``new_layers`` names the attributes trained from scratch (the 10x/20x lr groups).
+    ``new_layers`` names the attributes trained from scratch (the 10x/20x lr groups). Under a
+    bfloat16 compute dtype (``pmm_jax.precision``) the CAM head stays float32
+    (``float32_layers``) and the PCM's features are cast to float32 before the PCM.
     """
 
     new_layers = ("classifier", "f8_3", "f8_4", "f9")
+    float32_layers = ("classifier",)
 
     def __init__(self, backbone: nnx.Module, num_classes: int, dropout: float = 0.5,
                  pcm_features: Sequence[int] | None = None, pcm_widths: Sequence[int] = (64, 128),
@@ -193,7 +196,7 @@ class SEAM(nnx.Module):
 
         f = jnp.concatenate([resize_align_corners(x, size), side(self.pcm_features[0], self.f8_3),
                              side(self.pcm_features[1], self.f8_4)], axis=-1)
-        cam_rv = pcm(pcm_seeds(cam), self.f9(f))
+        cam_rv = pcm(pcm_seeds(cam), self.f9(f).astype(jnp.float32))
         return {"cam": cam, "logits": jnp.mean(cam, axis=(1, 2)), "cam_rv": cam_rv}
 
 

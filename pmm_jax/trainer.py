@@ -172,6 +172,10 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: Iterator[Mapping[str, np.
             log.info("%s: resumed from the checkpoint at step %d of %d in %s", desc, start,
                      num_steps, ckpt_dir)
         if start < num_steps:
+            # clu (and through it TensorFlow) only where logging needs it: the benchmarks
+            # import this module on machines without TensorFlow.
+            from clu import metric_writers
+
             step_fn = make_step(graphdef, loss_fn, seed, mesh)
             from clu import metric_writers  # noqa: PLC0415 (imports TensorFlow: only to train)
 

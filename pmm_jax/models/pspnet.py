@@ -86,6 +86,8 @@ class PyramidPooling(nnx.Module):
 class PSPHead(nnx.Module):
     """Pyramid pooling -> 3x3 ConvBN -> Dropout2d -> 1x1 classifier."""
 
+    float32_layers = ("classifier",)  # float32 logits under a bfloat16 compute dtype
+
     def __init__(self, in_channels: int, num_classes: int, *, bins: Sequence[int],
                  channels: int, dropout: float, rngs: nnx.Rngs):
         self.ppm = PyramidPooling(in_channels, channels, bins, rngs=rngs)
@@ -101,6 +103,8 @@ class PSPHead(nnx.Module):
 
 class FCNHead(nnx.Module):
     """3x3 ConvBN -> Dropout2d -> 1x1 classifier (the auxiliary head)."""
+
+    float32_layers = ("classifier",)  # float32 logits under a bfloat16 compute dtype
 
     def __init__(self, in_channels: int, num_classes: int, *, channels: int, dropout: float,
                  rngs: nnx.Rngs):

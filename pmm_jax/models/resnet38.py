@@ -81,7 +81,8 @@ class FrozenBatchNorm(nnx.Module):
     """BatchNorm that always normalises with its running statistics (torch BN in ``eval()``).
 
     Same variable names as ``nnx.BatchNorm`` (``scale``, ``bias``: Param; ``mean``, ``var``:
-    BatchStat) so checkpoints and converters treat both alike.
+    BatchStat) so checkpoints and converters treat both alike. ``dtype`` (as flax's, set by
+    ``pmm_jax.precision``) is the dtype of the output; the affine map is computed in float32.
     """
 
     def __init__(self, num_features: int, *, epsilon: float = BN_EPSILON):
@@ -90,10 +91,12 @@ class FrozenBatchNorm(nnx.Module):
         self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
         self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
         self.epsilon = epsilon
+        self.dtype = None  # None: the promoted dtype of input and statistics
 
     def __call__(self, x: jax.Array) -> jax.Array:
         mul = self.scale[...] * jax.lax.rsqrt(self.var[...] + self.epsilon)
-        return x * mul + (self.bias[...] - self.mean[...] * mul)
+        y = x * mul + (self.bias[...] - self.mean[...] * mul)
+        return y if self.dtype is None else y.astype(self.dtype)
 
 
 def batch_norm(channels: int, *, frozen: bool, rngs: nnx.Rngs) -> nnx.Module:

@@ -18,13 +18,14 @@ import logging
 import os
 import time
 import uuid
-from typing import Callable, Mapping
-
-import ml_collections
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from pmm_jax import distributed, io
 from pmm_jax.stages import record
 from pmm_jax.workdir import Workdir
+
+if TYPE_CHECKING:  # ml_collections is not needed to import a stage (the benchmarks do)
+    import ml_collections
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pmm_jax import models, seam, trainer, visualize
+from pmm_jax import models, precision, seam, trainer, visualize
 from pmm_jax.data import pipeline
 from pmm_jax.models.cam_classifier import multilabel_soft_margin_loss
 from pmm_jax.stages import common
@@ -33,7 +33,8 @@ def method(config) -> str:
 
 
 def build_model(config, seed: int = 0) -> nnx.Module:
-    """The configured CAM classifier (``CAMClassifier`` or ``seam.SEAM``), randomly initialised."""
+    """The configured CAM classifier (``CAMClassifier`` or ``seam.SEAM``), randomly initialised,
+    computing in ``config.compute_dtype``."""
     rngs = models.init_rngs(seed)
     if method(config) == "seam":
         options = {k: v for k, v in config.cls.model.items() if k not in ("backbone", "init_from")}
@@ -48,7 +49,7 @@ def build_model(config, seed: int = 0) -> nnx.Module:
     if config.cls.model.get("init_from"):
         models.load_pretrained(model.backbone, config.cls.model.init_from,
                                arch=config.cls.model.backbone.name)
-    return model
+    return precision.set_compute_dtype(model, precision.config_dtype(config))
 
 
 def rough_masks(config) -> str:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import jax
-import ml_collections
 import numpy as np
 
 from pmm_jax import distributed, evaluate, io
-from pmm_jax.data import pipeline, synthetic
 from pmm_jax.workdir import Workdir
+
+if TYPE_CHECKING:  # neither is needed to import a stage's train step (the benchmarks do)
+    import ml_collections
 
 # Images in the cam and pseudo stages' TensorBoard picture summaries.
 NUM_SUMMARY_IMAGES = 4
@@ -26,6 +27,8 @@ def data_dir(config: ml_collections.ConfigDict, wd: Workdir) -> str:
     """The tensorflow-datasets data_dir of this run, with the dataset prepared if synthetic."""
     path = wd.data_dir(config.data.data_dir)
     if config.data.name.startswith("synthetic_wsss"):
+        from pmm_jax.data import synthetic  # TensorFlow: imported where data is read
+
         synthetic.prepare(config.data.name, path)
     return path
 
@@ -45,6 +48,8 @@ def local_batch_size(global_batch: int, key: str) -> int:
 
 def split_dataset(config, wd: Workdir, split: str, *, all_processes: bool = False):
     """The tf.data dataset of ``split``: this process's shard, or every example."""
+    from pmm_jax.data import pipeline  # TensorFlow: imported where data is read
+
     kwargs = dict(process_index=0, process_count=1) if all_processes else {}
     return pipeline.load_split(config.data.name, split_name(config, split), data_dir(config, wd),
                                **kwargs)
@@ -52,6 +57,8 @@ def split_dataset(config, wd: Workdir, split: str, *, all_processes: bool = Fals
 
 def eval_batches(config, wd: Workdir, split: str, batch_size: int, key: str):
     """Padded eval batches of this process's shard of ``split`` (``config.data.eval_pad_to``)."""
+    from pmm_jax.data import pipeline  # TensorFlow: imported where data is read
+
     pad_to = tuple(config.data.eval_pad_to) if config.data.eval_pad_to else None
     return pipeline.eval_batches(split_dataset(config, wd, split),
                                  batch_size=local_batch_size(batch_size, key), pad_to=pad_to)
@@ -59,6 +66,8 @@ def eval_batches(config, wd: Workdir, split: str, batch_size: int, key: str):
 
 def num_eval_batches(config, wd: Workdir, split: str, batch_size: int, key: str) -> int:
     """How many batches :func:`eval_batches` yields on every process (for progress bars)."""
+    from pmm_jax.data import pipeline  # TensorFlow: imported where data is read
+
     rows = pipeline.rows_per_process(config.data.name, split_name(config, split),
                                      data_dir(config, wd))
     return -(-rows // local_batch_size(batch_size, key))
@@ -70,6 +79,8 @@ def train_batches(config, ds, section, key: str, start_step: int):
     The shuffle seed moves with ``start_step`` so a resumed run does not replay the batches
     it already trained on.
     """
+    from pmm_jax.data import pipeline  # TensorFlow: imported where data is read
+
     return pipeline.train_batches(
         ds, batch_size=local_batch_size(section.batch_size, key), crop_size=section.crop_size,
         seed=config.seed + start_step, num_classes_fg=num_foreground(config),

@@ -13,11 +13,12 @@ import fnmatch
 import json
 import os
 import shutil
-from typing import Any, Mapping, Sequence
-
-import ml_collections
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from pmm_jax.workdir import Workdir
+
+if TYPE_CHECKING:  # ml_collections is not needed to import a stage (the benchmarks do)
+    import ml_collections
 
 # The first stage whose results a config key (a dotted prefix; the longest match wins)
 # affects; a key not listed affects every stage (seed, data.*, cls.*, and any new key).

@@ -19,9 +19,8 @@ import tqdm
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from pmm_jax import (distributed, evaluate, io, models, pmm, segment_inference, trainer,
-                     visualize)
-from pmm_jax.data import pipeline
+from pmm_jax import (distributed, evaluate, io, models, pmm, precision, segment_inference,
+                     trainer, visualize)
 from pmm_jax.models.pspnet import upsample_logits
 from pmm_jax.stages import common
 from pmm_jax.workdir import Workdir
@@ -30,13 +29,13 @@ from pmm_jax.workdir import Workdir
 def build_model(config, seed: int = 0) -> nnx.Module:
     """The configured segmenter, randomly initialised (every run starts from these weights),
     its backbone loaded from ``config.seg.model.init_from`` (a ``pmm_jax.convert``
-    checkpoint, e.g. ImageNet weights) when set."""
+    checkpoint, e.g. ImageNet weights) when set; it computes in ``config.compute_dtype``."""
     model = models.build_segmenter(config.seg.model, config.data.num_classes,
                                    models.init_rngs(seed))
     if config.seg.model.get("init_from"):
         models.load_pretrained(model.backbone, config.seg.model.init_from,
                                arch=config.seg.model.backbone.name)
-    return model
+    return precision.set_compute_dtype(model, precision.config_dtype(config))
 
 
 def loss_fn(model, batch, rngs, *, mode: str, beta: float, kappa: float, reduction: str,
@@ -82,6 +81,8 @@ def mmseg_batches(config, ds, start_step: int):
     """``config.seg.augment == "mmseg"``: mmseg's VOC/COCO augmentation (rescale around
     ``seg.img_scale`` by ``seg.scale_range``, crop with ``seg.cat_max_ratio``, flip,
     photometric distortion); the seed moves with ``start_step`` as in ``common.train_batches``."""
+    from pmm_jax.data import pipeline  # TensorFlow: imported where data is read
+
     cfg = config.seg
     return pipeline.mmseg_train_batches(
         ds, batch_size=common.local_batch_size(cfg.batch_size, "config.seg.batch_size"),
@@ -126,6 +127,8 @@ def make_optimizer(config, model: nnx.Module):
 
 def train_segmenter(config, wd: Workdir, run: str, mask_dir: str, loss: str) -> None:
     """Trains (or resumes) segmenter ``run`` on the masks in ``mask_dir``."""
+    from pmm_jax.data import pipeline  # TensorFlow: imported where data is read
+
     cfg = config.seg
     ckpt_dir = wd.ckpt_dir(f"seg/{run}")
     start = trainer.latest_step(ckpt_dir) or 0

@@ -1,0 +1,53 @@
+"""bench/segmenter_step.py (and bench/classifier_step.py) on a GPU machine's install.
+
+* The benchmark's stand-in for the config (``VOC_SEG``) holds configs/voc.py's seg settings.
+* With clu, TensorFlow, tensorflow-datasets, ml_collections and pydensecrf unimportable
+  (a ``sitecustomize`` puts ``None`` in ``sys.modules`` for each, as on a machine that has only
+  jax/flax/optax/orbax/numpy/torch), both benchmarks and their PyTorch modules import, and
+  each builds and lowers its bfloat16 JAX step (the seg stage's step; the SEAM step). (A
+  whole tiny run, compiled, was checked by hand the same way: too slow for the suite.)
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BLOCKED = ("clu", "tensorflow", "tensorflow_datasets", "ml_collections", "pydensecrf")
+sys.path.insert(0, str(ROOT))  # bench/ is not installed
+from bench import segmenter_step  # noqa: E402
+
+
+def test_bench_seg_settings_are_the_voc_config():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("voc_config", ROOT / "configs" / "voc.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    seg = module.get_config().seg
+    expected = {k: seg[k] for k in ("lr", "min_lr", "momentum", "weight_decay", "num_steps",
+                                    "aux_weight")}
+    expected.update(bins=tuple(seg.model.bins), dropout=seg.model.dropout)
+    assert segmenter_step.VOC_SEG == expected
+
+
+def test_benches_run_without_tensorflow_clu_ml_collections_pydensecrf(tmp_path):
+    pytest.importorskip("torch")
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in BLOCKED))
+    script = """
+from bench import classifier_step, classifier_torch, segmenter_step, segmenter_torch
+micro = ["--crop=32", "--batch=4", "--num_classes=3", "--dtype=bfloat16", "--width_div=32",
+         "--blocks=1,1,1,1"]
+for module, args in ((segmenter_step, micro), (classifier_step, ["--method=seam", *micro])):
+    step, state, batch = module.build_jax(module.parse_args(args))
+    assert "bf16" in step.lower(state, batch).as_text()
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]),
+               JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
