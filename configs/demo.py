@@ -95,7 +95,10 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     c.seg = ml_collections.ConfigDict(dict(
         model=ml_collections.ConfigDict(dict(
             backbone=backbone, bins=(1, 2, 3, 6), channels=16 if tiny else 64,
-            dropout=0.1, aux_channels=8 if tiny else 32)),
+            dropout=0.1, aux_channels=8 if tiny else 32,
+            # Start from the cls stage's backbone (same config), as WSSS segmenters start from
+            # a pretrained one; the demo has no ImageNet weights.
+            init_from_cls=True)),
         aux_weight=0.4,
         runs=("ce", "pus"),
         pus=ml_collections.ConfigDict(dict(mode="clamp", beta=0.5, kappa=0.5, reduction="all")),

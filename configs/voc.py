@@ -98,6 +98,9 @@ def get_config() -> ml_collections.ConfigDict:
             backbone=ml_collections.ConfigDict(dict(name="res2net101", frozen_stages=-1)),
             # ImageNet weights: `python -m pmm_jax.convert --arch=res2net101 ... --out=DIR`
             init_from="",
+            # True: start the backbone from the cls stage's classifier (same backbone config
+            # only); the demo's stand-in for ImageNet weights.
+            init_from_cls=False,
             bins=(1, 2, 3, 6), channels=512, dropout=0.1, aux_channels=256)),
         aux_weight=0.4,
         runs=("pus",),
