@@ -131,6 +131,9 @@ def get_sweep(name: str) -> list[dict]:
         "alpha": [{"pseudo.alpha": a} for a in (8.0, 11.0)],
         "cvs_s": [{"pseudo.s": s} for s in (0.0, 0.3, 0.6)],
         "pus": [{"seg.pus.beta": b, "seg.pus.kappa": b} for b in (0.3, 0.5, 0.8)],
+        # Seed-to-seed spread: the seed sets the classifier's and segmenters' initialisation,
+        # dropout and the training data order and augmentation (the dataset itself is fixed).
+        "seed": [{"seed": s} for s in (0, 1, 2)],
     }
     if name not in sweeps:
         raise ValueError(f"configs/demo.py: unknown sweep {name!r}; known: {sorted(sweeps)}")
