@@ -3,8 +3,8 @@
 One segmenter per entry of ``config.seg.runs``: ``ce`` (plain cross-entropy, the control)
 and ``pus`` (the Pretended Under-fitting Strategy loss of ``config.seg.pus``). Both start
 from the same initial weights (``initial_model``: seeded, the backbone from ``init_from`` or,
-with ``config.seg.model.init_from_cls``, from the cls stage's classifier). ``train_segmenter`` and ``predict_split`` are shared with the
-``cycle`` and ``eval`` stages.
+with ``config.seg.model.init_from_cls``, from the cls stage's classifier).
+``train_segmenter`` and ``predict_split`` are shared with the ``cycle`` and ``eval`` stages.
 """
 
 from __future__ import annotations
