@@ -97,7 +97,10 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     c.seg = ml_collections.ConfigDict(dict(
         model=ml_collections.ConfigDict(dict(
             backbone=backbone, bins=(1, 2, 3, 6), channels=16 if tiny else 64,
-            dropout=0.1, aux_channels=8 if tiny else 32)),
+            dropout=0.1, aux_channels=8 if tiny else 32,
+            # Start from the cls stage's backbone (same config), as WSSS segmenters start from
+            # a pretrained one; the demo has no ImageNet weights.
+            init_from_cls=True)),
         aux_weight=0.4,
         runs=("ce", "pus"),
         pus=ml_collections.ConfigDict(dict(mode="clamp", beta=0.5, kappa=0.5, reduction="all")),
@@ -130,6 +133,9 @@ def get_sweep(name: str) -> list[dict]:
         "alpha": [{"pseudo.alpha": a} for a in (8.0, 11.0)],
         "cvs_s": [{"pseudo.s": s} for s in (0.0, 0.3, 0.6)],
         "pus": [{"seg.pus.beta": b, "seg.pus.kappa": b} for b in (0.3, 0.5, 0.8)],
+        # Seed-to-seed spread: the seed sets the classifier's and segmenters' initialisation,
+        # dropout and the training data order and augmentation (the dataset itself is fixed).
+        "seed": [{"seed": s} for s in (0, 1, 2)],
     }
     if name not in sweeps:
         raise ValueError(f"configs/demo.py: unknown sweep {name!r}; known: {sorted(sweeps)}")

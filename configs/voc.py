@@ -109,6 +109,9 @@ def get_config() -> ml_collections.ConfigDict:
             # --arch=res2net101 --src=res2net101_v1b_26w_4s-0812c246.pth --out=DIR`, then
             # --config.seg.model.init_from=DIR (resnet101: resnet101_v1c-e67eebb6.pth)
             init_from="",
+            # True: start the backbone from the cls stage's classifier (same backbone config
+            # only); the demo's stand-in for ImageNet weights.
+            init_from_cls=False,
             bins=(1, 2, 3, 6), channels=512, dropout=0.1, aux_channels=256)),
         aux_weight=0.4,
         runs=("pus",),

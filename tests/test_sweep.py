@@ -124,7 +124,8 @@ def test_every_sweep_overrides_existing_config_keys(config_file):
     spec.loader.exec_module(module)
     config = module.get_config()
     config.lock()
-    names = {"demo.py": ("alpha", "cvs_s", "pus"), "voc.py": ("alpha", "cvs_s", "pus_mode", "pus"),
+    names = {"demo.py": ("alpha", "cvs_s", "pus", "seed"),
+             "voc.py": ("alpha", "cvs_s", "pus_mode", "pus"),
              "coco.py": ("alpha", "cvs_s", "pus_mode", "pus")}[config_file]
     for name in names:
         runs = sweep.load_sweep(str(path), name)

@@ -33,7 +33,7 @@ from flax import nnx
 
 from pmm_jax.models.cam_classifier import CAMClassifier, multilabel_soft_margin_loss
 from pmm_jax.models.pspnet import PSPNet, adaptive_avg_pool, resize_bilinear, upsample_logits
-from pmm_jax.models.pretrained import count_params, load_pretrained
+from pmm_jax.models.pretrained import copy_weights, count_params, load_pretrained
 from pmm_jax.models.res2net import Res2Net, res2net101
 from pmm_jax.models.resnet import ResNet
 from pmm_jax.models.resnet_v1c import ResNetV1c, resnet50, resnet101
@@ -55,6 +55,7 @@ __all__ = [
     "build_backbone",
     "build_classifier",
     "build_segmenter",
+    "copy_weights",
     "count_params",
     "load_pretrained",
     "multilabel_soft_margin_loss",
@@ -82,8 +83,9 @@ TINY_RESNET = dict(
 
 _CLASSIFIER_OPTIONS = ("dropout",)
 # Options any model config may carry that are not constructor arguments: ``init_from``, a
-# pretrained backbone checkpoint (pmm_jax.convert) the stage loads after building the model.
-_LOAD_OPTIONS = ("init_from",)
+# pretrained backbone checkpoint (pmm_jax.convert) the stage loads after building the model;
+# ``init_from_cls`` (segmenters), start the backbone from the ``cls`` stage's classifier.
+_LOAD_OPTIONS = ("init_from", "init_from_cls")
 _SEGMENTER_OPTIONS = ("bins", "channels", "dropout", "aux_channels")
 
 # Segmenter backbone settings of WSSS_MMSeg (mmseg/models/backbones/{resnet38d,scalenet}.py and

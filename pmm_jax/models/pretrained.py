@@ -73,6 +73,23 @@ def load_pretrained(module: nnx.Module, directory: str, *, arch: str | None = No
     return module
 
 
+def copy_weights(source: nnx.Module, target: nnx.Module, *, what: str, hint: str = ""
+                 ) -> nnx.Module:
+    """Copies every parameter and BN statistic of ``source`` into ``target`` (in place).
+
+    For a backbone trained in one model that starts another (the ``cls`` stage's classifier
+    backbone into the segmenter's). Both must have the same entries with the same shapes;
+    otherwise ValueError (``check_same_layout``, naming ``what`` and ``hint``) and nothing is
+    copied.
+    """
+    src, dst = flat_weights(source), flat_weights(target)
+    check_same_layout({k: v.shape for k, v in dst.items()}, {k: v.shape for k, v in src.items()},
+                      what=what, hint=hint)
+    for key, var in dst.items():
+        var.set_value(jnp.asarray(src[key].get_value(), var.dtype))
+    return target
+
+
 def check_same_layout(expected: Mapping[str, tuple], found: Mapping[str, tuple], *, what: str,
                       hint: str = "", allow_unexpected: bool = False) -> None:
     """ValueError listing missing keys, unexpected keys and shape mismatches, if any.

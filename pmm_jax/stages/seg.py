@@ -2,8 +2,9 @@
 
 One segmenter per entry of ``config.seg.runs``: ``ce`` (plain cross-entropy, the control)
 and ``pus`` (the Pretended Under-fitting Strategy loss of ``config.seg.pus``). Both start
-from the same initial weights. ``train_segmenter`` and ``predict_split`` are shared with the
-``cycle`` and ``eval`` stages.
+from the same initial weights (``initial_model``: seeded, the backbone from ``init_from`` or,
+with ``config.seg.model.init_from_cls``, from the cls stage's classifier).
+``train_segmenter`` and ``predict_split`` are shared with the ``cycle`` and ``eval`` stages.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from jax.experimental import multihost_utils
 from pmm_jax import (distributed, evaluate, io, models, pmm, precision, segment_inference,
                      trainer, visualize)
 from pmm_jax.models.pspnet import upsample_logits
-from pmm_jax.stages import common
+from pmm_jax.stages import cls, common
 from pmm_jax.workdir import Workdir
 
 
@@ -36,6 +37,36 @@ def build_model(config, seed: int = 0) -> nnx.Module:
         models.load_pretrained(model.backbone, config.seg.model.init_from,
                                arch=config.seg.model.backbone.name)
     return precision.set_compute_dtype(model, precision.config_dtype(config))
+
+
+def initial_model(config, wd: Workdir) -> nnx.Module:
+    """The segmenter a training run starts from: ``build_model(config, config.seed)``, its
+    backbone then overwritten with the ``cls`` stage's trained classifier backbone (every
+    parameter and BN statistic) when ``config.seg.model.init_from_cls`` is set."""
+    if config.seg.model.get("init_from_cls") and config.seg.model.get("init_from"):
+        raise ValueError("config.seg.model.init_from and config.seg.model.init_from_cls are both "
+                         "set; choose one starting point for the segmenter backbone")
+    model = build_model(config, config.seed)
+    if config.seg.model.get("init_from_cls"):
+        load_cls_backbone(config, wd, model)
+    return model
+
+
+def load_cls_backbone(config, wd: Workdir, model: nnx.Module) -> nnx.Module:
+    """Copies the backbone of the ``cls`` checkpoint in ``wd`` into ``model.backbone``.
+
+    The stand-in for an ImageNet backbone where there is none (the synthetic demo): the
+    classifier saw the same images. ValueError when the two backbones differ (the error lists
+    the mismatched weights); FileNotFoundError when stage cls has not run.
+    """
+    ckpt_dir = wd.ckpt_dir("cls")
+    classifier = trainer.restore_model(
+        cls.build_model(config), ckpt_dir,
+        hint="config.seg.model.init_from_cls needs the classifier: run stage 'cls' first")
+    return models.copy_weights(
+        classifier.backbone, model.backbone, what=f"the cls backbone in {ckpt_dir}",
+        hint="config.seg.model.init_from_cls needs config.seg.model.backbone to build the same "
+             "network as config.cls.model.backbone (set init_from_cls=False otherwise)")
 
 
 def loss_fn(model, batch, rngs, *, mode: str, beta: float, kappa: float, reduction: str,
@@ -138,7 +169,7 @@ def train_segmenter(config, wd: Workdir, run: str, mask_dir: str, loss: str) -> 
         num_classes=config.data.num_classes)
     batches = (mmseg_batches(config, ds, start) if cfg.get("augment") == "mmseg"
                else common.train_batches(config, ds, cfg, "config.seg.batch_size", start))
-    model = build_model(config, config.seed)
+    model = initial_model(config, wd)
     tx, schedule = make_optimizer(config, model)
     eval_every = cfg.get("eval_every", 0)
     trainer.train(model, run_loss(config, loss), batches, tx,

@@ -1,0 +1,76 @@
+"""The seg stage's starting point: ``config.seg.model.init_from_cls`` copies the cls stage's
+trained classifier backbone (parameters and BN statistics) into the segmenter."""
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from pmm_jax import trainer
+from pmm_jax.models.pretrained import flat_weights
+from pmm_jax.stages import cls, seg
+from pmm_jax.workdir import Workdir
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config():
+    """``configs/demo.py:tiny`` (init_from_cls on), loaded by path."""
+    spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config("tiny")
+
+
+def save_trained_classifier(config, wd: Workdir) -> nnx.Module:
+    """A stand-in for stage cls's checkpoint: a classifier whose backbone weights and BN
+    statistics differ from any fresh initialisation (seed 5, then shifted)."""
+    classifier = cls.build_model(config, seed=5)
+    for i, var in enumerate(flat_weights(classifier.backbone).values()):
+        var.set_value(var.get_value() + 0.01 * (i + 1))
+    trainer.save_model(classifier, wd.ckpt_dir("cls"), step=12)
+    return classifier
+
+
+def backbone_arrays(module) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v.get_value()) for k, v in flat_weights(module.backbone).items()}
+
+
+def test_init_from_cls_starts_the_segmenter_backbone_from_the_cls_checkpoint(tmp_path):
+    config = tiny_config()
+    assert config.seg.model.init_from_cls
+    wd = Workdir(str(tmp_path))
+    expected = backbone_arrays(save_trained_classifier(config, wd))
+    model = seg.initial_model(config, wd)
+    got = backbone_arrays(model)
+    assert set(got) == set(expected) and "stem.bn.mean" in got
+    for key, value in expected.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+    # The heads keep the seeded initialisation of a segmenter built without the copy.
+    fresh = seg.build_model(config, config.seed)
+    np.testing.assert_array_equal(np.asarray(model.decode_head.classifier.kernel.get_value()),
+                                  np.asarray(fresh.decode_head.classifier.kernel.get_value()))
+    with config.unlocked():
+        config.seg.model.init_from_cls = False
+    assert not np.array_equal(backbone_arrays(seg.initial_model(config, wd))["stem.conv.kernel"],
+                              expected["stem.conv.kernel"])
+
+
+def test_init_from_cls_refuses_a_different_backbone_and_a_missing_checkpoint(tmp_path):
+    config = tiny_config()
+    wd = Workdir(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="run stage 'cls' first"):
+        seg.initial_model(config, wd)
+    save_trained_classifier(config, wd)
+    with config.unlocked():
+        config.seg.model.backbone = dict(config.seg.model.backbone.to_dict(),
+                                         widths=(8, 16, 16, 64))
+    with pytest.raises(ValueError, match=r"config\.seg\.model\.backbone(.|\n)*shape mismatch"):
+        seg.initial_model(config, wd)
+    with config.unlocked():
+        config.seg.model.backbone = config.cls.model.backbone
+        config.seg.model.init_from = "/some/imagenet/ckpt"
+    with pytest.raises(ValueError, match="init_from and config.seg.model.init_from_cls"):
+        seg.initial_model(config, wd)
