@@ -112,6 +112,8 @@ def test_paper_configs_refuse_random_init_naming_the_keys(name):
     config.stages = "cls,seg"
     config.cls.model.init_from, config.seg.model.init_from = "/w/resnet38", "/w/res2net101"
     main.check_config(config)
+    config.seg.model.init_from, config.seg.model.init_from_cls = "", True  # cls's backbone
+    main.check_config(config)
     config.cls.model.init_from, config.allow_random_init = "", True
     main.check_config(config)
     for args in ((), ("tiny",)):
