@@ -3,6 +3,12 @@
     python -m pmm_jax.data.prepare --dataset=voc --manual_dir=~/downloads/voc --data_dir=~/tfds
     python -m pmm_jax.main --config=configs/voc.py --workdir=WORKDIR --config.data.data_dir=~/tfds
 
+``get_config("rehearsal")`` (``--config=configs/voc.py:rehearsal``) is the same recipe with
+every size shrunk (networks, steps, batches, crops, scale lists) so that all stages run in
+minutes on a CPU, from random weights: a rehearsal of the commands, not of the figures
+(docs/rehearsal.md). Every backbone size key is in the config, so a single size can also be
+changed on the command line (``--config.cls.model.backbone.width_div=16``).
+
 Values follow ../shared/pmm-reference.md (the official code's settings). Batch sizes are
 global (split over processes and devices).
 """
@@ -13,10 +19,15 @@ import ml_collections
 MULTICROP_SCALES = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0)
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
+    """The paper's VOC config; ``variant="rehearsal"`` shrinks its sizes (``rehearsal``)."""
+    if variant not in ("paper", "rehearsal"):
+        raise ValueError(f"configs/voc.py: unknown variant {variant!r}; use 'paper' or 'rehearsal'")
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.stages = "cls,cam,pseudo,seg,cycle,eval"
+    # Training without ImageNet weights (cls/seg model.init_from "") is refused unless True.
+    c.allow_random_init = False
 
     c.data = ml_collections.ConfigDict(dict(
         name="voc2012_wsss",
@@ -40,7 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.cls = ml_collections.ConfigDict(dict(
         method="seam",
         model=ml_collections.ConfigDict(dict(
-            backbone=ml_collections.ConfigDict(dict(name="resnet38")), dropout=0.5,
+            # Size keys at the official network's values (width_div divides every channel).
+            backbone=ml_collections.ConfigDict(dict(
+                name="resnet38", width_div=1, blocks=(3, 3, 6, 3))), dropout=0.5,
             init_from="")),
         official_momentum=False,
         batch_size=16,
@@ -95,7 +108,9 @@ def get_config() -> ml_collections.ConfigDict:
             # update and eval-mode BN). WSSS_MMSeg trains every stage of Res2Net, ScaleNet101 and
             # ResNet38 (-1); its ResNetV1c base config (configs/_base_/models/pspnet_r50-d8.py)
             # has frozen_stages=1: set 1 with name="resnet101".
-            backbone=ml_collections.ConfigDict(dict(name="res2net101", frozen_stages=-1)),
+            # Size keys at the official values; Res2Net101 and ResNetV1c-101 share them.
+            backbone=ml_collections.ConfigDict(dict(
+                name="res2net101", frozen_stages=-1, width_div=1, blocks=(3, 4, 23, 3))),
             # ImageNet weights: `python -m pmm_jax.convert --arch=res2net101 ... --out=DIR`
             init_from="",
             bins=(1, 2, 3, 6), channels=512, dropout=0.1, aux_channels=256)),
@@ -127,6 +142,31 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict(dict(
         rule="mmseg", batch_size=8, sliding_window=(512, 480),
         scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), flip=True, crf=True, crf_workers=0))
+    return rehearsal(c) if variant == "rehearsal" else c
+
+
+def rehearsal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks the sizes of paper config ``c`` (VOC's or COCO's) in place and returns it.
+
+    Kept: every stage, SEAM on ResNet38-d, multi-crop CAMs (tiles of 448 with stride 300,
+    flipped), all four pseudo-mask variants with per-class CRF, PSPNet on Res2Net101 with
+    mmseg augmentation and PUS, the cyclic round(s) of ``c``, and the test-time pipeline
+    (sliding window 512/480, several scales, flip, dense CRF) with its best-val checkpoint.
+    Shrunk: backbone widths (/32 ResNet38-d, /16 Res2Net) and depths (one block per stage),
+    head widths, steps, batches, training crops, and the scale lists (two multi-crop CAM
+    scales instead of ten, two test-time scales instead of six). From random weights
+    (``allow_random_init``): its mIoUs are near chance.
+    """
+    c.allow_random_init = True
+    c.cls.model.backbone.update(dict(width_div=32, blocks=(1, 1, 1, 1)))
+    c.cls.update(dict(batch_size=4, crop_size=96, num_steps=4, log_every=2, ckpt_every=4))
+    c.cam.update(dict(batch_size=4, scales=(0.5, 1.0)))
+    c.cam.multicrop.update(dict(scales=(0.75, 1.25), tile_batch=8))
+    c.seg.model.backbone.update(dict(width_div=16, blocks=(1, 1, 1, 1)))
+    c.seg.model.update(dict(channels=32, aux_channels=16))
+    c.seg.update(dict(batch_size=4, crop_size=128, num_steps=4, log_every=2, ckpt_every=4,
+                      eval_every=4))
+    c.eval.update(dict(batch_size=4, scales=(0.75, 1.25)))
     return c
 
 

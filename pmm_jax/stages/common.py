@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable, Iterable, Iterator
 
@@ -12,6 +13,8 @@ import numpy as np
 from pmm_jax import distributed, evaluate, io
 from pmm_jax.data import pipeline, synthetic
 from pmm_jax.workdir import Workdir
+
+log = logging.getLogger(__name__)
 
 # Images in the cam and pseudo stages' TensorBoard picture summaries.
 NUM_SUMMARY_IMAGES = 4
@@ -125,3 +128,12 @@ def class_names(config) -> tuple[str, ...]:
 def mask_reader(directory: str) -> Callable[[str], np.ndarray]:
     """``id -> mask`` reading ``directory/<id>.png``."""
     return lambda image_id: io.read_mask(os.path.join(directory, f"{image_id}.png"))
+
+
+def warn_random_init(config, model: str) -> None:
+    """Warns, when ``config.allow_random_init`` is set (rehearsals), that ``config.<model>``
+    trains without ImageNet weights (``model.init_from`` empty): its figures are near chance."""
+    if config.get("allow_random_init") and not config[model].model.get("init_from"):
+        log.warning("%s: no ImageNet weights loaded (config.%s.model.init_from is empty; "
+                    "allow_random_init=True): training from random initialisation, so the "
+                    "mIoUs of this run are not the paper's", model, model)
