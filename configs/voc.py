@@ -159,13 +159,13 @@ def rehearsal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """
     c.allow_random_init = True
     c.cls.model.backbone.update(dict(width_div=32, blocks=(1, 1, 1, 1)))
-    c.cls.update(dict(batch_size=4, crop_size=96, num_steps=4, log_every=2, ckpt_every=4))
+    c.cls.update(dict(batch_size=4, crop_size=96, num_steps=2, log_every=1, ckpt_every=2))
     c.cam.update(dict(batch_size=4, scales=(0.5, 1.0)))
     c.cam.multicrop.update(dict(scales=(0.75, 1.25), tile_batch=8))
     c.seg.model.backbone.update(dict(width_div=16, blocks=(1, 1, 1, 1)))
     c.seg.model.update(dict(channels=32, aux_channels=16))
-    c.seg.update(dict(batch_size=4, crop_size=128, num_steps=4, log_every=2, ckpt_every=4,
-                      eval_every=4))
+    c.seg.update(dict(batch_size=4, crop_size=128, num_steps=2, log_every=1, ckpt_every=2,
+                      eval_every=2))
     c.eval.update(dict(batch_size=4, scales=(0.75, 1.25)))
     return c
 
