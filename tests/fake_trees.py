@@ -91,7 +91,8 @@ def draw_scene(height: int, width: int, classes, seed: int) -> tuple[np.ndarray,
     rng = np.random.default_rng(seed)
     ramp = np.linspace(0.0, 1.0, height)[:, None, None]
     top, bottom = rng.integers(40, 216, (2, 3))
-    image = Image.fromarray((top + ramp * (bottom - top) + np.zeros((1, width, 1))).astype(np.uint8))
+    background = top + ramp * (bottom - top) + np.zeros((1, width, 1))
+    image = Image.fromarray(background.astype(np.uint8))
     mask = Image.new("L", (width, height), 0)
     for cls in classes:
         w, h = rng.integers(width // 5, width // 2), rng.integers(height // 5, height // 2)
@@ -114,7 +115,7 @@ def void_borders(mask: np.ndarray, width: int = 2) -> np.ndarray:
     return np.where(band, 255, mask).astype(np.uint8)
 
 
-def sample_photos(samples_dir: pathlib.Path | None = SAMPLES) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def sample_photos(samples_dir=SAMPLES) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{VOC id: (image, mask)}`` of the real photographs in ``samples_dir`` ({} if absent)."""
     if samples_dir is None or not pathlib.Path(samples_dir).is_dir():
         return {}
@@ -138,7 +139,7 @@ VOC_REHEARSAL_SBD_TRAIN = (("2008_000010", (500, 375)), ("2008_000011", (500, 28
 VOC_REHEARSAL_SBD_VAL = (("2008_000012", (333, 500)), ("2007_000346", (375, 500)))
 
 
-def write_voc_rehearsal_tree(root: pathlib.Path, samples_dir=SAMPLES) -> dict[str, dict[str, tuple[int, int]]]:
+def write_voc_rehearsal_tree(root: pathlib.Path, samples_dir=SAMPLES) -> dict[str, dict]:
     """A VOCdevkit + SBD tree under ``root`` at real VOC sizes; returns ``{split: {id: (H, W)}}``
     for "train" (VOC), "train_aug" and "val"."""
     photos = sample_photos(samples_dir)
@@ -201,7 +202,7 @@ def _polygon(rng, height: int, width: int) -> list[float]:
     return [float(v) for a in angles for v in (cx + w / 2 * np.cos(a), cy + h / 2 * np.sin(a))]
 
 
-def write_coco_rehearsal_tree(root: pathlib.Path, samples_dir=SAMPLES) -> dict[str, dict[str, tuple[int, int]]]:
+def write_coco_rehearsal_tree(root: pathlib.Path, samples_dir=SAMPLES) -> dict[str, dict]:
     """A COCO 2014 tree under ``root`` (train2014/, val2014/, annotations/instances_*.json
     with all 80 categories); returns ``{split: {file id: (H, W)}}``."""
     from pmm_jax.constants import COCO_CATEGORIES
@@ -221,10 +222,11 @@ def write_coco_rehearsal_tree(root: pathlib.Path, samples_dir=SAMPLES) -> dict[s
         images, annotations = records[split]
         for k, category in enumerate(category_ids):
             polygon = _polygon(rng, height, width)
-            ImageDraw.Draw(image).polygon(polygon, fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
-            annotations.append({"id": number * 10 + k, "image_id": number, "category_id": category,
-                                "segmentation": [polygon], "iscrowd": 0, "area": 1.0,
-                                "bbox": [0, 0, 1, 1]})
+            colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+            ImageDraw.Draw(image).polygon(polygon, fill=colour)
+            annotations.append({"id": number * 10 + k, "image_id": number,
+                                "category_id": category, "segmentation": [polygon],
+                                "iscrowd": 0, "area": 1.0, "bbox": [0, 0, 1, 1]})
         if crowd:  # a crowd of the first category along the bottom edge
             annotations.append({"id": number * 10 + 9, "image_id": number,
                                 "category_id": category_ids[0], "iscrowd": 1, "area": 1.0,
@@ -233,7 +235,8 @@ def write_coco_rehearsal_tree(root: pathlib.Path, samples_dir=SAMPLES) -> dict[s
                                                              slice(height - height // 8, height),
                                                              slice(0, width // 2))})
         save_jpeg(root / f"{split}2014" / f"{name}.jpg", np.asarray(image), grey=grey)
-        images.append({"id": number, "file_name": f"{name}.jpg", "height": height, "width": width})
+        images.append({"id": number, "file_name": f"{name}.jpg", "height": height,
+                       "width": width})
         sizes[split][name] = (height, width)
     for split, (images, annotations) in records.items():
         (root / "annotations" / f"instances_{split}2014.json").write_text(json.dumps(
