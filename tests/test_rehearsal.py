@@ -94,7 +94,10 @@ def image_sizes(jpeg_dir: pathlib.Path) -> dict[str, tuple[int, int]]:
 
 
 def split_ids(data_dir: pathlib.Path, name: str, split: str) -> list[str]:
+    """The ids of a prepared split, sorted."""
     import tensorflow_datasets as tfds
+
+    from pmm_jax.data import coco, voc  # noqa: F401  (registers the builders)
     builder = tfds.builder(name, data_dir=str(data_dir))
     ds = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
     return sorted(ex["id"].decode() for ex in tfds.as_numpy(ds))
