@@ -45,7 +45,7 @@ def documented_commands(doc: pathlib.Path) -> list[list[str]]:
     return commands
 
 
-def run_in_home(home: pathlib.Path, command: str, timeout: int = 900) -> str:
+def run_in_home(home: pathlib.Path, command: str, timeout: int = 1800) -> str:
     """Runs ``command`` with bash in ``home`` (also $HOME) with this interpreter first on the
     PATH and the repo importable; returns its stderr. A failure shows the output."""
     env = dict(os.environ, HOME=str(home), PYTHONPATH=str(ROOT),
