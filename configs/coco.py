@@ -35,8 +35,13 @@ def get_sweep(name: str) -> list[dict]:
     return _voc().get_sweep(name)
 
 
-def get_config() -> ml_collections.ConfigDict:
-    c = _voc().get_config()
+def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
+    """The paper's COCO config; ``variant="rehearsal"`` (``--config=configs/coco.py:rehearsal``)
+    shrinks its sizes as configs/voc.py's ``rehearsal`` does (docs/rehearsal.md)."""
+    if variant not in ("paper", "rehearsal"):
+        raise ValueError(f"configs/coco.py: unknown variant {variant!r}; use 'paper' or 'rehearsal'")
+    voc = _voc()
+    c = voc.get_config()
     c.data.update(dict(name="coco2014_wsss/contiguous", class_names="coco", num_classes=81,
                        train_split="train", val_split="val", eval_pad_to=(640, 640)))
     # Multi-crop CAM inference as on VOC; the official COCO run trains its classifier without
@@ -47,4 +52,4 @@ def get_config() -> ml_collections.ConfigDict:
                       eval_every=4000))
     c.seg.pus.update(dict(beta=0.8, kappa=0.8))
     c.cycle.num_cycles = 0
-    return c
+    return voc.rehearsal(c) if variant == "rehearsal" else c

@@ -3,6 +3,12 @@
     python -m pmm_jax.data.prepare --dataset=voc --manual_dir=~/downloads/voc --data_dir=~/tfds
     python -m pmm_jax.main --config=configs/voc.py --workdir=WORKDIR --config.data.data_dir=~/tfds
 
+``get_config("rehearsal")`` (``--config=configs/voc.py:rehearsal``) is the same recipe with
+every size shrunk (networks, steps, batches, crops, scale lists) so that all stages run in
+minutes on a CPU, from random weights: a rehearsal of the commands, not of the figures
+(docs/rehearsal.md). Every backbone size key is in the config, so a single size can also be
+changed on the command line (``--config.cls.model.backbone.width_div=16``).
+
 Values follow ../shared/pmm-reference.md (the official code's settings). Batch sizes are
 global (split over processes and devices).
 """
@@ -13,7 +19,10 @@ import ml_collections
 MULTICROP_SCALES = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0)
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
+    """The paper's VOC config; ``variant="rehearsal"`` shrinks its sizes (``rehearsal``)."""
+    if variant not in ("paper", "rehearsal"):
+        raise ValueError(f"configs/voc.py: unknown variant {variant!r}; use 'paper' or 'rehearsal'")
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.stages = "cls,cam,pseudo,seg,cycle,eval"
@@ -49,7 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.cls = ml_collections.ConfigDict(dict(
         method="seam",
         model=ml_collections.ConfigDict(dict(
-            backbone=ml_collections.ConfigDict(dict(name="resnet38")), dropout=0.5,
+            # Size keys at the official network's values (width_div divides every channel).
+            backbone=ml_collections.ConfigDict(dict(
+                name="resnet38", width_div=1, blocks=(3, 3, 6, 3))), dropout=0.5,
             init_from="")),
         official_momentum=False,
         batch_size=16,
@@ -64,8 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
         # PMM's multi-crop training (docs/multicrop.md): a tile (crop 448, stride 300) at a random
         # scale of 0.75..3.0, labelled by the 10% rule from rough masks of a first model. Off
         # while rough_masks is "" (the first model: random-scale crops); then
-        # `python -m pmm_jax.rough_masks --config=configs/voc.py --workdir=FIRST_RUN` and
-        # --config.cls.multicrop.rough_masks=FIRST_RUN/rough_masks/train.
+        # `python -m pmm_jax.rough_masks --config=configs/voc.py --workdir=FIRST_RUN
+        # --config.data.data_dir=~/tfds` and --config.cls.multicrop.rough_masks=FIRST_RUN/rough_masks/train.
         multicrop=ml_collections.ConfigDict(dict(
             rough_masks="", scales=MULTICROP_SCALES, crop=448, stride=300)),
     ))
@@ -104,7 +115,9 @@ def get_config() -> ml_collections.ConfigDict:
             # update and eval-mode BN). WSSS_MMSeg trains every stage of Res2Net, ScaleNet101 and
             # ResNet38 (-1); its ResNetV1c base config (configs/_base_/models/pspnet_r50-d8.py)
             # has frozen_stages=1: set 1 with name="resnet101".
-            backbone=ml_collections.ConfigDict(dict(name="res2net101", frozen_stages=-1)),
+            # Size keys at the official values; Res2Net101 and ResNetV1c-101 share them.
+            backbone=ml_collections.ConfigDict(dict(
+                name="res2net101", frozen_stages=-1, width_div=1, blocks=(3, 4, 23, 3))),
             # ImageNet weights (README.md, "ImageNet weights"): `python -m pmm_jax.convert
             # --arch=res2net101 --src=res2net101_v1b_26w_4s-0812c246.pth --out=DIR`, then
             # --config.seg.model.init_from=DIR (resnet101: resnet101_v1c-e67eebb6.pth)
@@ -141,6 +154,31 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict(dict(
         rule="mmseg", batch_size=8, sliding_window=(512, 480),
         scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), flip=True, crf=True, crf_workers=0))
+    return rehearsal(c) if variant == "rehearsal" else c
+
+
+def rehearsal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks the sizes of paper config ``c`` (VOC's or COCO's) in place and returns it.
+
+    Kept: every stage, SEAM on ResNet38-d, multi-crop CAMs (tiles of 448 with stride 300,
+    flipped), all four pseudo-mask variants with per-class CRF, PSPNet on Res2Net101 with
+    mmseg augmentation and PUS, the cyclic round(s) of ``c``, and the test-time pipeline
+    (sliding window 512/480, several scales, flip, dense CRF) with its best-val checkpoint.
+    Shrunk: backbone widths (/32 ResNet38-d, /16 Res2Net) and depths (one block per stage),
+    head widths, steps, batches, training crops, and the scale lists (two multi-crop CAM
+    scales instead of ten, two test-time scales instead of six). From random weights
+    (``allow_random_init``): its mIoUs are near chance.
+    """
+    c.allow_random_init = True
+    c.cls.model.backbone.update(dict(width_div=32, blocks=(1, 1, 1, 1)))
+    c.cls.update(dict(batch_size=4, crop_size=96, num_steps=2, log_every=1, ckpt_every=2))
+    c.cam.update(dict(batch_size=4, scales=(0.5, 1.0)))
+    c.cam.multicrop.update(dict(scales=(0.75, 1.25), tile_batch=8))
+    c.seg.model.backbone.update(dict(width_div=16, blocks=(1, 1, 1, 1)))
+    c.seg.model.update(dict(channels=32, aux_channels=16))
+    c.seg.update(dict(batch_size=4, crop_size=128, num_steps=2, log_every=1, ckpt_every=2,
+                      eval_every=2))
+    c.eval.update(dict(batch_size=4, scales=(0.75, 1.25)))
     return c
 
 

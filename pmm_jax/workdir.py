@@ -21,8 +21,9 @@ class Workdir:
     root: str
 
     def data_dir(self, configured: str = "") -> str:
-        """The tensorflow-datasets data_dir: the configured one, else ``root/tfds``."""
-        return configured or os.path.join(self.root, "tfds")
+        """The tensorflow-datasets data_dir: the configured one (``~`` expanded, as in the
+        documented ``--config.data.data_dir=~/tfds``), else ``root/tfds``."""
+        return os.path.expanduser(configured) if configured else os.path.join(self.root, "tfds")
 
     @property
     def lock_file(self) -> str:

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from fake_trees import crowd_region, rect
 from PIL import Image
 
 from pmm_jax.constants import COCO_CATEGORIES, COCO_CATEGORY_IDS
@@ -24,23 +25,6 @@ from pmm_jax.data import coco, voc
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 PERSON, BUS, CAT, DOG, TOOTHBRUSH = 1, 6, 17, 18, 90
-
-
-def rect(x0, y0, x1, y1) -> list[list[int]]:
-    return [[x0, y0, x1, y0, x1, y1, x0, y1]]
-
-
-def uncompressed_rle(region: np.ndarray) -> dict:
-    """COCO's crowd format: run lengths over the column-major pixels, starting with zeros."""
-    flat = region.flatten(order="F").astype(np.int8)
-    changes = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
-    return {"counts": np.diff(np.concatenate([[0], changes])).tolist(), "size": list(region.shape)}
-
-
-def crowd_region(shape, rows: slice, cols: slice) -> dict:
-    region = np.zeros(shape, bool)
-    region[rows, cols] = True
-    return uncompressed_rle(region)
 
 
 # (split, numeric id, height, width, greyscale, annotations (ann id, category, segmentation, crowd))

@@ -12,8 +12,8 @@ import shutil
 
 import numpy as np
 import pytest
-import scipy.io
 import tensorflow_datasets as tfds
+from fake_trees import random_mask, write_jpeg, write_sbd_mat
 from PIL import Image
 
 from pmm_jax import io
@@ -31,31 +31,6 @@ def image_size(image_id: str) -> tuple[int, int]:
     """A distinct small (height, width) per id, so size mix-ups cannot go unnoticed."""
     n = int(image_id[-3:])
     return 10 + n % 7, 14 + n % 5
-
-
-def write_jpeg(path: pathlib.Path, size: tuple[int, int], seed: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(*size, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path, format="JPEG", quality=90)
-
-
-def random_mask(size: tuple[int, int], seed: int) -> np.ndarray:
-    """Background with two class rectangles and a void band, like a VOC mask."""
-    rng = np.random.default_rng(seed)
-    mask = np.zeros(size, np.uint8)
-    for cls in rng.choice(np.arange(1, 21), size=2, replace=False):
-        y, x = rng.integers(0, size[0] - 4), rng.integers(0, size[1] - 4)
-        mask[y:y + 4, x:x + 4] = cls
-        mask[y, x:x + 4] = 255
-    return mask
-
-
-def write_sbd_mat(path: pathlib.Path, mask: np.ndarray) -> None:
-    """An SBD ``cls`` file: struct ``GTcls`` with ``Segmentation``, ``Boundaries``, ``CategoriesPresent``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    present = np.unique(mask[(mask > 0) & (mask < 255)]).astype(np.uint8)
-    scipy.io.savemat(path, {"GTcls": {"Segmentation": mask, "Boundaries": np.zeros((1, 1)),
-                                      "CategoriesPresent": present}})
 
 
 def write_voc_tree(root: pathlib.Path, *, sbd: bool = True, test: bool = False) -> dict[str, np.ndarray]:

@@ -94,6 +94,8 @@ class Res2Net(nnx.Module):
       planes: bottleneck planes per stage (64, 128, 256, 512); stage outputs are 4x.
       base_width, scale: 26 and 4 ("26w_4s").
       stem_width: stem output channels (64).
+      width_div: divides ``planes`` and ``stem_width`` (1 = the official network; a smaller
+        network for rehearsals and tests, e.g. ``--config.seg.model.backbone.width_div=16``).
       frozen_stages: -1 (nothing), 0 (the stem) or k (the stem and layer1..layerk).
     """
 
@@ -105,13 +107,16 @@ class Res2Net(nnx.Module):
         base_width: int = 26,
         scale: int = 4,
         stem_width: int = 64,
+        width_div: int = 1,
         strides: Sequence[int] = (1, 2, 1, 1),
         dilations: Sequence[int] = (1, 1, 2, 4),
         frozen_stages: int = -1,
         in_channels: int = 3,
         rngs: nnx.Rngs,
     ):
-        blocks, planes = tuple(blocks), tuple(planes)
+        blocks = tuple(blocks)
+        planes = tuple(max(1, p // width_div) for p in planes)
+        stem_width = max(2, stem_width // width_div)
         strides, dilations = tuple(strides), tuple(dilations)
         if not len(blocks) == len(planes) == len(strides) == len(dilations) == 4:
             raise ValueError("blocks, planes, strides and dilations need 4 entries; got "

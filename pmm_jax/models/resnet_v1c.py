@@ -112,6 +112,8 @@ class ResNetV1c(nnx.Module):
       base_width: bottleneck planes of stage 1 (64); stage i uses ``base_width * 2**i`` and
         outputs 4x that.
       stem_width: stem output channels (64).
+      width_div: divides ``base_width`` and ``stem_width`` (1 = the official network; a
+        smaller network for rehearsals and tests).
       deep_stem: mmseg's 3-conv stem (True) or torchvision's 7x7 conv (False).
       frozen_stages: -1 (nothing), 0 (the stem) or k (the stem and layer1..layerk); see the
         module docstring.
@@ -124,6 +126,7 @@ class ResNetV1c(nnx.Module):
         blocks: Sequence[int] | None = None,
         base_width: int = 64,
         stem_width: int = 64,
+        width_div: int = 1,
         strides: Sequence[int] = (1, 2, 1, 1),
         dilations: Sequence[int] = (1, 1, 2, 4),
         contract_dilation: bool = True,
@@ -137,6 +140,7 @@ class ResNetV1c(nnx.Module):
                 raise ValueError(f"depth must be one of {sorted(DEPTHS)}, got {depth}")
             blocks = DEPTHS[depth]
         blocks, strides, dilations = tuple(blocks), tuple(strides), tuple(dilations)
+        base_width, stem_width = max(1, base_width // width_div), max(2, stem_width // width_div)
         if not len(blocks) == len(strides) == len(dilations) == 4:
             raise ValueError("blocks, strides and dilations need 4 entries (one per stage); "
                              f"got {list(blocks)}, {list(strides)}, {list(dilations)}")

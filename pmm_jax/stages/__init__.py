@@ -69,7 +69,7 @@ def parse_stages(spec: str, flag: str = "--config.stages") -> list[str]:
     return sorted(set(names), key=ORDER.index)
 
 
-def _has_initial_weights(section: ml_collections.ConfigDict) -> bool:
+def has_initial_weights(section: ml_collections.ConfigDict) -> bool:
     """Whether a model section starts from trained weights: converted ImageNet weights
     (``model.init_from``) or, for the segmenter, the cls stage's backbone (``init_from_cls``)."""
     return bool(section.model.get("init_from") or section.model.get("init_from_cls"))
@@ -86,7 +86,7 @@ def check_random_init(config: ml_collections.ConfigDict) -> None:
     if config.get("allow_random_init", False):
         return
     keys = sorted({TRAINS_FROM[name] for name in parse_stages(config.stages)
-                   if name in TRAINS_FROM and not _has_initial_weights(config[TRAINS_FROM[name]])})
+                   if name in TRAINS_FROM and not has_initial_weights(config[TRAINS_FROM[name]])})
     if not keys:
         return
     steps = []

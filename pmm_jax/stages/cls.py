@@ -94,6 +94,7 @@ def run(config, wd: Workdir) -> dict:
     ckpt_dir = wd.ckpt_dir("cls")
     start = trainer.latest_step(ckpt_dir) or 0
     batches = train_batches(config, wd, start)
+    common.warn_random_init(config, "cls")
     model = build_model(config, config.seed)
     if method(config) == "seam":
         tx, schedule = seam.make_optimizer(

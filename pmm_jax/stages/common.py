@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
@@ -13,6 +14,8 @@ from pmm_jax.workdir import Workdir
 
 if TYPE_CHECKING:  # neither is needed to import a stage's train step (the benchmarks do)
     import ml_collections
+
+log = logging.getLogger(__name__)
 
 # Images in the cam and pseudo stages' TensorBoard picture summaries.
 NUM_SUMMARY_IMAGES = 4
@@ -136,3 +139,15 @@ def class_names(config) -> tuple[str, ...]:
 def mask_reader(directory: str) -> Callable[[str], np.ndarray]:
     """``id -> mask`` reading ``directory/<id>.png``."""
     return lambda image_id: io.read_mask(os.path.join(directory, f"{image_id}.png"))
+
+
+def warn_random_init(config, model: str) -> None:
+    """Warns, when ``config.allow_random_init`` is set (rehearsals), that ``config.<model>``
+    trains without ImageNet weights (no ``model.init_from``, nor for the segmenter
+    ``init_from_cls``): its figures are near chance."""
+    from pmm_jax import stages
+
+    if config.get("allow_random_init") and not stages.has_initial_weights(config[model]):
+        log.warning("%s: no ImageNet weights loaded (config.%s.model.init_from is empty; "
+                    "allow_random_init=True): training from random initialisation, so the "
+                    "mIoUs of this run are not the paper's", model, model)

@@ -169,6 +169,7 @@ def train_segmenter(config, wd: Workdir, run: str, mask_dir: str, loss: str) -> 
         num_classes=config.data.num_classes)
     batches = (mmseg_batches(config, ds, start) if cfg.get("augment") == "mmseg"
                else common.train_batches(config, ds, cfg, "config.seg.batch_size", start))
+    common.warn_random_init(config, "seg")
     model = initial_model(config, wd)
     tx, schedule = make_optimizer(config, model)
     eval_every = cfg.get("eval_every", 0)
