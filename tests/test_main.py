@@ -99,6 +99,7 @@ def test_results_json_has_every_key(tiny_run):
     results = io.read_json(str(workdir / "results.json"))
     assert 0 <= results["cam_miou"] <= 1 and results["cam_bg_threshold"] > 0
     assert set(results["pseudo_mask_miou"]) == {"baseline", "crf_cvs", "ppmg_no_cvs", "ppmg"}
+    assert results["pseudo_mask_eval"] == {"split": "train", "num_images": 16}
     assert {"ce", "pus", "cyclic"} <= set(results["seg_miou"])
     assert all(0 <= v <= 1 for v in [*results["pseudo_mask_miou"].values(),
                                       *results["seg_miou"].values()])
