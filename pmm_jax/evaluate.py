@@ -31,7 +31,10 @@ CLI::
 
     python -m pmm_jax.evaluate --pred_dir=P --gt_dir=G --num_classes=21 \
         [--rule=mmseg|pmm] [--out_json=F] [--class_names=voc|synthetic|coco|coco91] \
-        [--ignore_classes=I,J]
+        [--ignore_classes=I,J] [--ids=ID_LIST]
+
+``--ids`` scores only the ids listed in a file (e.g. ``VOC2012/ImageSets/Segmentation/val.txt``
+with ``--gt_dir=VOC2012/SegmentationClass``, which holds train and val).
 
 ``--class_names=coco91`` (91-id COCO masks, ``--num_classes=91``) ignores the unused ids.
 """
@@ -184,23 +187,44 @@ def _strongest_class(cams: Mapping[int, np.ndarray], shape: Sequence[int]) -> tu
     return np.take_along_axis(stack, best[None], 0)[0], np.asarray(classes)[best] + 1
 
 
-def evaluate_dirs(pred_dir: str, gt_dir: str, num_classes: int, rule: str = "mmseg",
-                  ignore_classes: Iterable[int] = ()) -> dict:
-    """Scores every ``<id>.png`` of ``gt_dir`` against ``pred_dir/<id>.png``.
+def read_ids(path: str) -> list[str]:
+    """The ids of an id list file (one per line, e.g. VOC's ``ImageSets/Segmentation/val.txt``;
+    blank lines ignored, duplicates kept once); ValueError naming the file if it has none."""
+    try:
+        with open(path) as f:
+            ids = list(dict.fromkeys(line.strip() for line in f if line.strip()))
+    except OSError as err:
+        raise ValueError(f"--ids={path}: cannot read the id list: {err}") from err
+    if not ids:
+        raise ValueError(f"--ids={path}: the id list is empty")
+    return ids
 
-    Missing predictions are an error that lists them (a partial prediction folder would
-    otherwise give a plausible but wrong mIoU), and so is a ground-truth file holding one of
-    ``ignore_classes`` (a wrong label space or a corrupt mask). Returns ``{"confusion",
-    "iou", "miou", "num_images"}``.
+
+def evaluate_dirs(pred_dir: str, gt_dir: str, num_classes: int, rule: str = "mmseg",
+                  ignore_classes: Iterable[int] = (), ids: Sequence[str] | None = None) -> dict:
+    """Scores every ``<id>.png`` of ``gt_dir``, or only ``ids``, against ``pred_dir/<id>.png``.
+
+    ``ids`` lets ``gt_dir`` hold more than the scored images (VOC's ``SegmentationClass`` has
+    train and val); each listed id needs a ground-truth file and a prediction, files of other
+    ids are not read. Missing predictions are an error that lists them (a partial prediction
+    folder would otherwise give a plausible but wrong mIoU), and so is a ground-truth file
+    holding one of ``ignore_classes`` (a wrong label space or a corrupt mask). Returns
+    ``{"confusion", "iou", "miou", "num_images"}``.
     """
     ignore_classes = sorted({int(c) for c in ignore_classes})
-    ids = sorted(f[:-4] for f in os.listdir(gt_dir) if f.endswith(".png"))
-    if not ids:
-        raise ValueError(f"{gt_dir}: no ground-truth .png files")
+    if ids is None:
+        ids = sorted(f[:-4] for f in os.listdir(gt_dir) if f.endswith(".png"))
+        if not ids:
+            raise ValueError(f"{gt_dir}: no ground-truth .png files")
+    else:
+        no_gt = [i for i in ids if not os.path.exists(os.path.join(gt_dir, f"{i}.png"))]
+        if no_gt:
+            raise ValueError(f"{gt_dir}: no ground truth for {len(no_gt)} listed ids: "
+                             f"{_shown(no_gt)}")
     missing = [i for i in ids if not os.path.exists(os.path.join(pred_dir, f"{i}.png"))]
     if missing:
-        shown = ", ".join(missing[:20]) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
-        raise ValueError(f"{pred_dir}: no prediction for {len(missing)} ground-truth ids: {shown}")
+        raise ValueError(f"{pred_dir}: no prediction for {len(missing)} ground-truth ids: "
+                         f"{_shown(missing)}")
     cm = np.zeros((num_classes, num_classes), np.int64)
     for image_id in ids:
         pred_path = os.path.join(pred_dir, f"{image_id}.png")
@@ -217,6 +241,11 @@ def evaluate_dirs(pred_dir: str, gt_dir: str, num_classes: int, rule: str = "mms
         cm += image_cm
     iou, miou = iou_from_confusion(cm, rule, ignore_classes)
     return {"confusion": cm, "iou": iou, "miou": miou, "num_images": len(ids)}
+
+
+def _shown(ids: Sequence[str]) -> str:
+    """The first 20 of ``ids`` for an error message, with the count when there are more."""
+    return ", ".join(ids[:20]) + (f", ... ({len(ids)} in all)" if len(ids) > 20 else "")
 
 
 def class_names_for(num_classes: int, names: str | None = None) -> tuple[str, ...]:
@@ -249,6 +278,8 @@ def _define_flags() -> None:
 
     flags.DEFINE_string("pred_dir", None, "Folder of predicted <id>.png label maps.", required=True)
     flags.DEFINE_string("gt_dir", None, "Folder of ground-truth <id>.png label maps.", required=True)
+    flags.DEFINE_string("ids", None, "Text file of the ids to score, one per line (e.g. "
+                        "VOC2012/ImageSets/Segmentation/val.txt); default: every file of --gt_dir.")
     flags.DEFINE_integer("num_classes", 21, "Number of classes including background.")
     flags.DEFINE_enum("rule", "mmseg", RULES, "Which classes enter the mean IoU.")
     flags.DEFINE_string("out_json", None, "Optional JSON file for the results.")
@@ -266,7 +297,8 @@ def main(argv: Sequence[str]) -> None:
     names = class_names_for(f.num_classes, f.class_names)
     ignore = sorted(set(ignored_classes(f.class_names)) | {int(c) for c in f.ignore_classes})
     try:
-        result = evaluate_dirs(f.pred_dir, f.gt_dir, f.num_classes, f.rule, ignore)
+        ids = read_ids(f.ids) if f.ids else None
+        result = evaluate_dirs(f.pred_dir, f.gt_dir, f.num_classes, f.rule, ignore, ids)
     except ValueError as err:
         sys.exit(f"error: {err}")
     print(f"{result['num_images']} images, rule {f.rule}"
