@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -78,6 +79,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from pmm_jax import distributed, stages
+    from pmm_jax.data.synthetic import DatasetNotPreparedError
     # Library chatter (orbax's read-only notices, tfds) only on errors; this package's
     # progress messages at INFO.
     logging.set_verbosity(logging.ERROR)
@@ -91,6 +93,8 @@ def main(argv):
         run(_CONFIG.value, _WORKDIR.value)
     except stages.StageInputError as err:
         raise app.UsageError(str(err)) from err
+    except DatasetNotPreparedError as err:
+        sys.exit(f"error: {err}")  # the message says what to run; a traceback would bury it
 
 
 if __name__ == "__main__":

@@ -80,6 +80,15 @@ def test_missing_inputs_exit_with_a_message(tmp_path):
     assert "run it first" in proc.stderr and "pseudo" in proc.stderr
 
 
+def test_missing_dataset_prints_only_its_message(tmp_path):
+    proc = run_main("--config=configs/voc.py", f"--workdir={tmp_path}", "--config.stages=cls",
+                    timeout=300)
+    assert proc.returncode != 0
+    assert "dataset voc2012_wsss is not prepared" in proc.stderr
+    assert "python -m pmm_jax.data.prepare" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 2
+
+
 @pytest.mark.xdist_group("tiny_run")
 def test_killed_runs_resume_and_complete(tiny_run):
     """Killed during cls, pseudo and seg, the same command resumes each time and completes."""
