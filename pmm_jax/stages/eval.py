@@ -43,11 +43,11 @@ def results(config, wd: Workdir, seg_mious: dict, eval_seconds: float) -> dict:
     return out
 
 
-def format_table(res: dict) -> str:
-    """The results as a Markdown table (mIoU in percent).
+def result_rows(res: dict) -> list[tuple[str, float]]:
+    """``(result, mIoU fraction)`` rows of a results dict, in table order.
 
     ``seg_miou["cyclic"]`` repeats the last cycle's figure (a stable key for scripts): it is
-    printed once, on that cycle's row.
+    listed once, on that cycle's row.
     """
     rows = []
     if "cam_miou" in res:
@@ -64,6 +64,12 @@ def format_table(res: dict) -> str:
             continue
         label = f"{name} (cyclic)" if name == last_cycle else name
         rows.append((f"segmenter {label} (val)", value))
+    return rows
+
+
+def format_table(res: dict) -> str:
+    """The results as a Markdown table (mIoU in percent)."""
+    rows = result_rows(res)
     lines = ["| result | mIoU (%) |", "| --- | --- |"]
     lines += [f"| {name} | {100 * value:.2f} |" for name, value in rows]
     lines += ["", "| stage | seconds |", "| --- | --- |"]
