@@ -219,12 +219,12 @@ def evaluate_dirs(pred_dir: str, gt_dir: str, num_classes: int, rule: str = "mms
     else:
         no_gt = [i for i in ids if not os.path.exists(os.path.join(gt_dir, f"{i}.png"))]
         if no_gt:
-            raise ValueError(f"{gt_dir}: no ground truth for {len(no_gt)} listed ids: "
-                             f"{_shown(no_gt)}")
+            shown = ", ".join(no_gt[:20]) + (f", ... ({len(no_gt)} in all)" if len(no_gt) > 20 else "")
+            raise ValueError(f"{gt_dir}: no ground truth for {len(no_gt)} listed ids: {shown}")
     missing = [i for i in ids if not os.path.exists(os.path.join(pred_dir, f"{i}.png"))]
     if missing:
-        raise ValueError(f"{pred_dir}: no prediction for {len(missing)} ground-truth ids: "
-                         f"{_shown(missing)}")
+        shown = ", ".join(missing[:20]) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
+        raise ValueError(f"{pred_dir}: no prediction for {len(missing)} ground-truth ids: {shown}")
     cm = np.zeros((num_classes, num_classes), np.int64)
     for image_id in ids:
         pred_path = os.path.join(pred_dir, f"{image_id}.png")
@@ -241,11 +241,6 @@ def evaluate_dirs(pred_dir: str, gt_dir: str, num_classes: int, rule: str = "mms
         cm += image_cm
     iou, miou = iou_from_confusion(cm, rule, ignore_classes)
     return {"confusion": cm, "iou": iou, "miou": miou, "num_images": len(ids)}
-
-
-def _shown(ids: Sequence[str]) -> str:
-    """The first 20 of ``ids`` for an error message, with the count when there are more."""
-    return ", ".join(ids[:20]) + (f", ... ({len(ids)} in all)" if len(ids) > 20 else "")
 
 
 def class_names_for(num_classes: int, names: str | None = None) -> tuple[str, ...]:
