@@ -47,7 +47,10 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
     # Multi-crop CAM inference as on VOC; the official COCO run trains its classifier without
     # rough masks ("simplify and speed up training"), so cls.multicrop.rough_masks stays "".
     c.cls.update(dict(batch_size=8, lr=0.01, num_steps=20 * 82783 // 8))
-    c.pseudo.eval_subset = 2000
+    # Pseudo-masks are scored on all of COCO train (82,783 images), the split they are made for.
+    # Every variant is one more CRF pass over train; the paper reports only PPMG on COCO, so
+    # --config.pseudo.variants=ppmg (or eval_subset=N, the first N images) saves that time.
+    c.pseudo.update(dict(eval_split="train", eval_subset=0))
     c.seg.update(dict(batch_size=64, lr=0.01, min_lr=5e-5, num_steps=40000, ckpt_every=4000,
                       eval_every=4000))
     c.seg.pus.update(dict(beta=0.8, kappa=0.8))

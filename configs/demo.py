@@ -83,7 +83,8 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     c.pseudo = ml_collections.ConfigDict(dict(
         variants=("baseline", "crf_cvs", "ppmg_no_cvs", "ppmg"),
         train_on="ppmg",
-        eval_subset=16 if tiny else 200,  # train images each variant is measured on
+        eval_split="train",  # the dataset split whose images and ground truth score the masks
+        eval_subset=16 if tiny else 200,  # only its first N images (a quick score; 0 = all)
         alpha=11.0,
         t=0.05,
         s=0.3,

@@ -97,7 +97,11 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
     c.pseudo = ml_collections.ConfigDict(dict(
         variants=("baseline", "crf_cvs", "ppmg_no_cvs", "ppmg"),
         train_on="ppmg",
-        eval_subset=1449,
+        # Pseudo-mask mIoU is scored on the dataset split eval_split (VOC `train`: 1,464 images,
+        # VOC ground truth, all inside train_aug), as the paper's; eval_subset=N > 0 scores
+        # only its first N (0 = all of it).
+        eval_split="train",
+        eval_subset=0,
         alpha=11.0,
         t=0.05,
         s=0.3,

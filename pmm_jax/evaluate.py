@@ -31,7 +31,10 @@ CLI::
 
     python -m pmm_jax.evaluate --pred_dir=P --gt_dir=G --num_classes=21 \
         [--rule=mmseg|pmm] [--out_json=F] [--class_names=voc|synthetic|coco|coco91] \
-        [--ignore_classes=I,J]
+        [--ignore_classes=I,J] [--ids=ID_LIST]
+
+``--ids`` scores only the ids listed in a file (e.g. ``VOC2012/ImageSets/Segmentation/val.txt``
+with ``--gt_dir=VOC2012/SegmentationClass``, which holds train and val).
 
 ``--class_names=coco91`` (91-id COCO masks, ``--num_classes=91``) ignores the unused ids.
 A bad flag or file (a missing folder, a corrupt or non-label PNG, a class list of the wrong
@@ -187,23 +190,44 @@ def _strongest_class(cams: Mapping[int, np.ndarray], shape: Sequence[int]) -> tu
     return np.take_along_axis(stack, best[None], 0)[0], np.asarray(classes)[best] + 1
 
 
-def evaluate_dirs(pred_dir: str, gt_dir: str, num_classes: int, rule: str = "mmseg",
-                  ignore_classes: Iterable[int] = ()) -> dict:
-    """Scores every ``<id>.png`` of ``gt_dir`` against ``pred_dir/<id>.png``.
+def read_ids(path: str) -> list[str]:
+    """The ids of an id list file (one per line, e.g. VOC's ``ImageSets/Segmentation/val.txt``;
+    blank lines ignored, duplicates kept once); ValueError naming the file if it has none."""
+    try:
+        with open(path) as f:
+            ids = list(dict.fromkeys(line.strip() for line in f if line.strip()))
+    except OSError as err:
+        raise ValueError(f"--ids={path}: cannot read the id list: {err}") from err
+    if not ids:
+        raise ValueError(f"--ids={path}: the id list is empty")
+    return ids
 
-    Missing predictions are an error that lists them (a partial prediction folder would
-    otherwise give a plausible but wrong mIoU), and so is a ground-truth file holding one of
-    ``ignore_classes`` (a wrong label space or a corrupt mask). Returns ``{"confusion",
-    "iou", "miou", "num_images"}``.
+
+def evaluate_dirs(pred_dir: str, gt_dir: str, num_classes: int, rule: str = "mmseg",
+                  ignore_classes: Iterable[int] = (), ids: Sequence[str] | None = None) -> dict:
+    """Scores every ``<id>.png`` of ``gt_dir``, or only ``ids``, against ``pred_dir/<id>.png``.
+
+    ``ids`` lets ``gt_dir`` hold more than the scored images (VOC's ``SegmentationClass`` has
+    train and val); each listed id needs a ground-truth file and a prediction, files of other
+    ids are not read. Missing predictions are an error that lists them (a partial prediction
+    folder would otherwise give a plausible but wrong mIoU), and so is a ground-truth file
+    holding one of ``ignore_classes`` (a wrong label space or a corrupt mask). Returns
+    ``{"confusion", "iou", "miou", "num_images"}``.
     """
     ignore_classes = sorted({int(c) for c in ignore_classes})
     for flag, folder in (("gt_dir", gt_dir), ("pred_dir", pred_dir)):
         if not os.path.isdir(folder):
             raise ValueError(f"--{flag}={folder}: "
                              + ("not a directory" if os.path.exists(folder) else "does not exist"))
-    ids = sorted(f[:-4] for f in os.listdir(gt_dir) if f.endswith(".png"))
-    if not ids:
-        raise ValueError(f"{gt_dir}: no ground-truth .png files")
+    if ids is None:
+        ids = sorted(f[:-4] for f in os.listdir(gt_dir) if f.endswith(".png"))
+        if not ids:
+            raise ValueError(f"{gt_dir}: no ground-truth .png files")
+    else:
+        no_gt = [i for i in ids if not os.path.exists(os.path.join(gt_dir, f"{i}.png"))]
+        if no_gt:
+            shown = ", ".join(no_gt[:20]) + (f", ... ({len(no_gt)} in all)" if len(no_gt) > 20 else "")
+            raise ValueError(f"{gt_dir}: no ground truth for {len(no_gt)} listed ids: {shown}")
     missing = [i for i in ids if not os.path.exists(os.path.join(pred_dir, f"{i}.png"))]
     if missing:
         shown = ", ".join(missing[:20]) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
@@ -256,6 +280,8 @@ def _define_flags() -> None:
 
     flags.DEFINE_string("pred_dir", None, "Folder of predicted <id>.png label maps.", required=True)
     flags.DEFINE_string("gt_dir", None, "Folder of ground-truth <id>.png label maps.", required=True)
+    flags.DEFINE_string("ids", None, "Text file of the ids to score, one per line (e.g. "
+                        "VOC2012/ImageSets/Segmentation/val.txt); default: every file of --gt_dir.")
     flags.DEFINE_integer("num_classes", 21, "Number of classes including background.")
     flags.DEFINE_enum("rule", "mmseg", RULES, "Which classes enter the mean IoU.")
     flags.DEFINE_string("out_json", None, "Optional JSON file for the results.")
@@ -276,7 +302,8 @@ def main(argv: Sequence[str]) -> None:
         names = class_names_for(f.num_classes, f.class_names)
         ignore = sorted(set(ignored_classes(f.class_names))
                         | set(_parse_ignore_classes(f.ignore_classes, f.num_classes)))
-        result = evaluate_dirs(f.pred_dir, f.gt_dir, f.num_classes, f.rule, ignore)
+        ids = read_ids(f.ids) if f.ids else None
+        result = evaluate_dirs(f.pred_dir, f.gt_dir, f.num_classes, f.rule, ignore, ids)
     except ValueError as err:
         sys.exit(f"error: {err}")
     print(f"{result['num_images']} images, rule {f.rule}"

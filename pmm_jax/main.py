@@ -178,6 +178,7 @@ def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {argv[1:]}")
     from pmm_jax import distributed, io, stages, trainer, workdir
+    from pmm_jax.data.synthetic import DatasetNotPreparedError
     # Library chatter (orbax's read-only notices, tfds) only on errors; this package's
     # progress messages at INFO.
     logging.set_verbosity(logging.ERROR)
@@ -192,8 +193,9 @@ def main(argv):
     try:
         run(_CONFIG.value, _WORKDIR.value, _REDO.value)
     except (app.UsageError, stages.StageError, trainer.CheckpointError,
-            trainer.DivergenceError, io.NonFiniteError, workdir.WorkdirBusyError) as err:
-        fail(str(err))
+            trainer.DivergenceError, io.NonFiniteError, workdir.WorkdirBusyError,
+            DatasetNotPreparedError) as err:
+        fail(str(err))  # each message says what to do; a traceback would bury it
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ def add_tiles(total: jax.Array, count: jax.Array, cams: jax.Array, tiles: jax.Ar
 
 def finish(total: jax.Array, count: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean over the views covering each pixel, times the label, divided by the per-class
-    maximum: ``[B, H, W, C]`` like ``stages.cam.multi_scale_cam``."""
+    maximum: ``[B, H, W, C]`` like ``stages.cam.normalise_cam``."""
     cams = total / jnp.maximum(count, 1.0)[..., None] * labels[:, None, None, :]
     return cams / (jnp.max(cams, axis=(1, 2), keepdims=True) + 1e-5)
 

@@ -173,16 +173,10 @@ def results_rows(workdir: str) -> list[dict]:
     path = Workdir(workdir).results_json
     if not os.path.exists(path):
         return []
-    res = io.read_json(path)
-    rows = []
-    if "cam_miou" in res:
-        rows.append({"result": f"CAM (bg threshold {res['cam_bg_threshold']})",
-                     "miou_percent": 100 * res["cam_miou"]})
-    rows += [{"result": f"pseudo-mask {k} (train subset)", "miou_percent": 100 * v}
-             for k, v in res.get("pseudo_mask_miou", {}).items()]
-    rows += [{"result": f"segmenter {k} (val)", "miou_percent": 100 * v}
-             for k, v in res.get("seg_miou", {}).items()]
-    return rows
+    from pmm_jax.stages import eval as eval_stage
+
+    return [{"result": name, "miou_percent": 100 * value}
+            for name, value in eval_stage.result_rows(io.read_json(path))]
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -132,14 +132,41 @@ def norm_with_zero_gradient(x: jax.Array) -> jax.Array:
     return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squared, 1.0)), 0.0)
 
 
+# The PCM's affinity is [hw, hw] per image: 1 GiB in float32 for the 128 x 128 CAM of a
+# 1024 px input (a 512 px image at scale 2), 38 MiB for a 448 px crop, times the batch (a
+# multi-crop CAM step runs 2 x tile_batch crops). It is computed at most PCM_BLOCK columns at
+# a time.
+PCM_BLOCK = 1024
+
+
 def pcm(seeds: jax.Array, features: jax.Array) -> jax.Array:
-    """Refines ``seeds[B,h,w,K]`` with the affinity of ``features[B,h,w,D]`` (same h, w)."""
+    """Refines ``seeds[B,h,w,K]`` with the affinity of ``features[B,h,w,D]`` (same h, w).
+
+    Column j of the affinity (normalised over its own column) gives output position j alone,
+    so maps of more than :data:`PCM_BLOCK` positions are done in equal blocks of at most that
+    many columns (``lax.map``) with the same arithmetic per column (the same values as the
+    whole matrix at once): peak memory ``hw x PCM_BLOCK`` per image instead of ``hw x hw``.
+    """
     b, h, w, k = seeds.shape
-    f = features.reshape(b, h * w, -1)
+    n = h * w
+    f = features.reshape(b, n, -1)
     f = f / (norm_with_zero_gradient(f) + EPS)
-    aff = jax.nn.relu(jnp.einsum("bid,bjd->bij", f, f))
-    aff = aff / (jnp.sum(aff, axis=1, keepdims=True) + EPS)
-    return jnp.einsum("bij,bik->bjk", aff, seeds.reshape(b, h * w, k)).reshape(b, h, w, k)
+    s = seeds.reshape(b, n, k)
+
+    def columns(f_cols: jax.Array) -> jax.Array:
+        aff = jax.nn.relu(jnp.einsum("bid,bjd->bij", f, f_cols))
+        aff = aff / (jnp.sum(aff, axis=1, keepdims=True) + EPS)
+        return jnp.einsum("bij,bik->bjk", aff, s)
+
+    if n <= PCM_BLOCK:
+        return columns(f).reshape(b, h, w, k)
+    blocks = -(-n // PCM_BLOCK)
+    width = -(-n // blocks)
+    # Padding columns are zero features: zero affinity, zero output, cut off below.
+    f_cols = jnp.pad(f, ((0, 0), (0, blocks * width - n), (0, 0)))
+    f_cols = f_cols.reshape(b, blocks, width, -1).swapaxes(0, 1)
+    out = jax.lax.map(columns, f_cols)  # [blocks, B, width, K]
+    return out.swapaxes(0, 1).reshape(b, blocks * width, k)[:, :n].reshape(b, h, w, k)
 
 
 class SEAM(nnx.Module):

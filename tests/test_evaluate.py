@@ -202,3 +202,41 @@ def test_class_names():
     assert ev.class_names_for(4) == ("0", "1", "2", "3")
     with pytest.raises(ValueError, match="has 21 classes"):
         ev.class_names_for(6, "voc")
+
+
+def test_id_list_scores_only_listed_ids_of_a_voc_folder(tmp_path):
+    """VOC's SegmentationClass holds train and val: with --ids=val.txt only val is scored (the
+    README's command, on a VOC tree layout), and each listed id needs ground truth."""
+    rng = np.random.default_rng(5)
+    voc = tmp_path / "VOC2012"
+    lists = voc / "ImageSets" / "Segmentation"
+    lists.mkdir(parents=True)
+    splits = {"train": ["2007_000001", "2007_000002"], "val": ["2007_000003", "2007_000004"]}
+    cm = np.zeros((21, 21), np.int64)
+    for split, ids in splits.items():
+        (lists / f"{split}.txt").write_text("\n".join(ids) + "\n")
+        for image_id in ids:
+            pred, gt = random_pair(rng, (12, 9), 21)
+            io.write_mask(str(voc / "SegmentationClass" / f"{image_id}.png"), gt)
+            if split == "val":  # predictions of val only
+                io.write_mask(str(tmp_path / "masks" / f"{image_id}.png"), pred)
+                cm += ev.confusion_matrix(pred, gt, 21)
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    cmd = [sys.executable, "-m", "pmm_jax.evaluate", "--pred_dir=masks/",
+           "--gt_dir=VOC2012/SegmentationClass", "--ids=VOC2012/ImageSets/Segmentation/val.txt",
+           "--num_classes=21", "--class_names=voc"]
+    result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "2 images" in result.stdout
+    assert f"**{100 * ev.iou_from_confusion(cm, 'mmseg')[1]:.2f}**" in result.stdout
+
+    gt_dir, pred_dir = str(voc / "SegmentationClass"), str(tmp_path / "masks")
+    with pytest.raises(ValueError, match="no prediction for 2 ground-truth ids: 2007_000001"):
+        ev.evaluate_dirs(pred_dir, gt_dir, 21)  # without a list: train has no predictions
+    with pytest.raises(ValueError, match="no ground truth for 1 listed ids: 2008_000009"):
+        ev.evaluate_dirs(pred_dir, gt_dir, 21, ids=["2007_000003", "2008_000009"])
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="empty.txt: the id list is empty"):
+        ev.read_ids(str(tmp_path / "empty.txt"))
+    assert ev.read_ids(str(lists / "val.txt")) == splits["val"]

@@ -153,6 +153,15 @@ def test_missing_inputs_exit_with_a_message(tmp_path):
     assert "run it first" in proc.stderr and "pseudo" in proc.stderr
 
 
+def test_missing_dataset_prints_only_its_message(tmp_path):
+    proc = run_main("--config=configs/voc.py", f"--workdir={tmp_path}", "--config.stages=cls",
+                    timeout=300)
+    assert proc.returncode != 0
+    assert "dataset voc2012_wsss is not prepared" in proc.stderr
+    assert "python -m pmm_jax.data.prepare" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 2
+
+
 @pytest.mark.xdist_group("tiny_run")
 def test_killed_runs_resume_and_complete(tiny_run):
     """Killed during cls, pseudo and seg, the same command resumes each time and completes."""
@@ -172,6 +181,7 @@ def test_results_json_has_every_key(tiny_run):
     results = io.read_json(str(workdir / "results.json"))
     assert 0 <= results["cam_miou"] <= 1 and results["cam_bg_threshold"] > 0
     assert set(results["pseudo_mask_miou"]) == {"baseline", "crf_cvs", "ppmg_no_cvs", "ppmg"}
+    assert results["pseudo_mask_eval"] == {"split": "train", "num_images": 16}
     assert {"ce", "pus", "cyclic"} <= set(results["seg_miou"])
     assert all(0 <= v <= 1 for v in [*results["pseudo_mask_miou"].values(),
                                       *results["seg_miou"].values()])

@@ -269,3 +269,23 @@ def test_masks_from_dir_size_mismatch(data_dir, mask_dir):
 def test_datasets_built_from_downloads_must_be_prepared_first(tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m pmm_jax.data.prepare"):
         pipeline.load_split("voc2012_wsss", "val", str(tmp_path))
+
+
+def test_pipeline_decodes_jpegs_exactly_as_pil(tmp_path):
+    """The pipeline's images equal PIL's decode of the JPEG files (what ``python -m
+    pmm_jax.pseudo_masks`` and the official code read), where TensorFlow's default differs."""
+    from test_voc import TRAIN_AUG, build, write_voc_tree
+
+    write_voc_tree(tmp_path / "manual")
+    build(tmp_path / "manual", tmp_path / "tfds")
+    jpegs = tmp_path / "manual" / "VOCdevkit" / "VOC2012" / "JPEGImages"
+    ds = pipeline.load_split("voc2012_wsss", "train_aug", str(tmp_path / "tfds"),
+                             process_index=0, process_count=1)
+    tf_default_differs = False
+    for ex in ds.as_numpy_iterator():
+        path = str(jpegs / f"{ex['id'].decode()}.jpg")
+        np.testing.assert_array_equal(ex["image"], io.read_image(path))
+        with open(path, "rb") as f:
+            tf_default = tf.io.decode_jpeg(f.read(), channels=3).numpy()
+        tf_default_differs |= bool(np.any(tf_default != ex["image"]))
+    assert ex["id"].decode() == TRAIN_AUG[-1] and tf_default_differs

@@ -85,6 +85,28 @@ def test_resnet38_convs_start_from_torch_default_init():
                                        err_msg=str(path))
 
 
+def whole_affinity_pcm(seeds, features):
+    """The PCM with the whole ``[hw, hw]`` affinity at once (before it was done in blocks)."""
+    b, h, w, k = seeds.shape
+    f = features.reshape(b, h * w, -1)
+    f = f / (jnp.linalg.norm(f, axis=-1, keepdims=True) + seam.EPS)
+    aff = jax.nn.relu(jnp.einsum("bid,bjd->bij", f, f))
+    aff = aff / (jnp.sum(aff, axis=1, keepdims=True) + seam.EPS)
+    return jnp.einsum("bij,bik->bjk", aff, seeds.reshape(b, h * w, k)).reshape(b, h, w, k)
+
+
+@pytest.mark.parametrize("block", [16, 45, 90])  # 6 blocks of 15, 2 of 45, one (no blocks)
+def test_pcm_in_column_blocks_equals_the_whole_affinity(monkeypatch, block):
+    monkeypatch.setattr(seam, "PCM_BLOCK", block)
+    rng = np.random.default_rng(2)
+    seeds = jnp.asarray(rng.random((2, 9, 10, 4)), jnp.float32)
+    f = jnp.asarray(rng.standard_normal((2, 9, 10, 6)), jnp.float32)
+    np.testing.assert_allclose(seam.pcm(seeds, f), whole_affinity_pcm(seeds, f), rtol=1e-6, atol=1e-7)
+    loss = lambda pcm: lambda f: jnp.sum(pcm(seeds, f) ** 2)  # training differentiates it
+    np.testing.assert_allclose(jax.grad(loss(seam.pcm))(f), jax.grad(loss(whole_affinity_pcm))(f),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_losses_match_official():
     rng = np.random.RandomState(2)
     b, c = 3, 4

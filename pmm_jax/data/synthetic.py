@@ -367,6 +367,11 @@ class SyntheticWsss(tfds.core.GeneratorBasedBuilder):
             }
 
 
+class DatasetNotPreparedError(FileNotFoundError):
+    """A dataset built from user downloads is not in the data_dir; the message says how to
+    build it (``pmm_jax.main`` prints just that message)."""
+
+
 def prepare(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     """The builder of tfds dataset ``name`` (e.g. ``"synthetic_wsss/demo"``) in ``data_dir``.
 
@@ -374,13 +379,13 @@ def prepare(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     prepared dataset). Any other registered dataset must already be prepared: the ones built
     from user downloads (``voc2012_wsss``, ``coco2014_wsss``) need their manual dir, so they
     are prepared by ``python -m pmm_jax.data.prepare`` (``docs/datasets.md``), and this raises
-    FileNotFoundError saying so. Offline by construction: GCS lookups are disabled and
+    :class:`DatasetNotPreparedError` saying so. Offline by construction: GCS lookups are disabled and
     ``try_gcs``/``try_download_gcs`` are off, so tfds never reaches for ``gs://tfds-data``.
     """
     gcs_utils._is_gcs_disabled = True  # pylint: disable=protected-access
     builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
     if not isinstance(builder, SyntheticWsss) and not builder.is_prepared():
-        raise FileNotFoundError(
+        raise DatasetNotPreparedError(
             f"dataset {name} is not prepared in {data_dir}; build it from the downloaded "
             "archives with `python -m pmm_jax.data.prepare` (see docs/datasets.md)")
     builder.download_and_prepare(

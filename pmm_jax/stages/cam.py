@@ -1,7 +1,8 @@
 """Stage ``cam``: class activation maps for the train and val splits.
 
 ``config.cam.method`` (default "multiscale"): "multiscale" averages the CAMs of the whole
-image over ``config.cam.scales`` and horizontal flips (SEAM's inference); "multicrop" is
+image over ``config.cam.scales`` and horizontal flips (SEAM's inference; one jitted call per
+view, :class:`MultiScaleCAM`); "multicrop" is
 PMM's multi-crop inference (``pmm_jax.multicrop_cam``: ``multicrop.tile_boxes`` tiles of
 ``config.cam.multicrop.crop`` and ``stride`` at every one of ``multicrop.scales``, ``flip``ped
 too, ``tile_batch`` tiles per jitted step). Either way the CAMs are restricted to the
@@ -22,8 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec
 
 from pmm_jax import distributed, evaluate, io, multicrop_cam, notebook_utils, trainer
+from pmm_jax import sharding as shd
 from pmm_jax.stages import common
 from pmm_jax.stages.cls import build_model
 from pmm_jax.workdir import Workdir
@@ -39,29 +44,74 @@ def model_cam(model, images: jax.Array) -> jax.Array:
     return out["cam_rv"][..., 1:] if "cam_rv" in out else out["cam"]
 
 
-def multi_scale_cam(model, batch, *, scales, flip: bool) -> jax.Array:
-    """Normalised CAMs ``[B, H, W, C]`` at input resolution for a padded eval batch.
-
-    Each scale (and its mirror image) is run through the classifier, the ReLU'd CAM is
-    resized back to the input size and summed; then it is masked to the image-level label
-    and to the unpadded area, and divided by its per-class maximum.
-    """
-    images = batch["image"]
+def view_cam(model, images: jax.Array, *, scale: float, mirrored: bool) -> jax.Array:
+    """One view of SEAM's multi-scale inference: the ReLU'd CAM ``[B, H, W, C]`` of ``images``
+    resized by ``scale`` (and mirrored), mirrored back and resized to the input size."""
     b, h, w, _ = images.shape
-    total = 0.0
-    for scale in scales:
-        size = (max(1, round(h * scale)), max(1, round(w * scale)))
-        scaled = jax.image.resize(images, (b, *size, 3), "bilinear") if scale != 1 else images
-        for mirrored in ((False, True) if flip else (False,)):
-            view = scaled[:, :, ::-1] if mirrored else scaled
-            cam = jax.nn.relu(model_cam(model, view))
-            if mirrored:
-                cam = cam[:, :, ::-1]
-            total = total + jax.image.resize(cam, (b, h, w, cam.shape[-1]), "bilinear")
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    scaled = jax.image.resize(images, (b, *size, 3), "bilinear") if scale != 1 else images
+    view = scaled[:, :, ::-1] if mirrored else scaled
+    cam = jax.nn.relu(model_cam(model, view))
+    if mirrored:
+        cam = cam[:, :, ::-1]
+    return jax.image.resize(cam, (b, h, w, cam.shape[-1]), "bilinear")
+
+
+def normalise_cam(total: jax.Array, batch) -> jax.Array:
+    """The summed views masked to the image-level label and to the unpadded area, divided by
+    the per-class maximum."""
+    _, h, w, _ = total.shape
     inside = ((jnp.arange(h)[None, :, None] < batch["height"][:, None, None])
               & (jnp.arange(w)[None, None, :] < batch["width"][:, None, None]))
     total = total * batch["labels"][:, None, None, :] * inside[..., None]
     return total / (jnp.max(total, axis=(1, 2), keepdims=True) + 1e-5)
+
+
+class MultiScaleCAM:
+    """``MultiScaleCAM(model, scales=..., flip=...)(batch) -> [B, H, W, C]`` numpy normalised
+    CAMs of this process's padded eval batch, at input resolution (SEAM's inference).
+
+    Every scale (and its mirror image) is one jitted call that adds the view's CAM
+    (:func:`view_cam`) into a sum kept on the devices (donated), in a fixed order; then
+    :func:`normalise_cam`. One view's activations are alive at a time, so host/device memory
+    is that of the largest view, not of all views of every scale together (one jitted function
+    for all views needed ~6 GiB per 500 px image on a CPU; docs/design.md). The batch is
+    sharded over ``"data"``; the model runs in eval mode, replicated.
+    """
+
+    def __init__(self, model: nnx.Module, *, scales: Sequence[float], flip: bool,
+                 batch_size_key: str = "batch_size"):
+        self.mesh = shd.make_mesh()
+        self.batch_size_key = batch_size_key
+        graphdef, state = nnx.split(model)
+        self.state = trainer.replicate(state, self.mesh)
+        data, replicated = shd.data_sharding(self.mesh), shd.replicated(self.mesh)
+
+        def add_view(state, images, total, *, scale, mirrored):
+            eval_model = nnx.merge(graphdef, state)
+            eval_model.eval()
+            return total + view_cam(eval_model, images, scale=scale, mirrored=mirrored)
+
+        self._views = [jax.jit(functools.partial(add_view, scale=float(scale), mirrored=mirrored),
+                               in_shardings=(replicated, data, data), out_shardings=data,
+                               donate_argnums=2)
+                       for scale in scales for mirrored in ((False, True) if flip else (False,))]
+        self._zeros = jax.jit(lambda shape: jnp.zeros(shape, jnp.float32), static_argnums=0,
+                              out_shardings=data)
+        self._finish = jax.jit(normalise_cam, out_shardings=data)
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+        keys = ("image", "labels", "height", "width")
+        device_batch = shd.shard_batch({k: batch[k] for k in keys}, self.mesh,
+                                       config_key=self.batch_size_key)
+        b, h, w, _ = device_batch["image"].shape
+        total = self._zeros((b, h, w, device_batch["labels"].shape[-1]))
+        for add_view in self._views:
+            total = add_view(self.state, device_batch["image"], total)
+        out = self._finish(total, device_batch)
+        local = multihost_utils.global_array_to_host_local_array(
+            out, self.mesh, PartitionSpec(shd.DATA_AXIS))
+        return np.asarray(jax.device_get(local))
 
 
 def method(config) -> str:
@@ -82,10 +132,8 @@ def make_predictor(config, model) -> Callable[[Mapping[str, np.ndarray], Sequenc
             model, model_cam, scales=tuple(mc.scales), crop=mc.crop, stride=mc.stride,
             flip=config.cam.flip, tile_batch=mc.tile_batch, batch_size_key="config.cam.batch_size",
             tile_batch_key="config.cam.multicrop.tile_batch")
-    predict = trainer.make_predict_fn(
-        model, functools.partial(multi_scale_cam, scales=tuple(config.cam.scales),
-                                 flip=config.cam.flip),
-        batch_size_key="config.cam.batch_size")
+    predict = MultiScaleCAM(model, scales=tuple(config.cam.scales), flip=config.cam.flip,
+                            batch_size_key="config.cam.batch_size")
     return lambda batch, rows: predict(batch)
 
 

@@ -93,7 +93,20 @@ def train_batches(config, ds, section, key: str, start_step: int):
 
 def examples(config, wd: Workdir, split: str, *, all_processes: bool = False) -> Iterator[dict]:
     """Numpy examples ``{id: str, image, mask [H,W], labels}`` of a split, in dataset order."""
-    for ex in split_dataset(config, wd, split, all_processes=all_processes).as_numpy_iterator():
+    return numpy_examples(split_dataset(config, wd, split, all_processes=all_processes))
+
+
+def dataset_split_examples(config, wd: Workdir, dataset_split: str) -> Iterator[dict]:
+    """Like :func:`examples` (every process, all of it) for a split named as the dataset names
+    it (e.g. VOC's ``train``, 1,464 images, rather than the logical train split ``train_aug``)."""
+    return numpy_examples(pipeline.load_split(config.data.name, dataset_split,
+                                              data_dir(config, wd), process_index=0,
+                                              process_count=1))
+
+
+def numpy_examples(ds) -> Iterator[dict]:
+    """The examples of a tf.data dataset as numpy dicts, ``id`` as str, ``mask`` ``[H,W]``."""
+    for ex in ds.as_numpy_iterator():
         ex = dict(ex)
         ex["id"] = ex["id"].decode() if isinstance(ex["id"], bytes) else str(ex["id"])
         ex["mask"] = np.asarray(ex["mask"]).reshape(ex["mask"].shape[:2])
@@ -101,15 +114,19 @@ def examples(config, wd: Workdir, split: str, *, all_processes: bool = False) ->
 
 
 def miou(config, wd: Workdir, split: str, read_pred: Callable[[str], np.ndarray],
-         ids: Iterable[str] | None = None) -> dict:
+         ids: Iterable[str] | None = None, *, dataset_split: str | None = None) -> dict:
     """mIoU of predictions (``read_pred(id) -> [H,W]``) against a split's ground truth.
 
-    Uses the config's IoU rule; ``ids`` restricts the evaluation to a subset. Returns
-    ``{"miou": float, "per_class": {name: iou}}`` with IoUs as fractions.
+    Uses the config's IoU rule; ``ids`` restricts the evaluation to a subset;
+    ``dataset_split`` scores against that split of the dataset instead of the logical
+    ``split`` (:func:`dataset_split_examples`). Returns ``{"miou": float, "per_class":
+    {name: iou}}`` with IoUs as fractions.
     """
     wanted = None if ids is None else set(ids)
     cm = np.zeros((config.data.num_classes,) * 2, np.int64)
-    for ex in examples(config, wd, split, all_processes=True):
+    source = (examples(config, wd, split, all_processes=True) if dataset_split is None
+              else dataset_split_examples(config, wd, dataset_split))
+    for ex in source:
         if wanted is None or ex["id"] in wanted:
             cm += evaluate.confusion_matrix(read_pred(ex["id"]), ex["mask"], config.data.num_classes)
     per_class, mean = evaluate.iou_from_confusion(cm, rule=config.eval.rule)

@@ -32,6 +32,8 @@ def results(config, wd: Workdir, seg_mious: dict, eval_seconds: float) -> dict:
         out.update(cam_miou=m["cam_miou"], cam_bg_threshold=m["cam_bg_threshold"])
     if "pseudo" in done:
         out["pseudo_mask_miou"] = done["pseudo"]["metrics"]["pseudo_mask_miou"]
+        if "pseudo_mask_eval" in done["pseudo"]["metrics"]:  # absent from older workdirs
+            out["pseudo_mask_eval"] = done["pseudo"]["metrics"]["pseudo_mask_eval"]
     cycles = [r for r in cycle.cycle_runs(config) if r in seg_mious]
     out["seg_miou"] = dict(seg_mious)
     if cycles:
@@ -41,15 +43,33 @@ def results(config, wd: Workdir, seg_mious: dict, eval_seconds: float) -> dict:
     return out
 
 
-def format_table(res: dict) -> str:
-    """The results as a Markdown table (mIoU in percent)."""
+def result_rows(res: dict) -> list[tuple[str, float]]:
+    """``(result, mIoU fraction)`` rows of a results dict, in table order.
+
+    ``seg_miou["cyclic"]`` repeats the last cycle's figure (a stable key for scripts): it is
+    listed once, on that cycle's row.
+    """
     rows = []
     if "cam_miou" in res:
         rows.append((f"CAM (bg threshold {res['cam_bg_threshold']})", res["cam_miou"]))
+    scored = res.get("pseudo_mask_eval")
+    where = f"{scored['split']}, {scored['num_images']} images" if scored else "train subset"
     for name, value in res.get("pseudo_mask_miou", {}).items():
-        rows.append((f"pseudo-mask {name} (train subset)", value))
-    for name, value in res.get("seg_miou", {}).items():
-        rows.append((f"segmenter {name} (val)", value))
+        rows.append((f"pseudo-mask {name} ({where})", value))
+    seg_mious = res.get("seg_miou", {})
+    last_cycle = max((n for n in seg_mious if n.startswith("cycle") and n[5:].isdigit()),
+                     key=lambda n: int(n[5:]), default=None)
+    for name, value in seg_mious.items():
+        if name == "cyclic" and last_cycle is not None:
+            continue
+        label = f"{name} (cyclic)" if name == last_cycle else name
+        rows.append((f"segmenter {label} (val)", value))
+    return rows
+
+
+def format_table(res: dict) -> str:
+    """The results as a Markdown table (mIoU in percent)."""
+    rows = result_rows(res)
     lines = ["| result | mIoU (%) |", "| --- | --- |"]
     lines += [f"| {name} | {100 * value:.2f} |" for name, value in rows]
     lines += ["", "| stage | seconds |", "| --- | --- |"]

@@ -2,8 +2,15 @@
 
 The variant named by ``config.pseudo.train_on`` (PPMG by default) is made for every train
 image, because the segmenter trains on it; the other variants (the paper's Table 2 rows:
-baseline CRF, CRF + CVS, PPMG without CVS) are made for the first ``eval_subset`` train
-images only, which is where every variant's mIoU is measured.
+baseline CRF, CRF + CVS, PPMG without CVS) are made only for the images they are scored on.
+
+Scoring (``config.pseudo.eval_split``, ``eval_subset``): every variant's mIoU is measured on
+the images of the dataset split ``eval_split`` against that split's ground truth, as the
+paper does: on VOC the ``train`` split (1,464 images with VOC ground truth; they are part of
+``train_aug``, the split the masks are made for, where they keep the same VOC masks), not
+SBD's masks. ``eval_subset`` > 0 keeps only the first that many of them (the demo's quick
+score); 0 scores them all. The split and image count go to the metrics as
+``pseudo_mask_eval``.
 """
 
 from __future__ import annotations
@@ -52,11 +59,28 @@ def records(config, wd: Workdir, ids: set[str] | None):
             yield ex["id"], ex["image"], os.path.join(wd.cams("train"), f"{ex['id']}.npy")
 
 
-def subset_ids(config, wd: Workdir) -> list[str]:
-    """The first ``eval_subset`` train ids in dataset order (all processes agree)."""
-    first = itertools.islice(common.examples(config, wd, "train", all_processes=True),
-                             config.pseudo.eval_subset)
-    return [ex["id"] for ex in first]
+def eval_ids(config, wd: Workdir) -> list[str]:
+    """The ids the pseudo-masks are scored on: those of the dataset split
+    ``config.pseudo.eval_split`` (the first ``eval_subset`` when > 0), in dataset order.
+
+    Raises ValueError naming the key when the split does not exist or holds images without a
+    train CAM, i.e. images outside ``config.data.train_split``.
+    """
+    split, subset = config.pseudo.eval_split, config.pseudo.eval_subset
+    splits = pipeline.prepare(config.data.name, common.data_dir(config, wd)).info.splits
+    if split not in splits:
+        raise ValueError(f"config.pseudo.eval_split={split!r} is not a split of "
+                         f"{config.data.name} (it has {sorted(splits)})")
+    ids = list(itertools.islice((ex["id"] for ex in
+                                 common.dataset_split_examples(config, wd, split)),
+                                subset if subset > 0 else None))
+    missing = [i for i in ids if not os.path.exists(os.path.join(wd.cams("train"), f"{i}.npy"))]
+    if missing:
+        raise ValueError(
+            f"config.pseudo.eval_split={split!r}: {len(missing)} of its {len(ids)} images have no "
+            f"train CAM in {wd.cams('train')} (e.g. {missing[0]}); pseudo-masks are made for "
+            f"config.data.train_split={config.data.train_split!r}, which must contain them")
+    return ids
 
 
 def summary_images(config, wd: Workdir, ids: list[str], variants: list[str]
@@ -70,7 +94,7 @@ def summary_images(config, wd: Workdir, ids: list[str], variants: list[str]
 
 
 def run(config, wd: Workdir) -> dict:
-    subset = subset_ids(config, wd)
+    subset = eval_ids(config, wd)
     num_train = pipeline.num_examples(config.data.name, common.split_name(config, "train"),
                                       common.data_dir(config, wd))
     variants = list(dict.fromkeys([config.pseudo.train_on, *config.pseudo.variants]))
@@ -86,10 +110,12 @@ def run(config, wd: Workdir) -> dict:
         stats[method]["per_process"] = distributed.gather_ints(
             {k: stats[method][k] for k in ("written", "skipped", "failed")})
         distributed.barrier(f"pseudo-{method}-written")  # the mIoU reads every process's masks
-        mious[method] = common.miou(config, wd, "train", common.mask_reader(out_dir), ids=subset)
+        mious[method] = common.miou(config, wd, "train", common.mask_reader(out_dir), ids=subset,
+                                    dataset_split=config.pseudo.eval_split)
     if distributed.is_main():
         common.write_images(wd.log_dir("pseudo"), summary_images(
             config, wd, subset[:common.NUM_SUMMARY_IMAGES], variants))
     return {"pseudo_mask_miou": {m: r["miou"] for m, r in mious.items()},
             "pseudo_mask_per_class": {m: r["per_class"] for m, r in mious.items()},
-            "subset_size": len(subset), "generation": stats}
+            "pseudo_mask_eval": {"split": config.pseudo.eval_split, "num_images": len(subset)},
+            "generation": stats}

@@ -1,0 +1,84 @@
+"""Stage ``pseudo`` on a fake VOC tree: the masks are scored on VOC ``train`` (VOC ground
+truth), not on the first images of ``train_aug``, and the split and its size are reported."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+
+import numpy as np
+import pytest
+from test_voc import SBD_TRAIN, TRAIN_AUG, VOC_TRAIN, build, write_voc_tree
+
+from pmm_jax import evaluate, io
+from pmm_jax.stages import common, pseudo
+from pmm_jax.workdir import Workdir
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def voc_config(data_dir: str, **pseudo_overrides):
+    spec = importlib.util.spec_from_file_location("voc_config", ROOT / "configs" / "voc.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.data.data_dir = data_dir
+    config.pseudo.update(dict(variants=("baseline", "ppmg"), num_workers=1, **pseudo_overrides))
+    return config
+
+
+@pytest.fixture(scope="module")
+def voc_run(tmp_path_factory):
+    """A prepared fake VOC dataset and a workdir with a train CAM for every train_aug image
+    (each class's CAM is its ground-truth region, blurred a little)."""
+    root = tmp_path_factory.mktemp("pseudo_stage")
+    masks = write_voc_tree(root / "manual")
+    build(root / "manual", root / "tfds")
+    wd = Workdir(str(root / "run"))
+    for image_id in TRAIN_AUG:
+        mask = masks[image_id]
+        present = [int(c) for c in np.unique(mask) if 0 < c < 255]
+        io.write_cams(os.path.join(wd.cams("train"), f"{image_id}.npy"),
+                      {c - 1: np.clip((mask == c) * 0.9 + 0.05, 0, 1) for c in present})
+    return wd, str(root / "tfds"), masks
+
+
+def test_masks_are_scored_on_voc_train_with_voc_ground_truth(voc_run):
+    wd, data_dir, masks = voc_run
+    config = voc_config(data_dir)
+    metrics = pseudo.run(config, wd)
+    assert metrics["pseudo_mask_eval"] == {"split": "train", "num_images": len(VOC_TRAIN)}
+    # The segmenter's variant covers train_aug; the others only the scored images.
+    written = lambda v: sorted(p.stem for p in pathlib.Path(wd.pseudo_masks(v)).glob("*.png"))
+    assert written("ppmg") == sorted(TRAIN_AUG)
+    assert written("baseline") == sorted(VOC_TRAIN)
+    # The score is the mIoU over VOC train ids against their VOC masks: 2007_000002 (also in
+    # SBD train, with another mask) is scored against its VOC mask.
+    assert "2007_000002" in SBD_TRAIN
+    for variant in ("baseline", "ppmg"):
+        cm = sum(evaluate.confusion_matrix(
+            io.read_mask(os.path.join(wd.pseudo_masks(variant), f"{i}.png")), masks[i], 21)
+            for i in VOC_TRAIN)
+        expected = evaluate.iou_from_confusion(cm, rule=config.eval.rule)[1]
+        assert metrics["pseudo_mask_miou"][variant] == pytest.approx(float(expected))
+
+
+def test_eval_subset_keeps_the_first_images_of_the_eval_split(voc_run):
+    wd, data_dir, _ = voc_run
+    assert pseudo.eval_ids(voc_config(data_dir, eval_subset=2), wd) == list(VOC_TRAIN[:2])
+
+
+@pytest.mark.parametrize("split,message", [
+    ("val", "images have no train CAM"), ("nosuch", "is not a split of voc2012_wsss")])
+def test_an_eval_split_outside_train_is_an_error_naming_the_key(voc_run, split, message):
+    wd, data_dir, _ = voc_run
+    with pytest.raises(ValueError, match=f"config.pseudo.eval_split='{split}'.*") as err:
+        pseudo.eval_ids(voc_config(data_dir, eval_split=split), wd)
+    assert message in str(err.value)
+
+
+def test_dataset_split_examples_reads_the_named_split(voc_run):
+    wd, data_dir, _ = voc_run
+    ids = [ex["id"] for ex in common.dataset_split_examples(voc_config(data_dir), wd, "train")]
+    assert ids == sorted(VOC_TRAIN)
