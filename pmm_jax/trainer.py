@@ -177,7 +177,6 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: Iterator[Mapping[str, np.
             from clu import metric_writers
 
             step_fn = make_step(graphdef, loss_fn, seed, mesh)
-            from clu import metric_writers  # noqa: PLC0415 (imports TensorFlow: only to train)
 
             writer = metric_writers.create_default_writer(
                 log_dir, just_logging=jax.process_index() > 0)

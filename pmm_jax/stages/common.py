@@ -99,6 +99,8 @@ def examples(config, wd: Workdir, split: str, *, all_processes: bool = False) ->
 def dataset_split_examples(config, wd: Workdir, dataset_split: str) -> Iterator[dict]:
     """Like :func:`examples` (every process, all of it) for a split named as the dataset names
     it (e.g. VOC's ``train``, 1,464 images, rather than the logical train split ``train_aug``)."""
+    from pmm_jax.data import pipeline  # TensorFlow: imported where data is read
+
     return numpy_examples(pipeline.load_split(config.data.name, dataset_split,
                                               data_dir(config, wd), process_index=0,
                                               process_count=1))
