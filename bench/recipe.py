@@ -100,12 +100,11 @@ def load_config(dataset: str):
 
 
 def compute_dtype(config) -> str:
-    """The configured compute precision: ``cls.compute_dtype``, else ``compute_dtype``, else
-    float32 (configs without the key)."""
-    for section in (config.cls, config):
-        if "compute_dtype" in section:
-            return str(section.compute_dtype)
-    return "float32"
+    """The configured compute precision on this device (``config.compute_dtype``, "auto"
+    resolved by ``pmm_jax.precision``; float32 for configs without the key)."""
+    from pmm_jax import precision
+
+    return str(precision.config_dtype(config))
 
 
 def shrunk_backbone(cfg, size: Size) -> dict:
@@ -424,7 +423,7 @@ def time_test(config, size: Size, backends: list[str], repeats: int) -> dict[str
 
 
 # Split sizes of the datasets the configs name (images).
-SPLITS = {"voc2012_wsss": {"train_aug": 10582, "val": 1449},
+SPLITS = {"voc2012_wsss": {"train_aug": 10582, "train": 1464, "val": 1449},
           "coco2014_wsss/contiguous": {"train": 82783, "val": 40504}}
 
 
@@ -434,10 +433,14 @@ def counts(config) -> dict:
     train, val = split[config.data.train_split], split[config.data.val_split]
     segmenters = len(config.seg.runs) + config.cycle.num_cycles
     others = len([v for v in config.pseudo.variants if v != config.pseudo.train_on])
+    # The other variants are made only for the scored images: pseudo.eval_split (its first
+    # eval_subset when > 0).
+    scored = split[config.pseudo.eval_split]
+    scored = min(config.pseudo.eval_subset, scored) if config.pseudo.eval_subset else scored
     return {"train": train, "val": val, "segmenters": segmenters,
             "cls_steps": config.cls.num_steps,
             "cam_images": train + val,
-            "pseudo_images": train + others * min(config.pseudo.eval_subset, train),
+            "pseudo_images": train + others * scored,
             "seg_steps": config.seg.num_steps * segmenters,
             "seg_val_images": (config.seg.num_steps // config.seg.eval_every
                                if config.seg.get("eval_every") else 0) * val * segmenters,

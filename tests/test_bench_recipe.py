@@ -28,7 +28,8 @@ def test_counts_follow_the_configs():
     voc, coco = recipe.counts(recipe.load_config("voc")), recipe.counts(recipe.load_config("coco"))
     assert voc["cls_steps"] == 20 * 10582 // 16 and coco["cls_steps"] == 20 * 82783 // 8
     assert voc["cam_images"] == 10582 + 1449 and coco["cam_images"] == 82783 + 40504
-    assert voc["pseudo_images"] == 10582 + 3 * 1449 and coco["pseudo_images"] == 82783 + 3 * 2000
+    # the three other variants are made for the scored images: VOC train, all of COCO train
+    assert voc["pseudo_images"] == 10582 + 3 * 1464 and coco["pseudo_images"] == 82783 + 3 * 82783
     assert voc["segmenters"] == 2 and coco["segmenters"] == 1  # PUS + one cycle; COCO no cycle
     assert voc["seg_steps"] == 2 * 20000 and coco["seg_steps"] == 40000
     assert voc["seg_val_images"] == 10 * 1449 * 2 and coco["seg_val_images"] == 10 * 40504

@@ -155,7 +155,7 @@ def test_missing_inputs_exit_with_a_message(tmp_path):
 
 def test_missing_dataset_prints_only_its_message(tmp_path):
     proc = run_main("--config=configs/voc.py", f"--workdir={tmp_path}", "--config.stages=cls",
-                    timeout=300)
+                    "--config.allow_random_init=True", timeout=300)
     assert proc.returncode != 0
     assert "dataset voc2012_wsss is not prepared" in proc.stderr
     assert "python -m pmm_jax.data.prepare" in proc.stderr

@@ -18,7 +18,6 @@ import numpy as np
 from flax import nnx
 
 from pmm_jax import models, precision, seam, trainer, visualize
-from pmm_jax.data import pipeline
 from pmm_jax.models.cam_classifier import multilabel_soft_margin_loss
 from pmm_jax.stages import common
 from pmm_jax.workdir import Workdir
@@ -65,6 +64,8 @@ def train_batches(config, wd: Workdir, start: int):
     ds = common.split_dataset(config, wd, "train")
     if not rough_masks(config):
         return common.train_batches(config, ds, cfg, key, start)
+    from pmm_jax.data import pipeline  # TensorFlow: imported where data is read
+
     mc = cfg.multicrop
     return pipeline.multicrop_train_batches(
         ds, rough_masks=mc.rough_masks, batch_size=common.local_batch_size(cfg.batch_size, key),
