@@ -156,8 +156,15 @@ def test_voc_rehearsal_outputs(voc_home):
     workdir = voc_home / "W1"
     for split, ids in (("train", train), ("val", val)):
         check_cams(workdir / "cams" / split, sizes, ids)
+    # PPMG (trained on) and the cyclic masks cover train_aug; the other variants are made only
+    # for the images they are scored on, pseudo.eval_split (VOC's train split, VOC ground truth).
+    scored = split_ids(tfds_dir, "voc2012_wsss", "train")
+    assert 0 < len(scored) < len(train) and set(scored) <= set(train)
+    assert io.read_json(str(workdir / "results.json"))["pseudo_mask_eval"] == {
+        "split": "train", "num_images": len(scored)}
     for variant in PSEUDO_VARIANTS + ("cycle1",):
-        check_masks(workdir / "pseudo" / variant / "train", sizes, train, 21)
+        ids = train if variant in ("ppmg", "cycle1") else scored
+        check_masks(workdir / "pseudo" / variant / "train", sizes, ids, 21)
     for run in ("pus", "cycle1"):
         check_masks(workdir / "predictions" / run / "val", sizes, val, 21)
     check_results(workdir, {"pus", "cycle1"}, {"cls", "cam", "pseudo", "seg", "cycle", "eval"})
