@@ -54,7 +54,9 @@ def test_explore_workdir_shows_every_view_and_the_results(workdir, monkeypatch):
 def test_training_curves_plot_every_model(workdir, monkeypatch):
     notebook = execute("training_curves.ipynb", workdir, monkeypatch)
     printed = text(notebook)
-    assert "cls -> exact_match, learning_rate, loss, steps_per_sec" in printed
+    cls_line = next(line for line in printed.splitlines() if line.startswith("cls -> "))
+    for name in ("exact_match", "grad_norm", "learning_rate", "loss", "steps_per_sec"):
+        assert name in cls_line.split(" -> ")[1].split(", "), (name, cls_line)
     assert "seg/pus -> " in printed
     models = printed.count(" -> ")
     assert len(outputs(notebook, "image/png")) == models + 1  # one per model, all losses
