@@ -1,16 +1,27 @@
 """Test set-up shared by the whole suite.
 
 Four virtual CPU devices make every jitted, sharded code path run exactly as it would on a
-4-chip host; TensorFlow is kept off any GPU. Both must happen before jax/tf are imported.
+4-chip host; TensorFlow is kept off any GPU; compiled programs are cached on disk for the
+session. All must happen before jax/tf are imported.
 """
 
 import os
 import pathlib
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# One persistent XLA compilation cache for the whole session, the pytest-xdist workers and
+# every pipeline they start in a subprocess: the tiny pipeline is run, killed and resumed many
+# times, and without the cache each process recompiles the same programs (about half of the
+# suite's time). The key is the program, the compile options and the jax version, so a stale
+# entry cannot be hit; the folder lives under the system temp dir and is never needed.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"pmm-jax-tests-xla-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 

@@ -32,7 +32,8 @@ OVERRIDES = ("--config.stages=cls,cam,pseudo,seg", "--config.cls.num_steps=2",
              "--config.seg.num_steps=2", "--config.seg.runs=('pus',)",
              "--config.pseudo.variants=('baseline','ppmg')", "--config.pseudo.num_workers=1")
 
-pytestmark = pytest.mark.multiprocess
+# One worker runs the module, so the two-process run (its module fixture) happens once.
+pytestmark = [pytest.mark.multiprocess, pytest.mark.xdist_group("multiprocess")]
 
 
 def free_port() -> int:
