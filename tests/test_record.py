@@ -37,4 +37,8 @@ def test_changed_keys_lists_differences_of_keys_both_hold():
     old = {"cls.lr": 0.1, "cam.scales": [1.0], "removed.key": 1}
     new = {"cls.lr": 0.05, "cam.scales": [1.0], "added.key": 2}
     assert record.changed_keys(old, new) == ["cls.lr: 0.1 -> 0.05"]
+
+
+def test_flatten_joins_nested_keys_with_dots_and_stores_values_as_json():
+    assert record.flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
     assert record.flatten({"a": {"b": (1, (2, 3))}}) == {"a.b": [1, [2, 3]]}
