@@ -1,23 +1,13 @@
 """What a stage's marker records: the config keys that affect it, compared on rerun."""
 
-import importlib.util
-import pathlib
+from conftest import load_config
 
 from pmm_jax import stages
 from pmm_jax.stages import record
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def tiny_config():
-    spec = importlib.util.spec_from_file_location("demo_cfg", ROOT / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("tiny")
-
 
 def test_each_stage_depends_on_its_own_and_earlier_sections_only():
-    config = tiny_config()
+    config = load_config("configs/demo.py", "tiny")
     cls = record.relevant_config(config, "cls", stages.ORDER)
     pseudo = record.relevant_config(config, "pseudo", stages.ORDER)
     evaluation = record.relevant_config(config, "eval", stages.ORDER)
