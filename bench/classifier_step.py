@@ -93,7 +93,8 @@ def jax_model(args):
     from pmm_jax.models.resnet38 import ResNet38
 
     rngs = init_rngs(0)
-    backbone = ResNet38(width_div=args.width_div, blocks=_blocks(args), rngs=rngs)
+    backbone = ResNet38(width_div=args.width_div, blocks=_blocks(args),
+                        remat=getattr(args, "remat", False), rngs=rngs)
     if args.method == "seam":
         model = seam.SEAM(backbone, args.num_classes, dropout=0.5, rngs=rngs)
         tx, _ = seam.make_optimizer(model, args.lr, SCHEDULE_STEPS,
@@ -320,7 +321,7 @@ def main(argv=None) -> list[dict]:
     name = "SEAM" if args.method == "seam" else "plain CAM classifier"
     step_report.print_table(rows, args, (
         f"{name}/ResNet38-d blocks {args.blocks}, width/{args.width_div}, crop {args.crop}, "
-        f"batch {args.batch}, {args.dtype}, {args.steps} steps; "
+        f"batch {args.batch}, {args.dtype}{', remat' if args.remat else ''}, {args.steps} steps; "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {{load}}; "
         f"JAX compiled in {rows[0]['compile_s']:.0f} s"))
     step_report.check_finite(rows)

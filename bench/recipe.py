@@ -186,10 +186,11 @@ def classifier(config, size: Size):
     from pmm_jax import models, seam
 
     rngs = models.init_rngs(0)
-    backbone = models.build_backbone(shrunk_backbone(config.cls.model.backbone, size), rngs)
+    backbone = models.build_backbone(shrunk_backbone(config.cls.model.backbone, size), rngs,
+                                     remat=models.remat_option(config.cls.model))
     num_fg = config.data.num_classes - 1
     options = {k: v for k, v in config.cls.model.items()
-               if k not in ("backbone", "init_from", "compute_dtype")}
+               if k not in ("backbone", "init_from", "compute_dtype", *models.BACKBONE_OPTIONS)}
     if config.cls.get("method", "plain") == "seam":
         return seam.SEAM(backbone, num_fg, **options, rngs=rngs)
     from pmm_jax.models.cam_classifier import CAMClassifier  # noqa: PLC0415

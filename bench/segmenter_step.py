@@ -69,7 +69,7 @@ def seg_config(args) -> Section:
                        stem_width=w["stem_width"], frozen_stages=-1)
     model = Section(backbone=backbone, init_from="", bins=VOC_SEG["bins"],
                     channels=w["channels"], dropout=VOC_SEG["dropout"],
-                    aux_channels=w["aux_channels"])
+                    aux_channels=w["aux_channels"], remat=getattr(args, "remat", False))
     seg = Section(model=model, pus=Section(mode="none", beta=0.5, kappa=0.5, reduction="all"),
                   **{k: VOC_SEG[k] for k in ("lr", "min_lr", "momentum", "weight_decay",
                                              "num_steps", "aux_weight")})
@@ -184,7 +184,7 @@ def main(argv=None) -> list[dict]:
         rows.append(step_report.in_child(run_torch, args))
     step_report.print_table(rows, args, (
         f"PSPNet/ResNetV1c blocks {args.blocks}, width/{args.width_div}, crop {args.crop}, "
-        f"batch {args.batch}, {args.dtype}, {args.steps} steps; "
+        f"batch {args.batch}, {args.dtype}{', remat' if args.remat else ''}, {args.steps} steps; "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"load {{load}}; JAX compiled in {rows[0]['compile_s']:.0f} s"))
     step_report.check_finite(rows)

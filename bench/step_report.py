@@ -155,9 +155,12 @@ def torch_row(args, device: str, seconds: float, loss: float) -> dict:
 
 
 def add_common_args(parser) -> None:
-    """``--dtype``, ``--peak_tflops``, ``--skip_torch``, ``--out_json``."""
+    """``--dtype``, ``--remat``, ``--peak_tflops``, ``--skip_torch``, ``--out_json``."""
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="JAX: the models' compute_dtype; PyTorch: bfloat16 = AMP autocast")
+    parser.add_argument("--remat", action="store_true",
+                        help="JAX: the model config's remat (backbone blocks recomputed in the "
+                        "backward pass, pmm_jax/models/remat.py)")
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="the device's dense bf16 peak (default: known device kinds, "
                         "e.g. H100/H200 989)")
