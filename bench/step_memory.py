@@ -35,10 +35,6 @@ from bench import classifier_step, segmenter_step, step_report
 CASES = ("seam", "plain", "seg")
 
 
-# XLA compiler option that keeps jax.checkpoint's barriers through the CPU pipeline.
-KEEP_REMAT_BARRIERS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
-
-
 def bench_args(case: str, args) -> argparse.Namespace:
     """The benchmark's own argument namespace for ``case`` at this crop, batch, dtype and
     remat setting."""
@@ -53,7 +49,9 @@ def jax_memory(case: str, args) -> dict:
     """XLA's buffer sizes (GiB) of the compiled (never executed) step of ``case``."""
     module = segmenter_step if case == "seg" else classifier_step
     step, state, batch = module.build_jax(bench_args(case, args))
-    options = KEEP_REMAT_BARRIERS if args.keep_remat_barriers else None
+    from pmm_jax.models.remat import KEEP_BARRIERS
+
+    options = KEEP_BARRIERS if args.keep_remat_barriers else None
     return step_report.memory_gib(step.lower(state, batch).compile(options))
 
 

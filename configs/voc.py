@@ -18,7 +18,10 @@ import ml_collections
 # PMM's multi-crop scales (training and inference): 0.75 to 3.0 in steps of 0.25.
 MULTICROP_SCALES = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0)
 # cls.model.remat / seg.model.remat: run every backbone block under nnx.remat (activations
-# recomputed in the backward pass; same results, pmm_jax/models/remat.py). TODO measured.
+# recomputed in the backward pass; same results, pmm_jax/models/remat.py). On by default: it
+# halves the XLA temp memory of the full ResNet38-d SEAM step (1.21 -> 0.58 GiB at crop 224,
+# batch 2, float32; docs/benchmarks.md, "Memory and remat"), the issue-12 memory gap to PyTorch,
+# for about one extra forward pass per step. --config.cls.model.remat=False to trade back.
 REMAT = True
 
 

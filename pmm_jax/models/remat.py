@@ -7,6 +7,12 @@ the forward pass. The result (loss, gradients, BatchNorm statistics, dropout mas
 same; the cost is about one more forward pass per training step, the gain a much smaller
 activation memory (docs/models.md, "Memory"; figures in docs/benchmarks.md). Outside
 differentiation (inference) it changes nothing.
+
+On the CPU, XLA removes ``jax.checkpoint``'s optimisation barriers early in its pipeline
+("cse_barrier_expander", right after CSE), and CSE then merges the recomputation back into the
+forward pass: a CPU compile of a remat step is the plain step (same memory). The GPU pipeline
+keeps the barriers until after scheduling. To see remat's effect in a CPU compile (tests,
+``bench/step_memory.py``), compile with :data:`KEEP_BARRIERS`.
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ from __future__ import annotations
 from typing import Any
 
 from flax import nnx
+
+# ``jit(f).lower(...).compile(KEEP_BARRIERS)``: XLA keeps the remat barriers on the CPU too.
+KEEP_BARRIERS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
 
 
 @nnx.remat
