@@ -20,8 +20,8 @@ MULTICROP_SCALES = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0)
 # cls.model.remat / seg.model.remat: run every backbone block under nnx.remat (activations
 # recomputed in the backward pass; same results, pmm_jax/models/remat.py). On by default: it
 # halves XLA's temp memory of the full-size train steps (CPU compile, docs/benchmarks.md,
-# "Memory and remat": ResNet38-d SEAM step 1.21 -> 0.58 GiB at crop 224, batch 2; PSPNet
-# ResNetV1c-101 step 0.68 -> 0.28 GiB at crop 128), the memory issue 12 is about, for about one
+# "Memory and remat": ResNet38-d SEAM step 1.21 -> 0.58 GiB, PSPNet ResNetV1c-101 step
+# 1.37 -> 0.50 GiB, both at crop 224, batch 2), the memory issue 12 is about, for about one
 # extra backbone forward pass per step. --config.cls.model.remat=False to trade back.
 REMAT = True
 
