@@ -45,9 +45,6 @@ gradient (dropout off) instead of timing.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import time
 
 from bench import step_report
 
@@ -129,20 +126,7 @@ def build_jax(args):
 
 def run_jax(args) -> dict:
     """images/s, loss, peak memory, XLA memory and FLOPs of the jitted pmm_jax training step."""
-    step, state, batch = build_jax(args)
-    start = time.perf_counter()
-    lowered = step.lower(state, batch)
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - start
-    for _ in range(args.warmup):
-        state, metrics = compiled(state, batch)
-    float(metrics["loss"])
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        state, metrics = compiled(state, batch)
-    loss = float(metrics["loss"])
-    seconds = time.perf_counter() - start
-    return step_report.jax_row(args, compiled, lowered, seconds, loss, compile_s)
+    return step_report.time_jax(args, *build_jax(args))
 
 
 def build_torch(args, device="cpu"):
@@ -200,15 +184,7 @@ def run_torch(args) -> dict:
         opt.step()
         return loss
 
-    for i in range(args.warmup):
-        loss = step(i)
-    loss.item()
-    start = time.perf_counter()
-    for i in range(args.warmup, args.warmup + args.steps):
-        loss = step(i)
-    last = loss.item()
-    seconds = time.perf_counter() - start
-    return step_report.torch_row(args, device, seconds, last)
+    return step_report.time_torch(args, device, step)
 
 
 def torch_key(path) -> str:
@@ -315,17 +291,8 @@ def main(argv=None) -> list[dict]:
         if not ok:
             raise SystemExit("the two sides disagree")
         return [result]
-    rows = [step_report.in_child(run_jax, args)]
-    if not args.skip_torch:
-        rows.append(step_report.in_child(run_torch, args))
     name = "SEAM" if args.method == "seam" else "plain CAM classifier"
-    step_report.print_table(rows, args, (
-        f"{name}/ResNet38-d blocks {args.blocks}, width/{args.width_div}, crop {args.crop}, "
-        f"batch {args.batch}, {args.dtype}{', remat' if args.remat else ''}, {args.steps} steps; "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {{load}}; "
-        f"JAX compiled in {rows[0]['compile_s']:.0f} s"))
-    step_report.check_finite(rows)
-    return rows
+    return step_report.compare(args, run_jax, run_torch, f"{name}/ResNet38-d")
 
 
 if __name__ == "__main__":

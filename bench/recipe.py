@@ -5,9 +5,7 @@ counts read from the configs (steps, images, runs) and prints projected hours pe
 total, one table per dataset:
 
 * ``cls``: one classifier train step (the config's method and backbone, SEAM on ResNet38-d,
-  crop 448, the config's batch, the trainer's jitted step) x ``cls.num_steps``. Precision: the
-  config's ``compute_dtype`` (looked up in ``cls``, then at the top level) when it is there,
-  applied by casting parameters and images in the loss; float32 when the config has none.
+  crop 448, the config's batch, the trainer's jitted step) x ``cls.num_steps``.
 * ``cam``: multi-crop CAMs of one 500x375 image (``pmm_jax.multicrop_cam.MultiCropCAM``: all
   ten scales, crop 448, stride 300, flips, the config's tile batch) x (train + val images).
 * ``pseudo``: the PPMG pseudo-mask of one such image (``pmm_jax.pseudo_masks.generate``, two
@@ -25,6 +23,8 @@ total, one table per dataset:
   (``segment_inference.device_fn``: sliding window 512/480, six scales, flip, softmax average)
   plus the dense CRF of the averaged probabilities with each backend.
 
+Every model is built as its stage builds it, computing in the config's ``compute_dtype``
+(``pmm_jax.precision.set_compute_dtype``; "auto" is bfloat16 on a GPU/TPU, float32 on the CPU).
 Every unit is timed after one untimed call (compilation), as the best of ``--repeats``;
 ``--units`` restricts which are timed (the others print "not timed").
 Input pipelines, checkpoints and file writing are not timed. One image or one batch at a time
@@ -57,7 +57,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -107,6 +106,13 @@ def compute_dtype(config) -> str:
     return str(precision.config_dtype(config))
 
 
+def in_compute_dtype(config, model):
+    """``model`` computing in ``config.compute_dtype``, as the stages' ``build_model`` set it."""
+    from pmm_jax import precision
+
+    return precision.set_compute_dtype(model, precision.config_dtype(config))
+
+
 def shrunk_backbone(cfg, size: Size) -> dict:
     """A backbone config dict with the widths and depth of ``size`` (unchanged at full size)."""
     cfg = dict(cfg)
@@ -141,26 +147,6 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
-def cast_loss(loss_fn, dtype: str):
-    """``loss_fn`` computing in ``dtype``: floating parameters and images are cast inside the
-    step (float32 master weights and optimizer state); identity for float32."""
-    if dtype == "float32":
-        return loss_fn
-    target = jnp.dtype(dtype)
-
-    def cast(x):
-        return x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x
-
-    def wrapped(model, batch, rngs):
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        low = nnx.merge(graphdef, jax.tree.map(cast, params), rest)
-        batch = {k: cast(v) if k == "image" else v for k, v in batch.items()}
-        loss, metrics = loss_fn(low, batch, rngs)
-        return loss.astype(jnp.float32), metrics
-
-    return wrapped
-
-
 def train_step_seconds(model, tx, loss_fn, batch: dict, repeats: int) -> float:
     """Seconds per step of the trainer's jitted, donated, sharded step."""
     from pmm_jax import sharding as shd
@@ -184,6 +170,7 @@ def train_step_seconds(model, tx, loss_fn, batch: dict, repeats: int) -> float:
 def classifier(config, size: Size):
     """The configured CAM classifier (as ``stages.cls.build_model``, shrunk by ``size``)."""
     from pmm_jax import models, seam
+    from pmm_jax.models.cam_classifier import CAMClassifier
 
     rngs = models.init_rngs(0)
     backbone = models.build_backbone(shrunk_backbone(config.cls.model.backbone, size), rngs,
@@ -192,9 +179,10 @@ def classifier(config, size: Size):
     options = {k: v for k, v in config.cls.model.items()
                if k not in ("backbone", "init_from", "compute_dtype", *models.BACKBONE_OPTIONS)}
     if config.cls.get("method", "plain") == "seam":
-        return seam.SEAM(backbone, num_fg, **options, rngs=rngs)
-    from pmm_jax.models.cam_classifier import CAMClassifier  # noqa: PLC0415
-    return CAMClassifier(backbone, num_fg, dropout=options.get("dropout", 0.5), rngs=rngs)
+        model = seam.SEAM(backbone, num_fg, **options, rngs=rngs)
+    else:
+        model = CAMClassifier(backbone, num_fg, dropout=options.get("dropout", 0.5), rngs=rngs)
+    return in_compute_dtype(config, model)
 
 
 def plain_loss(model, batch, rngs):
@@ -205,7 +193,7 @@ def plain_loss(model, batch, rngs):
     return multilabel_soft_margin_loss(out["logits"], batch["labels"]), {}
 
 
-def time_cls(config, size: Size, repeats: int, dtype: str) -> float:
+def time_cls(config, size: Size, repeats: int) -> float:
     """Seconds per classifier train step at the configured crop and batch."""
     from pmm_jax import seam, trainer
 
@@ -222,7 +210,7 @@ def time_cls(config, size: Size, repeats: int, dtype: str) -> float:
     labels[np.arange(cfg.batch_size), rng.integers(0, labels.shape[1], cfg.batch_size)] = 1
     batch = {"image": rng.normal(size=(cfg.batch_size, crop, crop, 3)).astype(np.float32),
              "labels": labels}
-    return train_step_seconds(model, tx, cast_loss(loss_fn, dtype), batch, repeats)
+    return train_step_seconds(model, tx, loss_fn, batch, repeats)
 
 
 def eval_batch(image: np.ndarray, pad_to, num_labels: int) -> dict:
@@ -344,7 +332,8 @@ def segmenter(config, size: Size):
     if not size.full:
         cfg.update(channels=max(2, cfg["channels"] // size.width_div),
                    aux_channels=max(2, cfg["aux_channels"] // size.width_div))
-    return models.build_segmenter(cfg, config.data.num_classes, models.init_rngs(0))
+    return in_compute_dtype(config, models.build_segmenter(cfg, config.data.num_classes,
+                                                           models.init_rngs(0)))
 
 
 def seg_loss(config):
@@ -366,7 +355,7 @@ def seg_loss(config):
     return loss_fn
 
 
-def time_seg(config, size: Size, repeats: int, dtype: str, max_batch: int) -> tuple[float, int]:
+def time_seg(config, size: Size, repeats: int, max_batch: int) -> tuple[float, int]:
     """``(seconds per step, timed batch)`` of the segmenter train step at the configured crop."""
     from pmm_jax import trainer
 
@@ -381,8 +370,7 @@ def time_seg(config, size: Size, repeats: int, dtype: str, max_batch: int) -> tu
     batch = {"image": rng.normal(size=(batch_size, crop, crop, 3)).astype(np.float32),
              "mask": rng.integers(0, config.data.num_classes,
                                   (batch_size, crop, crop)).astype(np.int32)}
-    return train_step_seconds(model, tx, cast_loss(seg_loss(config), dtype), batch,
-                              repeats), batch_size
+    return train_step_seconds(model, tx, seg_loss(config), batch, repeats), batch_size
 
 
 def test_batch(config, size: Size) -> dict:
@@ -451,8 +439,7 @@ def counts(config) -> dict:
 
 def measure(config, size: Size, args, backends: list[str]) -> dict:
     """Seconds per unit of every stage (pseudo-masks and test time per CRF backend)."""
-    dtype = compute_dtype(config)
-    out = {"dtype": dtype}
+    out = {"dtype": compute_dtype(config)}
 
     def timed(key, fn, *fn_args):
         start = time.perf_counter()
@@ -462,11 +449,11 @@ def measure(config, size: Size, args, backends: list[str]) -> dict:
 
     units = set(args.units.split(","))
     if "cls" in units:
-        timed("cls_step", time_cls, config, size, args.repeats, dtype)
+        timed("cls_step", time_cls, config, size, args.repeats)
     if "cam" in units:
         timed("cam_image", time_cam, config, size, args.repeats)
     if "seg" in units:
-        timed("seg", time_seg, config, size, args.repeats, dtype, args.max_seg_batch)
+        timed("seg", time_seg, config, size, args.repeats, args.max_seg_batch)
         out["seg_step"], out["seg_batch"] = out.pop("seg")
     for backend in backends if "pseudo" in units else ():
         timed(f"pseudo_image/{backend}", time_pseudo_masks, config, size, backend,

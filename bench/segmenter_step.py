@@ -33,9 +33,6 @@ torch need be installed (no TensorFlow, clu, ml_collections or pydensecrf).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import time
 
 from bench import step_report
 
@@ -110,20 +107,7 @@ def build_jax(args):
 
 def run_jax(args) -> dict:
     """images/s, loss, peak memory, XLA memory and FLOPs of the seg stage's train step."""
-    step, state, batch = build_jax(args)
-    start = time.perf_counter()
-    lowered = step.lower(state, batch)
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - start
-    for _ in range(args.warmup):
-        state, metrics = compiled(state, batch)
-    float(metrics["loss"])
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        state, metrics = compiled(state, batch)
-    loss = float(metrics["loss"])
-    seconds = time.perf_counter() - start
-    return step_report.jax_row(args, compiled, lowered, seconds, loss, compile_s)
+    return step_report.time_jax(args, *build_jax(args))
 
 
 def run_torch(args) -> dict:
@@ -144,7 +128,7 @@ def run_torch(args) -> dict:
     mask = torch.from_numpy(mask).long().to(device)
     ce = torch.nn.functional.cross_entropy
 
-    def step():
+    def step(_):
         opt.zero_grad(set_to_none=True)
         with step_report.torch_autocast(args.dtype, device):
             logits, aux = model(image)
@@ -154,14 +138,7 @@ def run_torch(args) -> dict:
         opt.step()
         return loss
 
-    for _ in range(args.warmup):
-        loss = step()
-    loss.item()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    last = loss.item()
-    return step_report.torch_row(args, device, time.perf_counter() - start, last)
+    return step_report.time_torch(args, device, step)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -179,16 +156,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    rows = [step_report.in_child(run_jax, args)]
-    if not args.skip_torch:
-        rows.append(step_report.in_child(run_torch, args))
-    step_report.print_table(rows, args, (
-        f"PSPNet/ResNetV1c blocks {args.blocks}, width/{args.width_div}, crop {args.crop}, "
-        f"batch {args.batch}, {args.dtype}{', remat' if args.remat else ''}, {args.steps} steps; "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"load {{load}}; JAX compiled in {rows[0]['compile_s']:.0f} s"))
-    step_report.check_finite(rows)
-    return rows
+    return step_report.compare(args, run_jax, run_torch, "PSPNet/ResNetV1c")
 
 
 if __name__ == "__main__":

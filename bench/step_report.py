@@ -1,6 +1,7 @@
 """What the train-step benchmarks (``bench/classifier_step.py``, ``bench/segmenter_step.py``)
-share: running each framework in its own process, its memory peak, XLA's FLOP and memory
-figures of the compiled step, the device's bf16 peak, and the result table."""
+share: running each framework in its own process, timing its train step, its memory peak,
+XLA's FLOP and memory figures of the compiled step, the device's bf16 peak, and the result
+table."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import json
 import math
 import multiprocessing
 import os
+import platform
 import resource
+import time
 
 # Dense (no sparsity) bfloat16 tensor-core peaks in TFLOP/s by device kind (vendor data
 # sheets); the first key contained in ``device_kind`` wins, so the more specific come first.
@@ -120,6 +123,22 @@ def print_table(rows: list[dict], args, header: str) -> None:
             json.dump({"args": vars(args), "rows": rows, "load": load}, f, indent=1)
 
 
+def compare(args, run_jax, run_torch, model: str) -> list[dict]:
+    """Runs ``run_jax(args)`` and (unless ``--skip_torch``) ``run_torch(args)`` each in its own
+    process, prints their table (:func:`print_table`) under a header naming ``model``, the
+    run's settings and the machine, and returns the rows; SystemExit on a non-finite loss."""
+    rows = [in_child(run_jax, args)]
+    if not args.skip_torch:
+        rows.append(in_child(run_torch, args))
+    print_table(rows, args, (
+        f"{model} blocks {args.blocks}, width/{args.width_div}, crop {args.crop}, "
+        f"batch {args.batch}, {args.dtype}{', remat' if args.remat else ''}, {args.steps} steps; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {{load}}; "
+        f"JAX compiled in {rows[0]['compile_s']:.0f} s"))
+    check_finite(rows)
+    return rows
+
+
 def jax_row(args, compiled, lowered, seconds: float, loss: float, compile_s: float) -> dict:
     """The JAX side's result row: images/s, loss, peak memory (the device allocator's peak on
     an accelerator, the process's peak RSS on a CPU), XLA's memory and FLOP figures."""
@@ -139,6 +158,37 @@ def jax_row(args, compiled, lowered, seconds: float, loss: float, compile_s: flo
             "step_tflop": None if flops is None else flops / 1e12,
             "tflops_per_s": None if flops is None else flops * args.steps / seconds / 1e12,
             "peak_tflops": peak}
+
+
+def time_jax(args, step, state, batch) -> dict:
+    """Compiles the jitted ``step`` (timed: ``compile_s``), runs ``args.warmup`` untimed and
+    ``args.steps`` timed steps on the fixed ``batch``, and returns :func:`jax_row`."""
+    start = time.perf_counter()
+    lowered = step.lower(state, batch)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    for _ in range(args.warmup):
+        state, metrics = compiled(state, batch)
+    float(metrics["loss"])
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        state, metrics = compiled(state, batch)
+    loss = float(metrics["loss"])
+    seconds = time.perf_counter() - start
+    return jax_row(args, compiled, lowered, seconds, loss, compile_s)
+
+
+def time_torch(args, device: str, step) -> dict:
+    """Runs ``step(i)`` (one PyTorch training step, returning its loss tensor) for
+    ``args.warmup`` untimed and ``args.steps`` timed steps and returns :func:`torch_row`."""
+    for i in range(args.warmup):
+        loss = step(i)
+    loss.item()
+    start = time.perf_counter()
+    for i in range(args.warmup, args.warmup + args.steps):
+        loss = step(i)
+    last = loss.item()
+    return torch_row(args, device, time.perf_counter() - start, last)
 
 
 def torch_row(args, device: str, seconds: float, loss: float) -> dict:

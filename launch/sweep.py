@@ -64,20 +64,12 @@ def command(config_arg: str, workdir: str, overrides: dict, extra: list[str]) ->
     return args + list(extra)
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def collect(root: str, runs: dict[str, dict]) -> list[dict]:
     """One flat row per run with its overrides and results (missing results are marked)."""
+    # The markers' flattening (imported here: pmm_jax.stages loads JAX, which --print_only
+    # does not need; run from the repo root after ``pip install -e .``).
+    from pmm_jax.stages.record import flatten
+
     rows = []
     for name, overrides in runs.items():
         path = os.path.join(root, name, "results.json")

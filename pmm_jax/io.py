@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import tempfile
+import time
 import zipfile
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -25,6 +26,11 @@ import numpy as np
 from PIL import Image
 
 from pmm_jax.constants import PALETTE
+
+TEMP_PREFIX = ".tmp-"
+# When this process started writing, near enough: a temporary file older than this was left by
+# an earlier process killed between creating and renaming it (see remove_stale_temps).
+_PROCESS_START = time.time()
 
 
 class NonFiniteError(FloatingPointError):
@@ -50,7 +56,7 @@ def atomic_path(path: str) -> Iterator[str]:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX, suffix=suffix)
     os.close(fd)
     try:
         yield tmp
@@ -58,6 +64,29 @@ def atomic_path(path: str) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temps(directory: str) -> int:
+    """Deletes the temporary files that killed processes left in ``directory``; returns how many.
+
+    A process killed inside :func:`atomic_path` leaves its ``.tmp-*`` file behind; the output
+    itself was never written, so the resumed stage writes it again, and this sweep (run by the
+    per-image writers before they start) keeps the folder free of the debris. Only files older
+    than this process are removed: the other processes of a multi-host run cannot have created
+    theirs earlier, since they all start together (``jax.distributed.initialize``).
+    """
+    if not os.path.isdir(directory):
+        return 0
+    removed = 0
+    for entry in os.scandir(directory):
+        if entry.name.startswith(TEMP_PREFIX) and entry.is_file():
+            try:
+                if entry.stat().st_mtime < _PROCESS_START:
+                    os.remove(entry.path)
+                    removed += 1
+            except FileNotFoundError:  # another process of the run removed it first
+                pass
+    return removed
 
 
 def write_bytes(path: str, data: bytes) -> None:

@@ -145,6 +145,7 @@ def generate(records: Iterable[tuple[str, Any, Any]], out_dir: str, cfg: config_
     """
     settings = _settings(cfg)
     _check_out_dir(out_dir)
+    io.remove_stale_temps(out_dir)
     workers = num_workers if num_workers is not None else cfg.get("num_workers")
     workers = workers if workers is not None else _available_cores()
     if workers < 1:

@@ -69,6 +69,7 @@ def write_rough_masks(records: Iterable[tuple[str, np.ndarray]], cam_dir: str, o
     cores), a bounded number of images in flight.
     """
     os.makedirs(out_dir, exist_ok=True)
+    io.remove_stale_temps(out_dir)
 
     def jobs() -> Iterator[tuple[str, np.ndarray, str, str, float]]:
         for image_id, image in records:

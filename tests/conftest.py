@@ -1,16 +1,27 @@
 """Test set-up shared by the whole suite.
 
 Four virtual CPU devices make every jitted, sharded code path run exactly as it would on a
-4-chip host; TensorFlow is kept off any GPU. Both must happen before jax/tf are imported.
+4-chip host; TensorFlow is kept off any GPU; compiled programs are cached on disk for the
+session. All must happen before jax/tf are imported.
 """
 
 import os
 import pathlib
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# One persistent XLA compilation cache for the whole session, the pytest-xdist workers and
+# every pipeline they start in a subprocess: the tiny pipeline is run, killed and resumed many
+# times, and without the cache each process recompiles the same programs (about half of the
+# suite's time). The key is the program, the compile options and the jax version, so a stale
+# entry cannot be hit; the folder lives under the system temp dir and is never needed.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"pmm-jax-tests-xla-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
@@ -101,3 +112,16 @@ def _kill_and_resume(workdir):
     code, _, log = run_main_until(workdir)
     assert code == 0, log[-3000:]
     return kills, log
+
+
+def load_config(path: str, variant: str | None = None):
+    """``get_config(variant)`` of the config file at ``path`` (relative to the repository
+    root, e.g. ``"configs/demo.py"``; ``variant=None``: the file's default), a fresh unlocked
+    ConfigDict per call. Test modules import it with ``from conftest import load_config``."""
+    import importlib.util
+
+    file = pathlib.Path(__file__).resolve().parents[1] / path
+    spec = importlib.util.spec_from_file_location(f"config_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if variant is None else module.get_config(variant)

@@ -83,3 +83,18 @@ def test_smallest_run_without_tensorflow_or_pydensecrf():
     assert rows["cls"][1] == "not timed" and int(rows["cls"][2]) == 20 * 10582 // 16
     assert re.search(r"precision: float32", out)
     assert not math.isnan(hours)
+
+
+def test_models_compute_in_the_config_dtype_as_the_stages_build_them():
+    """The timed classifier and segmenter go through ``precision.set_compute_dtype`` like
+    ``stages.cls/seg.build_model``: bf16 convolutions, the float32 heads kept float32."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    config = recipe.load_config("voc")
+    config.compute_dtype = "bfloat16"
+    size = recipe.Size(width_div=32, res_div=16, shallow=True)
+    for build in (recipe.classifier, recipe.segmenter):
+        model = nnx.eval_shape(lambda: build(config, size))  # shapes only: nothing initialised
+        dtypes = {m.dtype for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Conv)}
+        assert dtypes == {jnp.dtype("bfloat16"), jnp.dtype("float32")}, (build.__name__, dtypes)

@@ -1,27 +1,19 @@
 """Tests of stage ``cam`` (pmm_jax/stages/cam.py) that need no trained classifier."""
 
-import importlib.util
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_config
 from flax import nnx
 
 from pmm_jax import io
 from pmm_jax.stages import cam, cls, common
 from pmm_jax.workdir import Workdir
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
 def tiny_config(method: str):
     """configs/demo.py:tiny with CAM ``method``; multi-crop on one 32-pixel tile scale."""
-    spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
+    config = load_config("configs/demo.py", "tiny")
     config.cam.method = method
     config.cam.batch_size = 4
     config.cam.multicrop.update(dict(scales=(1.0,), tile_batch=4))

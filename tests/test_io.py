@@ -41,6 +41,20 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_stale_temps_of_a_killed_process_are_removed_and_live_ones_kept(tmp_path):
+    """A ``.tmp-`` file older than this process was left by a killed writer and goes; one
+    created since (another process of this run, mid-write) and the outputs stay."""
+    stale, live, output = (tmp_path / ".tmp-a.png", tmp_path / ".tmp-b.png", tmp_path / "c.png")
+    for path in (stale, live, output):
+        path.write_bytes(b"x")
+    past = io._PROCESS_START - 60
+    os.utime(stale, (past, past))
+    os.utime(output, (past, past))
+    assert io.remove_stale_temps(str(tmp_path)) == 1
+    assert sorted(os.listdir(tmp_path)) == [".tmp-b.png", "c.png"]
+    assert io.remove_stale_temps(str(tmp_path / "missing")) == 0
+
+
 def test_cams_official_format(tmp_path):
     """Files are a pickled {class: float16 map} dict loadable like the official code does."""
     cams = {0: np.random.rand(4, 5), 14: np.random.rand(4, 5)}

@@ -32,7 +32,8 @@ OVERRIDES = ("--config.stages=cls,cam,pseudo,seg", "--config.cls.num_steps=2",
              "--config.seg.num_steps=2", "--config.seg.runs=('pus',)",
              "--config.pseudo.variants=('baseline','ppmg')", "--config.pseudo.num_workers=1")
 
-pytestmark = pytest.mark.multiprocess
+# One worker runs the module, so the two-process run (its module fixture) happens once.
+pytestmark = [pytest.mark.multiprocess, pytest.mark.xdist_group("multiprocess")]
 
 
 def free_port() -> int:
@@ -45,6 +46,10 @@ def start_processes(workdir, tag: str):
     """Starts the two processes of one run (a fresh coordinator port); returns them and logs."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="",
                XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    # Without the suite's compilation cache: a process that finds a program cached would reach
+    # the collective that follows tens of seconds before its peer has compiled it, past gloo's
+    # 30 s rendezvous deadline.
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     port = free_port()
     logs = [open(workdir / f"{tag}-process{i}.log", "w+") for i in range(2)]
     procs = [subprocess.Popen(

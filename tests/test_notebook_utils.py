@@ -1,25 +1,14 @@
 """Unit tests of pmm_jax.notebook_utils on a hand-made workdir (no pipeline run)."""
 
-import importlib.util
 import os
-import pathlib
 
 import numpy as np
 import pytest
+from conftest import load_config
 
 from pmm_jax import io, notebook_utils as nu
 from pmm_jax.constants import PALETTE
 from pmm_jax.workdir import Workdir
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def tiny_config():
-    spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("tiny")
-
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
@@ -30,7 +19,7 @@ def workdir(tmp_path_factory):
 
     root = str(tmp_path_factory.mktemp("workdir"))
     wd = Workdir(root)
-    config = tiny_config()
+    config = load_config("configs/demo.py", "tiny")
     io.write_json(wd.config_json, config.to_dict())
     config = nu.load_config(root)
     rng = np.random.default_rng(0)

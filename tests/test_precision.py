@@ -21,14 +21,13 @@ About 3 CPU-minutes (two compiled tiny train steps per stage, four lowered ones)
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_config
 from flax import nnx
 
 from pmm_jax import evaluate, models, pmm, precision, seam, trainer
@@ -36,7 +35,6 @@ from pmm_jax import sharding as shd
 from pmm_jax.data import synthetic
 from pmm_jax.stages import cam, cls, seg
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 30
 LOSS_TOLERANCE = 0.1  # of the float32 run's loss decrease over the STEPS steps
 STRUCTURE = [[4, 3, 2, 0, 56], [6, 3, 2, 1, 28], [8, 4, 3, 2, 14], [10, 6, 2, 1, 7]]
@@ -52,10 +50,7 @@ FAMILIES = {
 
 
 def tiny_config(dtype: str):
-    spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
+    config = load_config("configs/demo.py", "tiny")
     config.compute_dtype = dtype
     # Poly schedules long enough that the learning rate stays up for the STEPS taken here.
     config.cls.num_steps = config.seg.num_steps = 10 * STEPS

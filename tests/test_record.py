@@ -1,23 +1,13 @@
 """What a stage's marker records: the config keys that affect it, compared on rerun."""
 
-import importlib.util
-import pathlib
+from conftest import load_config
 
 from pmm_jax import stages
 from pmm_jax.stages import record
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def tiny_config():
-    spec = importlib.util.spec_from_file_location("demo_cfg", ROOT / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("tiny")
-
 
 def test_each_stage_depends_on_its_own_and_earlier_sections_only():
-    config = tiny_config()
+    config = load_config("configs/demo.py", "tiny")
     cls = record.relevant_config(config, "cls", stages.ORDER)
     pseudo = record.relevant_config(config, "pseudo", stages.ORDER)
     evaluation = record.relevant_config(config, "eval", stages.ORDER)
@@ -37,4 +27,8 @@ def test_changed_keys_lists_differences_of_keys_both_hold():
     old = {"cls.lr": 0.1, "cam.scales": [1.0], "removed.key": 1}
     new = {"cls.lr": 0.05, "cam.scales": [1.0], "added.key": 2}
     assert record.changed_keys(old, new) == ["cls.lr: 0.1 -> 0.05"]
+
+
+def test_flatten_joins_nested_keys_with_dots_and_stores_values_as_json():
+    assert record.flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
     assert record.flatten({"a": {"b": (1, (2, 3))}}) == {"a.b": [1, [2, 3]]}

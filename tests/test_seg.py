@@ -1,28 +1,15 @@
 """The seg stage's starting point: ``config.seg.model.init_from_cls`` copies the cls stage's
 trained classifier backbone (parameters and BN statistics) into the segmenter."""
 
-import importlib.util
-import pathlib
-
 import numpy as np
 import pytest
+from conftest import load_config
 from flax import nnx
 
 from pmm_jax import trainer
 from pmm_jax.models.pretrained import flat_weights
 from pmm_jax.stages import cls, seg
 from pmm_jax.workdir import Workdir
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def tiny_config():
-    """``configs/demo.py:tiny`` (init_from_cls on), loaded by path."""
-    spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("tiny")
-
 
 def save_trained_classifier(config, wd: Workdir) -> nnx.Module:
     """A stand-in for stage cls's checkpoint: a classifier whose backbone weights and BN
@@ -39,7 +26,7 @@ def backbone_arrays(module) -> dict[str, np.ndarray]:
 
 
 def test_init_from_cls_starts_the_segmenter_backbone_from_the_cls_checkpoint(tmp_path):
-    config = tiny_config()
+    config = load_config("configs/demo.py", "tiny")  # init_from_cls on
     assert config.seg.model.init_from_cls
     wd = Workdir(str(tmp_path))
     expected = backbone_arrays(save_trained_classifier(config, wd))
@@ -59,7 +46,7 @@ def test_init_from_cls_starts_the_segmenter_backbone_from_the_cls_checkpoint(tmp
 
 
 def test_init_from_cls_refuses_a_different_backbone_and_a_missing_checkpoint(tmp_path):
-    config = tiny_config()
+    config = load_config("configs/demo.py", "tiny")
     wd = Workdir(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="run stage 'cls' first"):
         seg.initial_model(config, wd)

@@ -43,10 +43,6 @@ def test_command_has_overrides_and_extra_flags():
                        "--workdir=/r/alpha-8.0", "--config.pseudo.alpha=8.0", "--config.seed=1"]
 
 
-def test_flatten_nests_with_dots():
-    assert sweep.flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
-
-
 def test_load_sweep_reads_get_sweep_next_to_the_config():
     runs = sweep.load_sweep(str(ROOT / "configs" / "demo.py") + ":tiny", "alpha")
     assert runs == [{"pseudo.alpha": 8.0}, {"pseudo.alpha": 11.0}]

@@ -150,6 +150,7 @@ def write_split(config, wd: Workdir, model, split: str, predict=None) -> int:
     key = "config.cam.batch_size"
     batches = common.eval_batches(config, wd, split, config.cam.batch_size, key)
     total = common.num_eval_batches(config, wd, split, config.cam.batch_size, key)
+    io.remove_stale_temps(wd.cams(split))
     written = 0
     for batch in tqdm.tqdm(batches, desc=f"cam {split}", unit="batch", total=total,
                            disable=not distributed.is_main()):

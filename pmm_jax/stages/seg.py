@@ -262,6 +262,7 @@ def predict_split(config, wd: Workdir, run: str, split: str, out_dir: str,
     key = "config.eval.batch_size"
     batches = common.eval_batches(config, wd, split, config.eval.batch_size, key)
     total = common.num_eval_batches(config, wd, split, config.eval.batch_size, key)
+    io.remove_stale_temps(out_dir)
     written = 0
     for batch in tqdm.tqdm(batches, desc=f"predict {run} {split}", unit="batch", total=total,
                            disable=not distributed.is_main()):
