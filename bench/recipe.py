@@ -177,7 +177,7 @@ def classifier(config, size: Size):
                                      remat=models.remat_option(config.cls.model))
     num_fg = config.data.num_classes - 1
     options = {k: v for k, v in config.cls.model.items()
-               if k not in ("backbone", "init_from", "compute_dtype", *models.BACKBONE_OPTIONS)}
+               if k not in ("backbone", "init_from", *models.BACKBONE_OPTIONS)}
     if config.cls.get("method", "plain") == "seam":
         model = seam.SEAM(backbone, num_fg, **options, rngs=rngs)
     else:
