@@ -90,7 +90,8 @@ def jax_model(args):
     from pmm_jax.models.resnet38 import ResNet38
 
     rngs = init_rngs(0)
-    backbone = ResNet38(width_div=args.width_div, blocks=_blocks(args), rngs=rngs)
+    backbone = ResNet38(width_div=args.width_div, blocks=_blocks(args),
+                        remat=getattr(args, "remat", False), rngs=rngs)
     if args.method == "seam":
         model = seam.SEAM(backbone, args.num_classes, dropout=0.5, rngs=rngs)
         tx, _ = seam.make_optimizer(model, args.lr, SCHEDULE_STEPS,

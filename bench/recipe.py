@@ -173,10 +173,11 @@ def classifier(config, size: Size):
     from pmm_jax.models.cam_classifier import CAMClassifier
 
     rngs = models.init_rngs(0)
-    backbone = models.build_backbone(shrunk_backbone(config.cls.model.backbone, size), rngs)
+    backbone = models.build_backbone(shrunk_backbone(config.cls.model.backbone, size), rngs,
+                                     remat=models.remat_option(config.cls.model))
     num_fg = config.data.num_classes - 1
     options = {k: v for k, v in config.cls.model.items()
-               if k not in ("backbone", "init_from")}
+               if k not in ("backbone", "init_from", *models.BACKBONE_OPTIONS)}
     if config.cls.get("method", "plain") == "seam":
         model = seam.SEAM(backbone, num_fg, **options, rngs=rngs)
     else:

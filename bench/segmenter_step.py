@@ -66,7 +66,7 @@ def seg_config(args) -> Section:
                        stem_width=w["stem_width"], frozen_stages=-1)
     model = Section(backbone=backbone, init_from="", bins=VOC_SEG["bins"],
                     channels=w["channels"], dropout=VOC_SEG["dropout"],
-                    aux_channels=w["aux_channels"])
+                    aux_channels=w["aux_channels"], remat=getattr(args, "remat", False))
     seg = Section(model=model, pus=Section(mode="none", beta=0.5, kappa=0.5, reduction="all"),
                   **{k: VOC_SEG[k] for k in ("lr", "min_lr", "momentum", "weight_decay",
                                              "num_steps", "aux_weight")})

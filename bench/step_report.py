@@ -132,7 +132,7 @@ def compare(args, run_jax, run_torch, model: str) -> list[dict]:
         rows.append(in_child(run_torch, args))
     print_table(rows, args, (
         f"{model} blocks {args.blocks}, width/{args.width_div}, crop {args.crop}, "
-        f"batch {args.batch}, {args.dtype}, {args.steps} steps; "
+        f"batch {args.batch}, {args.dtype}{', remat' if args.remat else ''}, {args.steps} steps; "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {{load}}; "
         f"JAX compiled in {rows[0]['compile_s']:.0f} s"))
     check_finite(rows)
@@ -205,9 +205,12 @@ def torch_row(args, device: str, seconds: float, loss: float) -> dict:
 
 
 def add_common_args(parser) -> None:
-    """``--dtype``, ``--peak_tflops``, ``--skip_torch``, ``--out_json``."""
+    """``--dtype``, ``--remat``, ``--peak_tflops``, ``--skip_torch``, ``--out_json``."""
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="JAX: the models' compute_dtype; PyTorch: bfloat16 = AMP autocast")
+    parser.add_argument("--remat", action="store_true",
+                        help="JAX: the model config's remat (backbone blocks recomputed in the "
+                        "backward pass, pmm_jax/models/remat.py)")
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="the device's dense bf16 peak (default: known device kinds, "
                         "e.g. H100/H200 989)")

@@ -46,7 +46,7 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     c.cls = ml_collections.ConfigDict(dict(
         # No dropout: SEAM's 0.5 channel dropout on 4096 channels would switch off half of
         # this small backbone's 64 (measured: CAM mIoU 23% with 0.5, 28% without).
-        model=ml_collections.ConfigDict(dict(backbone=backbone, dropout=0.0)),
+        model=ml_collections.ConfigDict(dict(backbone=backbone, dropout=0.0, remat=False)),
         batch_size=16 if tiny else 32,
         crop_size=48 if tiny else 96,
         scale_range=(0.9, 1.1),
@@ -101,7 +101,10 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
             dropout=0.1, aux_channels=8 if tiny else 32,
             # Start from the cls stage's backbone (same config), as WSSS segmenters start from
             # a pretrained one; the demo has no ImageNet weights.
-            init_from_cls=True)),
+            init_from_cls=True,
+            # True recomputes backbone activations in the backward pass (less memory, same
+            # results; pmm_jax/models/remat.py); the demo's activations are small.
+            remat=False)),
         aux_weight=0.4,
         runs=("ce", "pus"),
         pus=ml_collections.ConfigDict(dict(mode="clamp", beta=0.5, kappa=0.5, reduction="all")),

@@ -17,6 +17,13 @@ import ml_collections
 
 # PMM's multi-crop scales (training and inference): 0.75 to 3.0 in steps of 0.25.
 MULTICROP_SCALES = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0)
+# cls.model.remat / seg.model.remat: run every backbone block under nnx.remat (activations
+# recomputed in the backward pass; same results, pmm_jax/models/remat.py). On by default: it
+# halves XLA's temp memory of the full-size train steps (CPU compile, docs/benchmarks.md,
+# "Memory and remat": ResNet38-d SEAM step 1.21 -> 0.58 GiB, PSPNet ResNetV1c-101 step
+# 1.37 -> 0.50 GiB, both at crop 224, batch 2), the memory issue 12 is about, for about one
+# extra backbone forward pass per step. --config.cls.model.remat=False to trade back.
+REMAT = True
 
 
 def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
@@ -61,7 +68,7 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
             # Size keys at the official network's values (width_div divides every channel).
             backbone=ml_collections.ConfigDict(dict(
                 name="resnet38", width_div=1, blocks=(3, 3, 6, 3))), dropout=0.5,
-            init_from="")),
+            init_from="", remat=REMAT)),
         official_momentum=False,
         batch_size=16,
         crop_size=448,
@@ -129,7 +136,7 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
             # True: start the backbone from the cls stage's classifier (same backbone config
             # only); the demo's stand-in for ImageNet weights.
             init_from_cls=False,
-            bins=(1, 2, 3, 6), channels=512, dropout=0.1, aux_channels=256)),
+            bins=(1, 2, 3, 6), channels=512, dropout=0.1, aux_channels=256, remat=REMAT)),
         aux_weight=0.4,
         runs=("pus",),
         pus=ml_collections.ConfigDict(dict(mode="clamp", beta=0.5, kappa=0.5, reduction="all")),

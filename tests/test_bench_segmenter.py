@@ -39,7 +39,7 @@ def test_benches_run_without_tensorflow_clu_ml_collections_pydensecrf(tmp_path):
     (tmp_path / "sitecustomize.py").write_text(
         "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in BLOCKED))
     script = """
-from bench import classifier_step, classifier_torch, segmenter_step, segmenter_torch
+from bench import classifier_step, classifier_torch, segmenter_step, segmenter_torch, step_memory
 micro = ["--crop=32", "--batch=4", "--num_classes=3", "--dtype=bfloat16", "--width_div=32",
          "--blocks=1,1,1,1"]
 for module, args in ((segmenter_step, micro), (classifier_step, ["--method=seam", *micro])):

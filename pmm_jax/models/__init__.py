@@ -6,6 +6,9 @@ are, so a config read back from JSON works)::
     backbone:      name: a key of BACKBONES; every other field is a keyword argument of
                    that backbone (for "resnet": stem_width, widths, blocks, strides,
                    dilations, block, stem_stride, in_channels; see TINY_RESNET)
+    remat:         True runs every backbone block under ``nnx.remat`` (recomputed in the
+                   backward pass: less activation memory, same results;
+                   ``pmm_jax.models.remat``); default False
     classifier options (build_classifier):  dropout (0.5)
     segmenter options (build_segmenter):    bins ((1, 2, 3, 6)), channels (512),
                                             dropout (0.1), aux_channels (256)
@@ -42,6 +45,7 @@ from pmm_jax.models.scalenet import ScaleNet, scalenet101
 
 __all__ = [
     "BACKBONES",
+    "BACKBONE_OPTIONS",
     "SEGMENTER_BACKBONE_DEFAULTS",
     "CAMClassifier",
     "PSPNet",
@@ -55,6 +59,7 @@ __all__ = [
     "build_backbone",
     "build_classifier",
     "build_segmenter",
+    "remat_option",
     "copy_weights",
     "count_params",
     "load_pretrained",
@@ -86,6 +91,8 @@ _CLASSIFIER_OPTIONS = ("dropout",)
 # pretrained backbone checkpoint (pmm_jax.convert) the stage loads after building the model;
 # ``init_from_cls`` (segmenters), start the backbone from the ``cls`` stage's classifier.
 _LOAD_OPTIONS = ("init_from", "init_from_cls")
+# Options of the model config that the backbone gets (see the module docstring).
+BACKBONE_OPTIONS = ("remat",)
 _SEGMENTER_OPTIONS = ("bins", "channels", "dropout", "aux_channels")
 
 # Segmenter backbone settings of WSSS_MMSeg (mmseg/models/backbones/{resnet38d,scalenet}.py and
@@ -105,19 +112,29 @@ def init_rngs(seed: int) -> nnx.Rngs:
     return nnx.Rngs(jax.random.key(seed, impl="rbg"))
 
 
-def build_backbone(cfg: Mapping[str, Any], rngs: nnx.Rngs) -> nnx.Module:
-    """The backbone ``BACKBONES[cfg.name]`` built with the remaining fields of ``cfg``."""
+def build_backbone(cfg: Mapping[str, Any], rngs: nnx.Rngs, *, remat: bool = False
+                   ) -> nnx.Module:
+    """The backbone ``BACKBONES[cfg.name]`` built with the remaining fields of ``cfg``;
+    ``remat`` is the model config's key (``pmm_jax.models.remat``)."""
     kwargs = dict(cfg.items())
     name = kwargs.pop("name", None)
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone name {name!r}; registered: {sorted(BACKBONES)}")
-    return BACKBONES[name](**kwargs, rngs=rngs)
+    if "remat" in kwargs:
+        raise ValueError("remat is a key of the model config (e.g. config.cls.model.remat), "
+                         "not of model.backbone")
+    return BACKBONES[name](**kwargs, remat=remat, rngs=rngs)
+
+
+def remat_option(cfg: Mapping[str, Any]) -> bool:
+    """The model config's ``remat`` (False when absent)."""
+    return bool(cfg.get("remat", False))
 
 
 def _head_options(cfg: Mapping[str, Any], allowed: tuple[str, ...]) -> dict[str, Any]:
     """The fields of ``cfg`` other than ``backbone``; ValueError on any not in ``allowed``."""
     options = {key: value for key, value in cfg.items()
-               if key != "backbone" and key not in _LOAD_OPTIONS}
+               if key != "backbone" and key not in _LOAD_OPTIONS + BACKBONE_OPTIONS}
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"unknown model options {unknown}; allowed: {list(allowed)}")
@@ -127,8 +144,8 @@ def _head_options(cfg: Mapping[str, Any], allowed: tuple[str, ...]) -> dict[str,
 def build_classifier(cfg: Mapping[str, Any], num_classes: int, rngs: nnx.Rngs) -> CAMClassifier:
     """CAM classifier over ``num_classes`` foreground classes from a model config."""
     options = _head_options(cfg, _CLASSIFIER_OPTIONS)
-    return CAMClassifier(build_backbone(cfg["backbone"], rngs), num_classes, **options,
-                         rngs=rngs)
+    return CAMClassifier(build_backbone(cfg["backbone"], rngs, remat=remat_option(cfg)),
+                         num_classes, **options, rngs=rngs)
 
 
 def segmenter_backbone_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -142,5 +159,6 @@ def build_segmenter(cfg: Mapping[str, Any], num_classes: int, rngs: nnx.Rngs) ->
     """PSPNet over ``num_classes`` classes (background included) from a model config; the
     backbone gets ``SEGMENTER_BACKBONE_DEFAULTS`` (see the module docstring)."""
     options = _head_options(cfg, _SEGMENTER_OPTIONS)
-    backbone = build_backbone(segmenter_backbone_config(cfg["backbone"]), rngs)
+    backbone = build_backbone(segmenter_backbone_config(cfg["backbone"]), rngs,
+                              remat=remat_option(cfg))
     return PSPNet(backbone, num_classes, **options, rngs=rngs)

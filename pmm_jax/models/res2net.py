@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pmm_jax.models.remat import call_block
 from pmm_jax.models.resnet38 import frozen_stage_prefixes
 from pmm_jax.models.resnet_v1c import (EXPANSION, blocks_per_layer, bn, conv, max_pool_3x3_s2,
                                        run_sequence)
@@ -97,6 +98,8 @@ class Res2Net(nnx.Module):
       width_div: divides ``planes`` and ``stem_width`` (1 = the official network; a smaller
         network for rehearsals and tests, e.g. ``--config.seg.model.backbone.width_div=16``).
       frozen_stages: -1 (nothing), 0 (the stem) or k (the stem and layer1..layerk).
+      remat: run each block under ``nnx.remat`` (``pmm_jax.models.remat``; config key
+        ``model.remat``): less activation memory, same results.
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class Res2Net(nnx.Module):
         dilations: Sequence[int] = (1, 1, 2, 4),
         frozen_stages: int = -1,
         in_channels: int = 3,
+        remat: bool = False,
         rngs: nnx.Rngs,
     ):
         blocks = tuple(blocks)
@@ -143,13 +147,15 @@ class Res2Net(nnx.Module):
             out_strides.append(stride_so_far)
         self.out_channels = tuple(p * EXPANSION for p in planes)
         self.out_strides = tuple(out_strides)
+        self.remat = remat
 
     def __call__(self, x: jax.Array) -> list[jax.Array]:
         """``x[B,H,W,3]`` -> the four stage features (strides ``out_strides``)."""
         x = max_pool_3x3_s2(jax.nn.relu(self.bn1(run_sequence(self.conv1, x))))
         features = []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = run_sequence(layer, x)
+            for block in layer:
+                x = call_block(block, x, self.remat)
             features.append(x)
         return features
 

@@ -32,6 +32,8 @@ from typing import Sequence
 import jax
 from flax import nnx
 
+from pmm_jax.models.remat import call_block
+
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -133,6 +135,9 @@ def _check_config(widths, blocks, strides, dilations, block) -> None:
 class ResNet(nnx.Module):
     """Configurable ResNet-style backbone; see the module docstring for layout and strides.
 
+    ``remat``: run each block under ``nnx.remat`` (``pmm_jax.models.remat``; config key
+    ``model.remat``): less activation memory, same results.
+
     Attributes:
       out_channels: channels of each stage's feature map (= ``widths``).
       out_strides: input-to-feature stride of each stage.
@@ -149,6 +154,7 @@ class ResNet(nnx.Module):
         block: str = "basic",
         stem_stride: int = 2,
         in_channels: int = 3,
+        remat: bool = False,
         rngs: nnx.Rngs,
     ):
         widths, blocks = tuple(widths), tuple(blocks)
@@ -164,6 +170,7 @@ class ResNet(nnx.Module):
         self.stages = nnx.List(stages)
         self.out_channels = widths
         self.out_strides = tuple(out_strides)
+        self.remat = remat
 
     @staticmethod
     def _stage(block_cls, in_channels, width, depth, stride, dilation, rngs) -> nnx.Sequential:
@@ -179,6 +186,7 @@ class ResNet(nnx.Module):
         x = self.stem(x)
         features = []
         for stage in self.stages:
-            x = stage(x)
+            for block in stage.layers:
+                x = call_block(block, x, self.remat)
             features.append(x)
         return features

@@ -54,6 +54,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pmm_jax.models.remat import call_block
+
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9  # flax's decay; torch (Sync)BatchNorm momentum 0.1
 NORMS = ("frozen", "batch")
@@ -205,6 +207,8 @@ class ResNet38(nnx.Module):
         BatchNorm; the segmenter).
       frozen_stages: -1 .. 6, see the module docstring (default 1: conv1a and b2).
       out_indices: which of the six features to return (default all).
+      remat: run each block under ``nnx.remat`` (``pmm_jax.models.remat``; config key
+        ``model.remat``): less activation memory, same results.
 
     Attributes:
       out_channels, out_strides: per returned feature.
@@ -215,7 +219,7 @@ class ResNet38(nnx.Module):
                  dilations: Sequence[int] = (2, 4, 2), dropout: Sequence[float] = (0.3, 0.5),
                  norm: str = "frozen", frozen_stages: int = 1,
                  out_indices: Sequence[int] | None = None, in_channels: int = 3,
-                 rngs: nnx.Rngs):
+                 remat: bool = False, rngs: nnx.Rngs):
         blocks, dilations, dropout = tuple(blocks), tuple(dilations), tuple(dropout)
         if len(blocks) != 4 or len(dilations) != 3 or len(dropout) != 2:
             raise ValueError("resnet38 needs 4 block counts (b2..b5), 3 dilations (b5, b6, b7) "
@@ -250,6 +254,7 @@ class ResNet38(nnx.Module):
         self.frozen_prefixes = frozen_stage_prefixes(
             ("conv1a",), self.stage_names[:-1] + (("b7", "bn7"),), frozen_stages)
         self.out_indices = out_indices
+        self.remat = remat
         channels = (ch(128), ch(256), ch(512), ch(1024), ch(2048), ch(4096))
         self.out_channels = tuple(channels[i] for i in out_indices)
         self.out_strides = tuple((2, 4, 8, 8, 8, 8)[i] for i in out_indices)
@@ -261,7 +266,7 @@ class ResNet38(nnx.Module):
         features = []
         for k, stage in enumerate(self.stage_names):
             for i, name in enumerate(stage):
-                x, act = getattr(self, name)(x)
+                x, act = call_block(getattr(self, name), x, self.remat)
                 if i == 0 and k > 0:  # the activated output of the previous stage
                     features.append(act)
         features.append(jax.nn.relu(self.bn7(x)))

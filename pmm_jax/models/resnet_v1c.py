@@ -33,6 +33,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from pmm_jax.models.remat import call_block
 from pmm_jax.models.resnet import CONV_INIT
 from pmm_jax.models.resnet38 import batch_norm, frozen_stage_prefixes
 
@@ -117,6 +118,8 @@ class ResNetV1c(nnx.Module):
       deep_stem: mmseg's 3-conv stem (True) or torchvision's 7x7 conv (False).
       frozen_stages: -1 (nothing), 0 (the stem) or k (the stem and layer1..layerk); see the
         module docstring.
+      remat: run each block under ``nnx.remat`` (``pmm_jax.models.remat``; config key
+        ``model.remat``): less activation memory, same results.
     """
 
     def __init__(
@@ -133,6 +136,7 @@ class ResNetV1c(nnx.Module):
         deep_stem: bool = True,
         frozen_stages: int = -1,
         in_channels: int = 3,
+        remat: bool = False,
         rngs: nnx.Rngs,
     ):
         if blocks is None:
@@ -169,6 +173,7 @@ class ResNetV1c(nnx.Module):
             out_strides.append(stride_so_far)
         self.out_channels = tuple(out_channels)
         self.out_strides = tuple(out_strides)
+        self.remat = remat
 
     def __call__(self, x: jax.Array) -> list[jax.Array]:
         """``x[B,H,W,3]`` -> the four stage features (strides ``out_strides``)."""
@@ -179,7 +184,8 @@ class ResNetV1c(nnx.Module):
         x = max_pool_3x3_s2(x)
         features = []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = run_sequence(layer, x)
+            for block in layer:
+                x = call_block(block, x, self.remat)
             features.append(x)
         return features
 

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pmm_jax.models.remat import call_block
 from pmm_jax.models.resnet38 import (batch_norm, check_norm, conv, conv_init,
                                      frozen_stage_prefixes)
 
@@ -135,12 +136,14 @@ class ScaleNet(nnx.Module):
         BatchNorm; the segmenter).
       frozen_stages: mmseg's meaning: -1 nothing, 0 the stem (conv1, bn1), k the stem and
         layer1..layerk (default 1, PMM's classifier).
+      remat: run each block under ``nnx.remat`` (``pmm_jax.models.remat``; config key
+        ``model.remat``): less activation memory, same results.
     """
 
     def __init__(self, *, structure: str | Sequence, layers: Sequence[int] = (3, 4, 23, 3),
                  dilations: Sequence[int] = (1, 1, 1, 1), width_div: int = 1,
                  norm: str = "frozen", frozen_stages: int = 1, in_channels: int = 3,
-                 rngs: nnx.Rngs):
+                 remat: bool = False, rngs: nnx.Rngs):
         check_norm(norm)
         self.frozen_prefixes = frozen_stage_prefixes(
             ("conv1", "bn1"), [(f"layer{k}",) for k in (1, 2, 3, 4)], frozen_stages)
@@ -166,6 +169,7 @@ class ScaleNet(nnx.Module):
             setattr(self, f"layer{k + 1}", nnx.List(blocks))
         self.out_channels = tuple(64 * 2 ** k // width_div * EXPANSION for k in range(4))
         self.out_strides = (4, 8, 8, 8)
+        self.remat = remat
 
     def __call__(self, x: jax.Array) -> list[jax.Array]:
         """``x[B,H,W,3]`` -> outputs of layer1..layer4."""
@@ -175,7 +179,7 @@ class ScaleNet(nnx.Module):
         features = []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in layer:
-                x = block(x)
+                x = call_block(block, x, self.remat)
             features.append(x)
         return features
 

@@ -36,11 +36,13 @@ def build_model(config, seed: int = 0) -> nnx.Module:
     computing in ``config.compute_dtype``."""
     rngs = models.init_rngs(seed)
     if method(config) == "seam":
-        options = {k: v for k, v in config.cls.model.items() if k not in ("backbone", "init_from")}
+        options = {k: v for k, v in config.cls.model.items()
+                   if k not in ("backbone", "init_from", *models.BACKBONE_OPTIONS)}
         unknown = sorted(set(options) - set(seam.SEAM_OPTIONS))
         if unknown:
             raise ValueError(f"unknown SEAM model options {unknown}; allowed: {list(seam.SEAM_OPTIONS)}")
-        model = seam.SEAM(models.build_backbone(config.cls.model.backbone, rngs),
+        model = seam.SEAM(models.build_backbone(config.cls.model.backbone, rngs,
+                                                remat=models.remat_option(config.cls.model)),
                           common.num_foreground(config), **options, rngs=rngs)
     else:
         model = models.build_classifier(config.cls.model, common.num_foreground(config), rngs)

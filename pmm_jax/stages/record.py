@@ -33,9 +33,11 @@ FIRST_AFFECTED = {
 }
 
 # Keys that change how a stage runs (speed, logging, where data is read from, which stages
-# run), not what it computes: changing them never makes a completed stage stale.
+# run), not what it computes: changing them never makes a completed stage stale. (``*.remat``:
+# rematerialisation recomputes the same activations, pmm_jax/models/remat.py.)
 NO_EFFECT = ("stages", "data.data_dir", "*.log_every", "*.ckpt_every", "*num_workers",
-             "*crf_workers", "cam.batch_size", "eval.batch_size", "cam.multicrop.tile_batch")
+             "*crf_workers", "cam.batch_size", "eval.batch_size", "cam.multicrop.tile_batch",
+             "*.model.remat")
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
