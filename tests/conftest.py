@@ -25,6 +25,20 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
+# The modules whose tests run whole pipelines in subprocesses (minutes each), slowest first.
+SLOW_MODULES = ("test_rehearsal.py", "test_multiprocess.py", "test_main.py",
+                "test_multicrop_e2e.py", "test_precision.py")
+
+
+def pytest_collection_modifyitems(items):
+    """Runs the slow modules first (stable otherwise): pytest-xdist hands out tests in this
+    order, so the long ones start at once on both workers and the short ones fill the gaps,
+    instead of one worker running a rehearsal alone at the end of the suite."""
+    def rank(item):
+        name = item.path.name
+        return SLOW_MODULES.index(name) if name in SLOW_MODULES else len(SLOW_MODULES)
+    items.sort(key=rank)
+
 VOC_SAMPLES = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "voc_samples"
 
 

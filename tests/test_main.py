@@ -10,7 +10,7 @@ import pytest
 from pmm_jax import io, main, stages
 from pmm_jax.workdir import Workdir
 
-from test_record import tiny_config
+from conftest import load_config as load_config_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -43,12 +43,12 @@ def test_config_errors_are_one_paragraph(tmp_path, args, message):
 
 
 def test_non_positive_steps_and_batch_sizes_are_refused_by_key():
-    config = tiny_config()
+    config = load_config_file("configs/demo.py", "tiny")
     main.check_config(config)
     for key in ("cls.num_steps", "seg.num_steps", "cam.batch_size", "eval.batch_size"):
         section, name = key.split(".")
         for bad in (0, -2):
-            changed = tiny_config()
+            changed = load_config_file("configs/demo.py", "tiny")
             changed[section][name] = bad
             with pytest.raises(ValueError, match=rf"config\.{key}={bad} must be a positive"):
                 main.check_config(changed)

@@ -10,7 +10,7 @@ import pytest
 from pmm_jax import io, stages
 from pmm_jax.workdir import Workdir
 
-from test_record import tiny_config
+from conftest import load_config
 
 pytestmark = pytest.mark.xdist_group("tiny_run")
 
@@ -20,7 +20,7 @@ def finished(tiny_run, tmp_path):
     """A copy of the finished tiny run's workdir and its config."""
     root = tmp_path / "run"
     shutil.copytree(tiny_run[0], root)
-    return Workdir(str(root)), tiny_config()
+    return Workdir(str(root)), load_config("configs/demo.py", "tiny")
 
 
 def test_unchanged_or_no_effect_keys_skip_every_stage(finished):
