@@ -390,9 +390,9 @@ def eval_batches(ds: tf.data.Dataset, *, batch_size: int, pad_to: tuple[int, int
         fits = tf.debugging.Assert(
             tf.reduce_all(shape[:2] <= [height, width]),
             [f"image larger than pad_to={(height, width)}: id", example["id"], "shape", shape])
-        with tf.control_dependencies([fits]):
+        with tf.control_dependencies([fits]):  # both pads wait for the check: no pad error first
             raw = tf.identity(example["image"])
-        mask = tf.cast(example["mask"][:, :, 0], tf.int32)
+            mask = tf.cast(tf.identity(example["mask"])[:, :, 0], tf.int32)
         padded = {
             "image": _pad(normalize(raw), height, width),
             "raw": _pad(raw, height, width),
