@@ -39,6 +39,10 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
     # Compute dtype of every model (pmm_jax/precision.py, docs/models.md): "auto" = bfloat16 on
     # a GPU/TPU, float32 on a CPU; params, BN statistics and optimizer state stay float32.
     c.compute_dtype = "auto"
+    # XLA programs cached on disk ("" = off, "workdir" = WORKDIR/xla_cache, or a folder):
+    # recurring programs (the cyclic round's train step, every segmenter's test-time program)
+    # and resumed runs are not compiled again (pmm_jax.main.enable_compilation_cache).
+    c.compilation_cache = "workdir"
 
     c.data = ml_collections.ConfigDict(dict(
         name="voc2012_wsss",

@@ -141,6 +141,25 @@ def hold_workdir(wd):
         yield
 
 
+def enable_compilation_cache(setting: str, workdir: str) -> str | None:
+    """Turns on JAX's persistent compilation cache for ``config.compilation_cache``: "" = off,
+    "workdir" = ``WORKDIR/xla_cache``, anything else a folder. Returns the folder used.
+
+    A program compiled once is then read back wherever it recurs: the cyclic segmenter's
+    train step is the CE run's, every segmenter's test-time program is the same, and a
+    resumed run recompiles nothing. An explicit ``JAX_COMPILATION_CACHE_DIR`` wins (the test
+    suite shares one cache that way).
+    """
+    import jax
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or not setting:
+        return None
+    folder = os.path.join(workdir, "xla_cache") if setting == "workdir" else setting
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return folder
+
+
 def run(config, workdir: str, redo: list[str] = ()) -> dict:
     """Runs the configured stages in ``workdir`` (redoing those in ``redo``); returns
     ``{stage: marker}`` of those run. ``config.json`` keeps the first run's config."""
@@ -152,6 +171,7 @@ def run(config, workdir: str, redo: list[str] = ()) -> dict:
     names = stages.parse_stages(config.stages)
     redo = stages.parse_stages(",".join(redo), "--redo") if redo else []
     check_workdir(workdir)
+    enable_compilation_cache(config.get("compilation_cache", ""), workdir)
     wd = Workdir(workdir)
     with hold_workdir(wd):
         if distributed.is_main() and not os.path.exists(wd.config_json):

@@ -223,3 +223,25 @@ def test_deleted_cam_and_mask_are_redone_by_rerunning_the_later_stage(tiny_run, 
         assert new["id"] == old["id"] and new["outputs"] == old["outputs"]
         for key in ("cam_miou", "pseudo_mask_miou"):  # the redone files are the same
             assert new["metrics"].get(key) == old["metrics"].get(key)
+
+
+def test_compilation_cache_setting(tmp_path):
+    """``config.compilation_cache``: "" is off, "workdir" caches programs in WORKDIR/xla_cache,
+    another value is the folder; an explicit JAX_COMPILATION_CACHE_DIR wins. In a fresh
+    process, so this suite's own cache setting is untouched."""
+    script = f"""
+import os, jax, jax.numpy as jnp
+from pmm_jax import main
+os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+assert main.enable_compilation_cache("", {str(tmp_path)!r}) is None
+folder = main.enable_compilation_cache("workdir", {str(tmp_path)!r})
+assert folder == os.path.join({str(tmp_path)!r}, "xla_cache"), folder
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()
+assert os.listdir(folder), "nothing was cached"
+os.environ["JAX_COMPILATION_CACHE_DIR"] = "/elsewhere"
+assert main.enable_compilation_cache("workdir", {str(tmp_path)!r}) is None
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]

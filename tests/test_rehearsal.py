@@ -31,6 +31,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PSEUDO_VARIANTS = ("baseline", "crf_cvs", "ppmg_no_cvs", "ppmg")
+# The rehearsals check commands, files and shapes, not figures, and their time is mostly XLA
+# compiling big programs once: LLVM's optimisations off makes those compiles faster.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 def documented_commands(doc: pathlib.Path) -> list[list[str]]:
@@ -49,7 +52,8 @@ def run_in_home(home: pathlib.Path, command: str, timeout: int = 1800) -> str:
     """Runs ``command`` with bash in ``home`` (also $HOME) with this interpreter first on the
     PATH and the repo importable; returns its stderr. A failure shows the output."""
     env = dict(os.environ, HOME=str(home), PYTHONPATH=str(ROOT),
-               PATH=f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}")
+               PATH=f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}")
     proc = subprocess.run(["bash", "-c", command], cwd=home, env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, f"{command}\nfailed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

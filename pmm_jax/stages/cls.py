@@ -84,11 +84,15 @@ def loss_fn(model, batch, rngs):
     return loss, {"exact_match": jnp.mean(correct)}
 
 
+@nnx.jit
+def _cams(model, images: jax.Array) -> jax.Array:
+    return model(images)["cam"]
+
+
 def cam_summary(model, batch) -> dict:
-    """TensorBoard images: the first few training images beside their max-over-class CAM."""
-    model.eval()
-    cams = np.asarray(jax.device_get(model(batch["image"][:4])["cam"]))
-    model.train()
+    """TensorBoard images: the first few training images beside their max-over-class CAM
+    (``model`` in eval mode; its forward pass jitted)."""
+    cams = np.asarray(jax.device_get(_cams(model, batch["image"][:4])))
     return {"cam_overlay": visualize.cam_overlay_batch(batch["image"][:4], cams, batch["labels"][:4])}
 
 
