@@ -129,13 +129,11 @@ def predict(config, workdir: str, run: str, images: list[np.ndarray]) -> list[np
     For images the pipeline did not predict (e.g. train images when no cycle ran); loads the
     checkpoint and runs the model under ``nnx.jit`` on the default device.
     """
-    from flax import nnx
-
     from pmm_jax.constants import IMAGENET_MEAN, IMAGENET_STD
     from pmm_jax.stages import seg
 
     model = seg.load_segmenter(config, Workdir(workdir), run)
-    labels = nnx.jit(seg.predict_labels)
+    labels = seg.jitted_predict_labels
     mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
     return [np.asarray(labels(model, {"image": ((image - mean) / std)[None]})[0])
             for image in images]

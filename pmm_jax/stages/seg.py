@@ -97,13 +97,14 @@ def predict_labels(model, batch) -> jax.Array:
     return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
 
 
-_jitted_labels = nnx.jit(predict_labels)
+# Compiled once per model structure and input shape, shared by every caller.
+jitted_predict_labels = nnx.jit(predict_labels)
 
 
 def mask_summary(model, batch) -> dict:
     """TensorBoard images: input, training mask and prediction side by side (``model`` in
     eval mode; its forward pass jitted, compiled once per run instead of op by op)."""
-    pred = np.asarray(jax.device_get(_jitted_labels(model, {"image": batch["image"][:4]})))
+    pred = np.asarray(jax.device_get(jitted_predict_labels(model, {"image": batch["image"][:4]})))
     images = visualize.denormalize(batch["image"][:4])
     target = visualize.colorize_mask(batch["mask"][:4])
     return {"image_mask_prediction": np.concatenate(
