@@ -426,13 +426,16 @@ def counts(config) -> dict:
     # eval_subset when > 0).
     scored = split[config.pseudo.eval_split]
     scored = min(config.pseudo.eval_subset, scored) if config.pseudo.eval_subset else scored
+    # The in-training validation reads val, or its first seg.val_subset images when > 0.
+    val_subset = config.seg.get("val_subset", 0)
+    validated = min(val_subset, val) if val_subset else val
     return {"train": train, "val": val, "segmenters": segmenters,
             "cls_steps": config.cls.num_steps,
             "cam_images": train + val,
             "pseudo_images": train + others * scored,
             "seg_steps": config.seg.num_steps * segmenters,
             "seg_val_images": (config.seg.num_steps // config.seg.eval_every
-                               if config.seg.get("eval_every") else 0) * val * segmenters,
+                               if config.seg.get("eval_every") else 0) * validated * segmenters,
             "cycle_images": config.cycle.num_cycles * train,
             "eval_images": val * segmenters}
 

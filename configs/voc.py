@@ -160,6 +160,9 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
         log_every=50,
         ckpt_every=2000,
         eval_every=2000,  # val mIoU (config.eval pipeline); the best checkpoint is kept and used
+        # The first N val images in that validation (0 = all): each validation costs the
+        # test-time pipeline, CRF included, per image (docs/benchmarks.md, recipe time).
+        val_subset=0,
     ))
 
     c.cycle = ml_collections.ConfigDict(dict(num_cycles=1, source="pus", loss="ce"))
@@ -192,7 +195,7 @@ def rehearsal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.seg.model.backbone.update(dict(width_div=16, blocks=(1, 1, 1, 1)))
     c.seg.model.update(dict(channels=32, aux_channels=16))
     c.seg.update(dict(batch_size=4, crop_size=128, num_steps=2, log_every=1, ckpt_every=2,
-                      eval_every=2))
+                      eval_every=2, val_subset=1))
     c.eval.update(dict(batch_size=4, scales=(0.75, 1.25)))
     return c
 

@@ -65,19 +65,26 @@ def check_config(config) -> None:
     stages.check_random_init(config)
 
 
-# Config keys (last dotted part) that must be positive integers wherever they appear.
+# Config keys (last dotted part) that must be positive integers wherever they appear, and
+# those where 0 means "off" or "all" and only a negative value is wrong.
 POSITIVE_KEYS = ("batch_size", "num_steps", "log_every", "ckpt_every", "tile_batch")
+NON_NEGATIVE_KEYS = ("eval_every", "eval_subset", "val_subset")
 
 
 def check_positive(config) -> None:
     """Refuses a zero or negative batch size, step count or interval by its key: they would
-    fail deep inside a stage, or (``num_steps=0``) finish a stage without a checkpoint."""
+    fail deep inside a stage, or (``num_steps=0``) finish a stage without a checkpoint; and a
+    negative ``eval_every`` or subset size (0 = off / all)."""
     from pmm_jax.stages import record
 
     for key, value in record.flatten(config.to_dict()).items():
-        if key.rsplit(".", 1)[-1] in POSITIVE_KEYS and (
-                isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise ValueError(f"config.{key}={value!r} must be a positive integer")
+        name = key.rsplit(".", 1)[-1]
+        if name not in POSITIVE_KEYS + NON_NEGATIVE_KEYS:
+            continue
+        least = 1 if name in POSITIVE_KEYS else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            kind = "a positive" if least else "a non-negative"
+            raise ValueError(f"config.{key}={value!r} must be {kind} integer")
 
 
 def config_error(err: Exception, argv: list[str]) -> str:

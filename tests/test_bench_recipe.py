@@ -35,6 +35,10 @@ def test_counts_follow_the_configs():
     assert voc["seg_val_images"] == 10 * 1449 * 2 and coco["seg_val_images"] == 10 * 40504
     assert voc["cycle_images"] == 10582 and coco["cycle_images"] == 0
     assert voc["eval_images"] == 2 * 1449 and coco["eval_images"] == 40504
+    subset = recipe.load_config("coco")
+    subset.seg.val_subset = 5000  # the in-training validation on the first 5,000 val images
+    assert recipe.counts(subset)["seg_val_images"] == 10 * 5000
+    assert recipe.counts(subset)["eval_images"] == 40504
 
 
 def test_table_projects_hours_from_seconds_per_unit():

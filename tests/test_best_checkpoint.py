@@ -2,9 +2,11 @@
 and the seg stage's keep_best / load_segmenter choice."""
 
 import ml_collections
+import pytest
+from conftest import load_config
 from flax import nnx
 
-from pmm_jax import io, trainer
+from pmm_jax import io, segment_inference, trainer
 from pmm_jax.stages import seg
 from pmm_jax.workdir import Workdir
 from tests.test_trainer import TinyNet, assert_trees_close, params_of, run
@@ -33,3 +35,38 @@ def test_keep_best_saves_the_best_model_and_load_segmenter_prefers_it(tmp_path, 
     # load_segmenter reads seg/<run>/best when eval_every is on (the last checkpoint otherwise).
     loaded = seg.load_segmenter(config, wd, "pus")
     assert_trees_close(params_of(loaded), models_seen[1])
+
+
+def perfect_predictor(seen):
+    """A stand-in for ``segment_inference.predictor``: records the ids of the valid rows of
+    each batch and predicts their ground truth."""
+    def predict(batch):
+        seen.extend(batch["id"][i].decode() for i in range(len(batch["id"])) if batch["valid"][i])
+        return batch["mask"]
+    return lambda model, config, source: predict
+
+
+def test_val_subset_validates_on_the_first_val_images(tmp_path, monkeypatch):
+    """``config.seg.val_subset`` = N > 0: the periodic validation reads the first N val images
+    (in dataset order), 0 reads all of val; either way their mIoU is scored."""
+    config = load_config("configs/demo.py", "tiny")
+    wd = Workdir(str(tmp_path))
+    seen = []
+    monkeypatch.setattr(segment_inference, "predictor", perfect_predictor(seen))
+    assert seg.val_miou(config, wd, model=None) == pytest.approx(1.0)
+    every = list(seen)
+    assert len(every) == len(set(every)) > 5
+    config.seg.val_subset = 5
+    seen.clear()
+    assert seg.val_miou(config, wd, model=None) == pytest.approx(1.0)
+    assert seen == every[:5]
+
+
+def test_val_subset_smaller_than_the_process_count_is_refused_by_key(monkeypatch):
+    config = load_config("configs/demo.py", "tiny")
+    config.seg.val_subset = 2
+    monkeypatch.setattr(seg.jax, "process_count", lambda: 4)
+    with pytest.raises(ValueError, match=r"config\.seg\.val_subset=2: each of the 4 processes"):
+        seg.check_val_subset(config)
+    config.seg.val_subset = 4
+    seg.check_val_subset(config)

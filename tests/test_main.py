@@ -54,6 +54,19 @@ def test_non_positive_steps_and_batch_sizes_are_refused_by_key():
                 main.check_config(changed)
 
 
+def test_negative_intervals_and_subsets_are_refused_by_key():
+    """0 turns ``eval_every`` off and means "all" for a subset; a negative value is refused."""
+    for key in ("seg.eval_every", "seg.val_subset", "pseudo.eval_subset"):
+        section, name = key.split(".")
+        changed = load_config_file("configs/voc.py", "rehearsal")  # random init allowed
+        main.check_config(changed)
+        changed[section][name] = 0
+        main.check_config(changed)
+        changed[section][name] = -1
+        with pytest.raises(ValueError, match=rf"config\.{key}=-1 must be a non-negative"):
+            main.check_config(changed)
+
+
 def test_unknown_stage_is_an_error(tmp_path):
     proc = run_main("--config=configs/demo.py:tiny", f"--workdir={tmp_path}",
                     "--config.stages=cls,segment")

@@ -36,9 +36,12 @@ def data_dir(config: ml_collections.ConfigDict, wd: Workdir) -> str:
     return path
 
 
-def split_name(config: ml_collections.ConfigDict, split: str) -> str:
-    """Maps the pipeline's logical split ("train"/"val") to the dataset's split name."""
-    return {"train": config.data.train_split, "val": config.data.val_split}[split]
+def split_name(config: ml_collections.ConfigDict, split: str, subset: int = 0) -> str:
+    """Maps the pipeline's logical split ("train"/"val") to the dataset's split name; with
+    ``subset`` > 0, to its first ``subset`` examples (tfds slicing: ``val[:N]``; each process
+    then reads its shard of those, so it needs at least one per process)."""
+    name = {"train": config.data.train_split, "val": config.data.val_split}[split]
+    return f"{name}[:{subset}]" if subset > 0 else name
 
 
 def local_batch_size(global_batch: int, key: str) -> int:
@@ -49,21 +52,24 @@ def local_batch_size(global_batch: int, key: str) -> int:
     return global_batch // jax.process_count()
 
 
-def split_dataset(config, wd: Workdir, split: str, *, all_processes: bool = False):
-    """The tf.data dataset of ``split``: this process's shard, or every example."""
+def split_dataset(config, wd: Workdir, split: str, *, all_processes: bool = False,
+                  subset: int = 0):
+    """The tf.data dataset of ``split`` (its first ``subset`` examples when > 0): this
+    process's shard, or every example."""
     from pmm_jax.data import pipeline  # TensorFlow: imported where data is read
 
     kwargs = dict(process_index=0, process_count=1) if all_processes else {}
-    return pipeline.load_split(config.data.name, split_name(config, split), data_dir(config, wd),
-                               **kwargs)
+    return pipeline.load_split(config.data.name, split_name(config, split, subset),
+                               data_dir(config, wd), **kwargs)
 
 
-def eval_batches(config, wd: Workdir, split: str, batch_size: int, key: str):
-    """Padded eval batches of this process's shard of ``split`` (``config.data.eval_pad_to``)."""
+def eval_batches(config, wd: Workdir, split: str, batch_size: int, key: str, subset: int = 0):
+    """Padded eval batches of this process's shard of ``split`` (``config.data.eval_pad_to``),
+    or of its first ``subset`` examples when > 0. Every process yields as many batches."""
     from pmm_jax.data import pipeline  # TensorFlow: imported where data is read
 
     pad_to = tuple(config.data.eval_pad_to) if config.data.eval_pad_to else None
-    return pipeline.eval_batches(split_dataset(config, wd, split),
+    return pipeline.eval_batches(split_dataset(config, wd, split, subset=subset),
                                  batch_size=local_batch_size(batch_size, key), pad_to=pad_to)
 
 

@@ -164,6 +164,9 @@ def train_segmenter(config, wd: Workdir, run: str, mask_dir: str, loss: str) -> 
     from pmm_jax.data import pipeline  # TensorFlow: imported where data is read
 
     cfg = config.seg
+    eval_every = cfg.get("eval_every", 0)
+    if eval_every:
+        check_val_subset(config)
     ckpt_dir = wd.ckpt_dir(f"seg/{run}")
     start = trainer.latest_step(ckpt_dir) or 0
     ds = pipeline.with_masks_from_dir(
@@ -175,7 +178,6 @@ def train_segmenter(config, wd: Workdir, run: str, mask_dir: str, loss: str) -> 
     common.warn_random_init(config, "seg")
     model = initial_model(config, wd)
     tx, schedule = make_optimizer(config, model)
-    eval_every = cfg.get("eval_every", 0)
     trainer.train(model, run_loss(config, loss), batches, tx,
                   num_steps=cfg.num_steps, ckpt_dir=ckpt_dir, log_dir=wd.log_dir(f"seg/{run}"),
                   seed=config.seed, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
@@ -189,15 +191,27 @@ def best_dir(wd: Workdir, run: str) -> str:
     return wd.ckpt_dir(f"seg/{run}/best")
 
 
+def check_val_subset(config) -> None:
+    """Refuses, before any training, a ``config.seg.val_subset`` that some process would get
+    no image of (each reads its shard of the first ``val_subset`` val images)."""
+    subset = config.seg.get("val_subset", 0)
+    if 0 < subset < jax.process_count():
+        raise ValueError(f"config.seg.val_subset={subset}: each of the {jax.process_count()} "
+                         "processes validates on its share of these images, so use at least "
+                         "one per process (or 0: all of val)")
+
+
 def val_miou(config, wd: Workdir, model) -> float:
-    """mIoU of ``model`` on the val split with config.eval's test-time pipeline (all processes)."""
+    """mIoU of ``model`` on the val split, or its first ``config.seg.val_subset`` images when
+    > 0, with config.eval's test-time pipeline (all processes)."""
     source = "the segmenter being trained, in its periodic validation (config.seg.eval_every)"
     # config.eval, config.crf.backend
     predict = segment_inference.predictor(model, config, source=source)
     num_classes = config.data.num_classes
     cm = np.zeros((num_classes, num_classes), np.int64)
     for batch in common.eval_batches(config, wd, "val", config.eval.batch_size,
-                                     "config.eval.batch_size"):
+                                     "config.eval.batch_size",
+                                     subset=config.seg.get("val_subset", 0)):
         labels = predict(batch)
         for i in np.flatnonzero(batch["valid"]):
             h, w = int(batch["height"][i]), int(batch["width"][i])
