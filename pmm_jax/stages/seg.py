@@ -233,7 +233,9 @@ def keep_best(config, wd: Workdir, run: str):
         miou = val_miou(config, wd, model)
         best = io.read_json(record)["miou"] if os.path.exists(record) else -1.0
         if distributed.is_main():
-            print(f"seg {run} step {step}: val mIoU {100 * miou:.2f} "
+            subset = config.seg.get("val_subset", 0)
+            images = f"first {subset} val images" if subset else "val"
+            print(f"seg {run} step {step}: mIoU {100 * miou:.2f} on {images} "
                   f"(best {100 * max(best, miou):.2f})", flush=True)
         if miou > best:
             trainer.save_model(model, directory, step)
