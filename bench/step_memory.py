@@ -19,6 +19,22 @@ compiles with that pass disabled so that the CPU figures show what remat does wh
 barriers are kept. These are static buffer sizes of a CPU compile, not a GPU's peak memory
 (no cuDNN workspaces, different fusion and scheduling).
 
+``--gpu_target=FILE`` compiles for an NVIDIA GPU instead, still without one: JAX's CUDA
+plugin (``pip install "jax[cuda12]==<this jax version>"``) builds a compile-only one-GPU
+topology from an XLA GPU target description (a ``GpuTargetConfigProto`` text file: XLA ships
+them as ``xla/backends/gpu/target_config/specs/<gpu>.txtpb``; jaxlib 0.10.2's plugin needs
+the ``collective_memory_granularity`` line removed), and the step goes through XLA's real GPU
+pipeline (cuDNN convolutions, GPU fusion, scheduling and rematerialisation against that
+device's memory, buffer assignment):
+
+    python -m bench.step_memory --gpu_target=h200.txtpb --crop=448 --batch=16 --cases=seam
+
+Without a device nothing is autotuned: cuDNN algorithms stay unpicked with zero-byte
+workspaces, so a GPU's temp can exceed these figures by the workspaces of the algorithms it
+picks (and its allocator peak by what autotuning allocates while compiling). XLA's Triton
+GEMM fusions are turned off (``xla_gpu_enable_triton_gemm``): without autotuning, jaxlib
+0.10.2 finds no tile sizes for some small dots of these steps; they go to cuBLAS.
+
 Cases: ``seam`` and ``plain`` (bench/classifier_step.py: full ResNet38-d) and ``seg``
 (bench/segmenter_step.py: PSPNet, ResNetV1c-101), each at ``--crop``/``--batch``.
 Activation memory grows linearly with batch x crop^2, so the figures scale to the paper's
@@ -29,8 +45,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+
+import jax
+import numpy as np
 
 from bench import classifier_step, segmenter_step, step_report
+from pmm_jax import sharding as shd
 
 CASES = ("seam", "plain", "seg")
 
@@ -46,13 +67,50 @@ def bench_args(case: str, args) -> argparse.Namespace:
 
 
 def jax_memory(case: str, args) -> dict:
-    """XLA's buffer sizes (GiB) of the compiled (never executed) step of ``case``."""
+    """XLA's buffer sizes (GiB) of the compiled (never executed) step of ``case``, for the CPU
+    or, with ``args.gpu_target``, for that GPU."""
     module = segmenter_step if case == "seg" else classifier_step
     step, state, batch = module.build_jax(bench_args(case, args))
+    if args.gpu_target:
+        return step_report.memory_gib(compile_for_gpu(step, state, batch, args.gpu_target))
     from pmm_jax.models.remat import KEEP_BARRIERS
 
     options = KEEP_BARRIERS if args.keep_remat_barriers else None
     return step_report.memory_gib(step.lower(state, batch).compile(options))
+
+
+# Without autotuning, XLA's Triton GEMM emitter finds no tile sizes for some small dots of
+# these steps (jaxlib 0.10.2: "Couldn't find output tile sizes"): they go to cuBLAS instead.
+GPU_COMPILE_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
+
+def gpu_mesh(target_config: str) -> jax.sharding.Mesh:
+    """A compile-only mesh of one GPU described by the ``GpuTargetConfigProto`` text file
+    ``target_config``; no GPU needed, but JAX's CUDA plugin."""
+    from jax.experimental import topologies
+
+    with open(target_config) as f:
+        spec = f.read()
+    try:
+        topology = topologies.get_topology_desc(platform="cuda", target_config=spec,
+                                                topology="1x1x1")
+    except NotImplementedError as err:
+        raise SystemExit(f"--gpu_target needs JAX's CUDA plugin, which is not installed or did "
+                         f'not load ({err}): pip install "jax[cuda12]=={jax.__version__}"') from err
+    return jax.sharding.Mesh(np.asarray(topology.devices), (shd.DATA_AXIS,))
+
+
+def compile_for_gpu(step, state, batch, target_config: str):
+    """``step`` (``trainer.make_step``'s jitted function) compiled for the GPU of
+    ``target_config`` from the shapes of ``state`` and ``batch`` alone, with the trainer's
+    shardings (state replicated and donated, batch split over the data axis)."""
+    mesh = gpu_mesh(target_config)
+    rep, data = shd.replicated(mesh), shd.data_sharding(mesh)
+    shapes = lambda tree, sharding: jax.tree.map(  # noqa: E731
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+    gpu_step = jax.jit(step.__wrapped__, in_shardings=(rep, data), out_shardings=(rep, rep),
+                       donate_argnums=0)
+    return gpu_step.lower(shapes(state, rep), shapes(batch, data)).compile(GPU_COMPILE_OPTIONS)
 
 
 def torch_saved_gib(case: str, args) -> float:
@@ -98,12 +156,20 @@ def main(argv=None) -> dict:
                         help="which remat settings to compile: off, on or off,on")
     parser.add_argument("--keep_remat_barriers", type=int, default=1,
                         help="1: compile with XLA's cse_barrier_expander disabled (see above)")
+    parser.add_argument("--gpu_target", default="",
+                        help="GpuTargetConfigProto text file: compile for that GPU (see above)")
     parser.add_argument("--skip_torch", action="store_true")
     parser.add_argument("--out_json", default="")
     args = parser.parse_args(argv)
+    if args.gpu_target:
+        # The models are built on the CPU (only their shapes reach the GPU compile), which
+        # also lets the CUDA plugin load where there is no GPU (it skips its device checks).
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
     results = {}
-    print(f"crop {args.crop}, batch {args.batch} (CPU compile; GiB; remat barriers "
-          f"{'kept' if args.keep_remat_barriers else 'XLA default'})")
+    where = (f"compiled for the GPU of {args.gpu_target}, deviceless" if args.gpu_target else
+             "CPU compile; remat barriers "
+             f"{'kept' if args.keep_remat_barriers else 'XLA default'}")
+    print(f"crop {args.crop}, batch {args.batch}, jax {jax.__version__} ({where}; GiB)")
     print("| step | dtype | remat | XLA temp | XLA arguments | XLA output | "
           "PyTorch saved activations |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
