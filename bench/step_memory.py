@@ -35,6 +35,10 @@ picks (and its allocator peak by what autotuning allocates while compiling). XLA
 GEMM fusions are turned off (``xla_gpu_enable_triton_gemm``): without autotuning, jaxlib
 0.10.2 finds no tile sizes for some small dots of these steps; they go to cuBLAS.
 
+PyTorch's saved tensors at the paper's sizes (about 16 GiB for SEAM at crop 448, batch 16,
+float32) may not fit a small machine: ``--torch_fit_batches=2,4`` measures them at two small
+batches and extrapolates to ``--batch`` (they are affine in the batch).
+
 Cases: ``seam`` and ``plain`` (bench/classifier_step.py: full ResNet38-d) and ``seg``
 (bench/segmenter_step.py: PSPNet, ResNetV1c-101), each at ``--crop``/``--batch``.
 Activation memory grows linearly with batch x crop^2, so the figures scale to the paper's
@@ -146,6 +150,27 @@ def torch_saved_gib(case: str, args) -> float:
     return sum(storages.values()) / 2**30
 
 
+def torch_saved_fit_gib(case: str, args, batches: tuple[int, int]) -> float:
+    """:func:`torch_saved_gib` at ``args.batch`` extrapolated from two smaller ``batches``, for
+    sizes whose saved tensors do not fit this machine's memory. Saved bytes are affine in the
+    batch: the weights (or, under AMP, their bf16 copies) are saved once, activations once
+    per image."""
+    low, high = (torch_saved_gib(case, argparse.Namespace(**{**vars(args), "batch": b}))
+                 for b in batches)
+    per_image = (high - low) / (batches[1] - batches[0])
+    return low + (args.batch - batches[0]) * per_image
+
+
+def parse_batches(text: str) -> tuple[int, int] | None:
+    """``--torch_fit_batches``: ``""`` (measure at ``--batch``) or two increasing batches."""
+    if not text:
+        return None
+    batches = tuple(int(b) for b in text.split(","))
+    if len(batches) != 2 or not 0 < batches[0] < batches[1]:
+        raise SystemExit(f"--torch_fit_batches wants two increasing batch sizes, got {text!r}")
+    return batches
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default=",".join(CASES))
@@ -159,8 +184,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--gpu_target", default="",
                         help="GpuTargetConfigProto text file: compile for that GPU (see above)")
     parser.add_argument("--skip_torch", action="store_true")
+    parser.add_argument("--torch_fit_batches", default="",
+                        help="e.g. 2,4: PyTorch's saved bytes measured at these two batches "
+                             "and extrapolated to --batch (affine in the batch)")
     parser.add_argument("--out_json", default="")
     args = parser.parse_args(argv)
+    args.torch_fit_batches = parse_batches(args.torch_fit_batches)
     if args.gpu_target:
         # The models are built on the CPU (only their shapes reach the GPU compile), which
         # also lets the CUDA plugin load where there is no GPU (it skips its device checks).
@@ -169,6 +198,8 @@ def main(argv=None) -> dict:
     where = (f"compiled for the GPU of {args.gpu_target}, deviceless" if args.gpu_target else
              "CPU compile; remat barriers "
              f"{'kept' if args.keep_remat_barriers else 'XLA default'}")
+    if args.torch_fit_batches:
+        where += "; PyTorch extrapolated from batches %d and %d" % args.torch_fit_batches
     print(f"crop {args.crop}, batch {args.batch}, jax {jax.__version__} ({where}; GiB)")
     print("| step | dtype | remat | XLA temp | XLA arguments | XLA output | "
           "PyTorch saved activations |")
@@ -200,7 +231,10 @@ def _jax_child(case_args):
 
 def _torch_child(case_args):
     case, args = case_args
-    return torch_saved_gib(case, argparse.Namespace(**args))
+    args = argparse.Namespace(**args)
+    if args.torch_fit_batches:
+        return torch_saved_fit_gib(case, args, args.torch_fit_batches)
+    return torch_saved_gib(case, args)
 
 
 if __name__ == "__main__":

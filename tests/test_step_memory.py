@@ -5,6 +5,7 @@ The compile itself needs JAX's CUDA plugin and a ``GpuTargetConfigProto`` file
 how to install it.
 """
 
+import argparse
 import importlib.util
 import os
 
@@ -48,3 +49,22 @@ def test_a_small_seam_step_compiles_for_the_gpu_target():
     stats = small.memory_analysis()
     assert stats.alias_size_in_bytes > 0 and stats.alias_size_in_bytes <= stats.argument_size_in_bytes
     assert large.memory_analysis().temp_size_in_bytes > 2 * stats.temp_size_in_bytes
+
+
+def test_pytorch_saved_bytes_extrapolate_from_two_batches():
+    """Saved tensors are affine in the batch (the weights' AMP copies once, activations per
+    image): batch 3 extrapolated from batches 1 and 2 matches batch 3 measured."""
+    args = argparse.Namespace(crop=32, batch=3, dtype="bfloat16", remat=False)
+    measured = step_memory.torch_saved_gib("plain", args)
+    fitted = step_memory.torch_saved_fit_gib("plain", args, (1, 2))
+    assert fitted == pytest.approx(measured, rel=1e-3)
+    one = step_memory.torch_saved_gib("plain", argparse.Namespace(**{**vars(args), "batch": 1}))
+    assert measured > 1.01 * one  # the batch does enter (the fit is not trivially constant)
+
+
+def test_torch_fit_batches_must_be_two_increasing_sizes():
+    assert step_memory.parse_batches("") is None
+    assert step_memory.parse_batches("2,4") == (2, 4)
+    for bad in ("4", "4,2", "0,2", "1,2,3"):
+        with pytest.raises(SystemExit, match="two increasing batch sizes"):
+            step_memory.parse_batches(bad)
