@@ -1,6 +1,7 @@
-"""bench/step_memory.py's GPU target: a train step compiled for an NVIDIA GPU without one.
+"""bench/step_memory.py: a train step compiled for an NVIDIA GPU without one, and PyTorch's
+saved bytes extrapolated from two small batches.
 
-The compile itself needs JAX's CUDA plugin and a ``GpuTargetConfigProto`` file
+The GPU compile needs JAX's CUDA plugin and a ``GpuTargetConfigProto`` file
 (``PMM_GPU_TARGET_CONFIG``), neither of which CI has; without the plugin the option must say
 how to install it.
 """
