@@ -4,14 +4,14 @@ trainer step) against the same network in PyTorch, on the same machine in one ru
 The network is wide ResNet38-d (PMM's classifier dilations 2, 4, 2; every BatchNorm in
 inference mode with frozen affine parameters, as the official code trains it). ``--dtype``:
 float32 (default) or bfloat16, i.e. the model's ``compute_dtype`` on the JAX side
-(``pmm_jax.precision``: bf16 convolutions, float32 parameters, heads and losses) and PyTorch
+(``pmm_jax.training.precision``: bf16 convolutions, float32 parameters, heads and losses) and PyTorch
 AMP (``torch.autocast(device, torch.bfloat16)`` around forward and loss) on the other.
 
 * ``--method=seam`` (default, the VOC config's classifier): the SEAM model (CAM head + PCM),
   both views (the crop and its 0.3x copy) through the network, the official losses
   (classification, rvmin, ER, ECR) and SEAM's four-group poly SGD with conv1a/b2 frozen.
-  JAX side: ``pmm_jax.seam.SEAM``, ``seam.seam_loss`` and ``seam.make_optimizer`` through
-  ``pmm_jax.trainer``'s jitted, donated, sharded step (the very function ``trainer.train``
+  JAX side: ``pmm_jax.cams.seam.SEAM``, ``seam.seam_loss`` and ``seam.make_optimizer`` through
+  ``pmm_jax.training.trainer``'s jitted, donated, sharded step (the very function ``trainer.train``
   runs). PyTorch side: ``bench/classifier_torch.py`` (official layout, ``TorchSEAM``,
   the official loop body, parameter groups with ``requires_grad=False`` on frozen layers).
 * ``--method=plain``: the ``plain`` classifier (Dropout2d + 1x1 CAM head, multilabel
@@ -84,10 +84,11 @@ def plain_loss(model, batch, rngs):
 
 def jax_model(args):
     """``(model, tx, loss_fn)`` of the configured classifier, as the ``cls`` stage builds them."""
-    from pmm_jax import precision, seam, trainer
+    from pmm_jax.cams import seam
     from pmm_jax.models import init_rngs
     from pmm_jax.models.cam_classifier import CAMClassifier
     from pmm_jax.models.resnet38 import ResNet38
+    from pmm_jax.training import precision, trainer
 
     rngs = init_rngs(0)
     backbone = ResNet38(width_div=args.width_div, blocks=_blocks(args),
@@ -109,8 +110,8 @@ def build_jax(args):
     replicated train state and the sharded batch."""
     from flax import nnx
 
-    from pmm_jax import sharding as shd
-    from pmm_jax import trainer
+    from pmm_jax.training import sharding as shd
+    from pmm_jax.training import trainer
 
     model, tx, loss_fn = jax_model(args)
     model.train()
@@ -189,12 +190,12 @@ def run_torch(args) -> dict:
 
 def torch_key(path) -> str:
     """State-dict key of a Flax parameter path (the Flax CAM head ``classifier`` is ``fc8``)."""
-    from pmm_jax import convert
+    from pmm_jax.tools import weight_conversion
 
     path = ".".join(map(str, path))
     if path.startswith("classifier."):
         path = "fc8" + path[len("classifier"):]
-    return convert.torch_key(path)
+    return weight_conversion.torch_key(path)
 
 
 def jax_twin(args, torch_model):
@@ -204,13 +205,13 @@ def jax_twin(args, torch_model):
     import jax.numpy as jnp
     from flax import nnx
 
-    from pmm_jax import convert
+    from pmm_jax.tools import weight_conversion
 
     abstract = nnx.eval_shape(lambda: jax_model(args)[0])
     graphdef, weights, rest = nnx.split(abstract, (nnx.Param, nnx.BatchStat), ...)
     source = torch_model.state_dict()
     weights = nnx.from_flat_state([
-        (path, var.replace(jnp.asarray(convert.from_torch_layout(
+        (path, var.replace(jnp.asarray(weight_conversion.from_torch_layout(
             source[torch_key(path)].detach().cpu().numpy()))))
         for path, var in nnx.to_flat_state(weights)])
     rest = jax.tree_util.tree_map(
@@ -228,7 +229,8 @@ def check_same_work(args) -> dict:
     import numpy as np
     from flax import nnx
 
-    from pmm_jax import convert, seam
+    from pmm_jax.cams import seam
+    from pmm_jax.tools import weight_conversion
 
     torch_model, _, torch_loss, _ = build_torch(args)
     model = jax_twin(args, torch_model)
@@ -245,7 +247,7 @@ def check_same_work(args) -> dict:
     trained = {k: p for k, p in torch_model.named_parameters() if p.requires_grad}
     errors = {}
     for key, param in trained.items():
-        ref = convert.from_torch_layout(param.grad.numpy())
+        ref = weight_conversion.from_torch_layout(param.grad.numpy())
         errors[key] = float(np.max(np.abs(np.asarray(grads[key]) - ref))
                             / (np.max(np.abs(ref)) + 1e-12))
     return {"loss_jax": float(ours), "loss_torch": loss.item(),

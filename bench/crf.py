@@ -1,4 +1,4 @@
-"""Benchmark: pydensecrf (host) against the JAX dense CRF (``pmm_jax.crf_jax``) per image.
+"""Benchmark: pydensecrf (host) against the JAX dense CRF (``pmm_jax.masks.dense_crf_jax``) per image.
 
 Three workloads on the real VOC photographs (``../shared/data/voc_samples`` by default):
 
@@ -29,10 +29,10 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from pmm_jax import crf, crf_jax
+from pmm_jax.masks import dense_crf, dense_crf_jax
 
 DEFAULT_SAMPLES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "voc_samples"
-PARAMS = {"pseudo": crf.PSEUDO_MASK_CRF, "test": crf.SEGMENTATION_TEST_CRF}
+PARAMS = {"pseudo": dense_crf.PSEUDO_MASK_CRF, "test": dense_crf.SEGMENTATION_TEST_CRF}
 ALPHA = 11.0
 
 
@@ -73,7 +73,7 @@ def workloads(label, seed):
 def host_crf(job):
     """pydensecrf on one image: every label set in turn (a pool worker)."""
     image, probs, params = job
-    return np.stack([crf.dense_crf(image, p, params) for p in probs])
+    return np.stack([dense_crf.dense_crf(image, p, params) for p in probs])
 
 
 def timed(fn, repeats):
@@ -96,14 +96,14 @@ def bench_workload(samples, name, params, repeats, pool):
 
     start = time.perf_counter()
     for image, probs, _ in jobs:
-        crf_jax.dense_crf_batched(image, probs, params)
+        dense_crf_jax.dense_crf_batched(image, probs, params)
     first = (time.perf_counter() - start) / n
-    outputs, device = zip(*(timed(lambda im=im, p=p: crf_jax.dense_crf_batched(im, p, params),
+    outputs, device = zip(*(timed(lambda im=im, p=p: dense_crf_jax.dense_crf_batched(im, p, params),
                                   repeats) for im, p, _ in jobs))
 
     images, probs = [j[0] for j in jobs], [j[1] for j in jobs]
-    crf_jax.dense_crf_images(images, probs, params)
-    _, batched_total = timed(lambda: crf_jax.dense_crf_images(images, probs, params), repeats)
+    dense_crf_jax.dense_crf_images(images, probs, params)
+    _, batched_total = timed(lambda: dense_crf_jax.dense_crf_images(images, probs, params), repeats)
 
     agree = [float((r.argmax(1) == o.argmax(1)).mean()) for r, o in zip(references, outputs)]
     mad = [float(np.abs(r - o).mean()) for r, o in zip(references, outputs)]

@@ -26,8 +26,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pmm_jax import io  # noqa: E402
 from pmm_jax.data import pipeline, prepare, voc  # noqa: E402
+from pmm_jax.files import io  # noqa: E402
 
 
 def fake_photo(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:

@@ -3,7 +3,7 @@
 Runs each variant (``--methods``) on the real VOC photographs of ``../shared/data/voc_samples``
 (synthetic images when they are absent), with CAMs derived from their labels, through
 
-* ``pmm_jax.pseudo_masks.generate`` with 1 CRF worker and with one per available core, and
+* ``pmm_jax.masks.generator.generate`` with 1 CRF worker and with one per available core, and
 * a plain serial per-image numpy loop written like the official ``refine_cam.py``,
 
 all in the same process and run, ``--repeats`` times interleaved (best time kept, because
@@ -34,8 +34,9 @@ import time
 import numpy as np
 from absl import app, flags
 
-from pmm_jax import crf, io
-from pmm_jax import pseudo_masks as pm
+from pmm_jax.files import io
+from pmm_jax.masks import dense_crf
+from pmm_jax.masks import generator as pm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOC_SAMPLES = os.path.join(os.path.dirname(REPO), "shared", "data", "voc_samples")
@@ -99,7 +100,7 @@ def serial_official_loop(records, cfg) -> tuple[dict[str, np.ndarray], float, fl
 
     Returns the masks, wall seconds, CPU seconds and the CPU seconds spent in the CRF.
     """
-    params = crf.backend_and_params(cfg.crf)[1]  # cfg.crf also holds the backend
+    params = dense_crf.backend_and_params(cfg.crf)[1]  # cfg.crf also holds the backend
     masks, crf_cpu = {}, 0.0
     out_dir = tempfile.mkdtemp()
     start, start_cpu = time.perf_counter(), time.process_time()
@@ -115,10 +116,10 @@ def serial_official_loop(records, cfg) -> tuple[dict[str, np.ndarray], float, fl
         if cfg.method in ("baseline", "crf_cvs"):
             v = np.stack([xs[k] for k in keys])
             probs = np.concatenate([(1 - v.max(0, keepdims=True)) ** cfg.alpha, v])
-            label = np.asarray([0] + [k + 1 for k in keys])[crf.dense_crf(image, probs, params).argmax(0)]
+            label = np.asarray([0] + [k + 1 for k in keys])[dense_crf.dense_crf(image, probs, params).argmax(0)]
             crf_cpu += time.process_time() - tick
         else:
-            fgs = [crf.dense_crf(image, np.stack([(1 - xs[k]) ** cfg.alpha, xs[k]]), params)[1] > 0.5
+            fgs = [dense_crf.dense_crf(image, np.stack([(1 - xs[k]) ** cfg.alpha, xs[k]]), params)[1] > 0.5
                    for k in keys]
             crf_cpu += time.process_time() - tick
             bg = ~np.any(fgs, axis=0)

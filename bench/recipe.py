@@ -6,9 +6,9 @@ total, one table per dataset:
 
 * ``cls``: one classifier train step (the config's method and backbone, SEAM on ResNet38-d,
   crop 448, the config's batch, the trainer's jitted step) x ``cls.num_steps``.
-* ``cam``: multi-crop CAMs of one 500x375 image (``pmm_jax.multicrop_cam.MultiCropCAM``: all
+* ``cam``: multi-crop CAMs of one 500x375 image (``pmm_jax.cams.multicrop_inference.MultiCropCAM``: all
   ten scales, crop 448, stride 300, flips, the config's tile batch) x (train + val images).
-* ``pseudo``: the PPMG pseudo-mask of one such image (``pmm_jax.pseudo_masks.generate``, two
+* ``pseudo``: the PPMG pseudo-mask of one such image (``pmm_jax.masks.generator.generate``, two
   present classes) with each CRF backend x train images (+ the other variants on
   ``pseudo.eval_subset`` images, at PPMG's cost). The pydensecrf backend is timed in CPU
   seconds per image (one worker) and projected over a pool of every core of this machine; the
@@ -19,12 +19,12 @@ total, one table per dataset:
 * ``seg val``: the in-training validation (``seg.eval_every``) on val with the test pipeline.
 * ``cycle masks``: test-time inference of the train split (cyclic pseudo-masks).
 * ``eval``: test-time inference of one image x val images x segmenters: what
-  ``pmm_jax.segment_inference.Predictor`` runs, timed as its device part
-  (``segment_inference.device_fn``: sliding window 512/480, six scales, flip, softmax average)
+  ``pmm_jax.segmentation.inference.Predictor`` runs, timed as its device part
+  (``inference.device_fn``: sliding window 512/480, six scales, flip, softmax average)
   plus the dense CRF of the averaged probabilities with each backend.
 
 Every model is built as its stage builds it, computing in the config's ``compute_dtype``
-(``pmm_jax.precision.set_compute_dtype``; "auto" is bfloat16 on a GPU/TPU, float32 on the CPU).
+(``pmm_jax.training.precision.set_compute_dtype``; "auto" is bfloat16 on a GPU/TPU, float32 on the CPU).
 Every unit is timed after one untimed call (compilation), as the best of ``--repeats``;
 ``--units`` restricts which are timed (the others print "not timed").
 Input pipelines, checkpoints and file writing are not timed. One image or one batch at a time
@@ -100,15 +100,15 @@ def load_config(dataset: str):
 
 def compute_dtype(config) -> str:
     """The configured compute precision on this device (``config.compute_dtype``, "auto"
-    resolved by ``pmm_jax.precision``; float32 for configs without the key)."""
-    from pmm_jax import precision
+    resolved by ``pmm_jax.training.precision``; float32 for configs without the key)."""
+    from pmm_jax.training import precision
 
     return str(precision.config_dtype(config))
 
 
 def in_compute_dtype(config, model):
     """``model`` computing in ``config.compute_dtype``, as the stages' ``build_model`` set it."""
-    from pmm_jax import precision
+    from pmm_jax.training import precision
 
     return precision.set_compute_dtype(model, precision.config_dtype(config))
 
@@ -149,8 +149,8 @@ def best_time(fn, repeats: int) -> float:
 
 def train_step_seconds(model, tx, loss_fn, batch: dict, repeats: int) -> float:
     """Seconds per step of the trainer's jitted, donated, sharded step."""
-    from pmm_jax import sharding as shd
-    from pmm_jax import trainer
+    from pmm_jax.training import sharding as shd
+    from pmm_jax.training import trainer
 
     model.train()
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -169,7 +169,8 @@ def train_step_seconds(model, tx, loss_fn, batch: dict, repeats: int) -> float:
 
 def classifier(config, size: Size):
     """The configured CAM classifier (as ``stages.cls.build_model``, shrunk by ``size``)."""
-    from pmm_jax import models, seam
+    from pmm_jax import models
+    from pmm_jax.cams import seam
     from pmm_jax.models.cam_classifier import CAMClassifier
 
     rngs = models.init_rngs(0)
@@ -195,7 +196,8 @@ def plain_loss(model, batch, rngs):
 
 def time_cls(config, size: Size, repeats: int) -> float:
     """Seconds per classifier train step at the configured crop and batch."""
-    from pmm_jax import seam, trainer
+    from pmm_jax.cams import seam
+    from pmm_jax.training import trainer
 
     model = classifier(config, size)
     cfg, crop = config.cls, size.px(config.cls.crop_size)
@@ -238,7 +240,7 @@ def test_image(size: Size, seed: int = 0) -> np.ndarray:
 
 def time_cam(config, size: Size, repeats: int) -> float:
     """Seconds of multi-crop (or multi-scale) CAMs of one image, as the cam stage runs them."""
-    from pmm_jax import multicrop_cam
+    from pmm_jax.cams import multicrop_inference
 
     model = classifier(config, size)
     model.eval()
@@ -252,7 +254,7 @@ def time_cam(config, size: Size, repeats: int) -> float:
         out = model(images)
         return out["cam_rv"][..., 1:] if "cam_rv" in out else out["cam"]
 
-    predict = multicrop_cam.MultiCropCAM(
+    predict = multicrop_inference.MultiCropCAM(
         model, model_cam, scales=tuple(mc.scales), crop=size.px(mc.crop),
         stride=size.px(mc.stride), flip=bool(config.cam.flip), tile_batch=tile_batch)
     return best_time(lambda: predict(batch, [0]), repeats)
@@ -274,10 +276,10 @@ def pydensecrf_available() -> bool:
 
 
 def pseudo_cfg(config, method: str, backend: str):
-    """``pseudo_masks.generate``'s config of one variant (as ``stages.pseudo.variant_config``)."""
-    from pmm_jax import pseudo_masks
+    """``generator.generate``'s config of one variant (as ``stages.pseudo.variant_config``)."""
+    from pmm_jax.masks import generator
 
-    cfg = pseudo_masks.default_config()
+    cfg = generator.default_config()
     p = config.pseudo
     cfg.method = method
     cfg.alpha, cfg.t, cfg.s, cfg.official_minmax = p.alpha, p.t, p.s, p.official_minmax
@@ -295,11 +297,11 @@ def cpu_seconds() -> float:
 
 
 def time_pseudo_masks(config, size: Size, backend: str, method: str, repeats: int) -> float:
-    """Seconds per image of ``pseudo_masks.generate`` with ``backend``, from the difference
+    """Seconds per image of ``generator.generate`` with ``backend``, from the difference
     between three images and one so that pool start-up and compilation cancel: CPU seconds of
     every process for pydensecrf (one worker; the projection spreads them over a pool of every
     core, and CPU time barely moves with other load), wall seconds for the in-process jax CRF."""
-    from pmm_jax import pseudo_masks
+    from pmm_jax.masks import generator
 
     image = test_image(size)
     cams = cams_of(image)
@@ -310,7 +312,7 @@ def time_pseudo_masks(config, size: Size, backend: str, method: str, repeats: in
         with tempfile.TemporaryDirectory() as out_dir:
             records = [(f"{tag}{i}", image, cams) for i in range(n)]
             start = clock()
-            pseudo_masks.generate(records, out_dir, cfg, num_workers=1, process_index=0,
+            generator.generate(records, out_dir, cfg, num_workers=1, process_index=0,
                                   process_count=1)
             return clock() - start
 
@@ -338,17 +340,18 @@ def segmenter(config, size: Size):
 
 def seg_loss(config):
     """The seg stage's loss (``stages.seg.loss_fn`` with ``config.seg.pus``), without TensorFlow."""
-    from pmm_jax import pmm
     from pmm_jax.models.pspnet import upsample_logits
+    from pmm_jax.segmentation import pus
 
-    pus, aux_weight = config.seg.pus, config.seg.aux_weight
+    settings, aux_weight = config.seg.pus, config.seg.aux_weight
 
     def loss_fn(model, batch, rngs):
         out = model(batch["image"], rngs=rngs)
         size = batch["mask"].shape[1:3]
         def head(logits):
-            return pmm.pus_loss(upsample_logits(logits, size), batch["mask"], mode=pus.mode,
-                                beta=pus.beta, kappa=pus.kappa, reduction=pus.reduction)
+            return pus.pus_loss(upsample_logits(logits, size), batch["mask"], mode=settings.mode,
+                                beta=settings.beta, kappa=settings.kappa,
+                                reduction=settings.reduction)
 
         return head(out["logits"]) + aux_weight * head(out["aux_logits"]), {}
 
@@ -357,7 +360,7 @@ def seg_loss(config):
 
 def time_seg(config, size: Size, repeats: int, max_batch: int) -> tuple[float, int]:
     """``(seconds per step, timed batch)`` of the segmenter train step at the configured crop."""
-    from pmm_jax import trainer
+    from pmm_jax.training import trainer
 
     cfg = config.seg
     batch_size = min(cfg.batch_size, max_batch)
@@ -388,16 +391,18 @@ def test_batch(config, size: Size) -> dict:
 
 def time_test(config, size: Size, backends: list[str], repeats: int) -> dict[str, float]:
     """Seconds of the test-time pipeline on one image per CRF backend, as
-    ``segment_inference.Predictor`` runs it: the device part (``config.eval``: sliding window,
+    ``inference.Predictor`` runs it: the device part (``config.eval``: sliding window,
     scales, flip, softmax average; compiled once for all backends) plus the dense CRF of the
     averaged probabilities with each backend."""
-    from pmm_jax import crf, crf_jax, segment_inference, trainer
+    from pmm_jax.masks import dense_crf, dense_crf_jax
+    from pmm_jax.segmentation import inference
+    from pmm_jax.training import trainer
 
     eval_cfg = dict(config.eval)
     if eval_cfg.get("sliding_window"):
         eval_cfg["sliding_window"] = tuple(size.px(v) for v in eval_cfg["sliding_window"])
     predict = trainer.make_predict_fn(segmenter(config, size),
-                                      segment_inference.device_fn(eval_cfg))
+                                      inference.device_fn(eval_cfg))
     batch = test_batch(config, size)
     device_s = best_time(lambda: predict(batch), repeats)
     if not eval_cfg.get("crf"):
@@ -405,9 +410,9 @@ def time_test(config, size: Size, backends: list[str], repeats: int) -> dict[str
     h, w = int(batch["height"][0]), int(batch["width"][0])
     probs = np.ascontiguousarray(np.asarray(predict(batch))[0, :h, :w].transpose(2, 0, 1))
     raw = np.ascontiguousarray(batch["raw"][0, :h, :w])
-    params = crf.SEGMENTATION_TEST_CRF
-    run = {"pydensecrf": lambda: crf.dense_crf(raw, probs, params),
-           "jax": lambda: crf_jax.dense_crf_padded(raw, probs[None], params)[0]}
+    params = dense_crf.SEGMENTATION_TEST_CRF
+    run = {"pydensecrf": lambda: dense_crf.dense_crf(raw, probs, params),
+           "jax": lambda: dense_crf_jax.dense_crf_padded(raw, probs[None], params)[0]}
     return {b: device_s + best_time(run[b], repeats) for b in backends}
 
 

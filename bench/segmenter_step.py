@@ -89,9 +89,9 @@ def build_jax(args):
     and the sharded batch."""
     from flax import nnx
 
-    from pmm_jax import sharding as shd
-    from pmm_jax import trainer
     from pmm_jax.stages import seg
+    from pmm_jax.training import sharding as shd
+    from pmm_jax.training import trainer
 
     config = seg_config(args)
     model = seg.build_model(config, config.seed)

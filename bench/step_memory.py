@@ -55,7 +55,7 @@ import jax
 import numpy as np
 
 from bench import classifier_step, segmenter_step, step_report
-from pmm_jax import sharding as shd
+from pmm_jax.training import sharding as shd
 
 CASES = ("seam", "plain", "seg")
 

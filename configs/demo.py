@@ -27,7 +27,7 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     c.seed = 0
     c.stages = "cls,cam,pseudo,seg,cycle,eval"
     c.allow_random_init = True  # the demo models train from random weights
-    c.compute_dtype = "float32"  # or "bfloat16" / "auto" (pmm_jax/precision.py)
+    c.compute_dtype = "float32"  # or "bfloat16" / "auto" (pmm_jax/training/precision.py)
     # XLA programs cached on disk ("" = off, "workdir" = WORKDIR/xla_cache, or a folder):
     # recurring programs (the cyclic round's train step, every segmenter's test-time program)
     # and resumed runs are not compiled again (pmm_jax.main.enable_compilation_cache).
@@ -83,7 +83,7 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
 
     # Dense CRF implementation wherever a CRF runs (pseudo-masks, segmentation test time with
     # eval.crf, cyclic masks): "pydensecrf" (host process pool; fastest on a CPU) or "jax"
-    # (pmm_jax.crf_jax, jitted, in the main process; 30-160x faster on a GPU). docs/crf.md.
+    # (pmm_jax.masks.dense_crf_jax, jitted, in the main process; 30-160x faster on a GPU). docs/crf.md.
     c.crf = ml_collections.ConfigDict(dict(backend="pydensecrf"))
 
     c.pseudo = ml_collections.ConfigDict(dict(
@@ -129,7 +129,7 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
 
     c.cycle = ml_collections.ConfigDict(dict(num_cycles=1, source="pus", loss="ce"))
 
-    # Test-time pipeline (pmm_jax.segment_inference), also used for the cyclic masks: the
+    # Test-time pipeline (pmm_jax.segmentation.inference), also used for the cyclic masks: the
     # paper's dense CRF on the softmax, at one scale and without the flip in the demo (seed 0,
     # CE segmenter: one plain pass 31.8 % val mIoU, three scales + flip without the CRF 32.2 %,
     # the CRF 38.2 %, flip + CRF 38.3 %: the flip is not worth its time here); the tiny variant

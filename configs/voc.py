@@ -36,7 +36,7 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
     # Training the classifier or segmenter with an empty init_from (random weights) is refused
     # unless this is True; ImageNet weights: see README.md, section 'ImageNet weights'.
     c.allow_random_init = False
-    # Compute dtype of every model (pmm_jax/precision.py, docs/models.md): "auto" = bfloat16 on
+    # Compute dtype of every model (pmm_jax/training/precision.py, docs/models.md): "auto" = bfloat16 on
     # a GPU/TPU, float32 on a CPU; params, BN statistics and optimizer state stay float32.
     c.compute_dtype = "auto"
     # XLA programs cached on disk ("" = off, "workdir" = WORKDIR/xla_cache, or a folder):
@@ -55,7 +55,7 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
         shuffle_buffer=2048,
     ))
 
-    # CAM classifier: SEAM (pmm_jax.seam: CAM head + PCM, its losses and four parameter groups)
+    # CAM classifier: SEAM (pmm_jax.cams.seam: CAM head + PCM, its losses and four parameter groups)
     # on wide ResNet38-d (paper: batch 16, lr 0.02, 20 epochs, crop 448). ImageNet weights
     # (download locations: README.md, "ImageNet weights"): the MXNet file SEAM/PMM use,
     # `python -m pmm_jax.convert --arch=resnet38 --src=ilsvrc-cls_rna-a1_cls1000_ep-0001.params
@@ -65,7 +65,7 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
     # c.cls.model.backbone = dict(name="scalenet101", structure="PATH/scalenet101.json") and
     # c.cls.model.dropout = 0.0 (convert scalenet101.pth from PMM's or ScaleNet's downloads with
     # --arch=scalenet101 --structure=PATH).
-    # official_momentum=True reproduces the official SGD momentum of 5e-4 (see pmm_jax/seam.py).
+    # official_momentum=True reproduces the official SGD momentum of 5e-4 (see pmm_jax/cams/seam.py).
     c.cls = ml_collections.ConfigDict(dict(
         method="seam",
         model=ml_collections.ConfigDict(dict(
@@ -86,7 +86,7 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
         # PMM's multi-crop training (docs/multicrop.md): a tile (crop 448, stride 300) at a random
         # scale of 0.75..3.0, labelled by the 10% rule from rough masks of a first model. Off
         # while rough_masks is "" (the first model: random-scale crops); then
-        # `python -m pmm_jax.rough_masks --config=configs/voc.py --workdir=FIRST_RUN
+        # `python -m pmm_jax.masks.rough_masks --config=configs/voc.py --workdir=FIRST_RUN
         # --config.data.data_dir=~/tfds` and --config.cls.multicrop.rough_masks=FIRST_RUN/rough_masks/train.
         multicrop=ml_collections.ConfigDict(dict(
             rough_masks="", scales=MULTICROP_SCALES, crop=448, stride=300)),
@@ -102,7 +102,7 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
 
     # Dense CRF implementation wherever a CRF runs (pseudo-masks, segmentation test time with
     # eval.crf, cyclic masks): "pydensecrf" (host process pool; fastest on a CPU) or "jax"
-    # (pmm_jax.crf_jax, jitted, in the main process; 30-160x faster on a GPU). docs/crf.md.
+    # (pmm_jax.masks.dense_crf_jax, jitted, in the main process; 30-160x faster on a GPU). docs/crf.md.
     c.crf = ml_collections.ConfigDict(dict(backend="pydensecrf"))
 
     c.pseudo = ml_collections.ConfigDict(dict(
@@ -166,7 +166,7 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
     ))
 
     c.cycle = ml_collections.ConfigDict(dict(num_cycles=1, source="pus", loss="ce"))
-    # Test-time pipeline (pmm_jax.segment_inference; WSSS_MMSeg's test_cfg): sliding window
+    # Test-time pipeline (pmm_jax.segmentation.inference; WSSS_MMSeg's test_cfg): sliding window
     # 512/480, six scales x flip softmax-averaged, then the segmentation dense CRF. It also
     # writes the cyclic pseudo-masks. crf_workers: CRF processes (0 = all cores).
     c.eval = ml_collections.ConfigDict(dict(

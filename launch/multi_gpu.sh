@@ -4,7 +4,7 @@
 #   launch/multi_gpu.sh [flags...]          # flags go to pmm_jax.main, e.g. --config.seg.num_steps=100
 #
 # One process drives every visible GPU: the "data" mesh axis spans them, batches are split
-# over them and the model is replicated (pmm_jax.sharding). Global batch sizes
+# over them and the model is replicated (pmm_jax.training.sharding). Global batch sizes
 # (config.cls.batch_size, config.seg.batch_size, config.cam.batch_size, config.eval.batch_size)
 # must be multiples of the GPU count; the run stops with the setting to change otherwise.
 # Variables (defaults):

@@ -86,7 +86,7 @@ run() {
   if (($#)); then
     extra="$(printf '%q ' "$@")"
   fi
-  # jax.distributed.initialize() finds the other workers itself (pmm_jax.distributed).
+  # jax.distributed.initialize() finds the other workers itself (pmm_jax.training.distributed).
   on_all_workers "cd ~/$REMOTE_DIR && python3 -m pmm_jax.main --config=$CONFIG --workdir=$WORKDIR $extra"
 }
 

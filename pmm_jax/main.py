@@ -9,7 +9,7 @@ the workdir (``WORKDIR/.lock``).
 
 Several processes (hosts) run the same command on one shared workdir. On a Cloud TPU VM and
 under SLURM/Open MPI they find each other by themselves; elsewhere pass
-``--coordinator_address=HOST0:PORT --num_processes=N --process_id=I`` (``pmm_jax.distributed``).
+``--coordinator_address=HOST0:PORT --num_processes=N --process_id=I`` (``pmm_jax.training.distributed``).
 """
 
 from __future__ import annotations
@@ -57,10 +57,11 @@ def check_config(config) -> None:
     """Checks the choices that would otherwise fail only deep inside a stage: the stage list,
     the dense CRF backend ``config.crf.backend``, the positive counts and training from random
     weights (``stages.check_random_init``). Raises ValueError naming the key."""
-    from pmm_jax import crf, stages
+    from pmm_jax import stages
+    from pmm_jax.masks import dense_crf
 
     stages.parse_stages(config.stages)
-    crf.config_backend(config)
+    dense_crf.config_backend(config)
     check_positive(config)
     stages.check_random_init(config)
 
@@ -134,7 +135,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 def hold_workdir(wd):
     """The run's hold on ``wd``: process 0 takes its lock (``workdir.lock``) for the whole run
     and the run's other processes share it; all of them stop when another run holds it."""
-    from pmm_jax import distributed, workdir
+    from pmm_jax.files import workdir
+    from pmm_jax.training import distributed
 
     with contextlib.ExitStack() as stack:
         busy = None
@@ -172,8 +174,10 @@ def run(config, workdir: str, redo: list[str] = ()) -> dict:
     ``{stage: marker}`` of those run. ``config.json`` keeps the first run's config."""
     import jax
 
-    from pmm_jax import distributed, io, stages
-    from pmm_jax.workdir import Workdir
+    from pmm_jax import stages
+    from pmm_jax.files import io
+    from pmm_jax.files.workdir import Workdir
+    from pmm_jax.training import distributed
 
     names = stages.parse_stages(config.stages)
     redo = stages.parse_stages(",".join(redo), "--redo") if redo else []
@@ -204,8 +208,10 @@ def fail(message: str) -> None:
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {argv[1:]}")
-    from pmm_jax import distributed, io, stages, trainer, workdir
+    from pmm_jax import stages
     from pmm_jax.data.synthetic import DatasetNotPreparedError
+    from pmm_jax.files import io, workdir
+    from pmm_jax.training import distributed, trainer
     # Library chatter (orbax's read-only notices, tfds) only on errors; this package's
     # progress messages at INFO.
     logging.set_verbosity(logging.ERROR)

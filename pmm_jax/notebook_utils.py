@@ -14,8 +14,9 @@ from typing import Iterable
 import ml_collections
 import numpy as np
 
-from pmm_jax import io, visualize
-from pmm_jax.workdir import Workdir
+from pmm_jax import drawing
+from pmm_jax.files import io
+from pmm_jax.files.workdir import Workdir
 
 # Pseudo-mask variants shown side by side: the paper's baseline (CRF) and PPMG.
 SHOWN_VARIANTS = ("baseline", "ppmg")
@@ -64,7 +65,7 @@ def strip(pictures: list[np.ndarray], gap: int = 2) -> np.ndarray:
 
 def cam_pictures(image: np.ndarray, cams: dict[int, np.ndarray], names) -> dict[str, np.ndarray]:
     """``{class name: image with that class's CAM as a heat map}`` for each class in ``cams``."""
-    return {names[c + 1]: visualize.cam_overlay(image, cam) for c, cam in sorted(cams.items())}
+    return {names[c + 1]: drawing.cam_overlay(image, cam) for c, cam in sorted(cams.items())}
 
 
 def cvs_pictures(image: np.ndarray, cams: dict[int, np.ndarray], names, *, t: float, s: float
@@ -74,17 +75,17 @@ def cvs_pictures(image: np.ndarray, cams: dict[int, np.ndarray], names, *, t: fl
     "before" is the min-max normalised CAM ``x``, "after" is ``cvs(x)`` with the run's ``t``
     and ``s`` (paper eq. 6), both drawn on one [0, 1] colour scale so the flattening shows.
     """
-    from pmm_jax import pmm
+    from pmm_jax.masks import cvs
 
     if not cams:
         return {}
     classes = sorted(cams)
     stack = np.stack([np.asarray(cams[c], np.float32) for c in classes])
     present = np.ones(len(classes), bool)
-    x = np.asarray(pmm.normalize(stack, present))
-    x_s = np.asarray(pmm.cvs(x, present, t, s))
-    return {names[c + 1]: {"before": visualize.overlay(image, visualize.heatmap(x[k])),
-                           "after": visualize.overlay(image, visualize.heatmap(x_s[k]))}
+    x = np.asarray(cvs.normalize(stack, present))
+    x_s = np.asarray(cvs.cvs(x, present, t, s))
+    return {names[c + 1]: {"before": drawing.overlay(image, drawing.heatmap(x[k])),
+                           "after": drawing.overlay(image, drawing.heatmap(x_s[k]))}
             for k, c in enumerate(classes)}
 
 
@@ -102,10 +103,10 @@ def mask_pictures(workdir: str, image_id: str, gt_mask: np.ndarray | None = None
              for v in variants}
     paths.update({f"prediction/{r}": os.path.join(wd.predictions(r, split), f"{image_id}.png")
                   for r in runs})
-    out = {name: visualize.colorize_mask(io.read_mask(path))
+    out = {name: drawing.colorize_mask(io.read_mask(path))
            for name, path in paths.items() if os.path.exists(path)}
     if gt_mask is not None:
-        out["ground truth"] = visualize.colorize_mask(gt_mask)
+        out["ground truth"] = drawing.colorize_mask(gt_mask)
     return out
 
 
@@ -156,8 +157,8 @@ def image_views(config, workdir: str, example: dict, split: str = "train",
     masks = mask_pictures(workdir, example["id"], variants=SHOWN_VARIANTS if split == "train"
                           else (), split=split, runs=predicted_runs(workdir, split))
     for run, labels in (predictions or {}).items():
-        masks[f"prediction/{run}"] = visualize.colorize_mask(labels)
-    masks["ground truth"] = visualize.colorize_mask(example["mask"])
+        masks[f"prediction/{run}"] = drawing.colorize_mask(labels)
+    masks["ground truth"] = drawing.colorize_mask(example["mask"])
     return {
         "image": image,
         "cams": cam_pictures(image, cams, names),

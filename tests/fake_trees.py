@@ -26,7 +26,7 @@ import scipy.io
 import scipy.ndimage
 from PIL import Image, ImageDraw
 
-from pmm_jax import io
+from pmm_jax.files import io
 
 SAMPLES = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "voc_samples"
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 from flax import nnx
 
-from pmm_jax import seam
+from pmm_jax.cams import seam
 
 torch = pytest.importorskip("torch")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/ is not installed

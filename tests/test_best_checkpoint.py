@@ -6,9 +6,11 @@ import pytest
 from conftest import load_config
 from flax import nnx
 
-from pmm_jax import io, segment_inference, trainer
+from pmm_jax.files import io
+from pmm_jax.files.workdir import Workdir
+from pmm_jax.segmentation import inference
 from pmm_jax.stages import seg
-from pmm_jax.workdir import Workdir
+from pmm_jax.training import trainer
 from tests.test_trainer import TinyNet, assert_trees_close, params_of, run
 
 
@@ -38,7 +40,7 @@ def test_keep_best_saves_the_best_model_and_load_segmenter_prefers_it(tmp_path, 
 
 
 def perfect_predictor(seen):
-    """A stand-in for ``segment_inference.predictor``: records the ids of the valid rows of
+    """A stand-in for ``inference.predictor``: records the ids of the valid rows of
     each batch and predicts their ground truth."""
     def predict(batch):
         seen.extend(batch["id"][i].decode() for i in range(len(batch["id"])) if batch["valid"][i])
@@ -52,7 +54,7 @@ def test_val_subset_validates_on_the_first_val_images(tmp_path, monkeypatch):
     config = load_config("configs/demo.py", "tiny")
     wd = Workdir(str(tmp_path))
     seen = []
-    monkeypatch.setattr(segment_inference, "predictor", perfect_predictor(seen))
+    monkeypatch.setattr(inference, "predictor", perfect_predictor(seen))
     assert seg.val_miou(config, wd, model=None) == pytest.approx(1.0)
     every = list(seen)
     assert len(every) == len(set(every)) > 5

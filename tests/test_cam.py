@@ -7,9 +7,10 @@ import pytest
 from conftest import load_config
 from flax import nnx
 
-from pmm_jax import io
+from pmm_jax.files import io
+from pmm_jax.files.workdir import Workdir
 from pmm_jax.stages import cam, cls, common
-from pmm_jax.workdir import Workdir
+
 
 def tiny_config(method: str):
     """configs/demo.py:tiny with CAM ``method``; multi-crop on one 32-pixel tile scale."""

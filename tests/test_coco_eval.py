@@ -18,8 +18,9 @@ import sys
 import numpy as np
 import pytest
 
-from pmm_jax import constants, io
-from pmm_jax import evaluate as ev
+from pmm_jax import constants
+from pmm_jax.files import io
+from pmm_jax.tools import scoring as ev
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 USED_IDS = np.asarray((0,) + constants.COCO_CATEGORY_IDS)

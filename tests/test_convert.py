@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 from pmm_jax import convert, models
+from pmm_jax.tools import weight_conversion
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
@@ -77,7 +78,7 @@ def test_resnet38_conversion_matches_torch(torch_resnet38, resnet38_ckpt):
         init_from=str(out)))
     model = models.build_classifier(cfg, 5, models.init_rngs(1))
     models.load_pretrained(model.backbone, cfg.init_from, arch="resnet38")
-    model.classifier.kernel[...] = jnp.asarray(convert.from_torch_layout(
+    model.classifier.kernel[...] = jnp.asarray(weight_conversion.from_torch_layout(
         torch_resnet38.fc8.weight.detach().numpy()))
     model.eval()
     x = np.random.default_rng(0).normal(size=(2, 3, 37, 45)).astype(np.float32)
@@ -99,7 +100,7 @@ def test_missing_keys_are_listed(torch_resnet38, tmp_path):
     src = tmp_path / "partial.pth"
     torch.save(state, src)
     with pytest.raises(ValueError, match=r"missing \(\d+\):\n    b7\.bn_branch2a\.bias"):
-        convert.convert("resnet38", str(src), str(tmp_path / "out"))
+        weight_conversion.convert("resnet38", str(src), str(tmp_path / "out"))
 
 
 def test_wrong_architecture_is_listed(tmp_path):
@@ -109,7 +110,7 @@ def test_wrong_architecture_is_listed(tmp_path):
     src = tmp_path / "resnet50.pth"
     torch.save(state, src)
     with pytest.raises(ValueError) as err:
-        convert.convert("resnet38", str(src), str(tmp_path / "out"))
+        weight_conversion.convert("resnet38", str(src), str(tmp_path / "out"))
     message = str(err.value)
     assert "missing (" in message and "b2.bn_branch2a.bias" in message
     assert "unexpected (3)" in message and "layer1.0.conv1.weight" in message
@@ -143,7 +144,7 @@ def test_unreadable_pth_is_refused_without_suggesting_weights_only_false(tmp_pat
     src = tmp_path / "whole_model.pth"
     torch.save({"model": pathlib.PurePosixPath("not/a/tensor")}, src)
     with pytest.raises(ValueError) as err:
-        convert.convert("resnet38", str(src), str(tmp_path / "out"))
+        weight_conversion.convert("resnet38", str(src), str(tmp_path / "out"))
     message = str(err.value)
     assert str(src) in message and "torch.save(model.state_dict(), PATH)" in message
     assert "weights_only=False" not in message

@@ -17,7 +17,10 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 tnn = torch.nn
 
-from pmm_jax import convert, models  # noqa: E402
+from pmm_jax import (
+    convert,
+    models,  # noqa: E402
+)
 from pmm_jax.models import pretrained  # noqa: E402
 
 BLOCKS = (2, 1, 2, 1)

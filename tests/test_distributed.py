@@ -1,11 +1,11 @@
-"""pmm_jax.distributed in one process: environment detection, argument checks, no-op helpers.
+"""pmm_jax.training.distributed in one process: environment detection, argument checks, no-op helpers.
 
 The multi-process behaviour itself is tested by tests/test_multiprocess.py.
 """
 
 import pytest
 
-from pmm_jax import distributed
+from pmm_jax.training import distributed
 
 CLUSTER_VARS = ("PMM_DISTRIBUTED", "SLURM_JOB_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
                 "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")

@@ -12,8 +12,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
-from pmm_jax import evaluate as ev
-from pmm_jax import io
+from pmm_jax.files import io
+from pmm_jax.tools import scoring as ev
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

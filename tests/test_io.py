@@ -1,4 +1,4 @@
-"""Tests of pmm_jax.io: atomic writes, palette PNG masks and the official CAM format."""
+"""Tests of pmm_jax.files.io: atomic writes, palette PNG masks and the official CAM format."""
 
 import builtins
 import os
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pmm_jax import io
 from pmm_jax.constants import PALETTE
+from pmm_jax.files import io
 
 
 def test_mask_round_trip_is_a_palette_png(tmp_path):

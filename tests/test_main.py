@@ -6,11 +6,11 @@ import subprocess
 import sys
 
 import pytest
-
-from pmm_jax import io, main, stages
-from pmm_jax.workdir import Workdir
-
 from conftest import load_config as load_config_file
+
+from pmm_jax import main, stages
+from pmm_jax.files import io
+from pmm_jax.files.workdir import Workdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -8,8 +8,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from pmm_jax import io
 from pmm_jax.data import pipeline
+from pmm_jax.files import io
 
 NAME = "synthetic_wsss/tiny"
 NUM_CLASSES = 6

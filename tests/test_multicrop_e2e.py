@@ -1,5 +1,5 @@
 """PMM's multi-crop recipe end to end on the tiny synthetic dataset, in process: rough masks
-from a stand-in first run's CAMs (``pmm_jax.rough_masks``), then a tiny ScaleNet-layout SEAM
+from a stand-in first run's CAMs (``pmm_jax.masks.rough_masks``), then a tiny ScaleNet-layout SEAM
 classifier trained on multi-crop tiles (stage ``cls``), multi-crop CAM inference (``cam``)
 and pseudo-masks made from those CAM files (``pseudo``)."""
 
@@ -11,12 +11,14 @@ import ml_collections
 import numpy as np
 import scipy.ndimage
 from flax import nnx
-
-from pmm_jax import io, main, rough_masks
-from pmm_jax.data import pipeline
-from pmm_jax.stages import cam, cls, common
-from pmm_jax.workdir import Workdir
 from test_seam import materialize
+
+from pmm_jax import main
+from pmm_jax.data import pipeline
+from pmm_jax.files import io
+from pmm_jax.files.workdir import Workdir
+from pmm_jax.masks import rough_masks
+from pmm_jax.stages import cam, cls, common
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # 48-pixel images: at 0.5 smaller than a 32-pixel tile (one tile), 2 x 2 tiles at 1.0 and

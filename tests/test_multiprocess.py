@@ -22,8 +22,8 @@ import time
 
 import pytest
 
-from pmm_jax import io
-from pmm_jax.workdir import Workdir
+from pmm_jax.files import io
+from pmm_jax.files.workdir import Workdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_TRAIN, NUM_VAL, SUBSET = 64, 32, 16  # synthetic_wsss/tiny and its eval subset
@@ -169,7 +169,7 @@ def test_every_mask_and_cam_is_computed_once(two_process_run):
 def test_one_shared_checkpoint_per_model(two_process_run):
     workdir, codes, _, _ = two_process_run
     assert codes == [0, 0]
-    from pmm_jax import trainer
+    from pmm_jax.training import trainer
     wd = Workdir(str(workdir))
     assert trainer.latest_step(wd.ckpt_dir("cls")) == 2
     assert trainer.latest_step(wd.ckpt_dir("seg/pus")) == 2

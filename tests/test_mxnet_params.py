@@ -1,4 +1,4 @@
-"""pmm_jax.mxnet_params: MXNet NDArray-list files written here from the format's specification
+"""pmm_jax.tools.mxnet_params: MXNet NDArray-list files written here from the format's specification
 (``NDArray::Save`` in MXNet's src/ndarray/ndarray.cc), read back with numpy only, and the
 ResNet38-d ImageNet weights converted through them exactly as through a ``.pth``.
 """
@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pmm_jax import convert, models, mxnet_params
+from pmm_jax import convert, models
 from pmm_jax.models import pretrained
+from pmm_jax.tools import mxnet_params, weight_conversion
 
 FLAGS = {np.dtype(np.float32): 0, np.dtype(np.float64): 1, np.dtype(np.float16): 2,
          np.dtype(np.uint8): 3, np.dtype(np.int32): 4, np.dtype(np.int8): 5,
@@ -124,7 +125,7 @@ def test_convert_refuses_other_formats_naming_file_and_formats(tmp_path, content
     src = tmp_path / "weights.bin"
     src.write_bytes(content)
     with pytest.raises(ValueError) as err:
-        convert.convert("resnet38", str(src), str(tmp_path / "out"))
+        weight_conversion.convert("resnet38", str(src), str(tmp_path / "out"))
     message = str(err.value)
     assert str(src) in message
     assert "PyTorch state dict (.pth" in message and "MXNet NDArray list (.params" in message
@@ -133,7 +134,7 @@ def test_convert_refuses_other_formats_naming_file_and_formats(tmp_path, content
 def test_mxnet_list_for_an_architecture_without_mxnet_names_is_refused(tmp_path):
     src = write_ndarray_list(tmp_path / "r101.params", {"arg:conv1_weight": np.ones((1,))})
     with pytest.raises(ValueError, match="MXNet names are only known for --arch=resnet38"):
-        convert.convert("resnet101", str(src), str(tmp_path / "out"))
+        weight_conversion.convert("resnet101", str(src), str(tmp_path / "out"))
 
 
 @pytest.mark.parametrize("mx_name, torch_name", [
@@ -181,14 +182,14 @@ def random_resnet38_state(backbone, seed=0):
     rng = np.random.default_rng(seed)
     state = {}
     for key, var in pretrained.flat_weights(backbone).items():
-        shape = convert.torch_layout(key, var.shape)
+        shape = weight_conversion.torch_layout(key, var.shape)
         if len(shape) == 4:
             a = rng.standard_normal(shape, np.float32) * np.sqrt(2.0 / np.prod(shape[1:]))
         elif key.endswith((".var", ".scale")):
             a = rng.random(shape, np.float32) + 0.5
         else:
             a = rng.standard_normal(shape, np.float32) * 0.1
-        state[convert.torch_key(key)] = a.astype(np.float32)
+        state[weight_conversion.torch_key(key)] = a.astype(np.float32)
     return state
 
 
@@ -218,7 +219,7 @@ def test_small_resnet38_converts_without_torch_or_mxnet(tmp_path, monkeypatch):
     backbone = models.load_pretrained(make(), str(out), arch="resnet38")
     for key, var in pretrained.flat_weights(backbone).items():
         np.testing.assert_array_equal(
-            np.asarray(var[...]), convert.from_torch_layout(state[convert.torch_key(key)]))
+            np.asarray(var[...]), weight_conversion.from_torch_layout(state[weight_conversion.torch_key(key)]))
 
 
 def zeros_like_model(abstract):

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from pmm_jax import io, notebook_utils as nu
+from pmm_jax import notebook_utils as nu
 from pmm_jax.constants import PALETTE
-from pmm_jax.workdir import Workdir
+from pmm_jax.files import io
+from pmm_jax.files.workdir import Workdir
+
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):

@@ -8,10 +8,10 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from pmm_jax import io
 from pmm_jax.constants import IGNORE_LABEL
 from pmm_jax.data import pipeline
 from pmm_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
+from pmm_jax.files import io
 
 NAME = "synthetic_wsss/tiny"
 SIZE = 48

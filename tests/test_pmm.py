@@ -1,4 +1,4 @@
-"""pmm_jax.pmm against direct numpy transcriptions of the paper / official formulas.
+"""pmm_jax.masks against direct numpy transcriptions of the paper / official formulas.
 
 The ``np_*`` functions below are deliberately naive per-class loops over the PRESENT classes
 only (a dict of present classes, like the official code) and over the valid pixels only, so
@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pmm_jax import pmm
+from pmm_jax.masks import cvs, ppmg
+from pmm_jax.segmentation import pus
 
 C, H, W = 4, 12, 10
 T, S, ALPHA = 0.05, 0.3, 11.0
@@ -180,7 +181,7 @@ def full_valid():
 def test_normalize_matches_numpy(rng, present, valid, official_quirk, use_valid):
     cams = random_cams(rng) - 0.3  # some negative values, min != 0
     mask = valid if use_valid else full_valid()
-    got = pmm.normalize(cams, present, mask if use_valid else None, official_quirk=official_quirk)
+    got = cvs.normalize(cams, present, mask if use_valid else None, official_quirk=official_quirk)
     want = np_normalize(cams, present, mask, official_quirk)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
     assert np.all(np.asarray(got)[~present] == 0)
@@ -191,21 +192,21 @@ def test_normalize_quirk_zeroes_before_shift(present):
     cams = np.full((C, H, W), 2.0, np.float32)
     cams[:, 0, 0] = 1.0  # the minimum
     cams[:, 1, 1] = 3.0  # the maximum
-    plain = np.asarray(pmm.normalize(cams, present))
-    quirk = np.asarray(pmm.normalize(cams, present, official_quirk=True))
+    plain = np.asarray(cvs.normalize(cams, present))
+    quirk = np.asarray(cvs.normalize(cams, present, official_quirk=True))
     assert plain[0, 0, 0] == 0 and quirk[0, 0, 0] == pytest.approx(-1.0 / (2.0 + 1e-5), rel=1e-6)
     np.testing.assert_allclose(plain[0, 1:], quirk[0, 1:])
 
 
 def test_normalize_constant_cam_and_empty_label(present):
     cams = np.full((C, H, W), 0.7, np.float32)
-    assert np.all(np.asarray(pmm.normalize(cams, present)) == 0)
-    quirk = np.asarray(pmm.normalize(cams, present, official_quirk=True))
+    assert np.all(np.asarray(cvs.normalize(cams, present)) == 0)
+    quirk = np.asarray(cvs.normalize(cams, present, official_quirk=True))
     np.testing.assert_allclose(quirk, np_normalize(cams, present, full_valid(), True), rtol=1e-5)
     assert np.all(np.isfinite(quirk))
     empty = np.zeros(C, bool)
-    assert np.all(np.asarray(pmm.normalize(cams, empty)) == 0)
-    assert np.all(np.asarray(pmm.normalize(cams, present, np.zeros((H, W), bool))) == 0)
+    assert np.all(np.asarray(cvs.normalize(cams, empty)) == 0)
+    assert np.all(np.asarray(cvs.normalize(cams, present, np.zeros((H, W), bool))) == 0)
 
 
 # ------------------------------------------------------------------------------ CoV and CVS
@@ -216,9 +217,9 @@ def test_cov_and_cvs_match_numpy(rng, present, valid, use_valid):
     x = random_normalized(rng, present, mask)
     arg = mask if use_valid else None
     np.testing.assert_allclose(
-        np.asarray(pmm.coefficient_of_variation(x, present, T, arg)),
+        np.asarray(cvs.coefficient_of_variation(x, present, T, arg)),
         np_cov(x, present, T, mask), rtol=1e-5, atol=1e-7)
-    got = np.asarray(pmm.cvs(x, present, T, S, arg))
+    got = np.asarray(cvs.cvs(x, present, T, S, arg))
     np.testing.assert_allclose(got, np_cvs(x, present, T, S, mask), rtol=1e-5, atol=1e-6)
     assert np.all(got[:, ~mask] == 0)
 
@@ -229,11 +230,11 @@ def test_cov_edge_cases(present):
     x[2] = 0.5             # constant above t: std 0
     x[3, :2] = [[0.2], [0.6]]  # two values above t
     x[1] = np.linspace(0, 1, H * W).reshape(H, W)  # absent
-    cov = np.asarray(pmm.coefficient_of_variation(x, present, T))
+    cov = np.asarray(cvs.coefficient_of_variation(x, present, T))
     want = [0.0, 0.0, 0.0, 0.2 / (0.4 + 1e-8)]
     np.testing.assert_allclose(cov, want, rtol=1e-5)
     # CVS: no pixel above t -> all zero; constant -> exponent 1 (unchanged).
-    smoothed = np.asarray(pmm.cvs(x, present, T, S))
+    smoothed = np.asarray(cvs.cvs(x, present, T, S))
     assert np.all(smoothed[0] == 0) and np.all(smoothed[1] == 0)
     np.testing.assert_allclose(smoothed[2], 0.5)
 
@@ -241,9 +242,9 @@ def test_cov_edge_cases(present):
 def test_cvs_threshold_is_inclusive_and_gradient_finite(rng, present):
     x = random_normalized(rng, present, full_valid())
     x[0, 0, :3] = [T, 0.0, T - 1e-3]
-    out = np.asarray(pmm.cvs(x, present, T, S))
+    out = np.asarray(cvs.cvs(x, present, T, S))
     assert out[0, 0, 0] > 0 and out[0, 0, 1] == 0 and out[0, 0, 2] == 0
-    grad_fn = jax.jit(jax.grad(lambda v: jnp.sum(pmm.cvs(v, present, T, S))))
+    grad_fn = jax.jit(jax.grad(lambda v: jnp.sum(cvs.cvs(v, present, T, S))))
     assert np.all(np.isfinite(np.asarray(grad_fn(x))))
     const = np.full((C, H, W), 0.5, np.float32)  # std 0: sqrt'(0) must not leak
     assert np.all(np.isfinite(np.asarray(grad_fn(const))))
@@ -253,15 +254,15 @@ def test_cvs_large_scale_stays_finite(rng, present):
     x = random_normalized(rng, present, full_valid())
     scale = 5.0
     assert np.any(1 - scale * np_cov(x, present, T, full_valid())[present] < 0)
-    out = np.asarray(pmm.cvs(x, present, T, scale))  # a negative exponent: 0 ** p = inf
+    out = np.asarray(cvs.cvs(x, present, T, scale))  # a negative exponent: 0 ** p = inf
     assert np.all(np.isfinite(out)) and np.all(out[x < T] == 0)
 
 
 # ------------------------------------------------------------------------ CRF input builders
 
 def test_binary_probs_matches_numpy(rng, present):
-    x_s = np.asarray(pmm.cvs(random_normalized(rng, present, full_valid()), present, T, S))
-    got = np.asarray(pmm.binary_probs(x_s, ALPHA))
+    x_s = np.asarray(cvs.cvs(random_normalized(rng, present, full_valid()), present, T, S))
+    got = np.asarray(ppmg.binary_probs(x_s, ALPHA))
     assert got.shape == (C, 2, H, W)
     np.testing.assert_allclose(got, np_binary_probs(x_s, ALPHA), rtol=1e-5, atol=1e-7)
 
@@ -271,7 +272,7 @@ def test_binary_probs_matches_numpy(rng, present):
 def test_baseline_probs_matches_numpy(rng, label_set):
     present = np.array(label_set)
     x = random_normalized(rng, present, full_valid())
-    got = np.asarray(pmm.baseline_probs(x, present, ALPHA))
+    got = np.asarray(ppmg.baseline_probs(x, present, ALPHA))
     assert got.shape == (C + 1, H, W)
     np.testing.assert_allclose(got, np_baseline_probs(x, present, ALPHA), rtol=1e-5, atol=1e-7)
 
@@ -279,7 +280,7 @@ def test_baseline_probs_matches_numpy(rng, label_set):
 def test_baseline_probs_ignores_absent_classes(rng, present):
     x = random_normalized(rng, present, full_valid())
     x[1] = 1.0  # absent class with maximal score must not lower the background
-    got = np.asarray(pmm.baseline_probs(x, present, ALPHA))
+    got = np.asarray(ppmg.baseline_probs(x, present, ALPHA))
     np.testing.assert_allclose(got[0], np.power(1 - x[present].max(0), ALPHA), rtol=1e-5,
                                atol=1e-7)
     assert np.all(got[2] == 0)
@@ -296,7 +297,7 @@ def test_proportion_matches_numpy(rng, present, valid, use_valid):
     mask = valid if use_valid else full_valid()
     x = random_normalized(rng, present, mask)
     fg = random_fg(rng, x)
-    got = np.asarray(pmm.proportion(x, fg, mask if use_valid else None))
+    got = np.asarray(ppmg.proportion(x, fg, mask if use_valid else None))
     np.testing.assert_allclose(got, np_proportion(x, fg, mask), rtol=1e-5, atol=1e-7)
 
 
@@ -307,7 +308,7 @@ def test_ppmg_matches_official_loop(present, valid, use_valid, seed):
     mask = valid if use_valid else full_valid()
     x = random_normalized(rng, present, mask)
     fg = random_fg(rng, x)
-    got = np.asarray(pmm.ppmg_labels(x, fg, present, mask if use_valid else None))
+    got = np.asarray(ppmg.ppmg_labels(x, fg, present, mask if use_valid else None))
     assert got.dtype == np.int32 and got.shape == (H, W)
     np.testing.assert_array_equal(got, np_ppmg(x, fg, present, mask))
 
@@ -325,12 +326,12 @@ def test_ppmg_edge_cases(present):
     x[1, 2, 2], fg[1, 2, 2] = 1.0, True
     # pixel (3,3): only class 3 claims it.
     x[3, 3, 3], fg[3, 3, 3] = 0.9, True
-    got = np.asarray(pmm.ppmg_labels(x, fg, present))
+    got = np.asarray(ppmg.ppmg_labels(x, fg, present))
     np.testing.assert_array_equal(got, np_ppmg(x, fg, present, full_valid()))
     assert got[0, 0] == 1 and got[1, 1] == 0 and got[1, 2] == 0 and got[2, 2] == 0
     assert got[3, 3] == 4 and np.count_nonzero(got) == 2
     # An empty label set gives all background whatever the inputs.
-    assert np.all(np.asarray(pmm.ppmg_labels(x, fg, np.zeros(C, bool))) == 0)
+    assert np.all(np.asarray(ppmg.ppmg_labels(x, fg, np.zeros(C, bool))) == 0)
 
 
 def test_ppmg_proportion_prefers_small_object(present):
@@ -339,7 +340,7 @@ def test_ppmg_proportion_prefers_small_object(present):
     fg = np.zeros((C, H, W), bool)
     x[0], fg[0] = 0.9, True                   # class 0 everywhere
     x[2, :2, :2], fg[2, :2, :2] = 0.6, True   # class 2 on a 2x2 patch
-    got = np.asarray(pmm.ppmg_labels(x, fg, present))
+    got = np.asarray(ppmg.ppmg_labels(x, fg, present))
     assert np.all(got[:2, :2] == 3) and np.all(got[2:] == 1)
 
 
@@ -351,7 +352,7 @@ def test_argmax_labels_matches_numpy(rng, label_set):
     probs = rng.random((C + 1, H, W)).astype(np.float32)
     probs[1] += 1.0  # absent class 0-based 1 (label 2) would win everywhere if allowed
     probs[3, 0, 0] = probs[4, 0, 0] = 5.0  # tie between labels 3 and 4 -> 3
-    got = np.asarray(pmm.argmax_labels(probs, present))
+    got = np.asarray(ppmg.argmax_labels(probs, present))
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got, np_argmax_labels(probs, present))
     if present.any():
@@ -375,7 +376,7 @@ def pus_inputs(rng, scale=2.0, ignore_fraction=0.2):
 @functools.partial(jax.jit, static_argnames=("mode", "reduction"))
 def pus_value_and_grad(logits, labels, beta, kappa, mode, reduction):
     """jit(value_and_grad(pus_loss)); beta and kappa are traced, so one compile serves both."""
-    return jax.value_and_grad(lambda lg: pmm.pus_loss(
+    return jax.value_and_grad(lambda lg: pus.pus_loss(
         lg, labels, mode=mode, beta=beta, kappa=kappa, reduction=reduction))(logits)
 
 
@@ -431,9 +432,9 @@ def test_pus_all_ignored_and_errors(rng):
         value, grad = pus_value_and_grad(logits, labels, 0.5, 0.5, "clamp", reduction)
         assert float(value) == 0.0 and not np.any(np.asarray(grad))
     with pytest.raises(ValueError, match="clamp"):
-        pmm.pus_loss(logits, labels, mode="clip", beta=0.5, kappa=0.5)
+        pus.pus_loss(logits, labels, mode="clip", beta=0.5, kappa=0.5)
     with pytest.raises(ValueError, match="valid_pixels"):
-        pmm.pus_loss(logits, labels, mode="clamp", beta=0.5, kappa=0.5, reduction="mean")
+        pus.pus_loss(logits, labels, mode="clamp", beta=0.5, kappa=0.5, reduction="mean")
 
 
 def test_core_functions_compose_under_jit_and_vmap(rng, present):
@@ -443,9 +444,9 @@ def test_core_functions_compose_under_jit_and_vmap(rng, present):
 
     @jax.jit
     def pipeline(c, p):
-        x = pmm.normalize(c, p)
-        x_s = pmm.cvs(x, p, T, S)
-        return pmm.ppmg_labels(x, x_s > 0.5, p), pmm.binary_probs(x_s, ALPHA)
+        x = cvs.normalize(c, p)
+        x_s = cvs.cvs(x, p, T, S)
+        return ppmg.ppmg_labels(x, x_s > 0.5, p), ppmg.binary_probs(x_s, ALPHA)
 
     masks, probs = jax.vmap(pipeline)(cams, labels)
     assert masks.shape == (3, H, W) and probs.shape == (3, C, 2, H, W)

@@ -1,4 +1,4 @@
-"""``compute_dtype`` (pmm_jax/precision.py): bfloat16 compute, float32 parameters.
+"""``compute_dtype`` (pmm_jax/training/precision.py): bfloat16 compute, float32 parameters.
 
 * Every backbone family's bfloat16 train step (the trainer's jitted step with the stage's
   loss: SEAM for the classifier backbones ResNet38-d and ScaleNet101, PSPNet + PUS for the
@@ -30,10 +30,14 @@ import pytest
 from conftest import load_config
 from flax import nnx
 
-from pmm_jax import evaluate, models, pmm, precision, seam, trainer
-from pmm_jax import sharding as shd
+from pmm_jax import models
+from pmm_jax.cams import seam
 from pmm_jax.data import synthetic
+from pmm_jax.masks import cvs, ppmg
 from pmm_jax.stages import cam, cls, seg
+from pmm_jax.tools import scoring
+from pmm_jax.training import precision, trainer
+from pmm_jax.training import sharding as shd
 
 STEPS = 30
 LOSS_TOLERANCE = 0.1  # of the float32 run's loss decrease over the STEPS steps
@@ -182,7 +186,7 @@ def agreement(a: np.ndarray, b: np.ndarray) -> float:
 
 def cam_labels(cams: np.ndarray) -> np.ndarray:
     """Labels of normalised CAMs ``[B,H,W,C]`` at the fixed background threshold."""
-    background = np.full(cams.shape[:-1] + (1,), evaluate.DEFAULT_CAM_BG_THRESHOLD, np.float32)
+    background = np.full(cams.shape[:-1] + (1,), scoring.DEFAULT_CAM_BG_THRESHOLD, np.float32)
     return np.argmax(np.concatenate([background, cams], axis=-1), axis=-1)
 
 
@@ -198,8 +202,8 @@ def test_bf16_cams_and_pseudo_masks_agree_with_float32(trained):
     assert cams[jnp.bfloat16].dtype == np.float32
     assert agreement(cam_labels(cams[jnp.float32]), cam_labels(cams[jnp.bfloat16])) >= 0.99
     present = batch["labels"] > 0
-    masks = [[np.asarray(pmm.argmax_labels(pmm.baseline_probs(
-        pmm.normalize(np.moveaxis(c, -1, 0), p), p, config.pseudo.alpha), p))
+    masks = [[np.asarray(ppmg.argmax_labels(ppmg.baseline_probs(
+        cvs.normalize(np.moveaxis(c, -1, 0), p), p, config.pseudo.alpha), p))
         for c, p in zip(cams[dtype], present)] for dtype in (jnp.float32, jnp.bfloat16)]
     assert agreement(np.stack(masks[0]), np.stack(masks[1])) >= 0.99
     assert np.stack(masks[0]).max() > 0  # the classifier finds foreground at all

@@ -12,8 +12,8 @@ import pytest
 from test_coco import write_coco_tree
 from test_voc import VOC_TRAIN, write_voc_tree
 
-from pmm_jax import io
 from pmm_jax.data import prepare
+from pmm_jax.files import io
 
 # pycocotools 2.0.x under numpy 2 warns about its own __array__ call.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 from scipy.ndimage import gaussian_filter
-
-from pmm_jax import crf, io
-from pmm_jax import pseudo_masks as pm
 from test_io import hostile_npy
+
+from pmm_jax import pseudo_masks
+from pmm_jax.files import io
+from pmm_jax.masks import dense_crf
+from pmm_jax.masks import generator as pm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 21
@@ -36,7 +38,7 @@ def official_cov(v, t, s):
 
 def official_mask(image, cams, cfg):
     """What the official code writes for one image, for any of the four variants."""
-    params = crf.backend_and_params(cfg.crf)[1]
+    params = dense_crf.backend_and_params(cfg.crf)[1]
     height, width = image.shape[:2]
     keys = sorted(cams)
     norm = {k: official_normalize(cams[k]) for k in keys}
@@ -46,14 +48,14 @@ def official_mask(image, cams, cfg):
     if cfg.method in ("baseline", "crf_cvs"):
         v = np.stack([xs[k] for k in keys])
         bg = (1 - v.max(axis=0, keepdims=True)) ** cfg.alpha
-        posterior = crf.dense_crf(image, np.concatenate([bg, v]).astype(np.float32), params)
+        posterior = dense_crf.dense_crf(image, np.concatenate([bg, v]).astype(np.float32), params)
         return np.asarray([0] + [k + 1 for k in keys])[posterior.argmax(axis=0)]
     foreground = [np.ones((height, width))]
     importance = [foreground[0]]
     labels = [0]
     for k in keys:
         probs = np.stack([(1 - xs[k]) ** cfg.alpha, xs[k]]).astype(np.float32)
-        fg = (crf.dense_crf(image, probs, params)[1] > 0.5).astype(np.float64)
+        fg = (dense_crf.dense_crf(image, probs, params)[1] > 0.5).astype(np.float64)
         foreground.append(fg)
         importance.append(norm[k] / (1 + (norm[k] * fg).sum()))
         labels.append(k + 1)
@@ -200,7 +202,7 @@ def test_jax_backend_agrees_with_pydensecrf_on_voc_photographs(tmp_path, voc_sam
     rng = np.random.default_rng(2)
     records = voc_records(voc_samples_dir, ("2007_000129", "2007_000847"), rng)
     for method in ("ppmg", "baseline"):
-        for backend in crf.BACKENDS:
+        for backend in dense_crf.BACKENDS:
             out = tmp_path / method / backend
             stats = pm.generate(records, str(out), with_backend(config(method), backend),
                                 num_workers=2, process_index=0, process_count=1)
@@ -220,7 +222,7 @@ def test_pseudo_stage_honours_config_crf_backend_override(tmp_path, synthetic_re
     from absl import flags
     from ml_collections import config_flags
 
-    from pmm_jax import crf_jax
+    from pmm_jax.masks import dense_crf_jax
     from pmm_jax.stages import pseudo
 
     argv = ["main", f"--config={REPO}/configs/demo.py:tiny", "--config.crf.backend=jax"]
@@ -238,7 +240,7 @@ def test_pseudo_stage_honours_config_crf_backend_override(tmp_path, synthetic_re
         pseudo.variant_config(config, "ppmg")
 
     calls = []
-    real = crf_jax.dense_crf_padded
+    real = dense_crf_jax.dense_crf_padded
 
     def counting(*args, **kwargs):
         calls.append(args[1].shape)
@@ -247,7 +249,7 @@ def test_pseudo_stage_honours_config_crf_backend_override(tmp_path, synthetic_re
     def no_pool(*args, **kwargs):
         raise AssertionError("the jax backend must not start a CRF process pool")
 
-    monkeypatch.setattr(crf_jax, "dense_crf_padded", counting)
+    monkeypatch.setattr(dense_crf_jax, "dense_crf_padded", counting)
     monkeypatch.setattr(pm.concurrent.futures, "ProcessPoolExecutor", no_pool)
     # The demo data set has 5 foreground classes: renumber each image's two classes 0, 1.
     records = [(image_id, image, dict(enumerate(cams[c] for c in sorted(cams))))
@@ -426,9 +428,9 @@ def run_python(*args, cwd=REPO):
 
 
 def test_worker_side_imports_load_no_jax_and_define_no_flags():
-    """A spawned CRF worker imports pmm_jax.crf (the task) and, under the CLI, this module as
+    """A spawned CRF worker imports pmm_jax.masks.dense_crf (the task) and, under the CLI, this module as
     __mp_main__: neither may pull in JAX or register absl flags."""
-    code = ("import sys; import pmm_jax.crf, pmm_jax.pseudo_masks; from absl import flags; "
+    code = ("import sys; import pmm_jax.masks.dense_crf, pmm_jax.pseudo_masks; from absl import flags; "
             "assert 'jax' not in sys.modules, 'jax imported'; "
             "assert 'config' not in flags.FLAGS and 'cam_dir' not in flags.FLAGS")
     result = run_python("-c", code)
@@ -464,7 +466,7 @@ def test_cli_end_to_end_matches_generate(tmp_path, cli_inputs):
     assert "written=3" in result.stdout
     cfg = config("crf_cvs", alpha=4.0)
     cfg.crf.iterations = 5
-    records = pm.list_records(str(cli_inputs / "cams"), str(cli_inputs / "images"))
+    records = pseudo_masks.list_records(str(cli_inputs / "cams"), str(cli_inputs / "images"))
     pm.generate(records, str(tmp_path / "direct"), cfg, num_workers=1, process_index=0,
                 process_count=1)
     for image_id, _, _ in records:
@@ -481,7 +483,7 @@ def test_cli_takes_the_crf_backend_as_a_config_override(tmp_path, cli_inputs):
                         f"--image_dir={cli_inputs / 'images'}", f"--out_dir={tmp_path / 'out'}",
                         "--config.crf.backend=cuda")
     assert result.returncode != 0
-    assert "crf.backend='cuda'" in result.stderr and "'pydensecrf', 'jax'" in result.stderr
+    assert "dense_crf.backend='cuda'" in result.stderr and "'pydensecrf', 'jax'" in result.stderr
     assert pm.default_config().crf.backend == "pydensecrf"
 
 

@@ -23,7 +23,7 @@ import sys
 import numpy as np
 import pytest
 
-from pmm_jax import io
+from pmm_jax.files import io
 
 # pycocotools 2.0.x under numpy 2 warns about its own __array__ call.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -211,12 +211,12 @@ def test_documented_commands_parse_and_name_the_dataset():
     recipe = documented_commands(DOCS / "multicrop.md")[0]
     assert len(recipe) == 3
     for args in [shlex.split(c) for c in recipe] + rehearsed:
-        if args[:3] in (["python", "-m", "pmm_jax.main"], ["python", "-m", "pmm_jax.rough_masks"]):
+        if args[:3] in (["python", "-m", "pmm_jax.main"], ["python", "-m", "pmm_jax.masks.rough_masks"]):
             assert "--config.data.data_dir=~/tfds" in args, args
             config_args = [a.replace("configs/", f"{ROOT}/configs/", 1) for a in args
                            if a.startswith("--config")]
             parse_config(*config_args)  # an unknown key or a bad value raises
-    (rough,) = [c for c in recipe if "pmm_jax.rough_masks" in c]
+    (rough,) = [c for c in recipe if "pmm_jax.masks.rough_masks" in c]
     assert shlex.split(rough.replace("configs/voc.py", "configs/voc.py:rehearsal")) in rehearsed
     prepare = [line for line in (DOCS / "datasets.md").read_text().splitlines()
                if line.startswith("python -m pmm_jax.data.prepare")]

@@ -1,10 +1,12 @@
-"""pmm_jax.rough_masks: the joint-CRF rough masks of a first run's CAMs (official
+"""pmm_jax.masks.rough_masks: the joint-CRF rough masks of a first run's CAMs (official
 ``infer_multi_scale --out_crf`` with alpha 24, posterior > 0.9) as label PNGs."""
 
 import numpy as np
 import pytest
 
-from pmm_jax import io, multicrop, rough_masks
+from pmm_jax.cams import multicrop_tiling
+from pmm_jax.files import io
+from pmm_jax.masks import rough_masks
 
 
 def square_image_and_cam(size=40):
@@ -34,7 +36,7 @@ def test_write_rough_masks_resumes_and_names_missing_cams(tmp_path):
     io.write_cams(str(cam_dir / "b.npy"), {0: cam[::-1]})
     records = [("a", image), ("b", image[::-1])]
     assert rough_masks.write_rough_masks(records, str(cam_dir), str(out_dir)) == 2
-    masks = multicrop.read_rough_masks(str(out_dir / "a.png"), 5)
+    masks = multicrop_tiling.read_rough_masks(str(out_dir / "a.png"), 5)
     assert sorted(masks) == [2] and masks[2][20, 22]
     assert rough_masks.write_rough_masks(records, str(cam_dir), str(out_dir)) == 0  # skipped
     with pytest.raises(FileNotFoundError, match=r"cams/c\.npy for training image 'c'"):

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from pmm_jax import convert, models
+from pmm_jax.tools import weight_conversion
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
@@ -141,7 +142,7 @@ def test_structure_that_does_not_fit_is_listed(converted, tmp_path):
     wrong[1][0] = 7  # a width that differs
     (tmp_path / "wrong.json").write_text(json.dumps(wrong))
     with pytest.raises(ValueError) as err:
-        convert.convert("scalenet101", str(root / "tiny.pth"), str(tmp_path / "out"),
+        weight_conversion.convert("scalenet101", str(root / "tiny.pth"), str(tmp_path / "out"),
                         structure=str(tmp_path / "wrong.json"))
     message = str(err.value)
     assert "missing" in message and "layer1.0.conv2.3.weight" in message
@@ -152,4 +153,4 @@ def test_structure_that_does_not_fit_is_listed(converted, tmp_path):
 def test_scalenet101_needs_a_structure(converted):
     _, root = converted
     with pytest.raises(ValueError, match="needs --structure"):
-        convert.convert("scalenet101", str(root / "tiny.pth"), "/nonexistent")
+        weight_conversion.convert("scalenet101", str(root / "tiny.pth"), "/nonexistent")

@@ -1,4 +1,4 @@
-"""pmm_jax.seam against PyTorch transcriptions of the official SEAM/PMM code (written from its
+"""pmm_jax.cams.seam against PyTorch transcriptions of the official SEAM/PMM code (written from its
 definitions, in bench/classifier_torch.py, shared with the classifier benchmark), parameter
 groups, frozen parameters and a few jitted training steps."""
 
@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from pmm_jax import seam
+from pmm_jax.cams import seam
 from pmm_jax.models.resnet38 import FrozenBatchNorm, ResNet38
 from pmm_jax.models.scalenet import ScaleNet
 

@@ -6,10 +6,11 @@ import pytest
 from conftest import load_config
 from flax import nnx
 
-from pmm_jax import trainer
+from pmm_jax.files.workdir import Workdir
 from pmm_jax.models.pretrained import flat_weights
 from pmm_jax.stages import cls, seg
-from pmm_jax.workdir import Workdir
+from pmm_jax.training import trainer
+
 
 def save_trained_classifier(config, wd: Workdir) -> nnx.Module:
     """A stand-in for stage cls's checkpoint: a classifier whose backbone weights and BN

@@ -31,11 +31,12 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh
 
-from pmm_jax import models, trainer
-from pmm_jax import sharding as shd
+from pmm_jax import models
 from pmm_jax.models.resnet38 import FrozenBatchNorm
 from pmm_jax.models.resnet_v1c import max_pool_3x3_s2, run_sequence
 from pmm_jax.stages import seg
+from pmm_jax.training import sharding as shd
+from pmm_jax.training import trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_V1C = dict(name="resnet101", blocks=(1, 1, 1, 1), base_width=4, stem_width=8)

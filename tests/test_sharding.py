@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from pmm_jax import sharding
+from pmm_jax.training import sharding
 
 
 def test_mesh_spans_all_devices_on_data_axis():

@@ -9,11 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from test_seam import materialize
 
-from pmm_jax import seam, trainer
+from pmm_jax.cams import seam
 from pmm_jax.models.resnet38 import ResNet38
 from pmm_jax.stages import cam
-from test_seam import materialize
+from pmm_jax.training import trainer
 
 SCALES = (0.5, 1.0, 1.5)
 

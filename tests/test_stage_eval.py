@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from pmm_jax import io
+from pmm_jax.files import io
+from pmm_jax.files.workdir import Workdir
 from pmm_jax.stages import eval as eval_stage
-from pmm_jax.workdir import Workdir
 
 
 def config(num_cycles: int) -> ml_collections.ConfigDict:

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from test_voc import SBD_TRAIN, TRAIN_AUG, VOC_TRAIN, build, write_voc_tree
 
-from pmm_jax import evaluate, io
+from pmm_jax.files import io
+from pmm_jax.files.workdir import Workdir
 from pmm_jax.stages import common, pseudo
-from pmm_jax.workdir import Workdir
+from pmm_jax.tools import scoring
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -57,10 +58,10 @@ def test_masks_are_scored_on_voc_train_with_voc_ground_truth(voc_run):
     # SBD train, with another mask) is scored against its VOC mask.
     assert "2007_000002" in SBD_TRAIN
     for variant in ("baseline", "ppmg"):
-        cm = sum(evaluate.confusion_matrix(
+        cm = sum(scoring.confusion_matrix(
             io.read_mask(os.path.join(wd.pseudo_masks(variant), f"{i}.png")), masks[i], 21)
             for i in VOC_TRAIN)
-        expected = evaluate.iou_from_confusion(cm, rule=config.eval.rule)[1]
+        expected = scoring.iou_from_confusion(cm, rule=config.eval.rule)[1]
         assert metrics["pseudo_mask_miou"][variant] == pytest.approx(float(expected))
 
 

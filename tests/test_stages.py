@@ -6,11 +6,11 @@ import pathlib
 import shutil
 
 import pytest
-
-from pmm_jax import io, stages
-from pmm_jax.workdir import Workdir
-
 from conftest import load_config
+
+from pmm_jax import stages
+from pmm_jax.files import io
+from pmm_jax.files.workdir import Workdir
 
 pytestmark = pytest.mark.xdist_group("tiny_run")
 

@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from pmm_jax import trainer
+from pmm_jax.training import trainer
 
 NUM_CLASSES = 3
 
@@ -271,7 +271,7 @@ def test_flipped_bytes_fall_back_to_the_intact_step_and_training_redoes_it(
     raw[100:164] = bytes(b ^ 0xFF for b in raw[100:164])
     data.write_bytes(bytes(raw))
     assert trainer.latest_step(str(ckpt)) == 9
-    with caplog.at_level("WARNING", logger="pmm_jax.trainer"):
+    with caplog.at_level("WARNING", logger="pmm_jax.training.trainer"):
         model = trainer.restore_model(TinyNet(nnx.Rngs(1)), str(ckpt), "run stage cls first")
     assert "checkpoint step 10" in caplog.text and "sha256 mismatch" in caplog.text
     with pytest.raises(AssertionError):

@@ -16,8 +16,8 @@ import tensorflow_datasets as tfds
 from fake_trees import random_mask, write_jpeg, write_sbd_mat
 from PIL import Image
 
-from pmm_jax import io
 from pmm_jax.data import voc
+from pmm_jax.files import io
 
 VOC_TRAIN = ("2007_000001", "2007_000002", "2007_000003")
 VOC_VAL = ("2007_000004", "2007_000005")

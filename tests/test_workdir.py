@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from pmm_jax import workdir
-from pmm_jax.workdir import Workdir
+from pmm_jax.files import workdir
+from pmm_jax.files.workdir import Workdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 HOLD = """
 import sys, time
-from pmm_jax import workdir
+from pmm_jax.files import workdir
 with workdir.lock(workdir.Workdir(sys.argv[1])):
     print("held", flush=True)
     sys.stdin.read()  # until the test closes stdin

@@ -38,7 +38,7 @@ from jax.experimental import multihost_utils
 from pmm_jax.constants import IGNORE_LABEL
 from pmm_jax.data import coco, voc  # noqa: F401  (registers voc2012_wsss, coco2014_wsss)
 from pmm_jax.data.synthetic import prepare
-from pmm_jax.io import read_mask
+from pmm_jax.files.io import read_mask
 
 try:
     # TensorFlow only feeds the host; the accelerators belong to JAX.
@@ -420,7 +420,7 @@ def multicrop_train_batches(ds: tf.data.Dataset, *, rough_masks: str, batch_size
     with ``crop_scales``), a replacement for ``train_batches`` in the cls stage.
 
     Per example: its rough masks are read from the folder ``rough_masks``
-    (``multicrop.read_rough_masks``); ``multicrop.sample_training_crop`` draws a scale of
+    (``multicrop_tiling.read_rough_masks``); ``multicrop_tiling.sample_training_crop`` draws a scale of
     ``scales``, then tiles (``tile`` pixels ``stride`` apart at that scale) until the 10% rule
     leaves a positive label; the label is that rule's, restricted to the image-level label
     (a no-op for rough masks made from the image's own CAMs). The tile is cut from the
@@ -429,25 +429,25 @@ def multicrop_train_batches(ds: tf.data.Dataset, *, rough_masks: str, batch_size
     a rough-mask file: the folder is checked up front (one pass over ``ds``) and the error
     names the missing files. Shuffling, seeding and batching as in ``train_batches``.
     """
-    from pmm_jax import multicrop
+    from pmm_jax.cams import multicrop_tiling
 
     num_labels = ds.element_spec["labels"].shape[-1]
     if num_labels != num_classes_fg:
         raise ValueError(f"dataset has {num_labels} image-level labels, expected {num_classes_fg}")
-    paths = multicrop.rough_mask_paths(rough_masks, _dataset_ids(ds))
+    paths = multicrop_tiling.rough_mask_paths(rough_masks, _dataset_ids(ds))
     scales = tuple(float(s) for s in scales)
 
     def sample(image_id: bytes, image_shape: np.ndarray, labels: np.ndarray,
                position: np.int64) -> tuple[np.ndarray, np.ndarray]:
         path = paths[image_id.decode()]
-        masks = multicrop.read_rough_masks(path, num_classes_fg)
+        masks = multicrop_tiling.read_rough_masks(path, num_classes_fg)
         height, width = int(image_shape[0]), int(image_shape[1])
         for mask in masks.values():
             if mask.shape != (height, width):
                 raise ValueError(f"{path}: rough mask is {mask.shape[0]}x{mask.shape[1]} but "
                                  f"its image is {height}x{width}")
         rng = np.random.default_rng((seed, int(position)))
-        box, crop_labels = multicrop.sample_training_crop(
+        box, crop_labels = multicrop_tiling.sample_training_crop(
             masks, width, height, num_classes_fg, rng, scales, tile, stride)
         return np.asarray(box, np.int32), (crop_labels * (labels > 0.5)).astype(np.float32)
 

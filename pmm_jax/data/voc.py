@@ -51,7 +51,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pmm_jax.constants import IGNORE_LABEL, VOC_CLASSES
 from pmm_jax.data.synthetic import labels_from_mask
-from pmm_jax.io import rgb_array
+from pmm_jax.files.io import rgb_array
 
 NUM_CLASSES = len(VOC_CLASSES) - 1
 

@@ -23,7 +23,7 @@ class CAMClassifier(nnx.Module):
     ``backbone`` follows the protocol of ``pmm_jax.models.resnet`` (list of stage features,
     ``out_channels``). Parameters of the new layer live outside ``backbone`` (attribute
     ``classifier``), so optimisers can give them their own learning rate by path. The head
-    computes in float32 whatever the backbone's compute dtype (``pmm_jax.precision``).
+    computes in float32 whatever the backbone's compute dtype (``pmm_jax.training.precision``).
     """
 
     float32_layers = ("classifier",)

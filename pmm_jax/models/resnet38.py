@@ -30,7 +30,7 @@ is SEAM's ``conv4`` (512 ch), feature 3 its ``conv5`` (1024 ch) and feature 5 it
 BatchNorm (``norm``): the official classifier keeps every BN in inference mode with frozen
 affine parameters, so by default (``norm="frozen"``) BN always uses the running statistics
 (``FrozenBatchNorm``); freezing the affine parameters and ``conv1a`` (and b2 for SEAM) is the
-optimiser's job (a mask by parameter path, see ``pmm_jax.seam.param_labels``). The
+optimiser's job (a mask by parameter path, see ``pmm_jax.cams.seam.param_labels``). The
 segmenter's WideRes38 trains its BN (SyncBN, ``norm_eval=False``): ``norm="batch"`` builds
 trainable ``nnx.BatchNorm`` (torch momentum 0.1, epsilon 1e-5), whose statistics are those of
 the global batch under ``jax.jit`` with a sharded batch. Dropout (b6, b7: torch
@@ -84,7 +84,7 @@ class FrozenBatchNorm(nnx.Module):
 
     Same variable names as ``nnx.BatchNorm`` (``scale``, ``bias``: Param; ``mean``, ``var``:
     BatchStat) so checkpoints and converters treat both alike. ``dtype`` (as flax's, set by
-    ``pmm_jax.precision``) is the dtype of the output; the affine map is computed in float32.
+    ``pmm_jax.training.precision``) is the dtype of the output; the affine map is computed in float32.
     """
 
     def __init__(self, num_features: int, *, epsilon: float = BN_EPSILON):

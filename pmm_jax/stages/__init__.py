@@ -20,9 +20,10 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Callable, Mapping
 
-from pmm_jax import distributed, io
+from pmm_jax.files import io
+from pmm_jax.files.workdir import Workdir
 from pmm_jax.stages import record
-from pmm_jax.workdir import Workdir
+from pmm_jax.training import distributed
 
 if TYPE_CHECKING:  # ml_collections is not needed to import a stage (the benchmarks do)
     import ml_collections

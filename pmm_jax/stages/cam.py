@@ -3,13 +3,13 @@
 ``config.cam.method`` (default "multiscale"): "multiscale" averages the CAMs of the whole
 image over ``config.cam.scales`` and horizontal flips (SEAM's inference; one jitted call per
 view, :class:`MultiScaleCAM`); "multicrop" is
-PMM's multi-crop inference (``pmm_jax.multicrop_cam``: ``multicrop.tile_boxes`` tiles of
+PMM's multi-crop inference (``pmm_jax.cams.multicrop_inference``: ``multicrop.tile_boxes`` tiles of
 ``config.cam.multicrop.crop`` and ``stride`` at every one of ``multicrop.scales``, ``flip``ped
 too, ``tile_batch`` tiles per jitted step). Either way the CAMs are restricted to the
 image-level label (as WSSS does for train and for CAM evaluation on val), normalised per class
 by their maximum, and written one file per image in the official PMM/SEAM format
 (``WORKDIR/cams/<split>/<id>.npy``). The stage reports CAM mIoU on val at the fixed
-background threshold ``evaluate.DEFAULT_CAM_BG_THRESHOLD`` and the threshold curve.
+background threshold ``scoring.DEFAULT_CAM_BG_THRESHOLD`` and the threshold curve.
 A SEAM classifier (``config.cls.method = "seam"``) contributes its PCM-refined CAM.
 """
 
@@ -27,11 +27,15 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
-from pmm_jax import distributed, evaluate, io, multicrop_cam, notebook_utils, trainer
-from pmm_jax import sharding as shd
+from pmm_jax import notebook_utils
+from pmm_jax.cams import multicrop_inference
+from pmm_jax.files import io
+from pmm_jax.files.workdir import Workdir
 from pmm_jax.stages import common
 from pmm_jax.stages.cls import build_model
-from pmm_jax.workdir import Workdir
+from pmm_jax.tools import scoring
+from pmm_jax.training import distributed, trainer
+from pmm_jax.training import sharding as shd
 
 CURVE_THRESHOLDS = tuple(round(0.05 + 0.05 * i, 2) for i in range(10))
 METHODS = ("multiscale", "multicrop")
@@ -128,7 +132,7 @@ def make_predictor(config, model) -> Callable[[Mapping[str, np.ndarray], Sequenc
     (only ``rows`` need be correct; the multi-crop path skips the other rows' tiles)."""
     if method(config) == "multicrop":
         mc = config.cam.multicrop
-        return multicrop_cam.MultiCropCAM(
+        return multicrop_inference.MultiCropCAM(
             model, model_cam, scales=tuple(mc.scales), crop=mc.crop, stride=mc.stride,
             flip=config.cam.flip, tile_batch=mc.tile_batch, batch_size_key="config.cam.batch_size",
             tile_batch_key="config.cam.multicrop.tile_batch")
@@ -179,11 +183,11 @@ def cam_metrics(config, wd: Workdir) -> dict:
     """CAM mIoU on val at the fixed threshold, and the threshold curve (for reference only)."""
     pairs = [(io.read_cams(cam_path(wd, "val", ex["id"])), ex["mask"])
              for ex in common.examples(config, wd, "val", all_processes=True)]
-    curve = evaluate.cam_threshold_curve(pairs, CURVE_THRESHOLDS, config.data.num_classes)
-    fixed = evaluate.cam_threshold_curve(pairs, (evaluate.DEFAULT_CAM_BG_THRESHOLD,),
+    curve = scoring.cam_threshold_curve(pairs, CURVE_THRESHOLDS, config.data.num_classes)
+    fixed = scoring.cam_threshold_curve(pairs, (scoring.DEFAULT_CAM_BG_THRESHOLD,),
                                          config.data.num_classes)
-    return {"cam_miou": float(fixed[evaluate.DEFAULT_CAM_BG_THRESHOLD]),
-            "cam_bg_threshold": evaluate.DEFAULT_CAM_BG_THRESHOLD,
+    return {"cam_miou": float(fixed[scoring.DEFAULT_CAM_BG_THRESHOLD]),
+            "cam_bg_threshold": scoring.DEFAULT_CAM_BG_THRESHOLD,
             "cam_miou_curve": {str(t): float(v) for t, v in curve.items()}}
 
 

@@ -2,7 +2,7 @@
 
 ``config.cls.method`` (default "plain"): "plain" trains the CAM classifier with multilabel
 soft-margin on GAP of the CAM head and ``trainer.sgd_poly``; "seam" trains
-``pmm_jax.seam.SEAM`` (CAM head + PCM) with the SEAM losses and its four-group optimiser
+``pmm_jax.cams.seam.SEAM`` (CAM head + PCM) with the SEAM losses and its four-group optimiser
 (``config.cls.official_momentum``, default False, reproduces the official momentum 5e-4).
 With ``config.cls.multicrop.rough_masks`` set to a folder of rough masks, the classifier trains
 on PMM's multi-crop tiles (``pipeline.multicrop_train_batches``: ``multicrop.scales``,
@@ -17,10 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pmm_jax import models, precision, seam, trainer, visualize
+from pmm_jax import drawing, models
+from pmm_jax.cams import seam
+from pmm_jax.files.workdir import Workdir
 from pmm_jax.models.cam_classifier import multilabel_soft_margin_loss
 from pmm_jax.stages import common
-from pmm_jax.workdir import Workdir
+from pmm_jax.training import precision, trainer
 
 
 def method(config) -> str:
@@ -93,7 +95,7 @@ def cam_summary(model, batch) -> dict:
     """TensorBoard images: the first few training images beside their max-over-class CAM
     (``model`` in eval mode; its forward pass jitted)."""
     cams = np.asarray(jax.device_get(_cams(model, batch["image"][:4])))
-    return {"cam_overlay": visualize.cam_overlay_batch(batch["image"][:4], cams, batch["labels"][:4])}
+    return {"cam_overlay": drawing.cam_overlay_batch(batch["image"][:4], cams, batch["labels"][:4])}
 
 
 def run(config, wd: Workdir) -> dict:

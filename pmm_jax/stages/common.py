@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 import jax
 import numpy as np
 
-from pmm_jax import distributed, evaluate, io
-from pmm_jax.workdir import Workdir
+from pmm_jax.files import io
+from pmm_jax.files.workdir import Workdir
+from pmm_jax.tools import scoring
+from pmm_jax.training import distributed
 
 if TYPE_CHECKING:  # neither is needed to import a stage's train step (the benchmarks do)
     import ml_collections
@@ -136,8 +138,8 @@ def miou(config, wd: Workdir, split: str, read_pred: Callable[[str], np.ndarray]
               else dataset_split_examples(config, wd, dataset_split))
     for ex in source:
         if wanted is None or ex["id"] in wanted:
-            cm += evaluate.confusion_matrix(read_pred(ex["id"]), ex["mask"], config.data.num_classes)
-    per_class, mean = evaluate.iou_from_confusion(cm, rule=config.eval.rule)
+            cm += scoring.confusion_matrix(read_pred(ex["id"]), ex["mask"], config.data.num_classes)
+    per_class, mean = scoring.iou_from_confusion(cm, rule=config.eval.rule)
     names = class_names(config)
     return {"miou": float(mean),
             "per_class": {names[i]: (None if np.isnan(v) else float(v)) for i, v in enumerate(per_class)}}

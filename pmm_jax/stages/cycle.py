@@ -8,8 +8,8 @@ initial weights with ``config.cycle.loss`` (plain CE in the paper).
 
 from __future__ import annotations
 
+from pmm_jax.files.workdir import Workdir
 from pmm_jax.stages import seg
-from pmm_jax.workdir import Workdir
 
 
 def cycle_runs(config) -> list[str]:

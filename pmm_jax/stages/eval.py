@@ -12,9 +12,10 @@ import time
 
 import jax
 
-from pmm_jax import io, stages
+from pmm_jax import stages
+from pmm_jax.files import io
+from pmm_jax.files.workdir import Workdir
 from pmm_jax.stages import common, cycle, seg
-from pmm_jax.workdir import Workdir
 
 
 def trained_runs(config, wd: Workdir) -> list[str]:

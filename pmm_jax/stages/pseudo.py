@@ -22,30 +22,32 @@ import jax
 import ml_collections
 import numpy as np
 
-from pmm_jax import crf, distributed, notebook_utils, pseudo_masks
+from pmm_jax import notebook_utils
 from pmm_jax.data import pipeline
+from pmm_jax.files.workdir import Workdir
+from pmm_jax.masks import dense_crf, generator
 from pmm_jax.stages import common
-from pmm_jax.workdir import Workdir
+from pmm_jax.training import distributed
 
 
 def variant_config(config, method: str) -> ml_collections.ConfigDict:
-    """The ``pseudo_masks.generate`` config of one variant, from ``config.pseudo`` and the
+    """The ``generator.generate`` config of one variant, from ``config.pseudo`` and the
     CRF backend ``config.crf.backend``."""
-    cfg = pseudo_masks.default_config()
+    cfg = generator.default_config()
     p = config.pseudo
     cfg.method = method
     cfg.alpha, cfg.t, cfg.s, cfg.official_minmax = p.alpha, p.t, p.s, p.official_minmax
     cfg.num_classes = config.data.num_classes
     cfg.num_workers = p.num_workers or None
     cfg.crf.update(p.crf.to_dict())
-    cfg.crf.backend = crf.config_backend(config)  # config.crf.backend: pydensecrf | jax
+    cfg.crf.backend = dense_crf.config_backend(config)  # config.crf.backend: pydensecrf | jax
     return cfg
 
 
 def records(config, wd: Workdir, ids: set[str] | None):
     """``(id, image, cams)`` of every train image, optionally only ``ids``, in dataset order.
 
-    Every process sees the same records; ``pseudo_masks.generate`` then makes the masks of
+    Every process sees the same records; ``generator.generate`` then makes the masks of
     records ``i, i + n, ...`` on process ``i`` of ``n``, so each mask is computed once and the
     eval subset (the first images) is spread over all processes too.
     """
@@ -102,7 +104,7 @@ def run(config, wd: Workdir) -> dict:
     for method in variants:
         wanted = None if method == config.pseudo.train_on else set(subset)
         out_dir = wd.pseudo_masks(method, "train")
-        stats[method] = pseudo_masks.generate(
+        stats[method] = generator.generate(
             records(config, wd, wanted), out_dir, variant_config(config, method),
             num_workers=config.pseudo.num_workers or None,
             process_index=jax.process_index(), process_count=jax.process_count(),

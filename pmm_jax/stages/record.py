@@ -15,7 +15,7 @@ import os
 import shutil
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from pmm_jax.workdir import Workdir
+from pmm_jax.files.workdir import Workdir
 
 if TYPE_CHECKING:  # ml_collections is not needed to import a stage (the benchmarks do)
     import ml_collections
@@ -130,7 +130,7 @@ def _count_files(directory: str) -> int:
 def measure_outputs(config, wd: Workdir, stage: str) -> dict[str, int]:
     """``{path relative to the workdir: count}``: files in each folder, the step of the newest
     intact checkpoint (0 when none), 1 for a file that exists."""
-    from pmm_jax import trainer
+    from pmm_jax.training import trainer
 
     out = {}
     for path, kind in outputs(config, wd, stage).items():

@@ -20,11 +20,14 @@ import tqdm
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from pmm_jax import (distributed, evaluate, io, models, pmm, precision, segment_inference,
-                     trainer, visualize)
+from pmm_jax import drawing, models
+from pmm_jax.files import io
+from pmm_jax.files.workdir import Workdir
 from pmm_jax.models.pspnet import upsample_logits
+from pmm_jax.segmentation import inference, pus
 from pmm_jax.stages import cls, common
-from pmm_jax.workdir import Workdir
+from pmm_jax.tools import scoring
+from pmm_jax.training import distributed, precision, trainer
 
 
 def build_model(config, seed: int = 0) -> nnx.Module:
@@ -74,7 +77,7 @@ def loss_fn(model, batch, rngs, *, mode: str, beta: float, kappa: float, reducti
     """Decode-head loss + ``aux_weight`` x auxiliary-head loss, each its own PUS warm-up test."""
     out = model(batch["image"], rngs=rngs)
     size = batch["mask"].shape[1:3]
-    head_loss = functools.partial(pmm.pus_loss, labels=batch["mask"], mode=mode, beta=beta,
+    head_loss = functools.partial(pus.pus_loss, labels=batch["mask"], mode=mode, beta=beta,
                                   kappa=kappa, reduction=reduction)
     main = head_loss(upsample_logits(out["logits"], size))
     aux = head_loss(upsample_logits(out["aux_logits"], size))
@@ -105,10 +108,10 @@ def mask_summary(model, batch) -> dict:
     """TensorBoard images: input, training mask and prediction side by side (``model`` in
     eval mode; its forward pass jitted, compiled once per run instead of op by op)."""
     pred = np.asarray(jax.device_get(jitted_predict_labels(model, {"image": batch["image"][:4]})))
-    images = visualize.denormalize(batch["image"][:4])
-    target = visualize.colorize_mask(batch["mask"][:4])
+    images = drawing.denormalize(batch["image"][:4])
+    target = drawing.colorize_mask(batch["mask"][:4])
     return {"image_mask_prediction": np.concatenate(
-        [images, target, visualize.colorize_mask(pred)], axis=2)}
+        [images, target, drawing.colorize_mask(pred)], axis=2)}
 
 
 def mmseg_batches(config, ds, start_step: int):
@@ -206,7 +209,7 @@ def val_miou(config, wd: Workdir, model) -> float:
     > 0, with config.eval's test-time pipeline (all processes)."""
     source = "the segmenter being trained, in its periodic validation (config.seg.eval_every)"
     # config.eval, config.crf.backend
-    predict = segment_inference.predictor(model, config, source=source)
+    predict = inference.predictor(model, config, source=source)
     num_classes = config.data.num_classes
     cm = np.zeros((num_classes, num_classes), np.int64)
     for batch in common.eval_batches(config, wd, "val", config.eval.batch_size,
@@ -215,11 +218,11 @@ def val_miou(config, wd: Workdir, model) -> float:
         labels = predict(batch)
         for i in np.flatnonzero(batch["valid"]):
             h, w = int(batch["height"][i]), int(batch["width"][i])
-            cm += evaluate.confusion_matrix(labels[i, :h, :w], batch["mask"][i, :h, :w],
+            cm += scoring.confusion_matrix(labels[i, :h, :w], batch["mask"][i, :h, :w],
                                             num_classes)
     if jax.process_count() > 1:
         cm = np.asarray(multihost_utils.process_allgather(cm)).sum(axis=0)
-    return float(evaluate.iou_from_confusion(cm, rule=config.eval.rule)[1])
+    return float(scoring.iou_from_confusion(cm, rule=config.eval.rule)[1])
 
 
 def keep_best(config, wd: Workdir, run: str):
@@ -277,7 +280,7 @@ def predict_split(config, wd: Workdir, run: str, split: str, out_dir: str,
     source = (f"stage '{stage}': segmenter '{run}' ({segmenter_checkpoint(config, wd, run)}, "
               f"trained by stage '{trained_by(run)}') on {split}")
     # config.eval, config.crf.backend
-    predict = segment_inference.predictor(model, config, source=source)
+    predict = inference.predictor(model, config, source=source)
     key = "config.eval.batch_size"
     batches = common.eval_batches(config, wd, split, config.eval.batch_size, key)
     total = common.num_eval_batches(config, wd, split, config.eval.batch_size, key)

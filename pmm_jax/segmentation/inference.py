@@ -15,8 +15,8 @@ What mmseg (and WSSS_MMSeg's ``EncoderDecoder``) does at test time, each part sw
   labels are the argmax of the posterior. The implementation is the pipeline's
   ``config.crf.backend`` (``Predictor``'s ``crf_backend``): ``"pydensecrf"`` on the host in a
   ``spawn`` process pool of ``crf_workers`` processes (0 = all cores, 1 = in this process), or
-  ``"jax"``: ``pmm_jax.crf_jax`` in this process, one image at a time, each padded up to a
-  multiple of 64 pixels (``crf_jax.dense_crf_padded``) so that a split compiles a few shapes
+  ``"jax"``: ``pmm_jax.masks.dense_crf_jax`` in this process, one image at a time, each padded up to a
+  multiple of 64 pixels (``dense_crf_jax.dense_crf_padded``) so that a split compiles a few shapes
   only (``crf_workers`` is then unused).
 
 Everything before the CRF is one jitted function of the (static) batch shape, so a split
@@ -38,8 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pmm_jax import crf, io, trainer
+from pmm_jax.files import io
+from pmm_jax.masks import dense_crf
 from pmm_jax.models.pspnet import resize_bilinear, upsample_logits
+from pmm_jax.training import trainer
 
 
 def window_starts(length: int, crop: int, stride: int) -> list[int]:
@@ -125,29 +127,29 @@ def _crf_executor(workers: int) -> concurrent.futures.Executor | None:
         workers, mp_context=multiprocessing.get_context("spawn"))
 
 
-def _jax_dense_crf(image: np.ndarray, probs: np.ndarray, params: crf.CRFParams) -> np.ndarray:
-    """``crf.dense_crf``'s contract (``[L, H, W]`` posterior) with ``pmm_jax.crf_jax``."""
-    from pmm_jax import crf_jax
+def _jax_dense_crf(image: np.ndarray, probs: np.ndarray, params: dense_crf.CRFParams) -> np.ndarray:
+    """``dense_crf.dense_crf``'s contract (``[L, H, W]`` posterior) with ``pmm_jax.masks.dense_crf_jax``."""
+    from pmm_jax.masks import dense_crf_jax
 
-    return crf_jax.dense_crf_padded(image, probs[None], params)[0]
+    return dense_crf_jax.dense_crf_padded(image, probs[None], params)[0]
 
 
 class Predictor:
     """``predict(host_batch) -> uint8 labels [B,H,W]`` with the test-time options of
     ``eval_cfg``; rows are padded like the batch (callers crop each to height x width).
     ``crf_backend``: the dense CRF implementation (``config.crf.backend``, see
-    ``pmm_jax.crf.BACKENDS``) when ``eval_cfg.crf`` is on. ``source`` names the model (and the
+    ``pmm_jax.masks.dense_crf.BACKENDS``) when ``eval_cfg.crf`` is on. ``source`` names the model (and the
     stage that trained it) in the ``io.NonFiniteError`` raised when a valid row's
     probabilities are not finite."""
 
     def __init__(self, model, eval_cfg: Mapping[str, Any],
-                 crf_backend: str = crf.DEFAULT_BACKEND, source: str = "the segmenter"):
+                 crf_backend: str = dense_crf.DEFAULT_BACKEND, source: str = "the segmenter"):
         self._device = trainer.make_predict_fn(model, device_fn(eval_cfg))
         self._source = source
         self._crf = bool(eval_cfg.get("crf", False))
         params = eval_cfg.get("crf_params", None)
-        self._params = crf.CRFParams.from_config(params) if params else crf.SEGMENTATION_TEST_CRF
-        self._backend = crf.check_backend(crf_backend)
+        self._params = dense_crf.CRFParams.from_config(params) if params else dense_crf.SEGMENTATION_TEST_CRF
+        self._backend = dense_crf.check_backend(crf_backend)
         use_pool = self._crf and self._backend == "pydensecrf"
         self._pool = _crf_executor(int(eval_cfg.get("crf_workers", 0))) if use_pool else None
         if self._pool is not None:
@@ -172,9 +174,9 @@ class Predictor:
         raws = [batch["raw"][i, :h, :w] for i, (h, w) in sizes.items()]
         crops = [np.ascontiguousarray(probs[i, :h, :w].transpose(2, 0, 1))
                  for i, (h, w) in sizes.items()]
-        # Workers run pmm_jax.crf only (numpy + pydensecrf): a spawned child imports no JAX.
+        # Workers run pmm_jax.masks.dense_crf only (numpy + pydensecrf): a spawned child imports no JAX.
         mapper = map if self._pool is None else self._pool.map
-        fn = _jax_dense_crf if self._backend == "jax" else crf.dense_crf
+        fn = _jax_dense_crf if self._backend == "jax" else dense_crf.dense_crf
         posteriors = mapper(fn, raws, crops, [self._params] * len(raws))
         for (i, (h, w)), posterior in zip(sizes.items(), posteriors):
             labels[i, :h, :w] = np.argmax(posterior, axis=0)
@@ -184,4 +186,4 @@ class Predictor:
 def predictor(model, config, source: str = "the segmenter") -> Predictor:
     """The ``Predictor`` of a pipeline config: test-time options ``config.eval``, CRF backend
     ``config.crf.backend`` (validated; pydensecrf when the config has none)."""
-    return Predictor(model, config.eval, crf_backend=crf.config_backend(config), source=source)
+    return Predictor(model, config.eval, crf_backend=dense_crf.config_backend(config), source=source)

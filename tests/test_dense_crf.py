@@ -1,4 +1,4 @@
-"""pmm_jax.crf: parameters, input validation, and behaviour on synthetic and real images."""
+"""pmm_jax.masks.dense_crf: parameters, input validation, and behaviour on synthetic and real images."""
 
 import dataclasses
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pmm_jax import crf
+from pmm_jax.masks import dense_crf
 
 
 def two_tone_image(height=24, width=32):
@@ -22,26 +22,26 @@ def two_tone_image(height=24, width=32):
 # ------------------------------------------------------------------------------ parameters
 
 def test_params_defaults_and_presets():
-    assert crf.PSEUDO_MASK_CRF == crf.CRFParams(3.0, 10.0, 80.0, 13.0, 10.0, 10)
-    assert dataclasses.astuple(crf.SEGMENTATION_TEST_CRF) == (1.0, 3.0, 67.0, 3.0, 4.0, 10)
+    assert dense_crf.PSEUDO_MASK_CRF == dense_crf.CRFParams(3.0, 10.0, 80.0, 13.0, 10.0, 10)
+    assert dataclasses.astuple(dense_crf.SEGMENTATION_TEST_CRF) == (1.0, 3.0, 67.0, 3.0, 4.0, 10)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        crf.PSEUDO_MASK_CRF.iterations = 5
+        dense_crf.PSEUDO_MASK_CRF.iterations = 5
 
 
 def test_params_from_config():
-    params = crf.CRFParams.from_config({"gauss_sxy": 1, "iterations": 5})
-    assert params == crf.CRFParams(gauss_sxy=1, iterations=5)
-    assert crf.CRFParams.from_config({}) == crf.PSEUDO_MASK_CRF
-    config = ml_collections.ConfigDict(dataclasses.asdict(crf.SEGMENTATION_TEST_CRF))
-    assert crf.CRFParams.from_config(config) == crf.SEGMENTATION_TEST_CRF
+    params = dense_crf.CRFParams.from_config({"gauss_sxy": 1, "iterations": 5})
+    assert params == dense_crf.CRFParams(gauss_sxy=1, iterations=5)
+    assert dense_crf.CRFParams.from_config({}) == dense_crf.PSEUDO_MASK_CRF
+    config = ml_collections.ConfigDict(dataclasses.asdict(dense_crf.SEGMENTATION_TEST_CRF))
+    assert dense_crf.CRFParams.from_config(config) == dense_crf.SEGMENTATION_TEST_CRF
     with pytest.raises(ValueError, match="bilateral_rgb"):
-        crf.CRFParams.from_config({"bilateral_rgb": 13})
+        dense_crf.CRFParams.from_config({"bilateral_rgb": 13})
     with pytest.raises(TypeError):
-        crf.CRFParams.from_config([("gauss_sxy", 3)])
+        dense_crf.CRFParams.from_config([("gauss_sxy", 3)])
     with pytest.raises(ValueError, match="iterations"):
-        crf.CRFParams(iterations=2.5)
+        dense_crf.CRFParams(iterations=2.5)
     with pytest.raises(ValueError, match="gauss_sxy"):
-        crf.CRFParams(gauss_sxy=0)
+        dense_crf.CRFParams(gauss_sxy=0)
 
 
 # ------------------------------------------------------------------------ input validation
@@ -56,12 +56,12 @@ def test_params_from_config():
 ])
 def test_dense_crf_rejects_bad_shapes(image, probs, message):
     with pytest.raises(ValueError, match=message):
-        crf.dense_crf(image, probs, crf.PSEUDO_MASK_CRF)
+        dense_crf.dense_crf(image, probs, dense_crf.PSEUDO_MASK_CRF)
 
 
 def test_dense_crf_rejects_non_params():
     with pytest.raises(TypeError):
-        crf.dense_crf(np.zeros((4, 4, 3), np.uint8), np.full((2, 4, 4), 0.5), {"gauss_sxy": 3})
+        dense_crf.dense_crf(np.zeros((4, 4, 3), np.uint8), np.full((2, 4, 4), 0.5), {"gauss_sxy": 3})
 
 
 # --------------------------------------------------------------------- synthetic behaviour
@@ -70,7 +70,7 @@ def test_zero_iterations_is_the_normalised_clipped_unary():
     rng = np.random.default_rng(1)
     probs = rng.random((3, 24, 32)).astype(np.float32)
     probs[0, :4] = 0.0  # clipped to 1e-5 before the log
-    out = crf.dense_crf(two_tone_image(), probs, crf.CRFParams(iterations=0))
+    out = dense_crf.dense_crf(two_tone_image(), probs, dense_crf.CRFParams(iterations=0))
     clipped = np.clip(probs, 1e-5, 1.0)
     np.testing.assert_allclose(out, clipped / clipped.sum(0), rtol=1e-4, atol=1e-6)
 
@@ -83,14 +83,14 @@ def test_confident_region_stays_and_posterior_is_a_distribution():
     probs[1, 10:14, 4:8] = 0.6    # weak, isolated foreground blob on the dark half
     probs[0, 10:14, 4:8] = 0.4
     probs[0, :, :16] += 0.1       # dark half mildly background
-    for params in (crf.PSEUDO_MASK_CRF, crf.SEGMENTATION_TEST_CRF):
-        out = crf.dense_crf(image, probs, params)
+    for params in (dense_crf.PSEUDO_MASK_CRF, dense_crf.SEGMENTATION_TEST_CRF):
+        out = dense_crf.dense_crf(image, probs, params)
         assert out.shape == (2, 24, 32) and out.dtype == np.float32
         np.testing.assert_allclose(out.sum(0), 1.0, atol=1e-5)
         labels = out.argmax(0)
         assert np.all(labels[:, 16:] == 1)
     # The strong pseudo-mask CRF smooths the weak blob away into the surrounding background.
-    assert np.all(crf.dense_crf(image, probs, crf.PSEUDO_MASK_CRF).argmax(0)[:, :16] == 0)
+    assert np.all(dense_crf.dense_crf(image, probs, dense_crf.PSEUDO_MASK_CRF).argmax(0)[:, :16] == 0)
 
 
 def test_non_contiguous_and_read_only_inputs_give_the_same_result():
@@ -98,13 +98,13 @@ def test_non_contiguous_and_read_only_inputs_give_the_same_result():
     image = np.asfortranarray(two_tone_image())
     probs = rng.random((2, 32, 24)).astype(np.float64).transpose(0, 2, 1)  # a strided view
     assert not image.flags.c_contiguous and not probs.flags.c_contiguous
-    out = crf.dense_crf(image, probs, crf.PSEUDO_MASK_CRF)
+    out = dense_crf.dense_crf(image, probs, dense_crf.PSEUDO_MASK_CRF)
     frozen_image, frozen_probs = np.array(image, order="C"), np.array(probs)
     frozen_image.flags.writeable = frozen_probs.flags.writeable = False  # as PIL / JAX give
     np.testing.assert_array_equal(
-        crf.dense_crf(frozen_image, frozen_probs, crf.PSEUDO_MASK_CRF), out)
-    want = crf.dense_crf(np.ascontiguousarray(image), np.ascontiguousarray(probs),
-                         crf.PSEUDO_MASK_CRF)
+        dense_crf.dense_crf(frozen_image, frozen_probs, dense_crf.PSEUDO_MASK_CRF), out)
+    want = dense_crf.dense_crf(np.ascontiguousarray(image), np.ascontiguousarray(probs),
+                         dense_crf.PSEUDO_MASK_CRF)
     np.testing.assert_array_equal(out, want)
 
 
@@ -133,7 +133,7 @@ def test_crf_on_real_photographs_follows_the_label(voc_samples_dir):
             probs = weight * onehot + (1 - weight) * noise
             probs /= probs.sum(0, keepdims=True)
             before = np.mean(classes[probs.argmax(0)] == label)
-            posterior = crf.dense_crf(image, probs, crf.PSEUDO_MASK_CRF)
+            posterior = dense_crf.dense_crf(image, probs, dense_crf.PSEUDO_MASK_CRF)
             after = np.mean(classes[posterior.argmax(0)] == label)
             np.testing.assert_allclose(posterior.sum(0), 1.0, atol=1e-4)
             assert after > min_agreement, (image_id, weight, before, after)

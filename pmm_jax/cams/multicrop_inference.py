@@ -1,7 +1,7 @@
 """Jitted multi-crop CAM inference (PMM's ``infer_multi_crop``) for padded eval batches.
 
-The semantics are those of ``pmm_jax.multicrop`` (see ../shared/pmm-reference.md,
-"Multi-crop"): at every scale the image is tiled (``multicrop.tile_boxes``); each tile is cut
+The semantics are those of ``pmm_jax.cams.multicrop_tiling`` (see ../shared/pmm-reference.md,
+"Multi-crop"): at every scale the image is tiled (``multicrop_tiling.tile_boxes``); each tile is cut
 from the original image, resized to ``crop x crop`` (bilinear, antialiased when shrinking,
 like PIL's ``BILINEAR``) and run through the classifier, also mirrored; each view's ReLU'd CAM
 is mirrored back, resized to its box (bilinear, half-pixel centres: torch's
@@ -33,8 +33,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
-from pmm_jax import distributed, multicrop, trainer
-from pmm_jax import sharding as shd
+from pmm_jax.cams import multicrop_tiling
+from pmm_jax.training import distributed, trainer
+from pmm_jax.training import sharding as shd
 from pmm_jax.constants import IMAGENET_MEAN, IMAGENET_STD
 
 # The ImageNet statistics on the 0..1 scale of the tiles, from the 0..255 ones in constants (the
@@ -144,7 +145,7 @@ def plan(batch: Mapping[str, np.ndarray], rows: Sequence[int], *, scales: Sequen
     for r in rows:
         height, width = int(batch["height"][r]), int(batch["width"][r])
         for scale in scales:
-            for x1, y1, x2, y2 in multicrop.tile_boxes(width, height, scale, crop, stride):
+            for x1, y1, x2, y2 in multicrop_tiling.tile_boxes(width, height, scale, crop, stride):
                 lists[r // rows_per_device].append((r % rows_per_device, y1, x1, y2, x2, 1))
     count = max((math.ceil(len(t) / per_device) for t in lists), default=0)
     chunks = []
@@ -172,7 +173,7 @@ class MultiCropCAM:
     Args:
       model: the classifier (run in eval mode, replicated).
       model_cam: ``(model, images) -> [N, h, w, C]`` raw CAM (``stages.cam.model_cam``).
-      scales, crop, stride: the tiling (``multicrop.tile_boxes``).
+      scales, crop, stride: the tiling (``multicrop_tiling.tile_boxes``).
       flip: also run every tile mirrored.
       tile_batch: tiles per step over all devices of all processes (each also mirrored);
         must divide by the number of devices.

@@ -59,8 +59,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
-from pmm_jax import distributed, io
-from pmm_jax import sharding as shd
+from pmm_jax.files import io
+from pmm_jax.training import distributed
+from pmm_jax.training import sharding as shd
 
 log = logging.getLogger(__name__)
 

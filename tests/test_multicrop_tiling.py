@@ -1,4 +1,4 @@
-"""pmm_jax.multicrop against a direct transcription of the official tiling loops (written here
+"""pmm_jax.cams.multicrop_tiling against a direct transcription of the official tiling loops (written here
 from the reference semantics), on many image sizes and scales."""
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from pmm_jax import multicrop
+from pmm_jax.cams import multicrop_tiling
 
 
 def reference_boxes(width, height, s, crop=448, stride=300):
@@ -51,14 +51,14 @@ def reference_label(heat, param, num_classes, thresh=0.1):
 
 
 def test_scales_are_the_papers():
-    assert multicrop.SCALES == (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0)
+    assert multicrop_tiling.SCALES == (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0)
 
 
 @pytest.mark.parametrize("size", [(500, 375), (333, 500), (100, 80), (448, 448), (449, 301)])
 def test_tile_boxes_match_the_official_loops(size):
-    for s in multicrop.SCALES:
-        assert multicrop.tile_boxes(*size, s) == reference_boxes(*size, s)
-    assert multicrop.tile_boxes(100, 80, 0.75) == [(0, 0, 100, 80)]  # small: one tile
+    for s in multicrop_tiling.SCALES:
+        assert multicrop_tiling.tile_boxes(*size, s) == reference_boxes(*size, s)
+    assert multicrop_tiling.tile_boxes(100, 80, 0.75) == [(0, 0, 100, 80)]  # small: one tile
 
 
 def test_crop_labels_match_the_official_rule():
@@ -70,25 +70,25 @@ def test_crop_labels_match_the_official_rule():
     for _ in range(50):
         x1, y1 = int(rng.integers(0, w - 1)), int(rng.integers(0, h - 1))
         box = (x1, y1, int(rng.integers(x1 + 1, w + 1)), int(rng.integers(y1 + 1, h + 1)))
-        np.testing.assert_array_equal(multicrop.crop_labels(masks, box, c),
+        np.testing.assert_array_equal(multicrop_tiling.crop_labels(masks, box, c),
                                       reference_label(heat, box, c))
 
 
 def test_sample_training_crop_prefers_a_labelled_tile():
     masks = {1: np.zeros((900, 1200))}
     masks[1][800:, 1100:] = 1.0  # only the bottom-right corner has the object
-    box, labels = multicrop.sample_training_crop(masks, 1200, 900, 3,
+    box, labels = multicrop_tiling.sample_training_crop(masks, 1200, 900, 3,
                                                  np.random.default_rng(0), scales=(1.0,))
     assert labels.tolist() == [0.0, 1.0, 0.0]
     assert box[2] == 1200 and box[3] == 900
-    box, labels = multicrop.sample_training_crop({}, 1200, 900, 3, np.random.default_rng(0))
+    box, labels = multicrop_tiling.sample_training_crop({}, 1200, 900, 3, np.random.default_rng(0))
     assert labels.sum() == 0  # no rough mask: the last tile tried, all-zero label
 
 
 def test_accumulate_averages_over_covering_tiles_and_masks_labels():
     boxes = [(0, 0, 6, 4), (3, 0, 8, 4)]
     cams = [np.ones((2, 4, 6)), 3 * np.ones((2, 4, 5))]
-    out = multicrop.accumulate(cams, boxes, np.array([1.0, 0.0]), 5, 8)
+    out = multicrop_tiling.accumulate(cams, boxes, np.array([1.0, 0.0]), 5, 8)
     assert out.shape == (2, 5, 8)
     np.testing.assert_allclose(out[0, 0], [1, 1, 1, 2, 2, 2, 3, 3])
     assert np.all(out[0, 4] == 0) and np.all(out[1] == 0)
@@ -97,27 +97,27 @@ def test_accumulate_averages_over_covering_tiles_and_masks_labels():
 # Rough masks (the training crops' labels) and the tf.data multi-crop training batches.
 
 def test_read_rough_masks_png_and_official_npy(tmp_path):
-    from pmm_jax import io
+    from pmm_jax.files import io
 
     labels = np.full((6, 8), 255, np.uint8)
     labels[:2] = 0
     labels[3:, :4] = 2  # class 1
     labels[3:, 6:] = 4  # class 3
     io.write_mask(str(tmp_path / "a.png"), labels)
-    masks = multicrop.read_rough_masks(str(tmp_path / "a.png"), 4)
+    masks = multicrop_tiling.read_rough_masks(str(tmp_path / "a.png"), 4)
     assert sorted(masks) == [1, 3] and masks[1].sum() == 12 and masks[3].sum() == 6
     # Official npy: {0: background, c+1: probability of class c}, thresholded at 0.9.
     heat = {0: np.full((6, 8), 0.95), 2: np.where(labels == 2, 0.95, 0.5),
             3: np.full((6, 8), 0.9)}
     np.save(tmp_path / "b.npy", heat, allow_pickle=True)
-    masks = multicrop.read_rough_masks(str(tmp_path / "b.npy"), 4)
+    masks = multicrop_tiling.read_rough_masks(str(tmp_path / "b.npy"), 4)
     assert sorted(masks) == [1, 2] and masks[1].sum() == 12 and masks[2].sum() == 0
     np.save(tmp_path / "c.npy", {5: np.ones((6, 8))}, allow_pickle=True)
     with pytest.raises(ValueError, match=r"c\.npy: class key 5 is outside 0\.\.4"):
-        multicrop.read_rough_masks(str(tmp_path / "c.npy"), 4)
+        multicrop_tiling.read_rough_masks(str(tmp_path / "c.npy"), 4)
     io.write_mask(str(tmp_path / "d.png"), np.full((6, 8), 7, np.uint8))
     with pytest.raises(ValueError, match=r"d\.png: rough-mask values \[7\]"):
-        multicrop.read_rough_masks(str(tmp_path / "d.png"), 4)
+        multicrop_tiling.read_rough_masks(str(tmp_path / "d.png"), 4)
 
 
 def test_hostile_rough_mask_npy_is_refused_and_runs_nothing(tmp_path):
@@ -125,22 +125,22 @@ def test_hostile_rough_mask_npy_is_refused_and_runs_nothing(tmp_path):
 
     path = hostile_npy(tmp_path / "evil.npy", tmp_path / "pwned", "subprocess")
     with pytest.raises(ValueError, match=r"evil\.npy: .*refused to unpickle subprocess\.call"):
-        multicrop.read_rough_masks(path, 4)
+        multicrop_tiling.read_rough_masks(path, 4)
     assert not (tmp_path / "pwned").exists()
     np.save(tmp_path / "keys.npy", {0: np.ones((2, 2)), "2": np.ones((2, 2))}, allow_pickle=True)
     with pytest.raises(ValueError, match=r"keys\.npy: key '2' \(str\) is not an integer"):
-        multicrop.read_rough_masks(str(tmp_path / "keys.npy"), 4)
+        multicrop_tiling.read_rough_masks(str(tmp_path / "keys.npy"), 4)
 
 
 def test_rough_mask_paths_name_the_missing_files(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     (tmp_path / "b.npy").write_bytes(b"")
-    assert multicrop.rough_mask_paths(str(tmp_path), ["a", "b"]) == {
+    assert multicrop_tiling.rough_mask_paths(str(tmp_path), ["a", "b"]) == {
         "a": str(tmp_path / "a.png"), "b": str(tmp_path / "b.npy")}
     with pytest.raises(FileNotFoundError, match=r"1 of 3 training images .*c\.png"):
-        multicrop.rough_mask_paths(str(tmp_path), ["a", "b", "c"])
+        multicrop_tiling.rough_mask_paths(str(tmp_path), ["a", "b", "c"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        multicrop.rough_mask_paths(str(tmp_path / "nope"), ["a"])
+        multicrop_tiling.rough_mask_paths(str(tmp_path / "nope"), ["a"])
 
 
 def toy_dataset():
@@ -165,7 +165,7 @@ def toy_dataset():
 
 
 def write_toy_rough_masks(directory):
-    from pmm_jax import io
+    from pmm_jax.files import io
 
     corner = np.zeros((60, 80), np.uint8)
     corner[40:, 60:] = 2
@@ -207,8 +207,8 @@ def test_multicrop_train_batches(tmp_path):
 def test_multicrop_train_batches_name_missing_and_mismatched_rough_masks(tmp_path):
     import tensorflow as tf
 
-    from pmm_jax import io
     from pmm_jax.data import pipeline
+    from pmm_jax.files import io
 
     write_toy_rough_masks(tmp_path)
     (tmp_path / "b.png").unlink()

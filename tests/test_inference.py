@@ -7,8 +7,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pmm_jax import crf, io, models, segment_inference as si, trainer
+from pmm_jax import models
+from pmm_jax.files import io
+from pmm_jax.masks import dense_crf
+from pmm_jax.segmentation import inference as si
 from pmm_jax.stages import seg
+from pmm_jax.training import trainer
 
 
 def _mmseg_slide(apply, image, crop, stride):
@@ -97,9 +101,9 @@ def test_predictor_options_off_equals_argmax_and_crf_matches_host_loop():
     assert finite.all()
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
     for i, (h, w) in enumerate(zip(batch["height"][:3], batch["width"][:3])):
-        posterior = crf.dense_crf(batch["raw"][i, :h, :w],
+        posterior = dense_crf.dense_crf(batch["raw"][i, :h, :w],
                                   probs[i, :h, :w].transpose(2, 0, 1).copy(),
-                                  crf.SEGMENTATION_TEST_CRF)
+                                  dense_crf.SEGMENTATION_TEST_CRF)
         np.testing.assert_array_equal(labels[i, :h, :w], posterior.argmax(0))
         assert not labels[i, h:].any() and not labels[i, :, w:].any()
     assert not labels[3].any()  # padding row: no CRF
@@ -152,9 +156,9 @@ def test_jax_crf_backend_agrees_with_pydensecrf():
     probs, _ = predictor._device(batch)  # the averaged probabilities the CRF starts from
     same = total = 0
     for i, (h, w) in enumerate(zip(batch["height"][:3], batch["width"][:3])):
-        reference = crf.dense_crf(batch["raw"][i, :h, :w],
+        reference = dense_crf.dense_crf(batch["raw"][i, :h, :w],
                                   probs[i, :h, :w].transpose(2, 0, 1).copy(),
-                                  crf.SEGMENTATION_TEST_CRF).argmax(0)
+                                  dense_crf.SEGMENTATION_TEST_CRF).argmax(0)
         same += np.count_nonzero(ours[i, :h, :w] == reference)
         total += h * w
         assert not ours[i, h:].any() and not ours[i, :, w:].any()

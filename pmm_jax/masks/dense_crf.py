@@ -9,7 +9,7 @@ iterations.
 
 Two implementations of the same CRF are selectable wherever a CRF runs (pseudo-masks,
 segmentation test time, cyclic masks) with ``config.crf.backend`` (``BACKENDS``):
-``"pydensecrf"`` (this module, the default) and ``"jax"`` (``pmm_jax.crf_jax``, jitted, in
+``"pydensecrf"`` (this module, the default) and ``"jax"`` (``pmm_jax.masks.dense_crf_jax``, jitted, in
 the calling process). ``check_backend``, ``config_backend`` and ``backend_and_params`` read
 and validate the choice; this module never imports JAX itself (it is what the spawned CRF
 workers import).
@@ -66,7 +66,7 @@ class CRFParams:
 
 
 # Dense CRF implementations (``config.crf.backend``): pydensecrf on the host (a process pool
-# for throughput) or pmm_jax.crf_jax (JAX, in the calling process; wins on an accelerator).
+# for throughput) or pmm_jax.masks.dense_crf_jax (JAX, in the calling process; wins on an accelerator).
 BACKENDS = ("pydensecrf", "jax")
 DEFAULT_BACKEND = "pydensecrf"
 

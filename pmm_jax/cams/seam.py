@@ -181,7 +181,7 @@ class SEAM(nnx.Module):
       pcm_widths: output channels of those convs (official 64, 128).
 
     ``new_layers`` names the attributes trained from scratch (the 10x/20x lr groups). Under a
-    bfloat16 compute dtype (``pmm_jax.precision``) the CAM head stays float32
+    bfloat16 compute dtype (``pmm_jax.training.precision``) the CAM head stays float32
     (``float32_layers``) and the PCM's features are cast to float32 before the PCM.
     """
 

@@ -3,16 +3,16 @@ r"""Rough masks for PMM's multi-crop classifier training, made from a first run'
 PMM labels its multi-crop training tiles with rough masks from a first ResNet38 model: its
 multi-scale CAMs of the train split, background ``(1 - max_c cam_c) ** 24``, one joint dense
 CRF (the official ``infer_multi_scale.py --out_crf``, ``crf_threshs`` 24), and a class's rough
-mask is where its CRF posterior exceeds 0.9 (``multicrop.ROUGH_MASK_THRESHOLD``). Run the first
+mask is where its CRF posterior exceeds 0.9 (``multicrop_tiling.ROUGH_MASK_THRESHOLD``). Run the first
 model's ``cls`` and ``cam`` stages, then::
 
-    python -m pmm_jax.rough_masks --config=configs/voc.py --workdir=FIRST_RUN
+    python -m pmm_jax.masks.rough_masks --config=configs/voc.py --workdir=FIRST_RUN
 
 which reads ``FIRST_RUN/cams/train/<id>.npy`` for every train image of the config's dataset
 and writes ``FIRST_RUN/rough_masks/train/<id>.png`` (``--out_dir`` elsewhere): a label PNG
 with c+1 where class c's posterior exceeds 0.9, 0 where the background's does, 255 elsewhere
 (the official PNG "heat" format; only the values c+1 are used). Point the main run at it with
-``--config.cls.multicrop.rough_masks=DIR`` (docs/multicrop.md). Existing files are skipped, so
+``--config.cls.multicrop.rough_masks=DIR`` (docs/multicrop_tiling.md). Existing files are skipped, so
 an interrupted run resumes. ``--cam_dir`` reads CAM files (official format) from elsewhere.
 """
 
@@ -25,14 +25,16 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from pmm_jax import crf, io, multicrop
+from pmm_jax.cams import multicrop_tiling
+from pmm_jax.files import io
+from pmm_jax.masks import dense_crf
 
 ALPHA = 24.0  # the official crf_threshs default used for the rough masks
 UNLABELLED = 255
 
 
 def rough_mask(image: np.ndarray, cams: dict[int, np.ndarray], alpha: float = ALPHA,
-               params: crf.CRFParams = crf.PSEUDO_MASK_CRF) -> np.ndarray:
+               params: dense_crf.CRFParams = dense_crf.PSEUDO_MASK_CRF) -> np.ndarray:
     """uint8 ``[H, W]``: c+1 where class c's joint-CRF posterior exceeds 0.9, 0 where the
     background's does, 255 elsewhere. ``cams``: ``{0-based class: [H, W] in [0, 1]}``."""
     height, width = image.shape[:2]
@@ -41,10 +43,10 @@ def rough_mask(image: np.ndarray, cams: dict[int, np.ndarray], alpha: float = AL
     classes = sorted(cams)
     scores = np.stack([np.asarray(cams[c], np.float32) for c in classes])
     background = (1.0 - scores.max(axis=0, keepdims=True)) ** alpha
-    posterior = crf.dense_crf(image, np.concatenate([background, scores]), params)
+    posterior = dense_crf.dense_crf(image, np.concatenate([background, scores]), params)
     out = np.full((height, width), UNLABELLED, np.uint8)
     for value, prob in zip([0] + [c + 1 for c in classes], posterior):
-        out[prob > multicrop.ROUGH_MASK_THRESHOLD] = value
+        out[prob > multicrop_tiling.ROUGH_MASK_THRESHOLD] = value
     return out
 
 
@@ -120,7 +122,7 @@ def main(argv: Sequence[str]) -> None:
 
     from absl import app, flags
 
-    from pmm_jax.workdir import Workdir
+    from pmm_jax.files.workdir import Workdir
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")

@@ -1,4 +1,4 @@
-"""Dense CRF in JAX: a jitted permutohedral-lattice mean field, second backend to ``pmm_jax.crf``.
+"""Dense CRF in JAX: a jitted permutohedral-lattice mean field, second backend to ``pmm_jax.masks.dense_crf``.
 
 Same model as pydensecrf's ``DenseCRF2D`` as the official PMM code uses it (read from
 densecrf's ``densecrf.cpp``, ``pairwise.cpp``, ``labelcompatibility.cpp`` and
@@ -29,7 +29,7 @@ computed and returned: a table too small for an image is detected, never silentl
 
 Entry points:
 
-* ``dense_crf(image, probs, params)`` mirrors ``pmm_jax.crf.dense_crf`` (numpy in and out);
+* ``dense_crf(image, probs, params)`` mirrors ``pmm_jax.masks.dense_crf.dense_crf`` (numpy in and out);
 * ``dense_crf_batched(image, probs[S, L, H, W], params)`` runs S label sets of one image (PPMG's
   per-class binary CRFs) through one lattice and one batched filter pass;
 * ``dense_crf_images(images, probs, params)`` pads several images to one shape with a mask;
@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pmm_jax.crf import UNARY_CLIP, CRFParams
+from pmm_jax.masks.dense_crf import UNARY_CLIP, CRFParams
 
 # Feature dimensions of the two kernels.
 GAUSSIAN_DIM = 2
@@ -518,7 +518,7 @@ def _sized_lattices(build, height, width, params, capacity):
 
 
 def _validate(image, probs, params):
-    """Shape, dtype and type checks shared by the host wrappers (as ``pmm_jax.crf``)."""
+    """Shape, dtype and type checks shared by the host wrappers (as ``pmm_jax.masks.dense_crf``)."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be [H, W, 3], got shape {image.shape}")
     if image.dtype != np.uint8:
@@ -552,7 +552,7 @@ def dense_crf_batched(image, probs, params, capacity=None):
 
 
 def dense_crf(image, probs, params, capacity=None):
-    """Mean-field posterior ``[L, H, W]`` float32: drop-in for ``pmm_jax.crf.dense_crf``."""
+    """Mean-field posterior ``[L, H, W]`` float32: drop-in for ``pmm_jax.masks.dense_crf.dense_crf``."""
     probs = np.asarray(probs)
     if probs.ndim != 3:
         raise ValueError(f"probs must be [L, H, W] with L >= 1, got shape {probs.shape}")

@@ -1,4 +1,4 @@
-"""The JAX dense CRF (``pmm_jax.crf_jax``): lattice unit tests and agreement with pydensecrf.
+"""The JAX dense CRF (``pmm_jax.masks.dense_crf_jax``): lattice unit tests and agreement with pydensecrf.
 
 Agreement is checked on small synthetic scenes (always) and on the real VOC photographs
 (skipped when absent): one full-size image per parameter set, and every sample resized to a
@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from pmm_jax import crf, crf_jax
+from pmm_jax.masks import dense_crf, dense_crf_jax
 
-PARAM_SETS = {"pseudo": crf.PSEUDO_MASK_CRF, "test": crf.SEGMENTATION_TEST_CRF}
+PARAM_SETS = {"pseudo": dense_crf.PSEUDO_MASK_CRF, "test": dense_crf.SEGMENTATION_TEST_CRF}
 MIN_AGREEMENT = 0.99
 MAX_MEAN_ABS_DIFF = 1e-4
 ALPHA = 11.0
@@ -72,15 +72,15 @@ def lattice_cases():
     """Small feature sets: a Gaussian pixel grid (d=2) and bilateral features (d=5)."""
     image, _ = synthetic_scene(20, 24, seed=1)
     return {
-        "gauss2": np.asarray(crf_jax.gaussian_features(20, 24, 2.0)),
-        "bilateral5": np.asarray(crf_jax.bilateral_features(image, 4.0, 15.0)),
+        "gauss2": np.asarray(dense_crf_jax.gaussian_features(20, 24, 2.0)),
+        "bilateral5": np.asarray(dense_crf_jax.bilateral_features(image, 4.0, 15.0)),
     }
 
 
 @pytest.fixture(scope="module")
 def lattices():
     """Each case's features and its lattice at the hard capacity bound."""
-    return {name: (f, crf_jax.build_lattice(f, (f.shape[1] + 1) * f.shape[0]))
+    return {name: (f, dense_crf_jax.build_lattice(f, (f.shape[1] + 1) * f.shape[0]))
             for name, f in lattice_cases().items()}
 
 
@@ -91,12 +91,12 @@ def test_constant_signal(lattices, case):
     features, lattice = lattices[case]
     n = features.shape[0]
     ones = np.ones((n, 1), np.float32)
-    k1 = np.asarray(crf_jax.lattice_filter(lattice, ones))[:, 0]
-    kc = np.asarray(crf_jax.lattice_filter(lattice, np.full((n, 2), 3.5, np.float32)))
+    k1 = np.asarray(dense_crf_jax.lattice_filter(lattice, ones))[:, 0]
+    kc = np.asarray(dense_crf_jax.lattice_filter(lattice, np.full((n, 2), 3.5, np.float32)))
     assert np.all(k1 > 0)
     np.testing.assert_allclose(kc, np.repeat(3.5 * k1[:, None], 2, axis=1), rtol=1e-5)
     inverse_norm = 1.0 / np.asarray(lattice.norm)
-    fixed = np.asarray(crf_jax.normalized_filter(lattice, inverse_norm[:, None]))[:, 0]
+    fixed = np.asarray(dense_crf_jax.normalized_filter(lattice, inverse_norm[:, None]))[:, 0]
     np.testing.assert_allclose(fixed, inverse_norm, rtol=1e-4)
     assert not bool(lattice.overflow)
 
@@ -109,7 +109,7 @@ def test_approximates_brute_force_gaussian(lattices, case, min_corr, max_rel):
     5-D than on the 2-D grid)."""
     features, lattice = lattices[case]
     values = np.random.default_rng(2).random((features.shape[0], 2)).astype(np.float32)
-    approx = np.asarray(crf_jax.lattice_filter(lattice, values))
+    approx = np.asarray(dense_crf_jax.lattice_filter(lattice, values))
     sq_dist = ((features[:, None] - features[None]) ** 2).sum(-1)
     exact = np.exp(-0.5 * sq_dist) @ values
     scale = (approx * exact).sum() / (exact * exact).sum()
@@ -123,36 +123,36 @@ def test_overflow_is_detected(lattices, monkeypatch):
     """A table smaller than the lattice reports the true point count and raises in the host
     wrappers; keys beyond 16 bits are reported; the automatic sizing grows its tables."""
     features, full = lattices["bilateral5"]
-    small = crf_jax.build_lattice(features, 64)
+    small = dense_crf_jax.build_lattice(features, 64)
     assert int(small.num_points) == int(full.num_points) > 64
     assert bool(small.overflow)
-    huge = crf_jax.build_lattice(features * 1e4, features.shape[0] * 6)
+    huge = dense_crf_jax.build_lattice(features * 1e4, features.shape[0] * 6)
     assert not bool(huge.keys_in_range) and bool(huge.overflow)
 
     image, label = synthetic_scene(20, 24, seed=1)
     probs = binary_probs(label, 1, seed=0)
-    params = crf.PSEUDO_MASK_CRF
-    tiny = crf_jax.LatticeCapacity(256, 256)
-    with pytest.raises(crf_jax.LatticeOverflowError, match="table holds 256"):
-        crf_jax.dense_crf(image, probs, params, capacity=tiny)
+    params = dense_crf.PSEUDO_MASK_CRF
+    tiny = dense_crf_jax.LatticeCapacity(256, 256)
+    with pytest.raises(dense_crf_jax.LatticeOverflowError, match="table holds 256"):
+        dense_crf_jax.dense_crf(image, probs, params, capacity=tiny)
 
-    monkeypatch.setattr(crf_jax, "_capacity_cache", {})
-    monkeypatch.setattr(crf_jax, "initial_capacity", lambda *_: tiny)
-    grown = crf_jax.dense_crf(image, probs, params)
-    capacity = crf_jax._capacity_cache[(20, 24, params)]
+    monkeypatch.setattr(dense_crf_jax, "_capacity_cache", {})
+    monkeypatch.setattr(dense_crf_jax, "initial_capacity", lambda *_: tiny)
+    grown = dense_crf_jax.dense_crf(image, probs, params)
+    capacity = dense_crf_jax._capacity_cache[(20, 24, params)]
     assert capacity.bilateral > 256  # the Gaussian lattice of 20 x 24 pixels fits 256
-    assert_agrees(crf.dense_crf(image, probs, params), grown, "grown tables")
+    assert_agrees(dense_crf.dense_crf(image, probs, params), grown, "grown tables")
 
 
 def test_input_validation():
     image, label = synthetic_scene(20, 24, seed=1)
     probs = binary_probs(label, 1, seed=0)
     with pytest.raises(ValueError, match="uint8"):
-        crf_jax.dense_crf(image.astype(np.float32), probs, crf.PSEUDO_MASK_CRF)
+        dense_crf_jax.dense_crf(image.astype(np.float32), probs, dense_crf.PSEUDO_MASK_CRF)
     with pytest.raises(ValueError, match="does not match"):
-        crf_jax.dense_crf(image, probs[:, :10], crf.PSEUDO_MASK_CRF)
+        dense_crf_jax.dense_crf(image, probs[:, :10], dense_crf.PSEUDO_MASK_CRF)
     with pytest.raises(TypeError, match="CRFParams"):
-        crf_jax.dense_crf(image, probs, {"gauss_sxy": 3})
+        dense_crf_jax.dense_crf(image, probs, {"gauss_sxy": 3})
 
 
 # --- agreement with pydensecrf --------------------------------------------------------------
@@ -160,7 +160,7 @@ def test_input_validation():
 # below reuses the same compiled lattices and mean fields.
 
 SMALL_SHAPE = (96, 128)
-SMALL_CAPACITY = crf_jax.hard_capacity(*SMALL_SHAPE)
+SMALL_CAPACITY = dense_crf_jax.hard_capacity(*SMALL_SHAPE)
 
 
 def check_small(image, label, params, what, seed):
@@ -168,15 +168,15 @@ def check_small(image, label, params, what, seed):
     classes = [c for c in np.unique(label) if c != 0][:3]
     classes += [c for c in range(1, 21) if c not in classes][:3 - len(classes)]
     binary = np.stack([binary_probs(label, c, seed + i) for i, c in enumerate(classes)])
-    batched = crf_jax.dense_crf_batched(image, binary, params, capacity=SMALL_CAPACITY)
+    batched = dense_crf_jax.dense_crf_batched(image, binary, params, capacity=SMALL_CAPACITY)
     for s in range(3):
-        assert_agrees(crf.dense_crf(image, binary[s], params), batched[s],
+        assert_agrees(dense_crf.dense_crf(image, binary[s], params), batched[s],
                       f"{what} 2 labels, set {s}")
     probs = label_probs(label, 21, seed)
-    output = crf_jax.dense_crf(image, probs, params, capacity=SMALL_CAPACITY)
+    output = dense_crf_jax.dense_crf(image, probs, params, capacity=SMALL_CAPACITY)
     assert output.shape == probs.shape and output.dtype == np.float32
     np.testing.assert_allclose(output.sum(0), 1.0, rtol=1e-5)
-    assert_agrees(crf.dense_crf(image, probs, params), output, f"{what} 21 labels")
+    assert_agrees(dense_crf.dense_crf(image, probs, params), output, f"{what} 21 labels")
 
 
 @pytest.mark.parametrize("param_set", sorted(PARAM_SETS))
@@ -191,12 +191,12 @@ def test_padded_images_match_single_images():
     probs = [np.stack([binary_probs(label, c, seed=c) for c in range(1, 1 + k)])
              for (_, label), k in zip(scenes, (2, 3))]
     images = [image for image, _ in scenes]
-    params = crf.PSEUDO_MASK_CRF
-    outputs = crf_jax.dense_crf_images(images, probs, params)
+    params = dense_crf.PSEUDO_MASK_CRF
+    outputs = dense_crf_jax.dense_crf_images(images, probs, params)
     for image, p, output in zip(images, probs, outputs):
         assert output.shape == p.shape
         for s in range(p.shape[0]):
-            assert_agrees(crf.dense_crf(image, p[s], params), output[s], "padded batch")
+            assert_agrees(dense_crf.dense_crf(image, p[s], params), output[s], "padded batch")
 
 
 @pytest.fixture(scope="module")
@@ -221,12 +221,12 @@ def test_voc_full_size_agreement(voc_samples, param_set):
     params = PARAM_SETS[param_set]
     image_id, image, label = voc_samples[0]
     height, width = label.shape
-    capacity = crf_jax.LatticeCapacity(
-        crf_jax.initial_capacity(height, width, params).gaussian, height * width)
+    capacity = dense_crf_jax.LatticeCapacity(
+        dense_crf_jax.initial_capacity(height, width, params).gaussian, height * width)
     counts = np.bincount(label.ravel(), minlength=21)
     probs = binary_probs(label, int(counts[1:].argmax()) + 1, seed=0)
-    assert_agrees(crf.dense_crf(image, probs, params),
-                  crf_jax.dense_crf(image, probs, params, capacity=capacity),
+    assert_agrees(dense_crf.dense_crf(image, probs, params),
+                  dense_crf_jax.dense_crf(image, probs, params, capacity=capacity),
                   f"VOC {image_id} full size {param_set} 2 labels")
 
 

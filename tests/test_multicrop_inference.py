@@ -1,27 +1,27 @@
-"""pmm_jax.multicrop_cam (jitted, sharded multi-crop CAM inference) against a plain per-tile
+"""pmm_jax.cams.multicrop_inference (jitted, sharded multi-crop CAM inference) against a plain per-tile
 loop written from the official ``infer_multi_crop``: each tile cut and resized in numpy with
 PIL's bilinear filter, the model called on it and on its mirror image, the CAMs resized back to
 their boxes with torch's ``align_corners=False`` bilinear and merged by
-``multicrop.accumulate``."""
+``multicrop_tiling.accumulate``."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_seam import materialize
 
-from pmm_jax import multicrop, multicrop_cam, seam
+from pmm_jax.cams import multicrop_inference, multicrop_tiling, seam
 from pmm_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
 from pmm_jax.models.scalenet import ScaleNet
 from pmm_jax.stages.cam import model_cam
-from test_seam import materialize
 
 CROP, STRIDE, SCALES = 32, 20, (0.75, 1.0, 1.6)
 
 
 def test_interp_matrix_is_jax_resize_of_the_interval():
     x = np.random.default_rng(0).random((48, 2)).astype(np.float32)
-    interp = jax.jit(multicrop_cam.interp_matrix, static_argnums=(0, 3),
+    interp = jax.jit(multicrop_inference.interp_matrix, static_argnums=(0, 3),
                      static_argnames="antialias")
     for (start, stop), size, antialias in [((3, 17), 32, True), ((0, 40), 32, True),
                                            ((0, 40), 32, False), ((5, 30), 11, True)]:
@@ -62,7 +62,7 @@ def reference_cam(forward, raw, labels, flip=True):
     image = raw.astype(np.float64) / 255.0
     cams, boxes = [], []
     for scale in SCALES:
-        for box in multicrop.tile_boxes(w, h, scale, CROP, STRIDE):
+        for box in multicrop_tiling.tile_boxes(w, h, scale, CROP, STRIDE):
             x1, y1, x2, y2 = box
             tile = resize(image[y1:y2, x1:x2], CROP, CROP, antialias=True)
             tile = ((tile - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD))
@@ -72,7 +72,7 @@ def reference_cam(forward, raw, labels, flip=True):
                 cam = cam[:, ::-1] if mirrored else cam
                 cams.append(resize(cam, y2 - y1, x2 - x1, antialias=False).transpose(2, 0, 1))
                 boxes.append(box)
-    full = multicrop.accumulate(cams, boxes, labels, h, w)
+    full = multicrop_tiling.accumulate(cams, boxes, labels, h, w)
     return full / (full.max(axis=(1, 2), keepdims=True) + 1e-5)
 
 
@@ -101,7 +101,7 @@ def test_jitted_multicrop_matches_the_per_tile_loop(tiny_seam):
     batch = {"raw": raw, "labels": labels, "valid": np.array([True, True, True, False]),
              "height": np.array([h for h, _ in sizes]), "width": np.array([w for _, w in sizes])}
     # 8 tiles per step over the 4 devices (2 each): several steps, padded ones included.
-    runner = multicrop_cam.MultiCropCAM(tiny_seam, model_cam, scales=SCALES, crop=CROP,
+    runner = multicrop_inference.MultiCropCAM(tiny_seam, model_cam, scales=SCALES, crop=CROP,
                                         stride=STRIDE, flip=True, tile_batch=8)
     out = runner(batch, rows=[0, 2, 1])
     assert out.shape == (4, 48, 52, 3)
@@ -118,6 +118,6 @@ def test_jitted_multicrop_matches_the_per_tile_loop(tiny_seam):
 
 def test_tile_batch_must_split_over_the_devices(tiny_seam):
     with pytest.raises(ValueError, match="config.cam.multicrop.tile_batch=6 must be a multiple"):
-        multicrop_cam.MultiCropCAM(tiny_seam, model_cam, scales=SCALES, crop=CROP, stride=STRIDE,
+        multicrop_inference.MultiCropCAM(tiny_seam, model_cam, scales=SCALES, crop=CROP, stride=STRIDE,
                                    flip=True, tile_batch=6,
                                    tile_batch_key="config.cam.multicrop.tile_batch")

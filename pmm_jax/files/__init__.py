@@ -1,0 +1,1 @@
+"""Files of a run: atomic writers and formats, workdir paths."""

@@ -1,0 +1,1 @@
+"""The segmenter: the PUS loss and test-time inference."""

@@ -1,0 +1,1 @@
+"""Libraries of the standalone tools: weight conversion, the MXNet reader, metrics."""

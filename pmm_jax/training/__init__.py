@@ -1,0 +1,1 @@
+"""Training infrastructure: the train loop, precision, sharding, multi-process start-up."""
