@@ -483,7 +483,7 @@ def test_cli_takes_the_crf_backend_as_a_config_override(tmp_path, cli_inputs):
                         f"--image_dir={cli_inputs / 'images'}", f"--out_dir={tmp_path / 'out'}",
                         "--config.crf.backend=cuda")
     assert result.returncode != 0
-    assert "dense_crf.backend='cuda'" in result.stderr and "'pydensecrf', 'jax'" in result.stderr
+    assert "crf.backend='cuda'" in result.stderr and "'pydensecrf', 'jax'" in result.stderr
     assert pm.default_config().crf.backend == "pydensecrf"
 
 
