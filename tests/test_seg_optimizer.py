@@ -52,19 +52,19 @@ def param_kind(path: tuple[str, ...], names: set[tuple[str, ...]], frozen: bool)
     return {"kernel": "kernel", "scale": "bn_scale"}[path[-1]]
 
 
-def flat_params(model, rng):
-    """``{path: float32 array}`` of random values for every parameter of ``model``."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param)):
-        out[seg._path_names(path)] = rng.normal(size=leaf.shape).astype(np.float32)
-    return out
+def flat_params(model, paths, rng):
+    """``{path: float32 array}`` of random values for every parameter of ``model`` (``paths``:
+    the parameter paths in leaf order, as ``seg.frozen_param_labels`` lists them)."""
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    return {path: rng.normal(size=leaf.shape).astype(np.float32)
+            for path, leaf in zip(paths, leaves, strict=True)}
 
 
 def jax_steps(config, model, params, grads):
     """``params`` after ``seg.make_optimizer``'s updates for each gradient in ``grads``."""
     tx, _ = seg.make_optimizer(config, model)
     state = nnx.state(model, nnx.Param)
-    paths = [seg._path_names(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]
+    paths = list(params)
     treedef = jax.tree.structure(state)
     tree = lambda flat: jax.tree.unflatten(treedef, [flat[p] for p in paths])
 
@@ -101,7 +101,7 @@ def run_both(config):
     model = nnx.eval_shape(lambda: seg.build_model(config))
     frozen = seg.frozen_param_labels(model)
     rng = np.random.default_rng(0)
-    params = flat_params(model, rng)
+    params = flat_params(model, list(frozen), rng)
     grads = [{k: 0.01 * rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
              for _ in range(NUM_STEPS)]
     kinds = {k: param_kind(k, set(params), frozen[k]) for k in params}
