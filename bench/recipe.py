@@ -360,15 +360,14 @@ def seg_loss(config):
 
 def time_seg(config, size: Size, repeats: int, max_batch: int) -> tuple[float, int]:
     """``(seconds per step, timed batch)`` of the segmenter train step at the configured crop."""
-    from pmm_jax.training import trainer
+    from pmm_jax.stages import seg
 
     cfg = config.seg
     batch_size = min(cfg.batch_size, max_batch)
     batch_size = max(jax.device_count(), batch_size // jax.device_count() * jax.device_count())
     crop = size.px(cfg.crop_size)
     model = segmenter(config, size)
-    tx, _ = trainer.sgd_poly(cfg.lr, cfg.num_steps, momentum=cfg.momentum,
-                             weight_decay=cfg.weight_decay, end_lr=cfg.get("min_lr", 0.0))
+    tx, _ = seg.make_optimizer(config, model)
     rng = np.random.default_rng(0)
     batch = {"image": rng.normal(size=(batch_size, crop, crop, 3)).astype(np.float32),
              "mask": rng.integers(0, config.data.num_classes,

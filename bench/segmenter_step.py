@@ -9,7 +9,7 @@ upsampled to the crop) and ``trainer.make_step`` (the jitted, donated step, stat
 and batch sharded over every device), with configs/voc.py's ``seg`` settings
 (:data:`VOC_SEG`; tests/test_bench_segmenter.py keeps them equal). PyTorch side:
 ``bench/segmenter_torch.py``, same layout, BatchNorm in training mode, SGD momentum 0.9 with
-weight decay, the same loss.
+weight decay on every parameter (mmseg's), the same loss.
 
 ``--dtype``: float32 (default) or bfloat16: ``config.compute_dtype`` on the JAX side (bf16
 convolutions, float32 parameters, BN statistics, logits and loss) and PyTorch AMP
@@ -38,8 +38,8 @@ from bench import step_report
 
 # configs/voc.py's seg optimiser and loss settings (the bench cannot import the config file:
 # it needs ml_collections).
-VOC_SEG = dict(lr=0.005, min_lr=1e-4, momentum=0.9, weight_decay=5e-4, num_steps=20000,
-               aux_weight=0.4, bins=(1, 2, 3, 6), dropout=0.1)
+VOC_SEG = dict(lr=0.005, min_lr=1e-4, momentum=0.9, weight_decay=5e-4, decay_1d=True,
+               num_steps=20000, aux_weight=0.4, bins=(1, 2, 3, 6), dropout=0.1)
 
 
 class Section(dict):
@@ -69,7 +69,7 @@ def seg_config(args) -> Section:
                     aux_channels=w["aux_channels"], remat=getattr(args, "remat", False))
     seg = Section(model=model, pus=Section(mode="none", beta=0.5, kappa=0.5, reduction="all"),
                   **{k: VOC_SEG[k] for k in ("lr", "min_lr", "momentum", "weight_decay",
-                                             "num_steps", "aux_weight")})
+                                             "decay_1d", "num_steps", "aux_weight")})
     return Section(seed=0, compute_dtype=args.dtype, seg=seg,
                    data=Section(num_classes=args.num_classes))
 

@@ -123,6 +123,7 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
         lr=0.02 if tiny else 0.05,
         momentum=0.9,
         weight_decay=5e-4,
+        decay_1d=True,  # mmseg's SGD: BN scales/offsets and biases decayed too (configs/voc.py)
         log_every=4 if tiny else 50,
         ckpt_every=4 if tiny else 200,
     ))

@@ -157,6 +157,9 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
         min_lr=1e-4,  # mmseg poly: (lr - min_lr) * (1 - k / num_steps) ** 0.9 + min_lr
         momentum=0.9,
         weight_decay=5e-4,
+        # True: the weight decay reaches every parameter (BN scales/offsets, conv biases), as
+        # mmseg's SGD over all parameters; False decays only kernels (docs/fidelity.md).
+        decay_1d=True,
         log_every=50,
         ckpt_every=2000,
         eval_every=2000,  # val mIoU (config.eval pipeline); the best checkpoint is kept and used

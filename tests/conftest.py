@@ -139,3 +139,31 @@ def load_config(path: str, variant: str | None = None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config() if variant is None else module.get_config(variant)
+
+
+@pytest.fixture
+def rng():
+    """A fresh numpy generator, seed 0."""
+    import numpy as np
+
+    return np.random.default_rng(0)
+
+
+@pytest.fixture
+def present():
+    """Image-level labels of 4 classes with one absent (tests/test_cvs.py, test_ppmg.py)."""
+    import numpy as np
+
+    return np.array([True, False, True, True])
+
+
+@pytest.fixture
+def valid():
+    """A 12 x 10 valid-pixel mask with bottom and right padding, the size of
+    ``tests/pseudo_mask_reference.py``'s maps."""
+    import numpy as np
+
+    mask = np.ones((12, 10), bool)
+    mask[9:, :] = False  # bottom padding
+    mask[:, 8:] = False  # right padding
+    return mask

@@ -28,8 +28,8 @@ def test_bench_seg_settings_are_the_voc_config():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     seg = module.get_config().seg
-    expected = {k: seg[k] for k in ("lr", "min_lr", "momentum", "weight_decay", "num_steps",
-                                    "aux_weight")}
+    expected = {k: seg[k] for k in ("lr", "min_lr", "momentum", "weight_decay", "decay_1d",
+                                    "num_steps", "aux_weight")}
     expected.update(bins=tuple(seg.model.bins), dropout=seg.model.dropout)
     assert segmenter_step.VOC_SEG == expected
 

@@ -1,4 +1,5 @@
-"""The JAX dense CRF (``pmm_jax.masks.dense_crf_jax``): lattice unit tests and agreement with pydensecrf.
+"""The JAX dense CRF (``pmm_jax.masks.dense_crf_jax``): table sizing, input checks and agreement
+with pydensecrf (the lattice's own tests: tests/test_permutohedral.py).
 
 Agreement is checked on small synthetic scenes (always) and on the real VOC photographs
 (skipped when absent): one full-size image per parameter set, and every sample resized to a
@@ -10,6 +11,7 @@ reproduces densecrf's arithmetic).
 import numpy as np
 import pytest
 from PIL import Image
+from crf_scenes import synthetic_scene
 from scipy.ndimage import gaussian_filter
 
 from pmm_jax.masks import dense_crf, dense_crf_jax
@@ -43,20 +45,6 @@ def label_probs(label, num_labels, seed):
     return (scores / scores.sum(0, keepdims=True)).astype(np.float32)
 
 
-def synthetic_scene(height, width, seed, num_regions=6):
-    """A blocky colour image with noise and its region labels (0..num_regions-1)."""
-    rng = np.random.default_rng(seed)
-    label = np.zeros((height, width), np.int64)
-    image = np.zeros((height, width, 3), np.float32) + rng.uniform(0, 255, 3)
-    for region in range(1, num_regions):
-        y0, x0 = rng.integers(0, height - 8), rng.integers(0, width - 8)
-        y1, x1 = y0 + rng.integers(8, height // 2), x0 + rng.integers(8, width // 2)
-        label[y0:y1, x0:x1] = region
-        image[y0:y1, x0:x1] = rng.uniform(0, 255, 3)
-    image = np.clip(image + rng.normal(0, 12, image.shape), 0, 255).astype(np.uint8)
-    return image, label
-
-
 def assert_agrees(reference, output, what):
     """Argmax agreement >= 99 % and a small mean absolute posterior difference."""
     agreement = float((reference.argmax(-3) == output.argmax(-3)).mean())
@@ -66,69 +54,11 @@ def assert_agrees(reference, output, what):
     assert mean_abs <= MAX_MEAN_ABS_DIFF, f"{what}: mean abs diff {mean_abs:.2e}"
 
 
-# --- lattice --------------------------------------------------------------------------------
+# --- table sizes -----------------------------------------------------------------------------
 
-def lattice_cases():
-    """Small feature sets: a Gaussian pixel grid (d=2) and bilateral features (d=5)."""
-    image, _ = synthetic_scene(20, 24, seed=1)
-    return {
-        "gauss2": np.asarray(dense_crf_jax.gaussian_features(20, 24, 2.0)),
-        "bilateral5": np.asarray(dense_crf_jax.bilateral_features(image, 4.0, 15.0)),
-    }
-
-
-@pytest.fixture(scope="module")
-def lattices():
-    """Each case's features and its lattice at the hard capacity bound."""
-    return {name: (f, dense_crf_jax.build_lattice(f, (f.shape[1] + 1) * f.shape[0]))
-            for name, f in lattice_cases().items()}
-
-
-@pytest.mark.parametrize("case", ["gauss2", "bilateral5"])
-def test_constant_signal(lattices, case):
-    """Splat-blur-slice is linear, K 1 > 0, and 1 / norm is a fixed point of the normalised
-    kernel (norm * K(norm / norm) = norm * K 1 = 1 / norm), as densecrf's symmetric scheme."""
-    features, lattice = lattices[case]
-    n = features.shape[0]
-    ones = np.ones((n, 1), np.float32)
-    k1 = np.asarray(dense_crf_jax.lattice_filter(lattice, ones))[:, 0]
-    kc = np.asarray(dense_crf_jax.lattice_filter(lattice, np.full((n, 2), 3.5, np.float32)))
-    assert np.all(k1 > 0)
-    np.testing.assert_allclose(kc, np.repeat(3.5 * k1[:, None], 2, axis=1), rtol=1e-5)
-    inverse_norm = 1.0 / np.asarray(lattice.norm)
-    fixed = np.asarray(dense_crf_jax.normalized_filter(lattice, inverse_norm[:, None]))[:, 0]
-    np.testing.assert_allclose(fixed, inverse_norm, rtol=1e-4)
-    assert not bool(lattice.overflow)
-
-
-@pytest.mark.parametrize("case, min_corr, max_rel", [
-    ("gauss2", 0.995, 0.03), ("bilateral5", 0.93, 0.12)])
-def test_approximates_brute_force_gaussian(lattices, case, min_corr, max_rel):
-    """The lattice filter approximates sum_j exp(-|f_i - f_j|^2 / 2) v_j up to a constant
-    (correlation, and relative error after the best scale; the approximation is coarser in
-    5-D than on the 2-D grid)."""
-    features, lattice = lattices[case]
-    values = np.random.default_rng(2).random((features.shape[0], 2)).astype(np.float32)
-    approx = np.asarray(dense_crf_jax.lattice_filter(lattice, values))
-    sq_dist = ((features[:, None] - features[None]) ** 2).sum(-1)
-    exact = np.exp(-0.5 * sq_dist) @ values
-    scale = (approx * exact).sum() / (exact * exact).sum()
-    correlation = np.corrcoef(approx.ravel(), exact.ravel())[0, 1]
-    relative = np.abs(approx - scale * exact).mean() / np.abs(scale * exact).mean()
-    assert correlation >= min_corr
-    assert relative <= max_rel
-
-
-def test_overflow_is_detected(lattices, monkeypatch):
-    """A table smaller than the lattice reports the true point count and raises in the host
-    wrappers; keys beyond 16 bits are reported; the automatic sizing grows its tables."""
-    features, full = lattices["bilateral5"]
-    small = dense_crf_jax.build_lattice(features, 64)
-    assert int(small.num_points) == int(full.num_points) > 64
-    assert bool(small.overflow)
-    huge = dense_crf_jax.build_lattice(features * 1e4, features.shape[0] * 6)
-    assert not bool(huge.keys_in_range) and bool(huge.overflow)
-
+def test_host_wrappers_raise_on_overflow_and_grow_their_tables(monkeypatch):
+    """A table smaller than the lattice raises in the host wrappers; the automatic sizing
+    grows its tables (the lattice's own overflow report: tests/test_permutohedral.py)."""
     image, label = synthetic_scene(20, 24, seed=1)
     probs = binary_probs(label, 1, seed=0)
     params = dense_crf.PSEUDO_MASK_CRF

@@ -243,3 +243,23 @@ def test_registry_accepts_lists_from_json_configs():
         {"backbone": cfg, "bins": [1, 2], "channels": 8, "aux_channels": 4}, 3, r))
     assert segmenter.backbone.out_channels == (8, 8)
     assert segmenter.decode_head.ppm.bins == (1, 2)
+
+
+def test_batchnorm_running_variance_is_the_biased_one_unlike_torch():
+    """docs/fidelity.md: the segmenter's BN (``resnet.BN_MOMENTUM``, as torch's momentum 0.1)
+    updates its running mean as torch (Sync)BatchNorm does, but its running variance with the
+    biased batch variance where torch uses the unbiased one (a factor n / (n - 1))."""
+    torch = pytest.importorskip("torch")
+    from pmm_jax.models import resnet
+
+    x = np.random.default_rng(0).normal(size=(2, 3, 1, 4)).astype(np.float32)  # n = 6 per channel
+    bn = nnx.BatchNorm(4, momentum=resnet.BN_MOMENTUM, epsilon=resnet.BN_EPSILON,
+                       rngs=nnx.Rngs(0))
+    bn(jnp.asarray(x))
+    ref = torch.nn.BatchNorm2d(4, momentum=0.1, eps=resnet.BN_EPSILON).train()
+    ref(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+    np.testing.assert_allclose(bn.mean[...], ref.running_mean.numpy(), rtol=1e-5, atol=1e-7)
+    n, flat = 6, x.reshape(-1, 4)
+    np.testing.assert_allclose(bn.var[...], 0.9 + 0.1 * flat.var(0), rtol=1e-5)
+    np.testing.assert_allclose(ref.running_var.numpy(), 0.9 + 0.1 * flat.var(0) * n / (n - 1),
+                               rtol=1e-5)

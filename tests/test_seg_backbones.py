@@ -205,7 +205,8 @@ def test_nothing_frozen_keeps_the_plain_optimizer():
         assert getattr(model.backbone, "frozen_prefixes", ()) == ()
         assert not any(seg.frozen_param_labels(model).values())
         tx, _ = seg.make_optimizer(config, model)
-        plain, _ = trainer.sgd_poly(config.seg.lr, config.seg.num_steps)
+        plain, _ = trainer.sgd_poly(config.seg.lr, config.seg.num_steps,
+                                    decay_1d=config.seg.decay_1d)
         params = nnx.state(model, nnx.Param)
         assert jax.tree.structure(jax.eval_shape(tx.init, params)) == \
             jax.tree.structure(jax.eval_shape(plain.init, params))

@@ -245,6 +245,9 @@ def test_sgd_poly_schedule_and_decay_mask():
     updates, _ = jax.jit(tx.update)(zero, tx.init(params), params)
     np.testing.assert_allclose(updates["kernel"], -0.2 * 5e-4 * np.ones((2, 2)), rtol=1e-6)
     np.testing.assert_allclose(updates["bias"], 0.0)
+    tx, _ = trainer.sgd_poly(0.2, 100, decay_1d=True)  # mmseg's: every parameter decayed
+    updates, _ = jax.jit(tx.update)(zero, tx.init(params), params)
+    np.testing.assert_allclose(updates["bias"], -0.2 * 5e-4 * np.ones(2), rtol=1e-6)
 
 
 def copy_checkpoints(uninterrupted, tmp_path) -> pathlib.Path:

@@ -1,8 +1,22 @@
-"""Min-max normalisation of CAMs and Coefficient of Variation Smoothing (PMM 3.2), jitted jnp.
+"""CAM normalisation and Coefficient of Variation Smoothing (PMM, ICCV 2021, sections 3.1-3.2)
+as pure, jitted jnp functions: the first half of the paper's pseudo-mask core.
 
-One image, static shapes: ``cams``/``x`` ``[C, H, W]`` (C foreground classes), ``present``
-``[C]`` bool, ``valid`` ``[H, W]`` bool or None; statistics ignore invalid pixels. Semantics
-follow the official ``refine_cam.py`` (``shared/pmm-reference.md``).
+Every function works on ONE image with static shapes, so a caller can ``vmap`` it over a
+batch or call it per image without recompiling for a new label set:
+
+* ``cams`` / ``x``: ``[C, H, W]`` float, C = number of FOREGROUND classes (fixed, e.g. 20).
+* ``present``: ``[C]`` bool, the image-level label. The official code keeps a dict of present
+  classes only; here absent classes keep their channel but are zeroed or masked so that they
+  can never influence a statistic or win an argmax.
+* ``valid``: ``[H, W]`` bool padding mask or None (= every pixel valid). Statistics (min, max,
+  mean, std) ignore invalid pixels and outputs there are 0 (background).
+
+Pseudo-mask generation (``pmm_jax.masks.generator``) chains :func:`normalize` -> :func:`cvs`
+-> the CRF inputs of ``masks/ppmg.py``, runs the dense CRF (``masks/dense_crf*.py``), then
+PPMG's label rule (``masks/ppmg.py``). Semantics follow the official code (Eli-YiLi/PMM
+``refine_cam.py`` and ``infer_multi_crop.py``) as summarised in ``shared/pmm-reference.md``;
+the one deliberate difference (the official min-max quirk, ``official_quirk``) is in
+docs/fidelity.md.
 """
 
 import functools
@@ -16,11 +30,13 @@ NORM_EPS = 1e-5
 # Added to the mean in the coefficient of variation (official: mean(v[v > t] + 1e-8)).
 COV_EPS = 1e-8
 
-def _valid_mask(valid, shape):
-    """``valid`` as an ``[H, W]`` bool array (all True when None)."""
+
+def valid_mask(valid, shape):
+    """``valid`` as an ``[H, W]`` bool array (all True when None); ``masks/ppmg.py`` uses it too."""
     if valid is None:
         return jnp.ones(shape, dtype=bool)
     return jnp.asarray(valid, dtype=bool)
+
 
 @functools.partial(jax.jit, static_argnames=("official_quirk",))
 def normalize(cams, present, valid=None, official_quirk=False):
@@ -36,7 +52,7 @@ def normalize(cams, present, valid=None, official_quirk=False):
     foreground pixels with a value <= 0 to background, so the quirk changes masks slightly.
     """
     x = jnp.asarray(cams, dtype=jnp.float32)
-    keep = _valid_mask(valid, x.shape[1:])[None] & jnp.asarray(present, dtype=bool)[:, None, None]
+    keep = valid_mask(valid, x.shape[1:])[None] & jnp.asarray(present, dtype=bool)[:, None, None]
     x_min = jnp.min(jnp.where(keep, x, jnp.inf), axis=(1, 2), keepdims=True)
     x_max = jnp.max(jnp.where(keep, x, -jnp.inf), axis=(1, 2), keepdims=True)
     # Absent classes (and an all-invalid image) have no finite statistics; their output is 0.
@@ -47,6 +63,7 @@ def normalize(cams, present, valid=None, official_quirk=False):
         x = jnp.where(x < x_min + NORM_EPS, 0.0, x)
     out = (x - x_min) / (x_max - x_min + NORM_EPS)
     return jnp.where(keep, out, 0.0)
+
 
 @jax.jit
 def coefficient_of_variation(x, present, t, valid=None):
@@ -59,7 +76,7 @@ def coefficient_of_variation(x, present, t, valid=None):
     ``s`` (``cvs`` does that).
     """
     x = jnp.asarray(x, dtype=jnp.float32)
-    fg = (x > t) & _valid_mask(valid, x.shape[1:])[None]
+    fg = (x > t) & valid_mask(valid, x.shape[1:])[None]
     count = jnp.sum(fg, axis=(1, 2))
     denom = jnp.maximum(count, 1).astype(jnp.float32)
     mean = jnp.sum(jnp.where(fg, x, 0.0), axis=(1, 2)) / denom
@@ -68,6 +85,7 @@ def coefficient_of_variation(x, present, t, valid=None):
     std = jnp.where(var > 0, jnp.sqrt(jnp.where(var > 0, var, 1.0)), 0.0)
     cov = std / (mean + COV_EPS)
     return jnp.where((count > 0) & jnp.asarray(present, dtype=bool), cov, 0.0)
+
 
 @jax.jit
 def cvs(x, present, t, s, valid=None):
@@ -84,7 +102,7 @@ def cvs(x, present, t, s, valid=None):
     on normalised CAMs (CoV of values in (t, 1] stays far below 1 / 0.3).
     """
     x = jnp.asarray(x, dtype=jnp.float32)
-    keep = _valid_mask(valid, x.shape[1:])[None] & jnp.asarray(present, dtype=bool)[:, None, None]
+    keep = valid_mask(valid, x.shape[1:])[None] & jnp.asarray(present, dtype=bool)[:, None, None]
     exponent = (1.0 - s * coefficient_of_variation(x, present, t, valid))[:, None, None]
     base = jnp.where(x < t, 0.0, x)
     positive = base > 0

@@ -1,14 +1,25 @@
-"""Proportional Pseudo-mask Generation (PMM 3.3) and the baseline argmax, jitted jnp.
+"""Proportional Pseudo-mask Generation (PMM, ICCV 2021, section 3.3) and the baseline's
+argmax (section 3.1), as pure, jitted jnp functions: the second half of the pseudo-mask core.
 
-CRF inputs (``binary_probs`` per class, ``baseline_probs`` joint), the proportion map and
-the label rules applied to the dense-CRF posteriors (``masks/dense_crf*.py``). Same
-conventions as ``masks/cvs.py``: one image, ``[C, H, W]``, absent classes never win.
+The pseudo stage builds the dense-CRF inputs here from the CVS-smoothed CAMs of
+``masks/cvs.py`` (:func:`binary_probs`: one two-label CRF per class, PPMG; or
+:func:`baseline_probs`: one joint CRF, the baseline), runs the CRF (``masks/dense_crf*.py``),
+then turns the posteriors into labels: :func:`ppmg_labels` gives each pixel claimed as
+foreground by several classes to the one of largest proportion (:func:`proportion`, the
+normalised CAM over the class's foreground mass, so small objects are not swallowed by large
+ones); :func:`argmax_labels` is the baseline's argmax.
+
+Same conventions as ``masks/cvs.py``: ONE image with static shapes (``x`` ``[C, H, W]`` over
+the C foreground classes, ``present`` ``[C]`` bool, ``valid`` ``[H, W]`` bool or None), absent
+classes keep their channel but never win; labels are 0 = background, c + 1 = class c. Semantics
+follow the official ``refine_cam.py`` (``ppmg``, ``crf_with_alpha``) as summarised in
+``shared/pmm-reference.md``, ties included (the lower index wins).
 """
 
 import jax
 import jax.numpy as jnp
 
-from pmm_jax.masks.cvs import _valid_mask
+from pmm_jax.masks.cvs import valid_mask
 
 
 @jax.jit
@@ -20,6 +31,7 @@ def binary_probs(x_s, alpha):
     """
     x_s = jnp.asarray(x_s, dtype=jnp.float32)
     return jnp.stack([(1.0 - x_s) ** alpha, x_s], axis=1)
+
 
 @jax.jit
 def baseline_probs(x, present, alpha):
@@ -38,6 +50,7 @@ def baseline_probs(x, present, alpha):
     background = (1.0 - fg_max) ** alpha
     return jnp.concatenate([background[None], jnp.where(present, x, 0.0)], axis=0)
 
+
 @jax.jit
 def proportion(x, fg, valid=None):
     """Proportion (importance) map of PPMG (paper eq. 8): ``x_c / (1 + sum_hw(x_c * fg_c))``.
@@ -49,9 +62,10 @@ def proportion(x, fg, valid=None):
     pixels only; invalid pixels give 0.
     """
     x = jnp.asarray(x, dtype=jnp.float32)
-    valid = _valid_mask(valid, x.shape[1:])[None]
+    valid = valid_mask(valid, x.shape[1:])[None]
     mass = jnp.sum(jnp.where(valid & jnp.asarray(fg, dtype=bool), x, 0.0), axis=(1, 2))
     return jnp.where(valid, x / (1.0 + mass[:, None, None]), 0.0)
+
 
 @jax.jit
 def ppmg_labels(x, fg, present, valid=None):
@@ -67,13 +81,14 @@ def ppmg_labels(x, fg, present, valid=None):
     """
     x = jnp.asarray(x, dtype=jnp.float32)
     present = jnp.asarray(present, dtype=bool)[:, None, None]
-    valid = _valid_mask(valid, x.shape[1:])
+    valid = valid_mask(valid, x.shape[1:])
     fg = jnp.asarray(fg, dtype=bool) & present
     p = proportion(x, fg, valid)
     scores = jnp.where(present, fg.astype(jnp.float32) * p, -jnp.inf)
     background = (~jnp.any(fg, axis=0)).astype(jnp.float32)
     labels = jnp.argmax(jnp.concatenate([background[None], scores], axis=0), axis=0)
     return jnp.where(valid, labels, 0).astype(jnp.int32)
+
 
 @jax.jit
 def argmax_labels(probs, present):

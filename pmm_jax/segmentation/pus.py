@@ -1,6 +1,14 @@
-"""The Pretended Under-fitting Strategy loss (PMM 3.4) the segmenter trains with, jitted jnp.
+"""The Pretended Under-fitting Strategy loss (PMM, ICCV 2021, section 3.4) the segmenter
+trains with: softmax cross-entropy whose large per-pixel losses are suppressed once the mean
+loss falls below a warm-up threshold, so the network stops fitting the pseudo-masks' noise.
 
-Semantics of WSSS_MMSeg ``cross_entropy_loss.py`` (``shared/pmm-reference.md``).
+A pure, jitted jnp function of one forward pass's logits (``[B, H, W, K]``) and labels
+(``[B, H, W]``, 255 ignored); the seg stage (``stages/seg.py`` ``loss_fn``) calls it once per
+head, decode and auxiliary, each with its own warm-up test. Modes (:data:`PUS_MODES`):
+"none" (plain cross-entropy), "clamp", "pow", "ignore"; reductions (:data:`PUS_REDUCTIONS`):
+"all" (the official mean over every pixel, ignored ones included) or "valid_pixels".
+Semantics follow Eli-YiLi/WSSS_MMSeg ``mmseg/models/losses/cross_entropy_loss.py`` as
+summarised in ``shared/pmm-reference.md``.
 """
 
 import functools
@@ -14,6 +22,7 @@ POW_EPS = 1e-9
 PUS_MODES = ("none", "clamp", "pow", "ignore")
 
 PUS_REDUCTIONS = ("all", "valid_pixels")
+
 
 @functools.partial(jax.jit, static_argnames=("mode", "ignore_label", "reduction"))
 def pus_loss(logits, labels, *, mode, beta, kappa, ignore_label=255, reduction="all"):

@@ -146,14 +146,20 @@ def frozen_param_labels(model: nnx.Module) -> dict[tuple[str, ...], bool]:
 
 
 def make_optimizer(config, model: nnx.Module):
-    """mmseg's SGD with poly decay (``config.seg``); returns ``(tx, schedule)``. Parameters of
-    the backbone's frozen stages (``frozen_prefixes``) get no update at all (no gradient
-    step, momentum or weight decay), as mmseg's ``frozen_stages``; with none frozen ``tx`` is
-    exactly ``trainer.sgd_poly``'s."""
+    """mmseg's SGD with poly decay (``config.seg``); returns ``(tx, schedule)``.
+
+    As WSSS_MMSeg's ``SGD(lr, momentum, weight_decay)`` over every parameter, the weight decay
+    reaches BatchNorm scales and offsets and conv biases too; ``config.seg.decay_1d=False``
+    (absent: True) decays only the kernels. Parameters of the backbone's frozen stages
+    (``frozen_prefixes``) get no update at all (no gradient step, momentum or weight decay),
+    as mmseg's ``frozen_stages`` (``requires_grad=False``: PyTorch's SGD skips them); with
+    none frozen ``tx`` is exactly ``trainer.sgd_poly``'s.
+    """
     cfg = config.seg
     tx, schedule = trainer.sgd_poly(cfg.lr, cfg.num_steps, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay,
-                                    end_lr=cfg.get("min_lr", 0.0))
+                                    end_lr=cfg.get("min_lr", 0.0),
+                                    decay_1d=cfg.get("decay_1d", True))
     labels = frozen_param_labels(model)
     if any(labels.values()):
         label_tree = lambda params: jax.tree_util.tree_map_with_path(

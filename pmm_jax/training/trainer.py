@@ -79,18 +79,21 @@ LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], nnx.Rngs],
 
 
 def sgd_poly(lr: float, num_steps: int, *, momentum: float = 0.9, weight_decay: float = 5e-4,
-             power: float = 0.9, end_lr: float = 0.0
+             power: float = 0.9, end_lr: float = 0.0, decay_1d: bool = False
              ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """SGD with momentum, L2 weight decay and poly learning-rate decay; returns (tx, schedule).
 
-    ``lr(k) = (lr - end_lr) * (1 - k / num_steps) ** power + end_lr`` for update k = 0..num_steps.
-    Weight decay is added to the gradient before momentum (PyTorch ``SGD(weight_decay=...)``, as
-    in the official PMM/mmseg code) but only for parameters with two or more dimensions
-    (conv and dense kernels): biases and BatchNorm scales/offsets are 1-D and are not decayed.
+    ``lr(k) = (lr - end_lr) * (1 - k / num_steps) ** power + end_lr`` for update k = 0..num_steps
+    (mmcv's ``PolyLrUpdaterHook`` with ``min_lr=end_lr``). Weight decay is added to the gradient
+    before momentum (PyTorch ``SGD(weight_decay=...)``, as in the official PMM/mmseg code).
+    ``decay_1d=True`` decays every parameter, as PyTorch's SGD over all of a model's parameters
+    does (mmseg's segmenters); False decays only parameters with two or more dimensions (conv
+    and dense kernels), leaving biases and BatchNorm scales/offsets (1-D) undecayed.
     """
     schedule = optax.polynomial_schedule(init_value=lr, end_value=end_lr, power=power,
                                          transition_steps=num_steps)
-    decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+    decay_mask = None if decay_1d else (
+        lambda params: jax.tree_util.tree_map(lambda p: p.ndim > 1, params))
     tx = optax.chain(optax.add_decayed_weights(weight_decay, mask=decay_mask),
                      optax.sgd(schedule, momentum=momentum))
     return tx, schedule
