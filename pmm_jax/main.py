@@ -55,13 +55,16 @@ def check_workdir(path: str) -> None:
 
 def check_config(config) -> None:
     """Checks the choices that would otherwise fail only deep inside a stage: the stage list,
-    the dense CRF backend ``config.crf.backend``, the positive counts and training from random
-    weights (``stages.check_random_init``). Raises ValueError naming the key."""
+    the dense CRF backend ``config.crf.backend``, the dataset kind of ``config.data.name``, the
+    positive counts and training from random weights (``stages.check_random_init``). Raises
+    ValueError naming the key."""
     from pmm_jax import stages
+    from pmm_jax.data import dataset
     from pmm_jax.masks import dense_crf
 
     stages.parse_stages(config.stages)
     dense_crf.config_backend(config)
+    dataset.kind(config.data)
     check_positive(config)
     stages.check_random_init(config)
 

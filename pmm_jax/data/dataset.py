@@ -157,8 +157,10 @@ class Dataset:
         training section (``config.cls`` or ``config.seg``; ``key`` names its batch size).
 
         The augmentation follows the section: PMM's multi-crop tiles when
-        ``section.multicrop.rough_masks`` is set, mmseg's when ``section.augment == "mmseg"``,
-        else random-scale crops. ``mask_dir``: masks replacing the dataset's (pseudo-masks,
+        ``section.multicrop.rough_masks`` is set (``multicrop.scales``, ``crop``, ``stride``);
+        mmseg's VOC/COCO augmentation when ``section.augment == "mmseg"`` (rescale around
+        ``img_scale`` by ``scale_range``, crop with ``cat_max_ratio``, flip, photometric
+        distortion); else random-scale crops (``scale_range``). ``mask_dir``: masks replacing the dataset's (pseudo-masks,
         made by ``mask_producer``, named when one is missing). The shuffle seed moves with
         ``start_step`` so a resumed run does not replay the batches it already trained on.
         """

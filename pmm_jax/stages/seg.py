@@ -49,9 +49,10 @@ def build_model(config, seed: int = 0, *, num_classes: int | None = None) -> nnx
 
 
 def initial_model(config, wd: Workdir, num_classes: int) -> nnx.Module:
-    """The segmenter a training run starts from: ``build_model(config, config.seed)``, its
-    backbone then overwritten with the ``cls`` stage's trained classifier backbone (every
-    parameter and BN statistic) when ``config.seg.model.init_from_cls`` is set."""
+    """The segmenter of ``num_classes`` classes a training run starts from: ``build_model``
+    seeded with ``config.seed``, its backbone then overwritten with the ``cls`` stage's
+    trained classifier backbone (every parameter and BN statistic) when
+    ``config.seg.model.init_from_cls`` is set."""
     if config.seg.model.get("init_from_cls") and config.seg.model.get("init_from"):
         raise ValueError("config.seg.model.init_from and config.seg.model.init_from_cls are both "
                          "set; choose one starting point for the segmenter backbone")
