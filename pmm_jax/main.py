@@ -55,13 +55,16 @@ def check_workdir(path: str) -> None:
 
 def check_config(config) -> None:
     """Checks the choices that would otherwise fail only deep inside a stage: the stage list,
-    the dense CRF backend ``config.crf.backend``, the positive counts and training from random
-    weights (``stages.check_random_init``). Raises ValueError naming the key."""
+    the dense CRF backend ``config.crf.backend``, the dataset kind of ``config.data.name``, the
+    positive counts and training from random weights (``stages.check_random_init``). Raises
+    ValueError naming the key."""
     from pmm_jax import stages
+    from pmm_jax.data import dataset
     from pmm_jax.masks import dense_crf
 
     stages.parse_stages(config.stages)
     dense_crf.config_backend(config)
+    dataset.kind(config.data)
     check_positive(config)
     stages.check_random_init(config)
 
@@ -172,8 +175,6 @@ def enable_compilation_cache(setting: str, workdir: str) -> str | None:
 def run(config, workdir: str, redo: list[str] = ()) -> dict:
     """Runs the configured stages in ``workdir`` (redoing those in ``redo``); returns
     ``{stage: marker}`` of those run. ``config.json`` keeps the first run's config."""
-    import jax
-
     from pmm_jax import stages
     from pmm_jax.files import io
     from pmm_jax.files.workdir import Workdir
@@ -187,16 +188,23 @@ def run(config, workdir: str, redo: list[str] = ()) -> dict:
     with hold_workdir(wd):
         if distributed.is_main() and not os.path.exists(wd.config_json):
             io.write_json(wd.config_json, config.to_dict())
-        if jax.process_count() > 1:
-            # tfds builds the synthetic dataset on first use: one process builds, the others wait.
-            from pmm_jax.stages import common
-            if distributed.is_main():
-                common.data_dir(config, wd)
-            distributed.barrier("dataset-ready")
         actions = stages.plan(names, redo, config, wd)
         distributed.barrier("planned")  # nothing is deleted before every process has planned
-        return {name: stages.run_stage(name, config, wd, action)
+        data = open_dataset(config, wd)
+        return {name: stages.run_stage(name, config, wd, data, action)
                 for name, action in actions.items()}
+
+
+def open_dataset(config, wd):
+    """The run's dataset (``pmm_jax.data.dataset``), resolved once for every stage. tfds
+    builds a generated dataset on first use: process 0 opens it first, the others wait."""
+    from pmm_jax.data import dataset
+    from pmm_jax.training import distributed
+
+    if distributed.is_main():
+        data = dataset.open_dataset(config, wd)
+    distributed.barrier("dataset-ready")
+    return data if distributed.is_main() else dataset.open_dataset(config, wd)
 
 
 def fail(message: str) -> None:
@@ -209,7 +217,7 @@ def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {argv[1:]}")
     from pmm_jax import stages
-    from pmm_jax.data.synthetic import DatasetNotPreparedError
+    from pmm_jax.data.builder_base import DatasetNotPreparedError
     from pmm_jax.files import io, workdir
     from pmm_jax.training import distributed, trainer
     # Library chatter (orbax's read-only notices, tfds) only on errors; this package's

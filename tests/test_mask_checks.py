@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from pmm_jax.data import pipeline
+from pmm_jax.data import builder_base, pipeline
 from pmm_jax.files import io
 
 NAME = "synthetic_wsss/tiny"
@@ -18,7 +18,7 @@ NUM_CLASSES = 6
 @pytest.fixture(scope="module")
 def val_split(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("tfds"))
-    pipeline.prepare(NAME, directory)
+    builder_base.prepare(NAME, directory)
     return pipeline.load_split(NAME, "val", directory).take(4)
 
 

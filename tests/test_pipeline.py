@@ -9,7 +9,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from pmm_jax.constants import IGNORE_LABEL
-from pmm_jax.data import pipeline
+from pmm_jax.data import builder_base, pipeline
 from pmm_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
 from pmm_jax.files import io
 
@@ -21,7 +21,7 @@ NUM_TRAIN, NUM_VAL = 64, 32
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("tfds"))
-    pipeline.prepare(NAME, directory)
+    builder_base.prepare(NAME, directory)
     return directory
 
 
