@@ -28,7 +28,7 @@ def exported(tmp_path_factory):
     its labels vary over an image), exported; returns (dir, model, eval config)."""
     config = load_config("configs/folder.py", "tiny")
     model = models.build_segmenter(config.seg.model, len(CLASSES), models.init_rngs(1))
-    model.decode_head.classifier.kernel.value *= 300.0
+    model.decode_head.classifier.kernel[...] *= 300.0
     model.eval()
     out = tmp_path_factory.mktemp("export")
     exporting.export_segmenter(model, EVAL, CLASSES, (40, 32), "pus", str(out))
