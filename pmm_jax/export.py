@@ -79,7 +79,7 @@ def export(workdir: str, out: str, run: str | None = None) -> dict:
 
 def _main() -> None:
     """The command line (absl, imported here: ``load`` does not need it)."""
-    from absl import app, flags
+    from absl import app, flags, logging
 
     flags.DEFINE_string("workdir", None, "Workdir of a run with a finished segmenter.")
     flags.DEFINE_string("out", None, "Folder to write the export to.")
@@ -92,6 +92,7 @@ def _main() -> None:
 
         if len(argv) > 1:
             _fail(f"unexpected arguments: {argv[1:]}")
+        logging.set_verbosity(logging.ERROR)  # orbax's notices
         try:
             meta = export(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.run)
         except (PredictError, FileNotFoundError) as err:

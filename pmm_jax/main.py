@@ -181,22 +181,39 @@ def run(config, workdir: str, redo: list[str] = ()) -> dict:
 
     names = stages.parse_stages(config.stages)
     redo = stages.parse_stages(",".join(redo), "--redo") if redo else []
+    from pmm_jax.stages import common
+
     check_workdir(workdir)
     enable_compilation_cache(config.get("compilation_cache", ""), workdir)
     wd = Workdir(workdir)
     with hold_workdir(wd):
+        # A folder of images is checked and built here, before any stage (data_dir_lock: the
+        # processes of a run, and runs sharing the data_dir, build it once).
+        config = common.resolve_dataset(config, wd)
         if distributed.is_main() and not os.path.exists(wd.config_json):
             io.write_json(wd.config_json, config.to_dict())
         if jax.process_count() > 1:
             # tfds builds the synthetic dataset on first use: one process builds, the others wait.
-            from pmm_jax.stages import common
             if distributed.is_main():
                 common.data_dir(config, wd)
             distributed.barrier("dataset-ready")
+        if distributed.is_main():
+            write_dataset_json(config, wd)
         actions = stages.plan(names, redo, config, wd)
         distributed.barrier("planned")  # nothing is deleted before every process has planned
         return {name: stages.run_stage(name, config, wd, action)
                 for name, action in actions.items()}
+
+
+def write_dataset_json(config, wd) -> None:
+    """``WORKDIR/dataset.json``: the dataset's name, class names and canvas, what
+    ``pmm_jax.predict`` and ``pmm_jax.export`` need of it without reopening it."""
+    from pmm_jax.files import io
+    from pmm_jax.stages import common
+
+    io.write_json(wd.dataset_json, {"name": config.data.name,
+                                    "class_names": list(common.class_names(config)),
+                                    "canvas": list(common.canvas_size(config, wd))})
 
 
 def fail(message: str) -> None:
@@ -210,6 +227,7 @@ def main(argv):
         fail(f"unexpected arguments: {argv[1:]}")
     from pmm_jax import stages
     from pmm_jax.data.synthetic import DatasetNotPreparedError
+    from pmm_jax.data.voc import InputError
     from pmm_jax.files import io, workdir
     from pmm_jax.training import distributed, trainer
     # Library chatter (orbax's read-only notices, tfds) only on errors; this package's
@@ -227,7 +245,7 @@ def main(argv):
         run(_CONFIG.value, _WORKDIR.value, _REDO.value)
     except (app.UsageError, stages.StageError, trainer.CheckpointError,
             trainer.DivergenceError, io.NonFiniteError, workdir.WorkdirBusyError,
-            DatasetNotPreparedError) as err:
+            DatasetNotPreparedError, InputError) as err:
         fail(str(err))  # each message says what to do; a traceback would bury it
 
 

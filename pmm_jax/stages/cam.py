@@ -180,7 +180,11 @@ def write_split(config, wd: Workdir, model, split: str, predict=None) -> int:
 
 
 def cam_metrics(config, wd: Workdir) -> dict:
-    """CAM mIoU on val at the fixed threshold, and the threshold curve (for reference only)."""
+    """CAM mIoU on val at the fixed threshold, and the threshold curve (for reference only);
+    None (not available) without val."""
+    if not common.has_val(config):
+        return {"cam_miou": None, "cam_bg_threshold": scoring.DEFAULT_CAM_BG_THRESHOLD,
+                "cam_miou_curve": {}}
     pairs = [(io.read_cams(cam_path(wd, "val", ex["id"])), ex["mask"])
              for ex in common.examples(config, wd, "val", all_processes=True)]
     curve = scoring.cam_threshold_curve(pairs, CURVE_THRESHOLDS, config.data.num_classes)
@@ -207,8 +211,9 @@ def run(config, wd: Workdir) -> dict:
     model = trainer.restore_model(build_model(config), wd.ckpt_dir("cls"),
                                   hint="run stage 'cls' first")
     predict = make_predictor(config, model)
-    counts = {split: write_split(config, wd, model, split, predict) for split in ("train", "val")}
+    splits = ("train", "val") if common.has_val(config) else ("train",)
+    counts = {split: write_split(config, wd, model, split, predict) for split in splits}
     if distributed.is_main():
-        common.write_images(wd.log_dir("cam"), summary_images(config, wd))
+        common.write_images(wd.log_dir("cam"), summary_images(config, wd, splits[-1]))
     return {**cam_metrics(config, wd), "written": counts,
             "written_per_process": distributed.gather_ints(counts)}

@@ -38,6 +38,55 @@ def data_dir(config: ml_collections.ConfigDict, wd: Workdir) -> str:
     return path
 
 
+FOLDER = "folder_wsss"  # config.data.name of a folder of the user's images (data/folder.py)
+
+
+def resolve_dataset(config: ml_collections.ConfigDict, wd: Workdir) -> ml_collections.ConfigDict:
+    """``config`` with its dataset settled: for a folder (``data.name == "folder_wsss"``),
+    the folder checked and built (``folder.build``; InputError on bad input) and a copy of
+    the config whose ``data`` names the build (``folder_wsss/<key>``) with the folder's class
+    names and count, its eval canvas, ``val_split`` None when it has no val, and
+    ``pseudo.eval_split`` "" when no train image has a mask. Other datasets: as is."""
+    if config.data.name != FOLDER:
+        return config
+    import ml_collections
+
+    from pmm_jax.data import folder  # TensorFlow: imported where data is read
+
+    if not config.data.get("folder"):
+        raise folder.InputError("config.data.folder is empty: name the folder of your images with "
+                         "--config.data.folder=DIR (layout: docs/datasets.md)")
+    built = folder.build(config.data.folder, wd.data_dir(config.data.data_dir),
+                         int(config.data.get("max_side", 0)))
+    log.info("%s", folder.summary_text(built))
+    resolved = config.copy_and_resolve_references()
+    data = resolved.data.to_dict()
+    data.update(name=built.name, class_names=tuple(built.class_names),
+                num_classes=len(built.class_names), eval_pad_to=tuple(built.eval_pad_to),
+                val_split="val" if "val" in built.splits else None)
+    resolved.data = ml_collections.ConfigDict(data)
+    if resolved.pseudo.eval_split not in built.splits:
+        resolved.pseudo.eval_split = ""
+    return resolved
+
+
+def has_val(config: ml_collections.ConfigDict) -> bool:
+    """Whether the dataset has a val split (a folder without masks has none: its mIoUs are
+    not available, reported as None / "n/a")."""
+    return bool(config.data.val_split)
+
+
+def canvas_size(config: ml_collections.ConfigDict, wd: Workdir) -> tuple[int, int]:
+    """The ``(H, W)`` every image is predicted on: ``data.eval_pad_to``, or the fixed image
+    size of a dataset without one (synthetic)."""
+    if config.data.eval_pad_to:
+        return tuple(int(v) for v in config.data.eval_pad_to)
+    from pmm_jax.data import pipeline  # TensorFlow: imported where data is read
+
+    shape = pipeline.prepare(config.data.name, data_dir(config, wd)).info.features["image"].shape
+    return int(shape[0]), int(shape[1])
+
+
 def split_name(config: ml_collections.ConfigDict, split: str, subset: int = 0) -> str:
     """Maps the pipeline's logical split ("train"/"val") to the dataset's split name; with
     ``subset`` > 0, to its first ``subset`` examples (tfds slicing: ``val[:N]``; each process
@@ -141,6 +190,8 @@ def miou(config, wd: Workdir, split: str, read_pred: Callable[[str], np.ndarray]
             cm += scoring.confusion_matrix(read_pred(ex["id"]), ex["mask"], config.data.num_classes)
     per_class, mean = scoring.iou_from_confusion(cm, rule=config.eval.rule)
     names = class_names(config)
+    if not cm.sum():  # no image with ground truth: not available (None), not 0
+        return {"miou": None, "per_class": {name: None for name in names}}
     return {"miou": float(mean),
             "per_class": {names[i]: (None if np.isnan(v) else float(v)) for i, v in enumerate(per_class)}}
 
@@ -159,8 +210,12 @@ def write_images(log_dir: str, images: dict[str, np.ndarray], step: int = 0) -> 
 
 
 def class_names(config) -> tuple[str, ...]:
+    """``data.class_names``: a key of ``constants.CLASS_NAMES``, or the names themselves (a
+    folder's, set by :func:`resolve_dataset`)."""
     from pmm_jax.constants import CLASS_NAMES
-    return CLASS_NAMES[config.data.class_names]
+
+    names = config.data.class_names
+    return CLASS_NAMES[names] if isinstance(names, str) else tuple(names)
 
 
 def mask_reader(directory: str) -> Callable[[str], np.ndarray]:

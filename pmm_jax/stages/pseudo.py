@@ -69,6 +69,8 @@ def eval_ids(config, wd: Workdir) -> list[str]:
     train CAM, i.e. images outside ``config.data.train_split``.
     """
     split, subset = config.pseudo.eval_split, config.pseudo.eval_subset
+    if not split:  # a folder whose train images have no mask: nothing to score on
+        return []
     splits = pipeline.prepare(config.data.name, common.data_dir(config, wd)).info.splits
     if split not in splits:
         raise ValueError(f"config.pseudo.eval_split={split!r} is not a split of "
@@ -112,8 +114,9 @@ def run(config, wd: Workdir) -> dict:
         stats[method]["per_process"] = distributed.gather_ints(
             {k: stats[method][k] for k in ("written", "skipped", "failed")})
         distributed.barrier(f"pseudo-{method}-written")  # the mIoU reads every process's masks
-        mious[method] = common.miou(config, wd, "train", common.mask_reader(out_dir), ids=subset,
-                                    dataset_split=config.pseudo.eval_split)
+        mious[method] = (common.miou(config, wd, "train", common.mask_reader(out_dir), ids=subset,
+                                     dataset_split=config.pseudo.eval_split) if subset
+                         else {"miou": None, "per_class": {}})  # not available
     if distributed.is_main():
         common.write_images(wd.log_dir("pseudo"), summary_images(
             config, wd, subset[:common.NUM_SUMMARY_IMAGES], variants))

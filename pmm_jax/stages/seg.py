@@ -167,7 +167,7 @@ def train_segmenter(config, wd: Workdir, run: str, mask_dir: str, loss: str) -> 
     from pmm_jax.data import pipeline  # TensorFlow: imported where data is read
 
     cfg = config.seg
-    eval_every = cfg.get("eval_every", 0)
+    eval_every = cfg.get("eval_every", 0) if common.has_val(config) else 0  # no val: last step
     if eval_every:
         check_val_subset(config)
     ckpt_dir = wd.ckpt_dir(f"seg/{run}")
