@@ -138,3 +138,38 @@ def test_build_is_reused_until_the_folder_changes(tmp_path):
     assert second.name != first.name
     assert sorted(os.listdir(tmp_path / "tfds" / "folder_wsss")) == sorted(
         [first.name.split("/")[1], second.name.split("/")[1]])
+
+
+def test_main_stops_on_bad_input_with_one_paragraph_before_any_stage(tmp_path):
+    import subprocess
+    import sys
+
+    root = make_folder(tmp_path / "f", classes=["cat"])  # b's 'dog' is not a class
+    workdir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pmm_jax.main", "--config=configs/folder.py:tiny",
+         f"--config.data.folder={root}", f"--workdir={workdir}"],
+        cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "labels.csv line 3: class 'dog' of image 'b'" in proc.stderr
+    assert not (workdir / "stages").exists()
+
+
+def test_a_folder_without_masks_resolves_to_no_val_and_no_pseudo_mask_score(tmp_path):
+    from conftest import load_config
+    from pmm_jax.files.workdir import Workdir
+    from pmm_jax.stages import common
+
+    config = load_config("configs/folder.py", "tiny")
+    config.data.folder = str(make_folder(tmp_path / "f"))
+    resolved = common.resolve_dataset(config, Workdir(str(tmp_path / "run")))
+    assert resolved.data.name.startswith("folder_wsss/") and resolved.data.num_classes == 3
+    assert common.class_names(resolved) == ("background", "cat", "dog")
+    assert resolved.data.val_split is None and not common.has_val(resolved)
+    assert resolved.pseudo.eval_split == "" and resolved.data.eval_pad_to == (24, 24)
+    assert config.data.name == "folder_wsss"  # the given config is left as it was
+    config.data.folder = ""
+    with pytest.raises(InputError, match="config.data.folder is empty"):
+        common.resolve_dataset(config, Workdir(str(tmp_path / "run")))
