@@ -72,7 +72,7 @@ def export(workdir: str, out: str, run: str | None = None) -> dict:
             f"{wd.root} has no {wd.dataset_json}; rerun `python -m pmm_jax.main` with its "
             "config on this workdir (completed stages are skipped) to record it")
     facts = predict_images.dataset_facts(wd)
-    model = seg.load_segmenter(predict_images.with_num_classes(config, facts.num_classes), wd, name)
+    model = seg.load_segmenter(config, wd, name, facts.num_classes)
     return exporting.export_segmenter(model, config.eval.to_dict(), facts.class_names,
                                       facts.canvas, name, out)
 

@@ -55,13 +55,16 @@ def check_workdir(path: str) -> None:
 
 def check_config(config) -> None:
     """Checks the choices that would otherwise fail only deep inside a stage: the stage list,
-    the dense CRF backend ``config.crf.backend``, the positive counts and training from random
-    weights (``stages.check_random_init``). Raises ValueError naming the key."""
+    the dense CRF backend ``config.crf.backend``, the dataset kind of ``config.data.name``, the
+    positive counts and training from random weights (``stages.check_random_init``). Raises
+    ValueError naming the key."""
     from pmm_jax import stages
+    from pmm_jax.data import dataset
     from pmm_jax.masks import dense_crf
 
     stages.parse_stages(config.stages)
     dense_crf.config_backend(config)
+    dataset.kind(config.data)
     check_positive(config)
     stages.check_random_init(config)
 
@@ -181,39 +184,54 @@ def run(config, workdir: str, redo: list[str] = ()) -> dict:
 
     names = stages.parse_stages(config.stages)
     redo = stages.parse_stages(",".join(redo), "--redo") if redo else []
-    from pmm_jax.stages import common
-
     check_workdir(workdir)
     enable_compilation_cache(config.get("compilation_cache", ""), workdir)
     wd = Workdir(workdir)
     with hold_workdir(wd):
-        # A folder of images is checked and built here, before any stage (data_dir_lock: the
-        # processes of a run, and runs sharing the data_dir, build it once).
-        config = common.resolve_dataset(config, wd)
+        # Opened before anything else: a folder of images is checked (bad input stops here)
+        # and built.
+        data = open_dataset(config, wd)
+        if distributed.is_main():
+            record_dataset(wd, data, names, redo)
         if distributed.is_main() and not os.path.exists(wd.config_json):
             io.write_json(wd.config_json, config.to_dict())
-        if jax.process_count() > 1:
-            # tfds builds the synthetic dataset on first use: one process builds, the others wait.
-            if distributed.is_main():
-                common.data_dir(config, wd)
-            distributed.barrier("dataset-ready")
-        if distributed.is_main():
-            write_dataset_json(config, wd)
         actions = stages.plan(names, redo, config, wd)
         distributed.barrier("planned")  # nothing is deleted before every process has planned
-        return {name: stages.run_stage(name, config, wd, action)
+        return {name: stages.run_stage(name, config, wd, data, action)
                 for name, action in actions.items()}
 
 
-def write_dataset_json(config, wd) -> None:
-    """``WORKDIR/dataset.json``: the dataset's name, class names and canvas, what
-    ``pmm_jax.predict`` and ``pmm_jax.export`` need of it without reopening it."""
-    from pmm_jax.files import io
-    from pmm_jax.stages import common
+def open_dataset(config, wd):
+    """The run's dataset (``pmm_jax.data.dataset``), resolved once for every stage. tfds
+    builds a generated dataset on first use: process 0 opens it first, the others wait."""
+    from pmm_jax.data import dataset
+    from pmm_jax.training import distributed
 
-    io.write_json(wd.dataset_json, {"name": config.data.name,
-                                    "class_names": list(common.class_names(config)),
-                                    "canvas": list(common.canvas_size(config, wd))})
+    if distributed.is_main():
+        data = dataset.open_dataset(config, wd)
+    distributed.barrier("dataset-ready")
+    return data if distributed.is_main() else dataset.open_dataset(config, wd)
+
+
+def record_dataset(wd, data, names: list[str], redo: list[str]) -> None:
+    """Writes ``WORKDIR/dataset.json`` (name, class names, canvas: what ``pmm_jax.predict``
+    and ``pmm_jax.export`` need without reopening the dataset). Refuses (StageError) a
+    dataset other than the one the workdir's completed stages were made from, e.g. a folder
+    edited since (its build key changed), unless every completed stage is redone."""
+    from pmm_jax import stages
+    from pmm_jax.files import io
+
+    if os.path.exists(wd.dataset_json):
+        before = io.read_json(wd.dataset_json)["name"]
+        kept = [n for n in stages.completed(wd) if n not in redo]
+        if before != data.name and kept:
+            raise stages.StageError(
+                f"{wd.root} holds stage(s) {', '.join(kept)} made from dataset {before}, but the "
+                f"dataset is now {data.name} (for a folder: it changed since); use another "
+                f"--workdir, or redo them: --redo={','.join(kept)}"
+                + ("" if set(kept) <= set(names) else f" --config.stages={','.join(kept)}"))
+    io.write_json(wd.dataset_json, {"name": data.name, "class_names": list(data.class_names),
+                                    "canvas": list(data.canvas)})
 
 
 def fail(message: str) -> None:
@@ -226,8 +244,7 @@ def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {argv[1:]}")
     from pmm_jax import stages
-    from pmm_jax.data.synthetic import DatasetNotPreparedError
-    from pmm_jax.data.voc import InputError
+    from pmm_jax.data.builder_base import DatasetNotPreparedError, InputError
     from pmm_jax.files import io, workdir
     from pmm_jax.training import distributed, trainer
     # Library chatter (orbax's read-only notices, tfds) only on errors; this package's

@@ -157,19 +157,19 @@ def test_main_stops_on_bad_input_with_one_paragraph_before_any_stage(tmp_path):
     assert not (workdir / "stages").exists()
 
 
-def test_a_folder_without_masks_resolves_to_no_val_and_no_pseudo_mask_score(tmp_path):
+def test_a_folder_without_masks_opens_without_val_and_without_a_pseudo_mask_score(tmp_path):
     from conftest import load_config
+    from pmm_jax.data import dataset
     from pmm_jax.files.workdir import Workdir
-    from pmm_jax.stages import common
 
     config = load_config("configs/folder.py", "tiny")
     config.data.folder = str(make_folder(tmp_path / "f"))
-    resolved = common.resolve_dataset(config, Workdir(str(tmp_path / "run")))
-    assert resolved.data.name.startswith("folder_wsss/") and resolved.data.num_classes == 3
-    assert common.class_names(resolved) == ("background", "cat", "dog")
-    assert resolved.data.val_split is None and not common.has_val(resolved)
-    assert resolved.pseudo.eval_split == "" and resolved.data.eval_pad_to == (24, 24)
-    assert config.data.name == "folder_wsss"  # the given config is left as it was
+    data = dataset.open_dataset(config, Workdir(str(tmp_path / "run")))
+    assert data.name.startswith("folder_wsss/") and data.num_classes == 3
+    assert data.class_names == ("background", "cat", "dog")
+    assert not data.has_split("val") and data.eval_pad_to == data.canvas == (24, 24)
+    assert "train_masked" in data.optional_splits and "train_masked" not in data.dataset_splits
+    assert data.miou("train", None, ids=[], rule="mmseg")["miou"] is None  # nothing scored
     config.data.folder = ""
     with pytest.raises(InputError, match="config.data.folder is empty"):
-        common.resolve_dataset(config, Workdir(str(tmp_path / "run")))
+        dataset.open_dataset(config, Workdir(str(tmp_path / "run")))

@@ -36,12 +36,13 @@ import pathlib
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 from etils import epath
 from PIL import Image
 
 from pmm_jax.constants import IGNORE_LABEL
-from pmm_jax.data.voc import (InputError, check_mask, features, load_image, ordered_futures,
-                              png_bytes, read_png_mask)
+from pmm_jax.data.builder_base import (InputError, check_mask, features, load_image,
+                                       ordered_futures, png_bytes, read_png_mask)
 from pmm_jax.files import io as files_io
 from pmm_jax.files.locks import data_dir_lock
 
@@ -381,6 +382,23 @@ def _image_sizes(builder: tfds.core.DatasetBuilder):
     for example in ds.as_numpy_iterator():
         with Image.open(io.BytesIO(example["image"])) as image:
             yield image.height, image.width
+
+
+def open_folder(data_config, data_dir: str) -> dict:
+    """The ``dataset.KINDS`` opener of ``config.data.name == "folder_wsss"``: checks and
+    builds ``config.data.folder`` (shrunk to ``config.data.max_side``) in ``data_dir``; its
+    fields: the build's name, the folder's class names, the eval canvas, no val split when
+    the folder has none, and ``train_masked`` as an optional split (absent when no train
+    image has a mask: the pseudo-masks are then not scored)."""
+    if not data_config.get("folder"):
+        raise InputError("config.data.folder is empty: name the folder of your images with "
+                         "--config.data.folder=DIR (layout: docs/datasets.md)")
+    built = build(data_config.folder, data_dir, int(data_config.get("max_side", 0)))
+    logging.info("%s", summary_text(built))
+    return {"name": built.name, "class_names": built.class_names,
+            "eval_pad_to": built.eval_pad_to,
+            "val_split": "val" if "val" in built.splits else None,
+            "optional_splits": ("train_masked",)}
 
 
 def summary_text(built: Built) -> str:

@@ -125,7 +125,7 @@ class ImageSegmenter:
 
         self.facts = dataset_facts(wd)
         self.run = run
-        model = seg.load_segmenter(with_num_classes(config, self.facts.num_classes), wd, run)
+        model = seg.load_segmenter(config, wd, run, self.facts.num_classes)
         eval_cfg = dict(config.eval.to_dict())
         if crf is not None:
             eval_cfg["crf"] = crf
@@ -157,14 +157,6 @@ class ImageSegmenter:
         labels = self._predict(batch)
         return [canvas.restore(labels[i], inners[i], image.shape[:2])
                 for i, image in enumerate(images)]
-
-
-def with_num_classes(config, num_classes: int):
-    """A copy of ``config`` whose ``data.num_classes`` is the dataset's (a folder config
-    leaves it 0: the folder decides)."""
-    copy = config.copy_and_resolve_references()
-    copy.data.num_classes = num_classes
-    return copy
 
 
 def overlay_picture(image: np.ndarray, mask: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
