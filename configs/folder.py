@@ -68,6 +68,9 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
     # A user's dataset is smaller than VOC's 10,582 images: validate and keep the best
     # checkpoint twice as often (each validation is short on a small val).
     c.seg.eval_every = 1000
+    # Training lengths stay VOC's (cls: 20 epochs of 10,582 images at batch 16; seg: 20k
+    # steps): enough for a folder of that size or smaller; for N train images, about
+    # 20 * N / 16 classifier steps is the paper's schedule (--config.cls.num_steps).
     # Three test scales instead of six: predictions on new images (`pmm_jax.predict`) are
     # the point here, and 3 x flip is half the time of 6 x flip for most of the gain.
     c.eval.scales = (0.75, 1.0, 1.25)
