@@ -64,6 +64,7 @@ def export(workdir: str, out: str, run: str | None = None) -> dict:
     from pmm_jax.segmentation import exporting, predict_images
     from pmm_jax.stages import seg
 
+    workdir, out = os.path.expanduser(workdir), os.path.expanduser(out)
     wd = Workdir(workdir)
     config = predict_images.run_config(workdir)
     name = predict_images.choose_run(config, wd, run)

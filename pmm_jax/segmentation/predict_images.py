@@ -204,6 +204,7 @@ def predict_images(workdir: str, images: str, out_dir: str, *, run: str | None =
     ``{"run", "written", "skipped"}``."""
     import tqdm
 
+    workdir, out_dir = os.path.expanduser(workdir), os.path.expanduser(out_dir)
     wd = Workdir(workdir)
     config = run_config(workdir)
     name = choose_run(config, wd, run)
