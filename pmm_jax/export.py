@@ -68,10 +68,6 @@ def export(workdir: str, out: str, run: str | None = None) -> dict:
     wd = Workdir(workdir)
     config = predict_images.run_config(workdir)
     name = predict_images.choose_run(config, wd, run)
-    if not os.path.exists(wd.dataset_json):
-        raise predict_images.PredictError(
-            f"{wd.root} has no {wd.dataset_json}; rerun `python -m pmm_jax.main` with its "
-            "config on this workdir (completed stages are skipped) to record it")
     facts = predict_images.dataset_facts(wd)
     model = seg.load_segmenter(config, wd, name, facts.num_classes)
     return exporting.export_segmenter(model, config.eval.to_dict(), facts.class_names,

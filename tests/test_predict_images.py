@@ -66,6 +66,9 @@ def test_images_are_a_file_or_the_images_of_a_folder(tmp_path):
     assert predict_images.image_paths(str(tmp_path / "b.png")) == {"b": tmp_path / "b.png"}
     with pytest.raises(predict_images.PredictError, match="neither an image file nor a folder"):
         predict_images.image_paths(str(tmp_path / "missing"))
+    (tmp_path / "b.jpg").write_bytes(b"")
+    with pytest.raises(predict_images.PredictError, match="have the same id 'b'"):
+        predict_images.image_paths(str(tmp_path))
 
 
 def test_overlay_blends_the_mask_and_lists_the_classes_present():

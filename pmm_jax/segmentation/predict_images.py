@@ -44,13 +44,13 @@ class DatasetFacts:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def to_json(self) -> dict:
-        return {"name": self.name, "class_names": list(self.class_names),
-                "canvas": list(self.canvas)}
-
 
 def dataset_facts(wd: Workdir) -> DatasetFacts:
-    """The facts the run recorded in ``WORKDIR/dataset.json``."""
+    """The facts the run recorded in ``WORKDIR/dataset.json``; PredictError without it."""
+    if not os.path.exists(wd.dataset_json):
+        raise PredictError(f"{wd.root} has no {wd.dataset_json}: the run predates it; rerun "
+                           "`python -m pmm_jax.main` with its config on this workdir (its "
+                           "completed stages are skipped) to record it")
     record = io.read_json(wd.dataset_json)
     return DatasetFacts(name=record["name"], class_names=tuple(record["class_names"]),
                         canvas=tuple(int(v) for v in record["canvas"]))
@@ -107,8 +107,13 @@ def image_paths(path: str) -> dict[str, pathlib.Path]:
         return {root.stem: root}
     if not root.is_dir():
         raise PredictError(f"--images={path} is neither an image file nor a folder")
-    found = {p.stem: p for p in sorted(root.iterdir())
-             if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")}
+    found: dict[str, pathlib.Path] = {}
+    for p in sorted(root.iterdir()):
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
+            if p.stem in found:  # both would write <id>.png
+                raise PredictError(f"{found[p.stem]} and {p} have the same id {p.stem!r}; "
+                                   "rename one")
+            found[p.stem] = p
     if not found:
         raise PredictError(f"--images={path} holds no .jpg, .jpeg or .png image")
     return found
@@ -208,10 +213,7 @@ def predict_images(workdir: str, images: str, out_dir: str, *, run: str | None =
     wd = Workdir(workdir)
     config = run_config(workdir)
     name = choose_run(config, wd, run)
-    if not os.path.exists(wd.dataset_json):
-        raise PredictError(f"{wd.root} has no {wd.dataset_json}: the run predates it; rerun "
-                           "`python -m pmm_jax.main` with its config on this workdir (its "
-                           "completed stages are skipped) to record it")
+    dataset_facts(wd)  # refuses a workdir without dataset.json before any work
     paths = image_paths(images)
     todo = list(pending(paths, out_dir, overlay))
     os.makedirs(out_dir, exist_ok=True)
