@@ -114,8 +114,9 @@ def run(config, wd: Workdir, data: Dataset) -> dict:
         stats[method]["per_process"] = distributed.gather_ints(
             {k: stats[method][k] for k in ("written", "skipped", "failed")})
         distributed.barrier(f"pseudo-{method}-written")  # the mIoU reads every process's masks
-        mious[method] = data.miou("train", common.mask_reader(out_dir), ids=subset,
-                                  rule=config.eval.rule, dataset_split=config.pseudo.eval_split)
+        mious[method] = (data.miou("train", common.mask_reader(out_dir), ids=subset,
+                                   rule=config.eval.rule, dataset_split=config.pseudo.eval_split)
+                         if subset else {"miou": None, "per_class": {}})  # nothing to score
     if distributed.is_main():
         common.write_images(wd.log_dir("pseudo"), summary_images(
             wd, data, subset[:common.NUM_SUMMARY_IMAGES], variants))
