@@ -54,17 +54,22 @@ def forward(model: nnx.Module, eval_cfg) -> tuple[callable, list[np.ndarray]]:
     return fn, [np.asarray(jax.device_get(leaf)) for leaf in leaves]
 
 
-def lowerable_platforms(fn, args) -> tuple[str, ...]:
-    """The platforms of ``PLATFORMS`` this jax can lower ``fn`` for (CPU at least)."""
+def export_for_platforms(fn, args) -> jax.export.Exported:
+    """``fn`` exported for every platform of ``PLATFORMS`` at once or, when this jax cannot
+    lower it for one of them, for those it can (CPU at least)."""
+    try:
+        return jax.export.export(jax.jit(fn), platforms=PLATFORMS)(*args)
+    except Exception:  # noqa: BLE001 (an unavailable lowering raises various errors)
+        pass
     found = []
     for platform in PLATFORMS:
         try:
             jax.export.export(jax.jit(fn), platforms=(platform,))(*args)
             found.append(platform)
-        except Exception:  # noqa: BLE001 (an unavailable lowering raises various errors)
+        except Exception:  # noqa: BLE001
             if platform == "cpu":
                 raise
-    return tuple(found)
+    return jax.export.export(jax.jit(fn), platforms=tuple(found))(*args)
 
 
 def meta(class_names: Sequence[str], canvas_size: Sequence[int], eval_cfg, run: str,
@@ -102,13 +107,12 @@ def export_segmenter(model: nnx.Module, eval_cfg, class_names: Sequence[str],
     height, width = canvas_size
     args = ([jax.ShapeDtypeStruct(w.shape, w.dtype) for w in weights],
             jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32))
-    platforms = lowerable_platforms(fn, args)
-    exported = jax.export.export(jax.jit(fn), platforms=platforms)(*args)
+    exported = export_for_platforms(fn, args)
     os.makedirs(out_dir, exist_ok=True)
     io.write_bytes(os.path.join(out_dir, PROGRAM), bytes(exported.serialize()))
     with io.atomic_path(os.path.join(out_dir, WEIGHTS)) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **{f"w{i}": w for i, w in enumerate(weights)})
-    record = meta(class_names, canvas_size, eval_cfg, run, platforms)
+    record = meta(class_names, canvas_size, eval_cfg, run, exported.platforms)
     io.write_json(os.path.join(out_dir, META), record)
     return record
