@@ -186,11 +186,15 @@ def run(config, workdir: str, redo: list[str] = ()) -> dict:
     enable_compilation_cache(config.get("compilation_cache", ""), workdir)
     wd = Workdir(workdir)
     with hold_workdir(wd):
+        # Opened before anything else: a folder of images is checked (bad input stops here)
+        # and built.
+        data = open_dataset(config, wd)
+        if distributed.is_main():
+            record_dataset(wd, data, names, redo)
         if distributed.is_main() and not os.path.exists(wd.config_json):
             io.write_json(wd.config_json, config.to_dict())
         actions = stages.plan(names, redo, config, wd)
         distributed.barrier("planned")  # nothing is deleted before every process has planned
-        data = open_dataset(config, wd)
         return {name: stages.run_stage(name, config, wd, data, action)
                 for name, action in actions.items()}
 
@@ -207,6 +211,27 @@ def open_dataset(config, wd):
     return data if distributed.is_main() else dataset.open_dataset(config, wd)
 
 
+def record_dataset(wd, data, names: list[str], redo: list[str]) -> None:
+    """Writes ``WORKDIR/dataset.json`` (name, class names, canvas: what ``pmm_jax.predict``
+    and ``pmm_jax.export`` need without reopening the dataset). Refuses (StageError) a
+    dataset other than the one the workdir's completed stages were made from, e.g. a folder
+    edited since (its build key changed), unless every completed stage is redone."""
+    from pmm_jax import stages
+    from pmm_jax.files import io
+
+    if os.path.exists(wd.dataset_json):
+        before = io.read_json(wd.dataset_json)["name"]
+        kept = [n for n in stages.completed(wd) if n not in redo]
+        if before != data.name and kept:
+            raise stages.StageError(
+                f"{wd.root} holds stage(s) {', '.join(kept)} made from dataset {before}, but the "
+                f"dataset is now {data.name} (for a folder: it changed since); use another "
+                f"--workdir, or redo them: --redo={','.join(kept)}"
+                + ("" if set(kept) <= set(names) else f" --config.stages={','.join(kept)}"))
+    io.write_json(wd.dataset_json, {"name": data.name, "class_names": list(data.class_names),
+                                    "canvas": list(data.canvas)})
+
+
 def fail(message: str) -> None:
     """Ends the run with ``message`` as one paragraph on stderr and exit status 1."""
     sys.stderr.write(f"error: {message}\n")
@@ -217,7 +242,7 @@ def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {argv[1:]}")
     from pmm_jax import stages
-    from pmm_jax.data.builder_base import DatasetNotPreparedError
+    from pmm_jax.data.builder_base import DatasetNotPreparedError, InputError
     from pmm_jax.files import io, workdir
     from pmm_jax.training import distributed, trainer
     # Library chatter (orbax's read-only notices, tfds) only on errors; this package's
@@ -235,7 +260,7 @@ def main(argv):
         run(_CONFIG.value, _WORKDIR.value, _REDO.value)
     except (app.UsageError, stages.StageError, trainer.CheckpointError,
             trainer.DivergenceError, io.NonFiniteError, workdir.WorkdirBusyError,
-            DatasetNotPreparedError) as err:
+            DatasetNotPreparedError, InputError) as err:
         fail(str(err))  # each message says what to do; a traceback would bury it
 
 

@@ -265,3 +265,23 @@ assert main.enable_compilation_cache("workdir", {str(tmp_path)!r}) is None
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_a_changed_dataset_is_refused_unless_its_stages_are_redone(tmp_path):
+    """WORKDIR/dataset.json records the dataset (a folder's build key); a completed stage made
+    from another one (the folder edited since) is refused by name, redoing it is fine."""
+    import types
+
+    wd = Workdir(str(tmp_path))
+    data = lambda name: types.SimpleNamespace(name=name, class_names=("background", "a"),
+                                             canvas=(8, 8))
+    main.record_dataset(wd, data("folder_wsss/aaa"), ["cls"], [])
+    io.write_json(wd.stage_marker("cls"), {})
+    main.record_dataset(wd, data("folder_wsss/aaa"), ["cls", "cam"], [])  # the same: fine
+    with pytest.raises(stages.StageError, match=r"stage\(s\) cls made from dataset folder_wsss/aaa"
+                                                r", but the dataset is now folder_wsss/bbb.*"
+                                                r"--redo=cls"):
+        main.record_dataset(wd, data("folder_wsss/bbb"), ["cam"], [])
+    main.record_dataset(wd, data("folder_wsss/bbb"), ["cls"], ["cls"])
+    assert io.read_json(wd.dataset_json) == {"name": "folder_wsss/bbb",
+                                             "class_names": ["background", "a"], "canvas": [8, 8]}

@@ -105,3 +105,14 @@ def test_listed_id_without_image_is_an_error(capsys, voc_tree):
     (lists / "val.txt").write_text((lists / "val.txt").read_text() + "2009_999999\n")
     status, _, err = run(capsys, *voc_args(voc_tree))
     assert status == 2 and "id '2009_999999' is listed but has no image" in err
+
+
+def test_two_preparations_sharing_a_data_dir_run_one_after_the_other(voc_tree, monkeypatch):
+    from test_synthetic import overlap_recorder, run_concurrently
+
+    from pmm_jax.data import voc
+
+    state = overlap_recorder(monkeypatch, voc.Voc2012Wsss)
+    errors = run_concurrently(lambda: prepare.prepare(
+        "voc", str(voc_tree / "manual"), str(voc_tree / "tfds")))
+    assert errors == [] and state["most"] == 1

@@ -61,3 +61,14 @@ def test_streamed_multi_scale_cams_equal_the_single_function(monkeypatch):
     assert streamed.shape == (4, 48, 48, 3) and streamed.dtype == np.float32
     assert np.max(streamed) > 0.9
     np.testing.assert_allclose(streamed, previous, rtol=1e-5, atol=1e-6)
+
+
+def test_without_val_the_cam_miou_is_not_available(tmp_path):
+    """A folder dataset without masks has no val: no CAM mIoU (None, "n/a"), not 0."""
+    import types
+
+    from pmm_jax.files.workdir import Workdir
+
+    data = types.SimpleNamespace(has_split=lambda split: split == "train")
+    metrics = cam.cam_metrics(Workdir(str(tmp_path)), data)
+    assert metrics["cam_miou"] is None and metrics["cam_miou_curve"] == {}

@@ -40,3 +40,14 @@ def test_table_prints_the_last_cycle_once_and_where_masks_were_scored():
 def test_table_of_a_run_without_cycles_lists_every_segmenter():
     table = eval_stage.format_table({"seg_miou": {"ce": 0.1, "pus": 0.2}})
     assert "| segmenter ce (val) | 10.00 |" in table and "| segmenter pus (val) | 20.00 |" in table
+
+
+def test_table_prints_n_a_for_mious_not_available():
+    """A folder dataset without masks has no val: its mIoUs are None (null), printed n/a."""
+    table = eval_stage.format_table({
+        "cam_miou": None, "cam_bg_threshold": 0.1, "pseudo_mask_miou": {"ppmg": None},
+        "seg_miou": {"pus": None, "cycle1": None, "cyclic": None}})
+    assert "| CAM (bg threshold 0.1) | n/a |" in table
+    assert "| pseudo-mask ppmg (train subset) | n/a |" in table
+    assert "| segmenter cycle1 (cyclic) (val) | n/a |" in table
+    assert "0.00" not in table

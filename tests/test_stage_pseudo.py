@@ -87,3 +87,18 @@ def test_dataset_split_examples_reads_the_named_split(voc_run):
     data = open_dataset(voc_config(data_dir), wd)
     assert [ex["id"] for ex in data.dataset_split_examples("train")] == sorted(VOC_TRAIN)
     assert data.ids("train") == sorted(TRAIN_AUG)  # the logical train split: train_aug
+
+
+def test_an_absent_optional_eval_split_scores_nothing(tmp_path):
+    """A folder whose train images have no mask lacks its optional ``train_masked`` split:
+    the pseudo-masks are made but not scored (no error, mIoU None)."""
+    import types
+
+    import ml_collections
+
+    config = ml_collections.ConfigDict({"pseudo": {"eval_split": "train_masked", "eval_subset": 0}})
+    data = types.SimpleNamespace(optional_splits=("train_masked",), dataset_splits=("train",))
+    assert pseudo.eval_ids(config, Workdir(str(tmp_path)), data) == []
+    with pytest.raises(ValueError, match="config.pseudo.eval_split='train_masked' is not a split"):
+        pseudo.eval_ids(config, Workdir(str(tmp_path)), types.SimpleNamespace(
+            optional_splits=(), dataset_splits=("train",), name="x"))

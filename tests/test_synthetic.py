@@ -1,6 +1,7 @@
 """The synthetic_wsss dataset: renderer properties and the offline tfds builder."""
 
 import socket
+import threading
 import time
 
 import numpy as np
@@ -144,3 +145,49 @@ def test_builder_examples(offline_tiny):
         np.testing.assert_array_equal(example["mask"][:, :, 0], mask)
     for example in examples:
         np.testing.assert_array_equal(example["labels"], labels_from_mask(example["mask"], NUM_CLASSES))
+
+
+def overlap_recorder(patch, builder_cls):
+    """Wraps ``builder_cls.download_and_prepare`` to record how many ran at once (each call
+    lingers 0.3 s, so two unserialised preparations always overlap)."""
+    state = {"active": 0, "most": 0}
+    original = builder_cls.download_and_prepare
+
+    def recording(self, *args, **kwargs):
+        state["active"] += 1
+        state["most"] = max(state["most"], state["active"])
+        time.sleep(0.3)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            state["active"] -= 1
+
+    patch.setattr(builder_cls, "download_and_prepare", recording)
+    return state
+
+
+def run_concurrently(fn, count=2):
+    """Runs ``fn()`` in ``count`` threads at once; returns the exceptions they raised."""
+    errors, barrier = [], threading.Barrier(count)
+
+    def target():
+        barrier.wait()
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001 (collected for the assertion)
+            errors.append(err)
+
+    threads = [threading.Thread(target=target) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return errors
+
+
+def test_two_runs_sharing_a_data_dir_prepare_it_once(tmp_path, monkeypatch):
+    state = overlap_recorder(monkeypatch, synthetic.SyntheticWsss)
+    errors = run_concurrently(lambda: prepare("synthetic_wsss/tiny", str(tmp_path)))
+    assert errors == [] and state["most"] == 1
+    assert tfds.builder("synthetic_wsss/tiny", data_dir=str(tmp_path)).is_prepared()
+

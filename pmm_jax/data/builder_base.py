@@ -33,6 +33,7 @@ from tensorflow_datasets.core.utils import gcs_utils
 
 from pmm_jax.constants import IGNORE_LABEL
 from pmm_jax.files.io import rgb_array
+from pmm_jax.files.locks import data_dir_lock
 
 
 def labels_from_mask(mask: np.ndarray, num_classes: int) -> np.ndarray:
@@ -214,7 +215,8 @@ def prepare(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     (``voc2012_wsss``, ``coco2014_wsss``) must already be prepared, by ``python -m
     pmm_jax.data.prepare`` (``docs/datasets.md``); otherwise this raises
     :class:`DatasetNotPreparedError` saying so. ``name`` must be registered (its module
-    imported). Offline by construction: GCS lookups are disabled and
+    imported). Generating holds :func:`data_dir_lock`, so runs sharing ``data_dir`` build
+    it once (the others wait, then reuse it). Offline by construction: GCS lookups are disabled and
     ``try_gcs``/``try_download_gcs`` are off, so tfds never reaches for ``gs://tfds-data``.
     """
     gcs_utils._is_gcs_disabled = True  # pylint: disable=protected-access
@@ -223,6 +225,9 @@ def prepare(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
         raise DatasetNotPreparedError(
             f"dataset {name} is not prepared in {data_dir}; build it from the downloaded "
             "archives with `python -m pmm_jax.data.prepare` (see docs/datasets.md)")
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    if not builder.is_prepared():
+        with data_dir_lock(data_dir):  # another run sharing data_dir may be building it
+            builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return builder

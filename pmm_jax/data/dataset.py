@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from pmm_jax.constants import CLASS_NAMES
-from pmm_jax.data import builder_base, pipeline
+from pmm_jax.data import builder_base, folder, pipeline
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.tools import scoring
 
@@ -65,6 +65,9 @@ class Dataset:
     val_split: str | None
     eval_pad_to: tuple[int, int] | None = None
     shuffle_buffer: int | None = None
+    # Dataset splits a config may name (``pseudo.eval_split``) that this dataset may lack:
+    # scores on them are then not available (a folder's ``train_masked``).
+    optional_splits: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -75,6 +78,15 @@ class Dataset:
     def num_foreground(self) -> int:
         """Foreground classes (the CAM classifier's outputs)."""
         return self.num_classes - 1
+
+    @property
+    def canvas(self) -> tuple[int, int]:
+        """The ``(H, W)`` every image is predicted on: ``eval_pad_to``, or the fixed image
+        size of a dataset without one (``pmm_jax.predict``, ``pmm_jax.export``)."""
+        if self.eval_pad_to:
+            return tuple(int(v) for v in self.eval_pad_to)
+        shape = builder_base.prepare(self.name, self.data_dir).info.features["image"].shape
+        return int(shape[0]), int(shape[1])
 
     def has_split(self, split: str) -> bool:
         """Whether the logical split ``"train"``/``"val"`` exists."""
@@ -193,7 +205,8 @@ class Dataset:
         ``rule``: the IoU rule (``scoring.iou_from_confusion``); ``ids`` restricts the
         evaluation to a subset; ``dataset_split`` scores against that split of the dataset
         instead of the logical ``split`` (:meth:`dataset_split_examples`). Returns
-        ``{"miou": float, "per_class": {name: iou}}`` with IoUs as fractions.
+        ``{"miou": float, "per_class": {name: iou}}`` with IoUs as fractions, or None
+        throughout (not available, not 0) when no scored image has ground truth.
         """
         wanted = None if ids is None else set(ids)
         cm = np.zeros((self.num_classes,) * 2, np.int64)
@@ -203,6 +216,8 @@ class Dataset:
             if wanted is None or ex["id"] in wanted:
                 cm += scoring.confusion_matrix(read_pred(ex["id"]), ex["mask"], self.num_classes)
         per_class, mean = scoring.iou_from_confusion(cm, rule=rule)
+        if not cm.sum():
+            return {"miou": None, "per_class": {name: None for name in self.class_names}}
         return {"miou": float(mean),
                 "per_class": {self.class_names[i]: (None if np.isnan(v) else float(v))
                               for i, v in enumerate(per_class)}}
@@ -223,6 +238,7 @@ KINDS: dict[str, Callable[..., dict]] = {
     "synthetic_wsss": open_tfds,
     "voc2012_wsss": open_tfds,
     "coco2014_wsss": open_tfds,
+    "folder_wsss": folder.open_folder,  # a folder of the user's images (data/folder.py)
 }
 
 

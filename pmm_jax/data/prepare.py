@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 
 from pmm_jax.data import coco, voc
 from pmm_jax.data.builder_base import InputError, ManualBuilder
+from pmm_jax.files.locks import data_dir_lock
 
 BUILDERS = {"voc": voc.Voc2012Wsss, "coco": coco.Coco2014Wsss}
 
@@ -37,9 +38,10 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, *, config: str | None 
     if not pathlib.Path(manual_dir).is_dir():
         raise InputError(f"--manual_dir={manual_dir} is not a folder.\n\nExpected layout:\n"
                              f"{builder_cls.MANUAL_DOWNLOAD_INSTRUCTIONS}")
-    builder = builder_cls(data_dir=data_dir, config=config, skip_corrupt=skip_corrupt)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=manual_dir, try_download_gcs=False))
+    with data_dir_lock(data_dir):  # two preparations sharing data_dir: the second waits
+        builder = builder_cls(data_dir=data_dir, config=config, skip_corrupt=skip_corrupt)
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            manual_dir=manual_dir, try_download_gcs=False))
     return builder
 
 

@@ -34,6 +34,12 @@ class Workdir:
         return os.path.join(self.root, "config.json")
 
     @property
+    def dataset_json(self) -> str:
+        """The run's dataset as trained on (name, class names, canvas): what
+        ``pmm_jax.predict`` and ``pmm_jax.export`` need without reopening the dataset."""
+        return os.path.join(self.root, "dataset.json")
+
+    @property
     def results_json(self) -> str:
         return os.path.join(self.root, "results.json")
 

@@ -183,7 +183,11 @@ def write_split(config, wd: Workdir, data: Dataset, model, split: str, predict=N
 
 
 def cam_metrics(wd: Workdir, data: Dataset) -> dict:
-    """CAM mIoU on val at the fixed threshold, and the threshold curve (for reference only)."""
+    """CAM mIoU on val at the fixed threshold, and the threshold curve (for reference only);
+    None (not available) when the dataset has no val."""
+    if not data.has_split("val"):
+        return {"cam_miou": None, "cam_bg_threshold": scoring.DEFAULT_CAM_BG_THRESHOLD,
+                "cam_miou_curve": {}}
     pairs = [(io.read_cams(cam_path(wd, "val", ex["id"])), ex["mask"])
              for ex in data.examples("val", all_processes=True)]
     curve = scoring.cam_threshold_curve(pairs, CURVE_THRESHOLDS, data.num_classes)
@@ -209,9 +213,9 @@ def run(config, wd: Workdir, data: Dataset) -> dict:
     model = trainer.restore_model(build_model(config, num_classes=data.num_classes),
                                   wd.ckpt_dir("cls"), hint="run stage 'cls' first")
     predict = make_predictor(config, model)
-    counts = {split: write_split(config, wd, data, model, split, predict)
-              for split in ("train", "val")}
+    splits = [split for split in ("train", "val") if data.has_split(split)]
+    counts = {split: write_split(config, wd, data, model, split, predict) for split in splits}
     if distributed.is_main():
-        common.write_images(wd.log_dir("cam"), summary_images(wd, data))
+        common.write_images(wd.log_dir("cam"), summary_images(wd, data, splits[-1]))
     return {**cam_metrics(wd, data), "written": counts,
             "written_per_process": distributed.gather_ints(counts)}

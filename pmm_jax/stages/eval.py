@@ -50,8 +50,9 @@ def results(config, wd: Workdir, seg_mious: dict, eval_seconds: float, *, datase
     return out
 
 
-def result_rows(res: dict) -> list[tuple[str, float]]:
-    """``(result, mIoU fraction)`` rows of a results dict, in table order.
+def result_rows(res: dict) -> list[tuple[str, float | None]]:
+    """``(result, mIoU fraction or None: not available)`` rows of a results dict, in table
+    order.
 
     ``seg_miou["cyclic"]`` repeats the last cycle's figure (a stable key for scripts): it is
     listed once, on that cycle's row.
@@ -75,10 +76,12 @@ def result_rows(res: dict) -> list[tuple[str, float]]:
 
 
 def format_table(res: dict) -> str:
-    """The results as a Markdown table (mIoU in percent)."""
+    """The results as a Markdown table (mIoU in percent; "n/a" where not available: a
+    dataset without val, or without ground truth on the images scored)."""
     rows = result_rows(res)
     lines = ["| result | mIoU (%) |", "| --- | --- |"]
-    lines += [f"| {name} | {100 * value:.2f} |" for name, value in rows]
+    lines += [f"| {name} | {'n/a' if value is None else f'{100 * value:.2f}'} |"
+              for name, value in rows]
     lines += ["", "| stage | seconds |", "| --- | --- |"]
     lines += [f"| {name} | {sec:.1f} |" for name, sec in res.get("seconds", {}).items()]
     return "\n".join(lines)
@@ -88,6 +91,9 @@ def run(config, wd: Workdir, data: Dataset) -> dict:
     start = time.time()
     seg_mious = {}
     for run in trained_runs(config, wd):
+        if not data.has_split("val"):
+            seg_mious[run] = None  # no val: not available
+            continue
         out_dir = wd.predictions(run, "val")
         seg.predict_split(config, wd, data, run, "val", out_dir)
         seg_mious[run] = data.miou("val", common.mask_reader(out_dir),

@@ -72,6 +72,8 @@ def eval_ids(config, wd: Workdir, data: Dataset) -> list[str]:
     train CAM, i.e. images outside ``config.data.train_split``.
     """
     split, subset = config.pseudo.eval_split, config.pseudo.eval_subset
+    if split in data.optional_splits and split not in data.dataset_splits:
+        return []  # e.g. a folder without masked train images: nothing to score on
     if split not in data.dataset_splits:
         raise ValueError(f"config.pseudo.eval_split={split!r} is not a split of "
                          f"{data.name} (it has {list(data.dataset_splits)})")
@@ -112,8 +114,9 @@ def run(config, wd: Workdir, data: Dataset) -> dict:
         stats[method]["per_process"] = distributed.gather_ints(
             {k: stats[method][k] for k in ("written", "skipped", "failed")})
         distributed.barrier(f"pseudo-{method}-written")  # the mIoU reads every process's masks
-        mious[method] = data.miou("train", common.mask_reader(out_dir), ids=subset,
-                                  rule=config.eval.rule, dataset_split=config.pseudo.eval_split)
+        mious[method] = (data.miou("train", common.mask_reader(out_dir), ids=subset,
+                                   rule=config.eval.rule, dataset_split=config.pseudo.eval_split)
+                         if subset else {"miou": None, "per_class": {}})  # nothing to score
     if distributed.is_main():
         common.write_images(wd.log_dir("pseudo"), summary_images(
             wd, data, subset[:common.NUM_SUMMARY_IMAGES], variants))

@@ -166,7 +166,7 @@ def train_segmenter(config, wd: Workdir, data: Dataset, run: str, mask_dir: str,
     """Trains (or resumes) segmenter ``run`` on the masks in ``mask_dir`` (mmseg's
     augmentation when ``config.seg.augment == "mmseg"``: ``Dataset.train_batches``)."""
     cfg = config.seg
-    eval_every = cfg.get("eval_every", 0)
+    eval_every = cfg.get("eval_every", 0) if data.has_split("val") else 0  # no val: last step
     if eval_every:
         check_val_subset(config)
     ckpt_dir = wd.ckpt_dir(f"seg/{run}")

@@ -1,0 +1,93 @@
+"""An image of any size on the segmenter's fixed canvas, and its label map back (numpy only).
+
+A compiled segmenter takes one input shape (PSPNet's pyramid pooling is built from the
+static size), so new images go on a canvas of ``(H, W)`` pixels, the dataset's eval canvas:
+an image that fits is padded at the bottom/right with zeros after normalisation (the mean
+colour, as the eval pipeline pads); a larger one is first shrunk, aspect kept, to fit
+(antialiased linear filter, rounded to uint8). The labels of the covered ``inner`` region
+then go back to the image's own size by nearest neighbour.
+
+``pmm_jax.predict`` and the exported model (``pmm_jax.export.load``) both use these
+functions, so they see the same pixels; this module needs numpy alone (a server running an
+exported model has no Flax or TensorFlow).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# The ImageNet statistics of data/pipeline.py's ``normalize`` (RGB scaled to 0..1).
+MEAN = np.asarray((0.485, 0.456, 0.406), np.float32)
+STD = np.asarray((0.229, 0.224, 0.225), np.float32)
+
+
+def normalize(image: np.ndarray) -> np.ndarray:
+    """uint8 RGB -> float32 ImageNet-normalised, the same float32 operations as the pipeline."""
+    return (np.asarray(image, np.float32) / np.float32(255.0) - MEAN) / STD
+
+
+def fitted_size(size: tuple[int, int], canvas: tuple[int, int]) -> tuple[int, int]:
+    """``size`` as is when it fits ``canvas``, else shrunk (aspect kept) to fit it."""
+    height, width = size
+    if height <= canvas[0] and width <= canvas[1]:
+        return height, width
+    scale = min(canvas[0] / height, canvas[1] / width)
+    return (min(canvas[0], max(1, round(height * scale))),
+            min(canvas[1], max(1, round(width * scale))))
+
+
+def _filter_matrix(source: int, target: int) -> np.ndarray:
+    """``[target, source]`` weights of an antialiased linear (triangle) resize along one axis:
+    the triangle is stretched by the shrink factor, as PIL's BILINEAR reduce does."""
+    scale = source / target
+    support = max(scale, 1.0)
+    centres = (np.arange(target) + 0.5) * scale
+    positions = np.arange(source) + 0.5
+    weights = np.maximum(0.0, 1.0 - np.abs(positions[None, :] - centres[:, None]) / support)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def shrink(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 ``[h, w, 3]`` resized to ``size`` (separable antialiased linear filter)."""
+    if tuple(image.shape[:2]) == tuple(size):
+        return image
+    rows = _filter_matrix(image.shape[0], size[0])
+    cols = _filter_matrix(image.shape[1], size[1])
+    out = np.einsum("ih,hwc,jw->ijc", rows, image.astype(np.float64), cols)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """Checks an image array: uint8 ``[H, W, 3]`` (greyscale ``[H, W]`` is repeated)."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
+        raise ValueError(f"expected a uint8 RGB image [H, W, 3], got {image.dtype} "
+                         f"{list(image.shape)}")
+    return image
+
+
+def fit(image: np.ndarray, canvas: tuple[int, int]
+        ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """``(normalised [H, W, 3] float32, raw [H, W, 3] uint8, inner (h, w))`` of ``image`` on
+    ``canvas``: shrunk to fit when larger, padded at the bottom/right (0 after normalisation,
+    black in ``raw``); ``inner`` is the region the image covers."""
+    image = as_rgb(image)
+    inner = fitted_size(image.shape[:2], canvas)
+    fitted = shrink(image, inner)
+    raw = np.zeros((*canvas, 3), np.uint8)
+    raw[:inner[0], :inner[1]] = fitted
+    normalised = np.zeros((*canvas, 3), np.float32)
+    normalised[:inner[0], :inner[1]] = normalize(fitted)
+    return normalised, raw, inner
+
+
+def restore(labels: np.ndarray, inner: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """The canvas label map's ``inner`` region at ``size`` (nearest neighbour), uint8."""
+    region = np.asarray(labels)[:inner[0], :inner[1]]
+    if tuple(inner) == tuple(size):
+        return region.astype(np.uint8)
+    rows = np.minimum((np.arange(size[0]) + 0.5) * inner[0] / size[0], inner[0] - 1).astype(int)
+    cols = np.minimum((np.arange(size[1]) + 0.5) * inner[1] / size[1], inner[1] - 1).astype(int)
+    return region[rows[:, None], cols[None, :]].astype(np.uint8)
