@@ -86,8 +86,8 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
         # PMM's multi-crop training (docs/multicrop.md): a tile (crop 448, stride 300) at a random
         # scale of 0.75..3.0, labelled by the 10% rule from rough masks of a first model. Off
         # while rough_masks is "" (the first model: random-scale crops); then
-        # `python -m pmm_jax.masks.rough_masks --config=configs/voc.py --workdir=FIRST_RUN
-        # --config.data.data_dir=~/tfds` and --config.cls.multicrop.rough_masks=FIRST_RUN/rough_masks/train.
+        # `python -m pmm_jax.pseudo_masks --method=rough --run_config=configs/voc.py
+        # --workdir=FIRST_RUN --run_config.data.data_dir=~/tfds` and --config.cls.multicrop.rough_masks=FIRST_RUN/rough_masks/train.
         multicrop=ml_collections.ConfigDict(dict(
             rough_masks="", scales=MULTICROP_SCALES, crop=448, stride=300)),
     ))
