@@ -23,8 +23,13 @@ import os
 import sys
 from typing import Sequence
 
-from pmm_jax.masks.generator import (METHODS, PseudoMaskError, dataset_records, default_config,
-                                     generate)
+from pmm_jax.masks.generator import (
+    METHODS,
+    PseudoMaskError,
+    dataset_records,
+    default_config,
+    generate,
+)
 
 IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg")
 CAM_SUFFIXES = (".npy", ".npz")

@@ -14,9 +14,8 @@ from test_io import hostile_npy
 from pmm_jax import pseudo_masks
 from pmm_jax.cams import multicrop_tiling
 from pmm_jax.files import io
-from pmm_jax.masks import dense_crf
+from pmm_jax.masks import dense_crf, worker
 from pmm_jax.masks import generator as pm
-from pmm_jax.masks import worker
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 21
