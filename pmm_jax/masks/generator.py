@@ -54,8 +54,6 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
-from ml_collections import config_dict
-from tqdm import tqdm
 
 from pmm_jax.files import io
 from pmm_jax.masks import worker
@@ -80,12 +78,14 @@ class PseudoMaskError(ValueError):
                          "written):\n" + "\n".join(shown))
 
 
-def default_config(method: str = "ppmg") -> config_dict.ConfigDict:
+def default_config(method: str = "ppmg"):
     """The paper's settings: PPMG, t 0.05, s 0.3, the official CRF, VOC's 21 classes.
 
     ``alpha`` None is the method's own (11, rough masks 24). ``crf`` holds the ``CRFParams``
     fields and ``backend`` (``"pydensecrf"`` or ``"jax"``).
     """
+    from ml_collections import config_dict  # not at import: bench.suite runs without it
+
     cfg = config_dict.ConfigDict()
     cfg.method = method
     cfg.alpha = config_dict.placeholder(float)
@@ -99,13 +99,13 @@ def default_config(method: str = "ppmg") -> config_dict.ConfigDict:
     return cfg
 
 
-def generate(records: Iterable[tuple[str, Any, Any]], out_dir: str, cfg: config_dict.ConfigDict, *,
+def generate(records: Iterable[tuple[str, Any, Any]], out_dir: str, cfg, *,
              num_workers: int | None = None, process_index: int | None = None,
              process_count: int | None = None, total: int | None = None) -> dict:
     """Writes ``out_dir/<id>.png`` (palette PNG, values 0..C; rough: 255 too) for every
     record of this process.
 
-    ``records`` yields ``(image_id, image, cams)``: ``image`` is a uint8 ``[H, W, 3]`` array
+    ``cfg``: a ``default_config()`` ConfigDict. ``records`` yields ``(image_id, image, cams)``: ``image`` is a uint8 ``[H, W, 3]`` array
     or an image file path; ``cams`` is ``{0-based class: [H, W] float}`` or a CAM file path
     (``io.read_cams``). Files are read by the worker that makes the mask, so pass paths to
     make resuming, sharding and the pool cheap. Process ``i`` of ``n`` (defaults: JAX's
@@ -118,6 +118,8 @@ def generate(records: Iterable[tuple[str, Any, Any]], out_dir: str, cfg: config_
     "main_cpu_seconds"}``; the last is the CPU time of this process (all threads). Raises
     :class:`PseudoMaskError` after the pool has drained if any image failed.
     """
+    from tqdm import tqdm
+
     settings = settings_of(cfg)
     _check_out_dir(out_dir)
     io.remove_stale_temps(out_dir)
@@ -126,7 +128,7 @@ def generate(records: Iterable[tuple[str, Any, Any]], out_dir: str, cfg: config_
     if workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {workers}")
     use_pool = settings.backend == "pydensecrf" and workers > 1
-    crfs = worker.host_crfs if settings.backend == "pydensecrf" else _jax_crfs
+    crfs = worker.host_crfs if settings.backend == "pydensecrf" else jax_crfs
     index, count = _process_shard(process_index, process_count)
     if total is None and hasattr(records, "__len__"):
         total = len(records)
@@ -222,7 +224,7 @@ def dataset_records(examples: Iterable[dict], cam_dir: str) -> Iterator[tuple[st
 # Settings, sharding, the jax CRFs
 
 
-def settings_of(cfg: config_dict.ConfigDict) -> worker.Settings:
+def settings_of(cfg) -> worker.Settings:
     """The validated ``worker.Settings`` of a generator config; a ValueError names the key."""
     if cfg.method not in METHODS:
         raise ValueError(f"unknown pseudo-mask method {cfg.method!r}; expected one of {METHODS}")
@@ -265,7 +267,7 @@ def _process_shard(index: int | None, count: int | None) -> tuple[int, int]:
     return index, count
 
 
-def _jax_crfs(image: np.ndarray, label_sets: Sequence[np.ndarray], params) -> list[np.ndarray]:
+def jax_crfs(image: np.ndarray, label_sets: Sequence[np.ndarray], params) -> list[np.ndarray]:
     """The image's CRFs through ``dense_crf_jax`` in this process, as ``worker.host_crfs``
     returns them: the label sets (all of one size) as one lattice's batch, their number
     padded to a power of two with all-background sets (each set is an independent CRF), the
