@@ -9,7 +9,9 @@ their labels (blurred, uneven, non-negative, as a classifier's), in a temporary 
   way (``python -c``): a plain one-process numpy + pydensecrf loop of the official
   ``refine_cam.py`` that reads the same files and writes PNGs. ``rounds`` interleaved rounds;
   the best time of each is kept (other load on a shared machine only slows a run down). Also
-  the pixel agreement of the two sets of masks and the load average.
+  CPU seconds per image of every process of each command (start-up included; unlike wall
+  time it barely moves with other load), the pixel agreement of the two sets of masks and
+  the load average.
 * ``jax``: ``generator.generate`` with the JAX dense CRF in this process, seconds per image
   after a first pass (compilation, reported too), and agreement with the official loop's
   masks when pydensecrf is there.
@@ -18,6 +20,7 @@ their labels (blurred, uneven, non-negative, as a classifier's), in a temporary 
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -125,17 +128,23 @@ def official_loop(image_dir: str, cam_dir: str, out_dir: str) -> None:
         Image.fromarray(mask).save(os.path.join(out_dir, f"{image_id}.png"))
 
 
-def timed_command(args: list[str]) -> float:
-    """Wall seconds of a Python command run from the repository root; RuntimeError with its
-    stderr when it fails."""
+def children_cpu() -> float:
+    """CPU seconds of this process's finished children and their descendants."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed_command(args: list[str]) -> tuple[float, float]:
+    """``(wall, CPU)`` seconds of a Python command run from the repository root (CPU: the
+    command and every process it started); RuntimeError with its stderr when it fails."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), children_cpu()
     result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
                             text=True, check=False)
     seconds = time.perf_counter() - start
     if result.returncode:
         raise RuntimeError(f"{' '.join(args[:3])} failed: {result.stderr[-2000:]}")
-    return seconds
+    return seconds, children_cpu() - start_cpu
 
 
 def agreement(dir_a: str, dir_b: str) -> float:
@@ -171,9 +180,11 @@ def pool_row(count: int, rounds: int) -> dict:
             ours.append(timed_command(ours_cmd))
             loads.append(os.getloadavg()[0])
         share = agreement(official_dir, ours_dir)
-    best_official, best_ours = min(official), min(ours)
+    (best_official, official_cpu), (best_ours, ours_cpu) = min(official), min(ours)
     return {"source": source, "images": count, "workers": workers, "rounds": rounds,
-            "official_s": official, "generator_s": ours,
+            "official_s": [s for s, _ in official], "generator_s": [s for s, _ in ours],
+            "official_cpu_s_per_image": official_cpu / count,
+            "generator_cpu_s_per_image": ours_cpu / count,
             "official_s_per_image": best_official / count,
             "generator_s_per_image": best_ours / count,
             "speedup": best_official / best_ours, "target_speedup": 0.9 * workers,

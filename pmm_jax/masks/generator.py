@@ -4,10 +4,11 @@ Every method (``worker.METHODS``: the paper's four variants and the rough masks 
 training, described in ``pmm_jax.masks.worker``) goes through ``generate``: one pool, one
 skip/resume logic, one error report.
 
-Pipeline. The main process only schedules: it walks the records, skips ids whose PNG
-exists, and hands each remaining image whole to ``worker.run_task`` in a pool of ``spawn``-ed
-processes (pydensecrf backend, ``num_workers`` > 1), at most ``2 * workers`` images in
-flight. A worker reads the image and CAM files itself (pass paths: a task then pickles a few
+Pipeline. The main process walks the records, skips ids whose PNG exists, and hands each
+remaining image whole to ``worker.run_task`` in a pool of ``num_workers - 1`` ``spawn``-ed
+processes (pydensecrf backend, ``num_workers`` > 1), at most 2 images per pool process in
+flight; whenever that queue is full it makes the next image itself, so it is the N-th
+worker and works while the others start. A worker reads the image and CAM files itself (pass paths: a task then pickles a few
 bytes), computes the mask in numpy, runs the image's dense CRFs one after the other and writes
 the PNG atomically (``io.write_mask``), so a killed run leaves only complete PNGs and a rerun
 skips them. Workers import numpy, pydensecrf and ``pmm_jax.masks.worker``, never JAX, and
@@ -110,12 +111,14 @@ def generate(records: Iterable[tuple[str, Any, Any]], out_dir: str, cfg, *,
     (``io.read_cams``). Files are read by the worker that makes the mask, so pass paths to
     make resuming, sharding and the pool cheap. Process ``i`` of ``n`` (defaults: JAX's
     process index and count) handles records ``i, i + n, ...``; ids whose PNG exists are
-    skipped. ``num_workers`` (else ``cfg.num_workers``, else every available core) CRF
-    processes for the pydensecrf backend; 1 and the jax backend run in this process.
+    skipped. ``num_workers`` (else ``cfg.num_workers``, else every available core)
+    processes make masks for the pydensecrf backend, this one included; 1 and the jax
+    backend run only in this process.
     ``total``: number of records, for the progress bar (else ``len(records)``).
 
     Returns ``{"written", "skipped", "failed", "seconds", "images_per_s",
-    "main_cpu_seconds"}``; the last is the CPU time of this process (all threads). Raises
+    "main_cpu_seconds"}``; the last is the CPU time of this process (all threads, the masks
+    it made itself included). Raises
     :class:`PseudoMaskError` after the pool has drained if any image failed.
     """
     from tqdm import tqdm
@@ -150,32 +153,36 @@ def generate(records: Iterable[tuple[str, Any, Any]], out_dir: str, cfg, *,
         bar.update()
 
     start_wall, start_cpu = time.perf_counter(), time.process_time()
+    # This process is one of the workers: it starts the others and makes an image itself
+    # whenever their queue holds 2 images per worker.
     pool = concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn")) if use_pool else None
+        workers - 1, mp_context=multiprocessing.get_context("spawn")) if use_pool else None
+    window = 2 * (workers - 1)
     in_flight: dict[concurrent.futures.Future, str] = {}
 
-    def drain(limit: int) -> None:
-        while len(in_flight) > limit:
-            finished, _ = concurrent.futures.wait(
-                in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in finished:
-                try:
-                    cause = future.result()
-                except BrokenProcessPool:
-                    raise
-                except Exception as err:  # noqa: BLE001 - e.g. a record that cannot be pickled
-                    cause = worker.error_text(err)
-                done(in_flight.pop(future), cause)
+    def collect(block: bool) -> None:
+        if block:
+            concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in [f for f in in_flight if f.done()]:
+            try:
+                cause = future.result()
+            except BrokenProcessPool:
+                raise
+            except Exception as err:  # noqa: BLE001 - e.g. a record that cannot be pickled
+                cause = worker.error_text(err)
+            done(in_flight.pop(future), cause)
 
     try:
         for record, out_path in _todo(records, out_dir, index, count, done, counts):
             image_id = str(record[0])
-            if pool is None:
-                done(image_id, worker.run(record, out_path, settings, crfs))
-                continue
-            in_flight[pool.submit(worker.run_task, (record, out_path, settings))] = image_id
-            drain(2 * workers)
-        drain(0)
+            if pool is not None:
+                collect(block=False)
+                if len(in_flight) < window:
+                    in_flight[pool.submit(worker.run_task, (record, out_path, settings))] = image_id
+                    continue
+            done(image_id, worker.run(record, out_path, settings, crfs))
+        while in_flight:
+            collect(block=True)
     finally:
         # On an interrupt, queued CRFs are dropped rather than run to completion.
         if pool is not None:
