@@ -8,9 +8,9 @@ Pipeline. The main process walks the records, skips ids whose PNG exists, and ha
 remaining image whole to ``worker.run_task`` in a pool of ``num_workers - 1`` ``spawn``-ed
 processes (pydensecrf backend, ``num_workers`` > 1), at most 2 images per pool process in
 flight; whenever that queue is full it makes the next image itself, so it is the N-th
-worker and works while the others start. A worker reads the image and CAM files itself (pass paths: a task then pickles a few
-bytes), computes the mask in numpy, runs the image's dense CRFs one after the other and writes
-the PNG atomically (``io.write_mask``), so a killed run leaves only complete PNGs and a rerun
+worker and works while the others start. A worker reads the image and CAM files itself (pass
+paths: a task then pickles a few bytes), computes the mask in numpy, runs the image's dense
+CRFs one after the other and writes the PNG atomically (``io.write_mask``), so a killed run leaves only complete PNGs and a rerun
 skips them. Workers import numpy, pydensecrf and ``pmm_jax.masks.worker``, never JAX, and
 start in a fraction of a second. A ``spawn`` child also re-imports the parent's ``__main__``
 module, so this module imports JAX lazily (it is imported by ``__main__`` under the CLI); a
@@ -23,6 +23,11 @@ for the jax backend (PPMG: all per-class binary CRFs of the image as label sets 
 lattice, their number padded to a power of two; joint variants: one CRF over exactly the
 image's ``[background, classes]``), on the image padded to a ``PAD_MULTIPLE`` bucket, so the
 CRF compiles once per bucket and label-set shape.
+
+Where the time went before (issue #23: slower with two workers than the official loop in
+one process): the main process imported JAX and compiled the jitted core, ran it on padded
+arrays and pickled those arrays to a task per class and the posteriors back; now it only
+schedules (docs/benchmarks.md has the figures).
 
 Why not ``Pool.imap``: its feeder thread drains the input iterator eagerly, which would hold
 every image of the split in memory; ``concurrent.futures.ProcessPoolExecutor`` with an
@@ -106,20 +111,20 @@ def generate(records: Iterable[tuple[str, Any, Any]], out_dir: str, cfg, *,
     """Writes ``out_dir/<id>.png`` (palette PNG, values 0..C; rough: 255 too) for every
     record of this process.
 
-    ``cfg``: a ``default_config()`` ConfigDict. ``records`` yields ``(image_id, image, cams)``: ``image`` is a uint8 ``[H, W, 3]`` array
-    or an image file path; ``cams`` is ``{0-based class: [H, W] float}`` or a CAM file path
-    (``io.read_cams``). Files are read by the worker that makes the mask, so pass paths to
-    make resuming, sharding and the pool cheap. Process ``i`` of ``n`` (defaults: JAX's
-    process index and count) handles records ``i, i + n, ...``; ids whose PNG exists are
-    skipped. ``num_workers`` (else ``cfg.num_workers``, else every available core)
-    processes make masks for the pydensecrf backend, this one included; 1 and the jax
-    backend run only in this process.
+    ``cfg``: a ``default_config()`` ConfigDict. ``records`` yields ``(image_id, image,
+    cams)``: ``image`` is a uint8 ``[H, W, 3]`` array or an image file path; ``cams`` is
+    ``{0-based class: [H, W] float}`` or a CAM file path (``io.read_cams``). Files are read
+    by the worker that makes the mask, so pass paths to make resuming, sharding and the pool
+    cheap. Process ``i`` of ``n`` (defaults: JAX's process index and count) handles records
+    ``i, i + n, ...``; ids whose PNG exists are skipped. ``num_workers`` (else
+    ``cfg.num_workers``, else every available core) processes make masks for the
+    pydensecrf backend, this one included; 1 and the jax backend run only in this process.
     ``total``: number of records, for the progress bar (else ``len(records)``).
 
     Returns ``{"written", "skipped", "failed", "seconds", "images_per_s",
     "main_cpu_seconds"}``; the last is the CPU time of this process (all threads, the masks
-    it made itself included). Raises
-    :class:`PseudoMaskError` after the pool has drained if any image failed.
+    it made itself included). Raises :class:`PseudoMaskError` after the pool has drained if
+    any image failed.
     """
     from tqdm import tqdm
 
