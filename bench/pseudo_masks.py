@@ -80,10 +80,10 @@ def write_inputs(folder: str, count: int) -> str:
         ids = sorted(f[:-10] for f in os.listdir(VOC_SAMPLES) if f.endswith("_label.png"))
         samples = [(io.read_image(os.path.join(VOC_SAMPLES, f"{i}.png")),
                     io.read_mask(os.path.join(VOC_SAMPLES, f"{i}_label.png"))) for i in ids]
-        source = f"{count} VOC photographs ({len(ids)} distinct, {VOC_SAMPLES})"
+        source = f"{count} VOC photographs ({len(ids)} distinct, ../shared/data/voc_samples)"
     else:
         samples = [synthetic_sample(rng) for _ in range(7)]
-        source = f"{count} synthetic 375x500 scenes (no {VOC_SAMPLES})"
+        source = f"{count} synthetic 375x500 scenes (no ../shared/data/voc_samples)"
     for folder_name in ("images", "cams"):
         os.makedirs(os.path.join(folder, folder_name), exist_ok=True)
     for n in range(count):
