@@ -572,3 +572,23 @@ def test_cli_rejects_unknown_overrides_and_orphan_cams(tmp_path, cli_inputs):
     assert result.returncode != 0
     assert str(tmp_path / "lonely.npy") in result.stderr and "no image" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_takes_folders_or_a_run_and_rough_masks_through_folders(tmp_path, cli_inputs):
+    """Without folders or a run (or with half of each) the CLI says which flags it needs;
+    ``--method=rough`` from folders writes rough masks (values c+1, 0, 255)."""
+    for args, message in (([], "give --cam_dir, --image_dir and --out_dir, or --run_config"),
+                          ([f"--run_config={REPO}/configs/demo.py:tiny"],
+                           "--run_config needs --workdir")):
+        result = run_python("-m", "pmm_jax.pseudo_masks", *args)
+        assert result.returncode != 0 and message in result.stderr, result.stderr
+    out = tmp_path / "rough"
+    result = run_python("-m", "pmm_jax.pseudo_masks", f"--cam_dir={cli_inputs / 'cams'}",
+                        f"--image_dir={cli_inputs / 'images'}", f"--out_dir={out}",
+                        "--method=rough", "--num_workers=2", "--config.crf.iterations=3")
+    assert result.returncode == 0 and "written=3" in result.stdout, result.stderr
+    records = pseudo_masks.list_records(str(cli_inputs / "cams"), str(cli_inputs / "images"))
+    for image_id, _, cam_path in records:
+        values = set(np.unique(io.read_mask(str(out / f"{image_id}.png"))).tolist())
+        classes = {c + 1 for c in io.read_cams(cam_path)}
+        assert values <= {0, 255} | classes and values & classes, (image_id, values)
