@@ -253,7 +253,7 @@ ROWS = [
 # Running
 
 
-def skip_reason(row: Row, device: Device, results: dict) -> str | None:
+def skip_reason(row: Row, device: Device) -> str | None:
     """Why ``row`` is not run on this device (None: it runs)."""
     missing = [m for m in row.needs if importlib.util.find_spec(m) is None]
     if missing:
@@ -269,7 +269,7 @@ def run_rows(rows: list[Row], device: Device, quick: bool, budget_s: float | Non
     results, start = {}, time.perf_counter()
     for row in rows:
         elapsed = time.perf_counter() - start
-        reason = skip_reason(row, device, results)
+        reason = skip_reason(row, device)
         if reason is None and budget_s is not None and elapsed + row.estimate_s[column] > budget_s:
             reason = (f"budget: {elapsed:.0f} s used, about {row.estimate_s[column]:.0f} s more "
                       f"would pass --budget_s={budget_s:.0f}")

@@ -44,9 +44,9 @@ from bench import classifier_step, classifier_torch, segmenter_step, segmenter_t
 from bench import pseudo_masks, suite, suite_report, units
 rows = {r.name: r for r in suite.ROWS}
 device = suite.Device("gpu", "H100", 1, {})
-assert suite.skip_reason(rows["pseudo_masks"], device, {}) == (
+assert suite.skip_reason(rows["pseudo_masks"], device) == (
     "needs pydensecrf, ml_collections (not installed)")
-assert suite.skip_reason(rows["seam_f32"], device, {}) is None
+assert suite.skip_reason(rows["seam_f32"], device) is None
 micro = ["--crop=32", "--batch=4", "--num_classes=3", "--dtype=bfloat16", "--width_div=32",
          "--blocks=1,1,1,1"]
 for module, args in ((segmenter_step, micro), (classifier_step, ["--method=seam", *micro])):
