@@ -29,9 +29,9 @@ def step_table(rows: dict) -> list[str]:
     lines = ["## Train steps", "",
              "| row | dtype | remat | crop x batch | images/s | step (ms) | compile (s) | "
              "peak mem (GiB) | TFLOP/step | share of bf16 peak | loss finite | PyTorch images/s "
-             "| PyTorch peak (GiB) | JAX / PyTorch |",
+             "| PyTorch peak (GiB) | JAX / PyTorch | JAX / PyTorch float32 |",
              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: "
-             "| ---: |"]
+             "| ---: | ---: |"]
     for name, result in rows.items():
         figures = result.get("figures") or {}
         if result["status"] != "ok" or STEP_ROWS_KEY not in figures:
@@ -47,13 +47,17 @@ def step_table(rows: dict) -> list[str]:
                                                           if "torch_from" in figures else ""),
                         f"{torch['peak_mem_gib']:.2f}",
                         f"{jax['images_per_s'] / torch['images_per_s']:.2f}"])
+        # A bf16 row against PyTorch float32 too (the targets' 2x): its ``_f32`` row's PyTorch.
+        f32 = (rows.get(f"{name}_f32", {}).get("figures") or {}).get("torch")
+        versus_f32 = ("" if f32 is None or settings["dtype"] == "float32"
+                      else f"{jax['images_per_s'] / f32['images_per_s']:.2f}")
         lines.append(" | ".join([
             f"| {name}", settings["dtype"], "yes" if settings["remat"] else "no",
             f"{settings['crop']} x {settings['batch']}", f"{jax['images_per_s']:.2f}",
             f"{1000 * jax['step_s']:.1f}", f"{jax['compile_s']:.1f}", f"{jax['peak_mem_gib']:.2f}",
             _num(jax.get("step_tflop"), ".4g", "n/a"),
             _num(share, ".1f", "n/a (CPU)" if jax["device"] == "cpu" else "n/a") + ("%" if share else ""),
-            "yes" if jax["loss_finite"] else "NO", *torch_cells]) + " |")
+            "yes" if jax["loss_finite"] else "NO", *torch_cells, versus_f32]) + " |")
     return lines + [""]
 
 
