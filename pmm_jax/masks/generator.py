@@ -5,7 +5,7 @@ training, described in ``pmm_jax.masks.worker``) goes through ``generate``: one 
 skip/resume logic, one error report.
 
 Pipeline. The main process walks the records, skips ids whose PNG exists, and hands each
-remaining image whole to ``worker.run_task`` in a pool of ``num_workers - 1`` ``spawn``-ed
+remaining image whole to ``worker.run`` in a pool of ``num_workers - 1`` ``spawn``-ed
 processes (pydensecrf backend, ``num_workers`` > 1), at most 2 images per pool process in
 flight; whenever that queue is full it makes the next image itself, so it is the N-th
 worker and works while the others start. A worker reads the image and CAM files itself (pass
@@ -183,7 +183,7 @@ def generate(records: Iterable[tuple[str, Any, Any]], out_dir: str, cfg, *,
             if pool is not None:
                 collect(block=False)
                 if len(in_flight) < window:
-                    in_flight[pool.submit(worker.run_task, (record, out_path, settings))] = image_id
+                    in_flight[pool.submit(worker.run, record, out_path, settings)] = image_id
                     continue
             done(image_id, worker.run(record, out_path, settings, crfs))
         while in_flight:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -216,8 +216,3 @@ def run(record, out_path: str, settings: Settings, crfs: CRFs = host_crfs) -> st
     except Exception as err:  # noqa: BLE001 - a bad file, CRF or write fails only its image
         return error_text(err)
     return None
-
-
-def run_task(task: tuple[Any, str, Settings]) -> str | None:
-    """``run`` on a pickled ``(record, out_path, settings)``: the pool's task function."""
-    return run(*task)
