@@ -151,15 +151,17 @@ def _settings(device: Device, quick: bool) -> str:
     return "quick" if quick else "accelerator" if device.accelerator else "cpu"
 
 
-STEP_SIZES = {  # argv of the step benchmarks per setting
+# argv of the step benchmarks per setting. PyTorch's first two steps on a CPU are 10-50x slower
+# than the rest (lazy initialisation, optimiser state): at least two warm-up steps.
+STEP_SIZES = {
     "classifier": {"quick": ["--width_div=32", "--blocks=1,1,1,1", "--crop=32", "--batch=4",
-                             "--warmup=1", "--steps=2"],
-                   "cpu": ["--crop=128", "--batch=2", "--warmup=1", "--steps=3"],
+                             "--warmup=3", "--steps=3"],
+                   "cpu": ["--crop=128", "--batch=2", "--warmup=2", "--steps=3"],
                    "accelerator": ["--gpu"]},
     "segmenter": {"quick": ["--width_div=16", "--blocks=1,1,1,1", "--crop=32", "--batch=4",
-                            "--warmup=1", "--steps=2"],
+                            "--warmup=3", "--steps=3"],
                   "cpu": ["--width_div=4", "--blocks=1,1,2,1", "--crop=128", "--batch=4",
-                          "--warmup=1", "--steps=3"],
+                          "--warmup=2", "--steps=3"],
                   "accelerator": ["--warmup=3", "--steps=10"]},
 }
 
