@@ -1,5 +1,6 @@
-"""Benchmark of one CAM-classifier training step: pmm_jax (Flax NNX, the ``cls`` stage's jitted
-trainer step) against the same network in PyTorch, on the same machine in one run.
+"""One CAM-classifier training step, pmm_jax (Flax NNX, the ``cls`` stage's jitted trainer step)
+and the same network in PyTorch: what ``bench.suite``'s ``seam`` and ``plain`` rows time, and
+a check that both sides do the same work.
 
 The network is wide ResNet38-d (PMM's classifier dilations 2, 4, 2; every BatchNorm in
 inference mode with frozen affine parameters, as the official code trains it). ``--dtype``:
@@ -19,27 +20,18 @@ AMP (``torch.autocast(device, torch.bfloat16)`` around forward and loss) on the 
   parameters included; weight decay on kernels only) on both sides.
 
 The batch (random images, random multi-hot labels with at least one class) is fixed and
-already on the device: no input pipeline is timed. Each framework runs in its own spawned
-process (so peak memory is its own): ``--warmup`` untimed steps (JAX compiles before them),
-then ``--steps`` timed ones. Reported (``bench/step_report.py``): images/s, both sides' last
-loss (a non-finite loss is an error), peak memory (GPU: the framework's peak allocated
-bytes; CPU: the process's peak RSS), XLA's temp buffer size of the compiled step, XLA's FLOP
-count of the step on the backend it runs on and, on a GPU/TPU, its rate and share of the
-device's dense bf16 peak (``step_report.BF16_PEAK_TFLOPS``, or ``--peak_tflops``).
-Only jax, flax, optax, orbax, numpy and torch need be installed.
+already on the device: no input pipeline is timed. ``run_jax`` / ``run_torch`` (each run by
+the suite in its own spawned process) time ``warmup`` untimed and ``steps`` timed steps and
+report through ``bench/step_report.py``. Full ResNet38 at crop 448 costs about 2.5 TFLOP per
+image and SEAM step; ``--gpu`` is the paper's VOC setting (crop 448, batch 16, 3 warm-up and
+10 timed steps), the defaults are sized for a small CPU (crop 128, batch 2). Only jax, flax,
+optax, orbax, numpy and torch need be installed.
 
-Full ResNet38 at crop 448 costs about 2.5 TFLOP per image and SEAM step, so the defaults are
-sized for a small CPU (crop 128, batch 2, a couple of minutes on 2 cores); ``--gpu`` switches to
-the paper's VOC setting (crop 448, batch 16, 3 warm-up and 10 timed steps):
+The command line checks the work instead of timing it: with a small network it copies the
+PyTorch weights into the Flax model and compares the loss and every trained parameter's
+gradient (dropout off)::
 
-    python -m bench.classifier_step                      # CPU
-    python -m bench.classifier_step --gpu                # GPU (H100/H200)
-    python -m bench.classifier_step --gpu --dtype=bfloat16
-    python -m bench.classifier_step --method=plain --width_div=4 --crop=96 --steps=2
-
-``--check`` (with a small network, e.g. ``--width_div=32 --blocks=1,1,1,1 --crop=48``) copies
-the PyTorch weights into the Flax model and compares the loss and every trained parameter's
-gradient (dropout off) instead of timing.
+    python -m bench.classifier_step --method=seam --width_div=32 --blocks=1,1,1,1 --crop=48
 """
 
 from __future__ import annotations
@@ -271,9 +263,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--official_momentum", action="store_true",
                         help="SEAM: momentum 5e-4 as the official optimiser (default 0.9)")
     step_report.add_common_args(parser)
-    parser.add_argument("--check", action="store_true",
-                        help="instead of timing: run both sides' loss and gradients once with the "
-                        "same weights (dropout off) and compare them; use a small network")
     args = parser.parse_args(argv)
     for key, value in (GPU_SETTINGS if args.gpu else CPU_SETTINGS).items():
         if getattr(args, key) is None:
@@ -281,20 +270,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> list[dict]:
+def main(argv=None) -> dict:
+    """Both sides' loss and gradients once with the same weights (use a small network)."""
     args = parse_args(argv)
-    if args.check:
-        result = step_report.in_child(check_same_work, args)
-        print(f"{args.method}: loss jax {result['loss_jax']:.6f}, torch {result['loss_torch']:.6f}; "
-              f"{result['trained']} trained parameters, largest relative gradient error "
-              f"{result['max_grad_err']:.2e} ({result['worst']})")
-        ok = (abs(result["loss_jax"] - result["loss_torch"]) <= 1e-4 * abs(result["loss_torch"])
-              and result["max_grad_err"] < 1e-3)
-        if not ok:
-            raise SystemExit("the two sides disagree")
-        return [result]
-    name = "SEAM" if args.method == "seam" else "plain CAM classifier"
-    return step_report.compare(args, run_jax, run_torch, f"{name}/ResNet38-d")
+    result = step_report.in_child(check_same_work, args)
+    print(f"{args.method}: loss jax {result['loss_jax']:.6f}, torch {result['loss_torch']:.6f}; "
+          f"{result['trained']} trained parameters, largest relative gradient error "
+          f"{result['max_grad_err']:.2e} ({result['worst']})")
+    ok = (abs(result["loss_jax"] - result["loss_torch"]) <= 1e-4 * abs(result["loss_torch"])
+          and result["max_grad_err"] < 1e-3)
+    if not ok:
+        raise SystemExit("the two sides disagree")
+    return result
 
 
 if __name__ == "__main__":

@@ -1,56 +1,44 @@
-"""Benchmark of pseudo-mask generation: the CRF pool against a serial official-style loop.
+"""The pseudo-mask rows of ``bench.suite``: the generator against the official procedure.
 
-Runs each variant (``--methods``) on the real VOC photographs of ``../shared/data/voc_samples``
-(synthetic images when they are absent), with CAMs derived from their labels, through
+Inputs: ``count`` VOC-sized photographs (``../shared/data/voc_samples``, cycled under new ids;
+synthetic 375x500 scenes when absent) as ``<id>.jpg`` with CAM files ``<id>.npy`` derived from
+their labels (blurred, uneven, non-negative, as a classifier's), in a temporary folder.
 
-* ``pmm_jax.masks.generator.generate`` with 1 CRF worker and with one per available core, and
-* a plain serial per-image numpy loop written like the official ``refine_cam.py``,
-
-all in the same process and run, ``--repeats`` times interleaved (best time kept, because
-other work on a shared machine only ever slows a run down). Columns:
-
-* images/s: wall clock, pool start-up included (jit is warmed up beforehand, untimed);
-* CPU s/image: CPU seconds of every process involved (main + workers, worker start-up
-  included) per image; unlike images/s it barely moves when other jobs share the machine;
-* outside-CRF share: serial loop, 1 - CRF CPU / total CPU; pool, main-process CPU /
-  (main-process CPU + the CRF CPU the serial loop measured on the same images);
-* pixels equal to serial: agreement of the pool's masks with the serial loop's.
-
-Prints a Markdown table with the load average seen during the run; ``--out_json`` gets the
-numbers.
-
-    python -m bench.pseudo_masks --out_json=/tmp/pseudo_masks_bench.json
+* ``pool``: ``python -m pmm_jax.pseudo_masks --method=ppmg --num_workers=N`` (N = every
+  available core) as a command, start-up included, against :func:`official_loop` run the same
+  way (``python -c``): a plain one-process numpy + pydensecrf loop of the official
+  ``refine_cam.py`` that reads the same files and writes PNGs. ``rounds`` interleaved rounds;
+  the best time of each is kept (other load on a shared machine only slows a run down). Also
+  CPU seconds per image of every process of each command (start-up included; unlike wall
+  time it barely moves with other load), the pixel agreement of the two sets of masks and
+  the load average.
+* ``jax``: ``generator.generate`` with the JAX dense CRF in this process, seconds per image
+  after a first pass (compilation, reported too), and agreement with the official loop's
+  masks when pydensecrf is there.
 """
 
 from __future__ import annotations
 
 import os
-import platform
 import resource
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
 import numpy as np
-from absl import app, flags
 
 from pmm_jax.files import io
-from pmm_jax.masks import dense_crf
-from pmm_jax.masks import generator as pm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOC_SAMPLES = os.path.join(os.path.dirname(REPO), "shared", "data", "voc_samples")
-
-_METHODS = flags.DEFINE_list("methods", ["ppmg", "baseline"], "Variants to time.")
-_COPIES = flags.DEFINE_integer("copies", 3, "Each image is processed this many times (under "
-                               "different ids) so that pool start-up is amortised as in a real split.")
-_REPEATS = flags.DEFINE_integer("repeats", 2, "Interleaved repetitions; the fastest is reported.")
-_OUT_JSON = flags.DEFINE_string("out_json", None, "Where to write the results.", required=True)
+# The paper's settings (generator.default_config): alpha, t, s.
+ALPHA, T, S = 11.0, 0.05, 0.3
 
 
 def cams_from_labels(labels: np.ndarray, rng: np.random.Generator) -> dict[int, np.ndarray]:
     """Classifier-like CAMs for the classes of a label map (blurred, uneven, non-negative)."""
-    # Imported here: spawned CRF workers re-import this module, and should start light.
     from scipy.ndimage import gaussian_filter
 
     height, width = labels.shape
@@ -68,21 +56,8 @@ def cams_from_labels(labels: np.ndarray, rng: np.random.Generator) -> dict[int, 
     return cams
 
 
-def load_samples(rng: np.random.Generator) -> tuple[list, str]:
-    """``(id, image, cams)`` for the VOC samples, or synthetic ones when they are absent."""
-    if os.path.isdir(VOC_SAMPLES):
-        ids = sorted(f[:-10] for f in os.listdir(VOC_SAMPLES) if f.endswith("_label.png"))
-        samples = [(i, io.read_image(os.path.join(VOC_SAMPLES, f"{i}.png")),
-                    io.read_mask(os.path.join(VOC_SAMPLES, f"{i}_label.png"))) for i in ids]
-        source = f"{len(samples)} VOC photographs ({VOC_SAMPLES})"
-    else:
-        print(f"VOC samples not found at {VOC_SAMPLES}; using synthetic images instead")
-        samples = [synthetic_sample(f"syn{i}", rng) for i in range(7)]
-        source = "7 synthetic 375x500 images"
-    return [(i, image, cams_from_labels(labels, rng)) for i, image, labels in samples], source
-
-
-def synthetic_sample(image_id: str, rng: np.random.Generator):
+def synthetic_sample(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A 375x500 scene of 1-3 coloured discs and its label map."""
     height, width = 375, 500
     yy, xx = np.mgrid[:height, :width]
     image = rng.normal(110, 25, (height, width, 3))
@@ -92,131 +67,159 @@ def synthetic_sample(image_id: str, rng: np.random.Generator):
         shape = (yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2
         labels[shape] = c + 1
         image[shape] = rng.uniform(0, 255, 3) + rng.normal(0, 10, (shape.sum(), 3))
-    return image_id, np.clip(image, 0, 255).astype(np.uint8), labels
+    return np.clip(image, 0, 255).astype(np.uint8), labels
 
 
-def serial_official_loop(records, cfg) -> tuple[dict[str, np.ndarray], float, float]:
-    """The official per-image loop in plain numpy, PNGs included.
+def write_inputs(folder: str, count: int) -> str:
+    """Writes ``folder/images/<id>.jpg`` and ``folder/cams/<id>.npy`` for ``count`` images;
+    returns a description of the source."""
+    from PIL import Image
 
-    Returns the masks, wall seconds, CPU seconds and the CPU seconds spent in the CRF.
-    """
-    params = dense_crf.backend_and_params(cfg.crf)[1]  # cfg.crf also holds the backend
-    masks, crf_cpu = {}, 0.0
-    out_dir = tempfile.mkdtemp()
-    start, start_cpu = time.perf_counter(), time.process_time()
-    for image_id, image, cams in records:
+    rng = np.random.default_rng(0)
+    if os.path.isdir(VOC_SAMPLES):
+        ids = sorted(f[:-10] for f in os.listdir(VOC_SAMPLES) if f.endswith("_label.png"))
+        samples = [(io.read_image(os.path.join(VOC_SAMPLES, f"{i}.png")),
+                    io.read_mask(os.path.join(VOC_SAMPLES, f"{i}_label.png"))) for i in ids]
+        source = f"{count} VOC photographs ({len(ids)} distinct, ../shared/data/voc_samples)"
+    else:
+        samples = [synthetic_sample(rng) for _ in range(7)]
+        source = f"{count} synthetic 375x500 scenes (no ../shared/data/voc_samples)"
+    for folder_name in ("images", "cams"):
+        os.makedirs(os.path.join(folder, folder_name), exist_ok=True)
+    for n in range(count):
+        image, labels = samples[n % len(samples)]
+        Image.fromarray(image).save(os.path.join(folder, "images", f"im{n:03d}.jpg"), quality=95)
+        io.write_cams(os.path.join(folder, "cams", f"im{n:03d}.npy"), cams_from_labels(labels, rng))
+    return source
+
+
+def official_loop(image_dir: str, cam_dir: str, out_dir: str) -> None:
+    """The official PPMG procedure (``refine_cam.py``), one image after the other in plain numpy
+    with pydensecrf (``dense_crf.dense_crf`` is the official ``crf_inference``), files in and
+    PNGs out."""
+    from PIL import Image
+
+    from pmm_jax.masks import dense_crf
+
+    params = dense_crf.PSEUDO_MASK_CRF
+    os.makedirs(out_dir, exist_ok=True)
+    for name in sorted(os.listdir(cam_dir)):
+        image_id = name[:-4]
+        image = np.asarray(Image.open(os.path.join(image_dir, f"{image_id}.jpg")).convert("RGB"))
+        cams = np.load(os.path.join(cam_dir, name), allow_pickle=True).item()
         keys = sorted(cams)
-        norm = {k: (v - v.min()) / (v.max() - v.min() + 1e-5) for k, v in cams.items()}
-        xs = {}
-        for k, v in norm.items():
-            above = v[v > cfg.t]
-            cov = 0.0 if above.size == 0 else above.std() / (above + 1e-8).mean() * cfg.s
-            xs[k] = np.where(v < cfg.t, 0, v) ** (1 - cov) if cfg.method in ("ppmg", "crf_cvs") else v
-        tick = time.process_time()
-        if cfg.method in ("baseline", "crf_cvs"):
-            v = np.stack([xs[k] for k in keys])
-            probs = np.concatenate([(1 - v.max(0, keepdims=True)) ** cfg.alpha, v])
-            label = np.asarray([0] + [k + 1 for k in keys])[dense_crf.dense_crf(image, probs, params).argmax(0)]
-            crf_cpu += time.process_time() - tick
-        else:
-            fgs = [dense_crf.dense_crf(image, np.stack([(1 - xs[k]) ** cfg.alpha, xs[k]]), params)[1] > 0.5
-                   for k in keys]
-            crf_cpu += time.process_time() - tick
-            bg = ~np.any(fgs, axis=0)
-            scores = [bg.astype(np.float32)] + [fg * norm[k] / (1 + (norm[k] * fg).sum())
-                                                for k, fg in zip(keys, fgs)]
-            label = np.asarray([0] + [k + 1 for k in keys])[np.argmax(scores, axis=0)]
-        masks[image_id] = label.astype(np.uint8)
-        io.write_mask(os.path.join(out_dir, f"{image_id}.png"), label)
-    seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu
-    shutil.rmtree(out_dir)
-    return masks, seconds, cpu, crf_cpu
+        background = np.ones(image.shape[:2])
+        scores, labels = [], [0]
+        fgs = []
+        for k in keys:
+            v = cams[k]
+            v = (v - v.min()) / (v.max() - v.min() + 1e-5)
+            above = v[v > T]
+            cov = above.std() / (above + 1e-8).mean() * S if above.size else 0.0
+            x = np.where(v < T, 0, v) ** (1 - cov)
+            probs = np.stack([(1 - x) ** ALPHA, x]).astype(np.float32)
+            fg = dense_crf.dense_crf(image, probs, params)[1] > 0.5
+            fgs.append(fg)
+            scores.append(v / (1 + (v * fg).sum()))
+            labels.append(k + 1)
+            background = background * (fg == 0)
+        stacked = np.stack([background] + [fg * p for fg, p in zip(fgs, scores)])
+        mask = np.asarray(labels, np.uint8)[np.argmax(stacked, axis=0)]
+        Image.fromarray(mask).save(os.path.join(out_dir, f"{image_id}.png"))
 
 
 def children_cpu() -> float:
-    """CPU seconds of this process's finished children (the pool's workers, once joined)."""
+    """CPU seconds of this process's finished children and their descendants."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
 
-def run_pool(records, cfg, workers: int) -> tuple[dict, float, dict[str, np.ndarray]]:
-    """``generate``'s stats, the workers' CPU seconds (start-up included) and the masks."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        before = children_cpu()
-        stats = pm.generate(records, out_dir, cfg, num_workers=workers, process_index=0,
-                            process_count=1)
-        worker_cpu = children_cpu() - before
-        masks = {i: io.read_mask(os.path.join(out_dir, f"{i}.png")) for i, _, _ in records}
-    return stats, worker_cpu, masks
+def timed_command(args: list[str]) -> tuple[float, float]:
+    """``(wall, CPU)`` seconds of a Python command run from the repository root (CPU: the
+    command and every process it started); RuntimeError with its stderr when it fails."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    start, start_cpu = time.perf_counter(), children_cpu()
+    result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
+                            text=True, check=False)
+    seconds = time.perf_counter() - start
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(args[:3])} failed: {result.stderr[-2000:]}")
+    return seconds, children_cpu() - start_cpu
 
 
-def agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    return sum(np.count_nonzero(a[i] == b[i]) for i in a) / sum(m.size for m in a.values())
+def agreement(dir_a: str, dir_b: str) -> float:
+    """Share of pixels on which the PNG masks of two folders agree."""
+    same = total = 0
+    for name in sorted(os.listdir(dir_a)):
+        a, b = io.read_mask(os.path.join(dir_a, name)), io.read_mask(os.path.join(dir_b, name))
+        same += np.count_nonzero(a == b)
+        total += a.size
+    return same / total
 
 
-def main(argv):
-    del argv
-    rng = np.random.default_rng(0)
-    samples, source = load_samples(rng)
-    records = [(f"{i}-{copy}", image, cams) for copy in range(_COPIES.value)
-               for i, image, cams in samples]
-    cores = len(os.sched_getaffinity(0))
-    worker_counts = sorted({1, cores})
-    rows = []
-    for method in _METHODS.value:
-        cfg = pm.default_config()
-        cfg.method = method
-        warm = pm.default_config()
-        warm.method, warm.crf.iterations = method, 0
-        run_pool(records, warm, 1)  # compiles every shape bucket; not timed
-        best: dict[str, dict] = {}
-        for _ in range(_REPEATS.value):
-            serial_masks, seconds, cpu, crf_cpu = serial_official_loop(records, cfg)
-            row = {"runner": "serial official-style numpy loop", "workers": 1, "seconds": seconds,
-                   "cpu_seconds": cpu, "outside_crf_share": 1 - crf_cpu / cpu,
-                   "crf_cpu_seconds": crf_cpu,
-                   "agreement_with_serial": 1.0}
-            candidates = [("serial", row)]
-            for workers in worker_counts:
-                stats, worker_cpu, masks = run_pool(records, cfg, workers)
-                main_cpu = stats["main_cpu_seconds"]
-                candidates.append((f"pool{workers}", {
-                    "runner": "pmm_jax pool", "workers": workers, "seconds": stats["seconds"],
-                    "cpu_seconds": main_cpu + worker_cpu, "main_cpu_seconds": main_cpu,
-                    "worker_cpu_seconds": worker_cpu,
-                    "outside_crf_share": main_cpu / (main_cpu + crf_cpu),
-                    "agreement_with_serial": agreement(masks, serial_masks)}))
-            for key, row in candidates:
-                if key not in best or row["seconds"] < best[key]["seconds"]:
-                    best[key] = row
-        for row in best.values():
-            row.update(method=method, images=len(records), images_per_s=len(records) / row["seconds"])
-            rows.append(row)
-
-    table = format_table(rows)
-    load = os.getloadavg()
-    print(f"\n{source}, each x{_COPIES.value}; {cores} available cores; best of {_REPEATS.value}; "
-          f"load average at the end {load[0]:.1f} (1 min), {load[2]:.1f} (15 min)\n")
-    print(table)
-    io.write_json(_OUT_JSON.value, {
-        "source": source, "copies": _COPIES.value, "repeats": _REPEATS.value, "cores": cores,
-        "load_average": load,
-        "machine": platform.platform(), "processor": platform.processor(), "rows": rows,
-        "table": table,
-    })
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def format_table(rows: list[dict]) -> str:
-    lines = ["| method | runner | workers | images | seconds | images/s | CPU s/image | "
-             "outside-CRF share | pixels equal to serial |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['runner']} | {r['workers']} | {r['images']} | "
-                     f"{r['seconds']:.2f} | {r['images_per_s']:.2f} | "
-                     f"{r['cpu_seconds'] / r['images']:.3f} | {100 * r['outside_crf_share']:.1f}% | "
-                     f"{100 * r['agreement_with_serial']:.3f}% |")
-    return "\n".join(lines)
+def pool_row(count: int, rounds: int) -> dict:
+    """The ``pool`` figures: seconds per image of both, speed-up, its target, agreement."""
+    workers = available_cores()
+    with tempfile.TemporaryDirectory() as root:
+        source = write_inputs(root, count)
+        images, cams = os.path.join(root, "images"), os.path.join(root, "cams")
+        ours_dir, official_dir = os.path.join(root, "ours"), os.path.join(root, "official")
+        official_cmd = ["-c", "import sys; from bench.pseudo_masks import official_loop; "
+                        "official_loop(*sys.argv[1:])", images, cams, official_dir]
+        ours_cmd = ["-m", "pmm_jax.pseudo_masks", f"--cam_dir={cams}", f"--image_dir={images}",
+                    f"--out_dir={ours_dir}", "--method=ppmg", f"--num_workers={workers}"]
+        official, ours, loads = [], [], []
+        for _ in range(rounds):
+            for folder in (ours_dir, official_dir):
+                shutil.rmtree(folder, ignore_errors=True)
+            official.append(timed_command(official_cmd))
+            ours.append(timed_command(ours_cmd))
+            loads.append(os.getloadavg()[0])
+        share = agreement(official_dir, ours_dir)
+    (best_official, official_cpu), (best_ours, ours_cpu) = min(official), min(ours)
+    return {"source": source, "images": count, "workers": workers, "rounds": rounds,
+            "official_s": [s for s, _ in official], "generator_s": [s for s, _ in ours],
+            "official_cpu_s_per_image": official_cpu / count,
+            "generator_cpu_s_per_image": ours_cpu / count,
+            "official_s_per_image": best_official / count,
+            "generator_s_per_image": best_ours / count,
+            "speedup": best_official / best_ours, "target_speedup": 0.9 * workers,
+            "meets_target": best_official / best_ours >= 0.9 * workers,
+            "agreement": share, "load_1min": loads}
 
 
-if __name__ == "__main__":
-    app.run(main)
+def jax_row(count: int, have_official: bool) -> dict:
+    """The ``jax`` figures: per-image seconds of what the generator runs per image with the
+    JAX CRF (``worker.run`` with ``generator.jax_crfs``: files in, PNG out; no ml_collections
+    needed), after a first pass whose time includes compilation; agreement with the official
+    loop."""
+    from pmm_jax.masks import dense_crf, generator, worker
+
+    settings = worker.Settings("ppmg", ALPHA, T, S, False, 20, dense_crf.PSEUDO_MASK_CRF, "jax")
+    with tempfile.TemporaryDirectory() as root:
+        source = write_inputs(root, count)
+        images, cams = os.path.join(root, "images"), os.path.join(root, "cams")
+        records = [(n[:-4], os.path.join(images, n[:-4] + ".jpg"), os.path.join(cams, n))
+                   for n in sorted(os.listdir(cams))]
+
+        def run(out_dir: str) -> float:
+            os.makedirs(out_dir)
+            start = time.perf_counter()
+            for record in records:
+                failure = worker.run(record, os.path.join(out_dir, f"{record[0]}.png"), settings,
+                                     generator.jax_crfs)
+                if failure:
+                    raise RuntimeError(f"{record[0]}: {failure}")
+            return time.perf_counter() - start
+
+        first, second = run(os.path.join(root, "first")), run(os.path.join(root, "ours"))
+        share = None
+        if have_official:
+            official_loop(images, cams, os.path.join(root, "official"))
+            share = agreement(os.path.join(root, "official"), os.path.join(root, "ours"))
+    return {"source": source, "images": count, "first_pass_s": first,
+            "s_per_image": second / count, "agreement": share}

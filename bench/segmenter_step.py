@@ -1,5 +1,5 @@
-"""Benchmark of one PSPNet training step: the ``seg`` stage's own jitted step (pmm_jax) against
-the same network in PyTorch, on the same machine in one run.
+"""One PSPNet training step: the ``seg`` stage's own jitted step (pmm_jax) and the same network
+in PyTorch; what ``bench.suite``'s ``pspnet`` rows time.
 
 JAX side: exactly what ``pmm_jax.stages.seg.train_segmenter`` hands ``trainer.train``: the
 model from ``seg.build_model`` (PSPNet + FCN auxiliary head on mmseg's ResNetV1c, the
@@ -17,17 +17,10 @@ convolutions, float32 parameters, BN statistics, logits and loss) and PyTorch AM
 channel count (stem, stages, heads), ``--blocks`` overrides the depth, so a CPU run stays
 short; the defaults are the paper's ResNet101 at crop 512, batch 16.
 
-Each framework runs in its own spawned process (so peak memory is its own): ``--warmup``
-untimed steps (compilation before them for JAX), then ``--steps`` timed ones. Reported
-(``bench/step_report.py``): images/s, both sides' last loss (a non-finite loss is an error),
-peak memory (GPU: the framework's peak allocated bytes; CPU: the process's peak RSS), XLA's
-temp buffer size, XLA's FLOP count of the compiled step on its own backend and, on a GPU/TPU,
-TFLOP/s and the share of the device's dense bf16 peak. Only jax, flax, optax, orbax, numpy and
-torch need be installed (no TensorFlow, clu, ml_collections or pydensecrf).
-
-    python -m bench.segmenter_step --width_div=4 --blocks=1,1,2,1 --crop=128 --batch=4   # CPU
-    python -m bench.segmenter_step --warmup=3 --steps=10                                 # GPU
-    python -m bench.segmenter_step --warmup=3 --steps=10 --dtype=bfloat16                # GPU
+``run_jax`` / ``run_torch`` (each run by the suite in its own spawned process, so peak memory
+is its own) time ``--warmup`` untimed steps (compilation before them for JAX), then
+``--steps`` timed ones, and report through ``bench/step_report.py``. Only jax, flax, optax,
+orbax, numpy and torch need be installed (no TensorFlow, clu, ml_collections or pydensecrf).
 """
 
 from __future__ import annotations
@@ -152,12 +145,3 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10)
     step_report.add_common_args(parser)
     return parser.parse_args(argv)
-
-
-def main(argv=None) -> list[dict]:
-    args = parse_args(argv)
-    return step_report.compare(args, run_jax, run_torch, "PSPNet/ResNetV1c")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,16 +1,12 @@
 """What the train-step benchmarks (``bench/classifier_step.py``, ``bench/segmenter_step.py``)
 share: running each framework in its own process, timing its train step, its memory peak,
-XLA's FLOP and memory figures of the compiled step, the device's bf16 peak, and the result
-table."""
+XLA's FLOP and memory figures of the compiled step, the device's bf16 peak (``bench.suite``
+makes the table)."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import multiprocessing
-import os
-import platform
 import resource
 import time
 
@@ -85,60 +81,6 @@ def torch_autocast(dtype: str, device: str):
     return contextlib.nullcontext()
 
 
-def check_finite(rows: list[dict]) -> None:
-    """SystemExit naming the framework when any row's last loss is not finite."""
-    bad = [f"{row['framework']}: loss {row['last_loss']}" for row in rows
-           if not math.isfinite(row["last_loss"])]
-    if bad:
-        raise SystemExit("non-finite training loss (" + "; ".join(bad) + ")")
-
-
-def print_table(rows: list[dict], args, header: str) -> None:
-    """Prints ``header``, one Markdown row per framework and the JAX / PyTorch ratio; writes
-    ``{args, rows, load}`` to ``args.out_json`` when it is set. ``header`` may contain
-    ``{load}``, filled with the 1-minute load average taken after the runs."""
-    load = os.getloadavg()[0]
-    print(header.format(load=f"{load:.1f}"))
-    print("| framework | dtype | device | images/s | last loss | peak memory (GiB) | "
-          "XLA temp (GiB) | TFLOP/s (share of bf16 peak) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for row in rows:
-        rate = row.get("tflops_per_s")
-        peak = row.get("peak_tflops")
-        share = ("" if rate is None else f"{rate:.3g}" + (
-            f" ({100 * rate / peak:.1f}% of {peak:.0f})" if peak else
-            "" if row["device"] == "cpu" else " (bf16 peak unknown: pass --peak_tflops)"))
-        temp = row.get("xla_memory_gib", {}).get("temp")
-        print(f"| {row['framework']} | {row['dtype']} | {row['device']} | "
-              f"{row['images_per_s']:.2f} | {row['last_loss']:.4f} | {row['peak_mem_gib']:.2f} | "
-              f"{'' if temp is None else f'{temp:.2f}'} | {share} |")
-    if rows and rows[0].get("flops_source"):
-        tflop = rows[0].get("step_tflop")
-        print(f"XLA FLOPs per step: {'unavailable' if tflop is None else f'{tflop:.4g} TFLOP'} "
-              f"({rows[0]['flops_source']})")
-    if len(rows) == 2:
-        print(f"jax / torch images/s: {rows[0]['images_per_s'] / rows[1]['images_per_s']:.2f}")
-    if args.out_json:
-        with open(args.out_json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows, "load": load}, f, indent=1)
-
-
-def compare(args, run_jax, run_torch, model: str) -> list[dict]:
-    """Runs ``run_jax(args)`` and (unless ``--skip_torch``) ``run_torch(args)`` each in its own
-    process, prints their table (:func:`print_table`) under a header naming ``model``, the
-    run's settings and the machine, and returns the rows; SystemExit on a non-finite loss."""
-    rows = [in_child(run_jax, args)]
-    if not args.skip_torch:
-        rows.append(in_child(run_torch, args))
-    print_table(rows, args, (
-        f"{model} blocks {args.blocks}, width/{args.width_div}, crop {args.crop}, "
-        f"batch {args.batch}, {args.dtype}{', remat' if args.remat else ''}, {args.steps} steps; "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {{load}}; "
-        f"JAX compiled in {rows[0]['compile_s']:.0f} s"))
-    check_finite(rows)
-    return rows
-
-
 def jax_row(args, compiled, lowered, seconds: float, loss: float, compile_s: float) -> dict:
     """The JAX side's result row: images/s, loss, peak memory (the device allocator's peak on
     an accelerator, the process's peak RSS on a CPU), XLA's memory and FLOP figures."""
@@ -205,7 +147,7 @@ def torch_row(args, device: str, seconds: float, loss: float) -> dict:
 
 
 def add_common_args(parser) -> None:
-    """``--dtype``, ``--remat``, ``--peak_tflops``, ``--skip_torch``, ``--out_json``."""
+    """``--dtype``, ``--remat``, ``--peak_tflops``."""
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="JAX: the models' compute_dtype; PyTorch: bfloat16 = AMP autocast")
     parser.add_argument("--remat", action="store_true",
@@ -214,5 +156,3 @@ def add_common_args(parser) -> None:
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="the device's dense bf16 peak (default: known device kinds, "
                         "e.g. H100/H200 989)")
-    parser.add_argument("--skip_torch", action="store_true")
-    parser.add_argument("--out_json", default="")

@@ -19,8 +19,8 @@ import ml_collections
 MULTICROP_SCALES = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0)
 # cls.model.remat / seg.model.remat: run every backbone block under nnx.remat (activations
 # recomputed in the backward pass; same results, pmm_jax/models/remat.py). On by default: it
-# halves XLA's temp memory of the full-size train steps (CPU compile, docs/benchmarks.md,
-# "Memory and remat": ResNet38-d SEAM step 1.21 -> 0.58 GiB, PSPNet ResNetV1c-101 step
+# halves XLA's temp memory of the full-size train steps (CPU compile, bench/step_memory.py,
+# docs/models.md "Memory": ResNet38-d SEAM step 1.21 -> 0.58 GiB, PSPNet ResNetV1c-101 step
 # 1.37 -> 0.50 GiB, both at crop 224, batch 2), the memory issue 12 is about, for about one
 # extra backbone forward pass per step. --config.cls.model.remat=False to trade back.
 REMAT = True
@@ -86,8 +86,8 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
         # PMM's multi-crop training (docs/multicrop.md): a tile (crop 448, stride 300) at a random
         # scale of 0.75..3.0, labelled by the 10% rule from rough masks of a first model. Off
         # while rough_masks is "" (the first model: random-scale crops); then
-        # `python -m pmm_jax.masks.rough_masks --config=configs/voc.py --workdir=FIRST_RUN
-        # --config.data.data_dir=~/tfds` and --config.cls.multicrop.rough_masks=FIRST_RUN/rough_masks/train.
+        # `python -m pmm_jax.pseudo_masks --method=rough --run_config=configs/voc.py
+        # --workdir=FIRST_RUN --run_config.data.data_dir=~/tfds` and --config.cls.multicrop.rough_masks=FIRST_RUN/rough_masks/train.
         multicrop=ml_collections.ConfigDict(dict(
             rough_masks="", scales=MULTICROP_SCALES, crop=448, stride=300)),
     ))
@@ -164,7 +164,7 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
         ckpt_every=2000,
         eval_every=2000,  # val mIoU (config.eval pipeline); the best checkpoint is kept and used
         # The first N val images in that validation (0 = all): each validation costs the
-        # test-time pipeline, CRF included, per image (docs/benchmarks.md, recipe time).
+        # test-time pipeline, CRF included, per image (bench/recipe.py projects it).
         val_subset=0,
     ))
 

@@ -1,7 +1,7 @@
 """bench/classifier_step.py does the same work on both sides: the PyTorch SEAM network trains
 and groups exactly the parameters ``seam.make_optimizer`` does, and keeps BN in inference mode.
 (The losses and the network are checked against JAX in test_seam.py and test_convert.py,
-which use the same PyTorch code; ``python -m bench.classifier_step --check`` compares whole
+which use the same PyTorch code; ``python -m bench.classifier_step`` compares whole
 gradients.)"""
 
 import pathlib

@@ -1,4 +1,4 @@
-"""bench/recipe.py: the projection table's rows and arithmetic, and a smallest-settings run in a
+"""bench/recipe.py (with bench/units.py): the projection table's rows and arithmetic, and a smallest-settings run in a
 subprocess where TensorFlow, clu and pydensecrf cannot be imported (as on a bare GPU machine)."""
 
 import math
@@ -12,7 +12,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # bench/ is not installed
-from bench import recipe  # noqa: E402
+from bench import recipe, units  # noqa: E402
 
 STAGES = ["cls", "cam", "pseudo", "seg", "seg val", "cycle masks", "eval", "**total**"]
 
@@ -97,8 +97,8 @@ def test_models_compute_in_the_config_dtype_as_the_stages_build_them():
 
     config = recipe.load_config("voc")
     config.compute_dtype = "bfloat16"
-    size = recipe.Size(width_div=32, res_div=16, shallow=True)
-    for build in (recipe.classifier, recipe.segmenter):
+    size = units.Size(width_div=32, res_div=16, shallow=True)
+    for build in (units.classifier, units.segmenter):
         model = nnx.eval_shape(lambda: build(config, size))  # shapes only: nothing initialised
         dtypes = {m.dtype for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Conv)}
         assert dtypes == {jnp.dtype("bfloat16"), jnp.dtype("float32")}, (build.__name__, dtypes)

@@ -3,8 +3,9 @@
 * The benchmark's stand-in for the config (``VOC_SEG``) holds configs/voc.py's seg settings.
 * With clu, TensorFlow, tensorflow-datasets, ml_collections and pydensecrf unimportable
   (a ``sitecustomize`` puts ``None`` in ``sys.modules`` for each, as on a machine that has only
-  jax/flax/optax/orbax/numpy/torch), both benchmarks and their PyTorch modules import, and
-  each builds and lowers its bfloat16 JAX step (the seg stage's step; the SEAM step). (A
+  jax/flax/optax/orbax/numpy/torch), both benchmarks, their PyTorch modules and ``bench.suite``
+  import (the suite skips the pydensecrf pool row naming what is missing), and each
+  benchmark builds and lowers its bfloat16 JAX step (the seg stage's step; the SEAM step). (A
   whole tiny run, compiled, was checked by hand the same way: too slow for the suite.)
 """
 
@@ -40,6 +41,12 @@ def test_benches_run_without_tensorflow_clu_ml_collections_pydensecrf(tmp_path):
         "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in BLOCKED))
     script = """
 from bench import classifier_step, classifier_torch, segmenter_step, segmenter_torch, step_memory
+from bench import pseudo_masks, suite, suite_report, units
+rows = {r.name: r for r in suite.ROWS}
+device = suite.Device("gpu", "H100", 1, {})
+assert suite.skip_reason(rows["pseudo_masks"], device) == (
+    "needs pydensecrf, ml_collections (not installed)")
+assert suite.skip_reason(rows["seam_f32"], device) is None
 micro = ["--crop=32", "--batch=4", "--num_classes=3", "--dtype=bfloat16", "--width_div=32",
          "--blocks=1,1,1,1"]
 for module, args in ((segmenter_step, micro), (classifier_step, ["--method=seam", *micro])):

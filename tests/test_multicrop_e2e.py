@@ -1,5 +1,5 @@
 """PMM's multi-crop recipe end to end on the tiny synthetic dataset, in process: rough masks
-from a stand-in first run's CAMs (``pmm_jax.masks.rough_masks``), then a tiny ScaleNet-layout SEAM
+from a stand-in first run's CAMs (``generator.generate``, method ``rough``), then a tiny ScaleNet-layout SEAM
 classifier trained on multi-crop tiles (stage ``cls``), multi-crop CAM inference (``cam``)
 and pseudo-masks made from those CAM files (``pseudo``)."""
 
@@ -15,10 +15,10 @@ from test_seam import materialize
 
 from pmm_jax import main
 from pmm_jax.data import pipeline
-from pmm_jax.data.dataset import open_dataset
 from pmm_jax.files import io
 from pmm_jax.files.workdir import Workdir
-from pmm_jax.masks import rough_masks
+from pmm_jax.data.dataset import open_dataset
+from pmm_jax.masks import generator
 from pmm_jax.stages import cam, cls
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -52,9 +52,9 @@ def tiny_multicrop_config(data_dir: str, rough_mask_dir: str) -> ml_collections.
     return c
 
 
-def first_run_cams(config, wd: Workdir) -> list[tuple[str, np.ndarray]]:
+def first_run_cams(config, wd: Workdir) -> list[dict]:
     """Stand-in for a first model's CAM files: each present class's ground truth, blurred and
-    max-normalised; returns the train split's ``(id, image)``."""
+    max-normalised; returns the train split's examples."""
     records = []
     for ex in open_dataset(config, wd).examples("train", all_processes=True):
         cams = {}
@@ -62,7 +62,7 @@ def first_run_cams(config, wd: Workdir) -> list[tuple[str, np.ndarray]]:
             blurred = scipy.ndimage.gaussian_filter((ex["mask"] == c + 1).astype(np.float32), 2)
             cams[int(c)] = blurred / max(blurred.max(), 1e-6)
         io.write_cams(os.path.join(wd.cams("train"), f"{ex['id']}.npy"), cams)
-        records.append((ex["id"], ex["image"]))
+        records.append(ex)
     return records
 
 
@@ -71,13 +71,16 @@ def test_tiny_multicrop_recipe(tmp_path, monkeypatch):
     config = tiny_multicrop_config(data_dir, rough_dir)
     first = Workdir(str(tmp_path / "first"))
     records = first_run_cams(config, first)
-    assert rough_masks.write_rough_masks(records, first.cams("train"), rough_dir) == len(records)
+    rough = generator.default_config("rough")
+    rough.num_classes = config.data.num_classes
+    stats = generator.generate(generator.dataset_records(records, first.cams("train")), rough_dir,
+                               rough, num_workers=1, process_index=0, process_count=1)
+    assert stats["written"] == len(records)
 
     # The configured model, built shape-only and filled from numpy (eager initialisation
     # compiles one program per parameter shape: ~10 s of this test's budget).
     build_model = cls.build_model
-    fast_build = lambda config, seed=0, **kw: materialize(
-        nnx.eval_shape(lambda: build_model(config, seed, **kw)))
+    fast_build = lambda config, seed=0: materialize(nnx.eval_shape(lambda: build_model(config, seed)))
     monkeypatch.setattr(cls, "build_model", fast_build)
     monkeypatch.setattr(cam, "build_model", fast_build)
     # No TensorBoard CAM pictures (an eager, op-by-op forward: ~10 s here).

@@ -12,8 +12,9 @@ from scipy.ndimage import gaussian_filter
 from test_io import hostile_npy
 
 from pmm_jax import pseudo_masks
+from pmm_jax.cams import multicrop_tiling
 from pmm_jax.files import io
-from pmm_jax.masks import dense_crf
+from pmm_jax.masks import dense_crf, worker
 from pmm_jax.masks import generator as pm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,8 +120,8 @@ def synthetic_records():
 
 
 def config(method, **overrides):
-    cfg = pm.default_config()
-    cfg.method = method
+    cfg = pm.default_config(method)
+    cfg.alpha = 11.0  # the default (None: the method's own), explicit for official_mask
     cfg.update(overrides)
     return cfg
 
@@ -139,7 +140,7 @@ def agreement(out_dir, records, cfg):
 # Agreement with the official loop
 
 
-@pytest.mark.parametrize("method", pm.METHODS)
+@pytest.mark.parametrize("method", worker.PSEUDO_MASK_METHODS)
 def test_pool_matches_official_loop_on_synthetic_images(tmp_path, synthetic_records, method):
     cfg = config(method)
     stats = pm.generate(synthetic_records, str(tmp_path), cfg, num_workers=2,
@@ -417,6 +418,34 @@ def test_invalid_config_is_rejected(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
+# Rough masks (method "rough"): same pool, skipping and errors
+
+
+def test_rough_masks_resume_and_name_missing_and_mismatched_cams(tmp_path):
+    from test_worker import square_image_and_cam
+
+    image, cam = square_image_and_cam()
+    cam_dir, out_dir = tmp_path / "cams", str(tmp_path / "rough")
+    io.write_cams(str(cam_dir / "a.npy"), {2: cam})
+    io.write_cams(str(cam_dir / "b.npy"), {0: cam[::-1]})
+    examples = [{"id": "a", "image": image}, {"id": "b", "image": image[::-1]}]
+    cfg = pm.default_config("rough")
+    assert pm.settings_of(cfg).alpha == 24.0 and pm.settings_of(config("ppmg")).alpha == 11.0
+    run = lambda examples: pm.generate(pm.dataset_records(examples, str(cam_dir)), out_dir, cfg,
+                                       num_workers=2, process_index=0, process_count=1)
+    assert run(examples)["written"] == 2
+    masks = multicrop_tiling.read_rough_masks(os.path.join(out_dir, "a.png"), 5)
+    assert sorted(masks) == [2] and masks[2][20, 22]
+    assert run(examples)["skipped"] == 2
+    with pytest.raises(FileNotFoundError, match=r"cams/c\.npy for training image 'c'"):
+        run(examples + [{"id": "c", "image": image}])
+    io.write_cams(str(cam_dir / "d.npy"), {1: cam[:30]})
+    with pytest.raises(pm.PseudoMaskError, match=r"d\.npy\) of class 1 has shape \(30, 40\), "
+                       r"image is \(40, 40\)"):
+        run([{"id": "d", "image": image}])
+
+
+# ------------------------------------------------------------------------------------------
 # Worker imports and the command line
 
 
@@ -428,9 +457,9 @@ def run_python(*args, cwd=REPO):
 
 
 def test_worker_side_imports_load_no_jax_and_define_no_flags():
-    """A spawned CRF worker imports pmm_jax.masks.dense_crf (the task) and, under the CLI, this module as
-    __mp_main__: neither may pull in JAX or register absl flags."""
-    code = ("import sys; import pmm_jax.masks.dense_crf, pmm_jax.pseudo_masks; from absl import flags; "
+    """A spawned CRF worker imports pmm_jax.masks.worker (the task) and, under the CLI,
+    pmm_jax.pseudo_masks as __mp_main__: neither may pull in JAX or register absl flags."""
+    code = ("import sys; import pmm_jax.masks.worker, pmm_jax.pseudo_masks; from absl import flags; "
             "assert 'jax' not in sys.modules, 'jax imported'; "
             "assert 'config' not in flags.FLAGS and 'cam_dir' not in flags.FLAGS")
     result = run_python("-c", code)
@@ -543,3 +572,23 @@ def test_cli_rejects_unknown_overrides_and_orphan_cams(tmp_path, cli_inputs):
     assert result.returncode != 0
     assert str(tmp_path / "lonely.npy") in result.stderr and "no image" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_takes_folders_or_a_run_and_rough_masks_through_folders(tmp_path, cli_inputs):
+    """Without folders or a run (or with half of each) the CLI says which flags it needs;
+    ``--method=rough`` from folders writes rough masks (values c+1, 0, 255)."""
+    for args, message in (([], "give --cam_dir, --image_dir and --out_dir, or --run_config"),
+                          ([f"--run_config={REPO}/configs/demo.py:tiny"],
+                           "--run_config needs --workdir")):
+        result = run_python("-m", "pmm_jax.pseudo_masks", *args)
+        assert result.returncode != 0 and message in result.stderr, result.stderr
+    out = tmp_path / "rough"
+    result = run_python("-m", "pmm_jax.pseudo_masks", f"--cam_dir={cli_inputs / 'cams'}",
+                        f"--image_dir={cli_inputs / 'images'}", f"--out_dir={out}",
+                        "--method=rough", "--num_workers=2", "--config.crf.iterations=3")
+    assert result.returncode == 0 and "written=3" in result.stdout, result.stderr
+    records = pseudo_masks.list_records(str(cli_inputs / "cams"), str(cli_inputs / "images"))
+    for image_id, _, cam_path in records:
+        values = set(np.unique(io.read_mask(str(out / f"{image_id}.png"))).tolist())
+        classes = {c + 1 for c in io.read_cams(cam_path)}
+        assert values <= {0, 255} | classes and values & classes, (image_id, values)

@@ -201,22 +201,25 @@ def test_coco_rehearsal_outputs(coco_home):
 
 
 def test_documented_commands_parse_and_name_the_dataset():
-    """Every ``main`` / ``rough_masks`` command of docs/multicrop.md and docs/rehearsal.md is
+    """Every ``main`` / rough-mask command of docs/multicrop.md and docs/rehearsal.md is
     accepted by the locked config as written (each override key exists and type-checks) and
-    gives ``--config.data.data_dir=~/tfds`` (the rehearsed ``prepare``'s ``--data_dir``); the
-    ``rough_masks`` line of multicrop.md and the ``prepare`` lines of docs/datasets.md are
+    gives ``--config.data.data_dir=~/tfds`` (the rough masks' ``--run_config``: the
+    rehearsed ``prepare``'s ``--data_dir``); the rough-mask line of multicrop.md and the ``prepare`` lines of docs/datasets.md are
     rehearsed ones, up to ``:rehearsal``."""
     rehearsed = [shlex.split(c) for block in documented_commands(DOCS / "rehearsal.md")
                  for c in block]
     recipe = documented_commands(DOCS / "multicrop.md")[0]
     assert len(recipe) == 3
     for args in [shlex.split(c) for c in recipe] + rehearsed:
-        if args[:3] in (["python", "-m", "pmm_jax.main"], ["python", "-m", "pmm_jax.masks.rough_masks"]):
+        if args[:3] == ["python", "-m", "pmm_jax.pseudo_masks"]:
+            assert args[3] == "--method=rough", args
+            args = [a.replace("--run_config", "--config", 1) for a in args]
+        if args[:3] in (["python", "-m", "pmm_jax.main"], ["python", "-m", "pmm_jax.pseudo_masks"]):
             assert "--config.data.data_dir=~/tfds" in args, args
             config_args = [a.replace("configs/", f"{ROOT}/configs/", 1) for a in args
                            if a.startswith("--config")]
             parse_config(*config_args)  # an unknown key or a bad value raises
-    (rough,) = [c for c in recipe if "pmm_jax.masks.rough_masks" in c]
+    (rough,) = [c for c in recipe if "pmm_jax.pseudo_masks --method=rough" in c]
     assert shlex.split(rough.replace("configs/voc.py", "configs/voc.py:rehearsal")) in rehearsed
     prepare = [line for line in (DOCS / "datasets.md").read_text().splitlines()
                if line.startswith("python -m pmm_jax.data.prepare")]

@@ -19,7 +19,7 @@ Rough masks (training): one file per training image in a folder, in either of th
 ``VOC12ClsHeatCropDataset`` formats: ``<id>.png``, a label PNG whose value c+1 marks class c's
 rough mask (0 background, anything else, e.g. 255, nothing), or ``<id>.npy``, a pickled dict
 ``{0: background probability, c+1: probability of class c}`` (classes keyed 1-based, key 0
-ignored) thresholded at 0.9. ``python -m pmm_jax.masks.rough_masks`` writes the PNG form from a first
+ignored) thresholded at 0.9. ``python -m pmm_jax.pseudo_masks --method=rough`` writes the PNG form from a first
 run's CAMs.
 """
 
@@ -115,7 +115,7 @@ def rough_mask_paths(directory: str, ids: Iterable[str]) -> dict[str, str]:
     FileNotFoundError with the number of missing files and the first expected names."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"rough-mask folder {directory} does not exist (make it with "
-                                "`python -m pmm_jax.masks.rough_masks`, see docs/multicrop.md)")
+                                "`python -m pmm_jax.pseudo_masks --method=rough`, see docs/multicrop.md)")
     present = set(os.listdir(directory))
     paths, missing = {}, []
     for image_id in ids:
@@ -128,7 +128,7 @@ def rough_mask_paths(directory: str, ids: Iterable[str]) -> dict[str, str]:
         raise FileNotFoundError(
             f"{len(missing)} of {len(paths) + len(missing)} training images have no rough mask "
             f"in {directory} (first: {', '.join(missing[:_MAX_LISTED_MISSING])}; .npy is "
-            "accepted too). Make them with `python -m pmm_jax.masks.rough_masks` (docs/multicrop.md).")
+            "accepted too). Make them with `python -m pmm_jax.pseudo_masks --method=rough` (docs/multicrop.md).")
     return paths
 
 

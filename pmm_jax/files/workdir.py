@@ -59,6 +59,10 @@ class Workdir:
     def pseudo_masks(self, variant: str, split: str = "train") -> str:
         return os.path.join(self.root, "pseudo", variant, split)
 
+    def rough_masks(self, split: str = "train") -> str:
+        """Rough masks of multi-crop training (``pseudo_masks --method=rough``)."""
+        return os.path.join(self.root, "rough_masks", split)
+
     def predictions(self, run: str, split: str) -> str:
         return os.path.join(self.root, "predictions", run, split)
 

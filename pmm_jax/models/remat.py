@@ -5,7 +5,7 @@ With ``remat=True`` a backbone runs each residual block under ``nnx.remat`` (fla
 everything inside a block from them, instead of keeping every intermediate activation of
 the forward pass. The result (loss, gradients, BatchNorm statistics, dropout masks) is the
 same; the cost is about one more forward pass per training step, the gain a much smaller
-activation memory (docs/models.md, "Memory"; figures in docs/benchmarks.md). Outside
+activation memory (docs/models.md, "Memory", with its figures). Outside
 differentiation (inference) it changes nothing.
 
 On the CPU, XLA removes ``jax.checkpoint``'s optimisation barriers early in its pipeline
