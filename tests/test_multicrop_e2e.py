@@ -15,9 +15,9 @@ from test_seam import materialize
 
 from pmm_jax import main
 from pmm_jax.data import pipeline
+from pmm_jax.data.dataset import open_dataset
 from pmm_jax.files import io
 from pmm_jax.files.workdir import Workdir
-from pmm_jax.data.dataset import open_dataset
 from pmm_jax.masks import generator
 from pmm_jax.stages import cam, cls
 
@@ -80,7 +80,8 @@ def test_tiny_multicrop_recipe(tmp_path, monkeypatch):
     # The configured model, built shape-only and filled from numpy (eager initialisation
     # compiles one program per parameter shape: ~10 s of this test's budget).
     build_model = cls.build_model
-    fast_build = lambda config, seed=0: materialize(nnx.eval_shape(lambda: build_model(config, seed)))
+    fast_build = lambda config, seed=0, **kw: materialize(
+        nnx.eval_shape(lambda: build_model(config, seed, **kw)))
     monkeypatch.setattr(cls, "build_model", fast_build)
     monkeypatch.setattr(cam, "build_model", fast_build)
     # No TensorBoard CAM pictures (an eager, op-by-op forward: ~10 s here).
