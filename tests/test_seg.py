@@ -62,3 +62,32 @@ def test_init_from_cls_refuses_a_different_backbone_and_a_missing_checkpoint(tmp
         config.seg.model.init_from = "/some/imagenet/ckpt"
     with pytest.raises(ValueError, match="init_from and config.seg.model.init_from_cls"):
         seg.initial_model(config, wd)
+
+
+def test_a_resumed_segmenter_is_bit_identical_to_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Killed after step 6 (checkpoint 4 kept) and resumed: every array of the final
+    checkpoint (model and optimizer) equals an uninterrupted run's; the masks come from a
+    folder, read lazily after the stream skips the consumed batches."""
+    import tensorflow_datasets as tfds
+    from test_stage_cls import Interrupted, assert_identical_checkpoints, interrupt_after, short_config
+
+    from pmm_jax.data import pipeline
+    from pmm_jax.files import io
+    from pmm_jax.stages import common
+
+    config = short_config("seg")
+    with config.unlocked():
+        config.seg.model.init_from_cls = False
+        config.data.data_dir = str(tmp_path / "tfds")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for ex in tfds.as_numpy(pipeline.load_split(config.data.name, "train", config.data.data_dir)):
+        io.write_mask(str(masks / f"{ex['id'].decode()}.png"), ex["mask"][:, :, 0])
+    whole, killed = Workdir(str(tmp_path / "whole")), Workdir(str(tmp_path / "killed"))
+    seg.train_segmenter(config, whole, "ce", str(masks), "ce")
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, common, "train_batches", 6)
+        with pytest.raises(Interrupted):
+            seg.train_segmenter(config, killed, "ce", str(masks), "ce")
+    seg.train_segmenter(config, killed, "ce", str(masks), "ce")
+    assert_identical_checkpoints(killed.ckpt_dir("seg/ce"), whole.ckpt_dir("seg/ce"), 8)

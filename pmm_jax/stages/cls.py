@@ -65,7 +65,7 @@ def train_batches(config, wd: Workdir, start: int):
     """The classifier's training batches from step ``start``: multi-crop tiles when
     ``config.cls.multicrop.rough_masks`` is set, else ``common.train_batches``."""
     cfg, key = config.cls, "config.cls.batch_size"
-    ds = common.split_dataset(config, wd, "train")
+    ds = common.split_dataset(config, wd, "train", decode=False)
     if not rough_masks(config):
         return common.train_batches(config, ds, cfg, key, start)
     from pmm_jax.data import pipeline  # TensorFlow: imported where data is read
@@ -73,7 +73,7 @@ def train_batches(config, wd: Workdir, start: int):
     mc = cfg.multicrop
     return pipeline.multicrop_train_batches(
         ds, rough_masks=mc.rough_masks, batch_size=common.local_batch_size(cfg.batch_size, key),
-        crop_size=cfg.crop_size, seed=config.seed + start,
+        crop_size=cfg.crop_size, seed=config.seed, start_step=start,
         num_classes_fg=common.num_foreground(config), scales=tuple(mc.scales), tile=mc.crop,
         stride=mc.stride, shuffle_buffer=config.data.shuffle_buffer)
 

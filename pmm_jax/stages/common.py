@@ -55,14 +55,15 @@ def local_batch_size(global_batch: int, key: str) -> int:
 
 
 def split_dataset(config, wd: Workdir, split: str, *, all_processes: bool = False,
-                  subset: int = 0):
+                  subset: int = 0, decode: bool = True):
     """The tf.data dataset of ``split`` (its first ``subset`` examples when > 0): this
-    process's shard, or every example."""
+    process's shard, or every example; ``decode=False`` keeps images encoded (training
+    streams decode after skipping, ``pipeline.stream``)."""
     from pmm_jax.data import pipeline  # TensorFlow: imported where data is read
 
     kwargs = dict(process_index=0, process_count=1) if all_processes else {}
     return pipeline.load_split(config.data.name, split_name(config, split, subset),
-                               data_dir(config, wd), **kwargs)
+                               data_dir(config, wd), decode=decode, **kwargs)
 
 
 def eval_batches(config, wd: Workdir, split: str, batch_size: int, key: str, subset: int = 0):
@@ -85,16 +86,14 @@ def num_eval_batches(config, wd: Workdir, split: str, batch_size: int, key: str)
 
 
 def train_batches(config, ds, section, key: str, start_step: int):
-    """Endless augmented batches for a training section (``config.cls`` or ``config.seg``).
-
-    The shuffle seed moves with ``start_step`` so a resumed run does not replay the batches
-    it already trained on.
-    """
+    """Endless augmented batches for a training section (``config.cls`` or ``config.seg``)
+    from batch ``start_step`` on: the stream seeded with ``config.seed`` of an uninterrupted
+    run, the consumed batches skipped (``pipeline.stream``), so a resumed run is exact."""
     from pmm_jax.data import pipeline  # TensorFlow: imported where data is read
 
     return pipeline.train_batches(
         ds, batch_size=local_batch_size(section.batch_size, key), crop_size=section.crop_size,
-        seed=config.seed + start_step, num_classes_fg=num_foreground(config),
+        seed=config.seed, start_step=start_step, num_classes_fg=num_foreground(config),
         scale_range=tuple(section.scale_range) if section.scale_range else None,
         shuffle_buffer=config.data.shuffle_buffer)
 

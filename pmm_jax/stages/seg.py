@@ -117,13 +117,13 @@ def mask_summary(model, batch) -> dict:
 def mmseg_batches(config, ds, start_step: int):
     """``config.seg.augment == "mmseg"``: mmseg's VOC/COCO augmentation (rescale around
     ``seg.img_scale`` by ``seg.scale_range``, crop with ``seg.cat_max_ratio``, flip,
-    photometric distortion); the seed moves with ``start_step`` as in ``common.train_batches``."""
+    photometric distortion); resumed at ``start_step`` as in ``common.train_batches``."""
     from pmm_jax.data import pipeline  # TensorFlow: imported where data is read
 
     cfg = config.seg
     return pipeline.mmseg_train_batches(
         ds, batch_size=common.local_batch_size(cfg.batch_size, "config.seg.batch_size"),
-        crop_size=cfg.crop_size, seed=config.seed + start_step, img_scale=tuple(cfg.img_scale),
+        crop_size=cfg.crop_size, seed=config.seed, start_step=start_step, img_scale=tuple(cfg.img_scale),
         ratio_range=tuple(cfg.scale_range), cat_max_ratio=cfg.cat_max_ratio,
         shuffle_buffer=config.data.shuffle_buffer)
 
@@ -173,7 +173,7 @@ def train_segmenter(config, wd: Workdir, run: str, mask_dir: str, loss: str) -> 
     ckpt_dir = wd.ckpt_dir(f"seg/{run}")
     start = trainer.latest_step(ckpt_dir) or 0
     ds = pipeline.with_masks_from_dir(
-        common.split_dataset(config, wd, "train"), mask_dir,
+        common.split_dataset(config, wd, "train", decode=False), mask_dir,
         producer="the 'pseudo' stage (or 'cycle' for cyclic masks)",
         num_classes=config.data.num_classes)
     batches = (mmseg_batches(config, ds, start) if cfg.get("augment") == "mmseg"
