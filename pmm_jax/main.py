@@ -53,41 +53,6 @@ def check_workdir(path: str) -> None:
         raise app.UsageError(f"--workdir={path} is not writable: {err}") from err
 
 
-def check_config(config) -> None:
-    """Checks the choices that would otherwise fail only deep inside a stage: the stage list,
-    the dense CRF backend ``config.crf.backend``, the positive counts and training from random
-    weights (``stages.check_random_init``). Raises ValueError naming the key."""
-    from pmm_jax import stages
-    from pmm_jax.masks import dense_crf
-
-    stages.parse_stages(config.stages)
-    dense_crf.config_backend(config)
-    check_positive(config)
-    stages.check_random_init(config)
-
-
-# Config keys (last dotted part) that must be positive integers wherever they appear, and
-# those where 0 means "off" or "all" and only a negative value is wrong.
-POSITIVE_KEYS = ("batch_size", "num_steps", "log_every", "ckpt_every", "tile_batch")
-NON_NEGATIVE_KEYS = ("eval_every", "eval_subset", "val_subset")
-
-
-def check_positive(config) -> None:
-    """Refuses a zero or negative batch size, step count or interval by its key: they would
-    fail deep inside a stage, or (``num_steps=0``) finish a stage without a checkpoint; and a
-    negative ``eval_every`` or subset size (0 = off / all)."""
-    from pmm_jax.stages import record
-
-    for key, value in record.flatten(config.to_dict()).items():
-        name = key.rsplit(".", 1)[-1]
-        if name not in POSITIVE_KEYS + NON_NEGATIVE_KEYS:
-            continue
-        least = 1 if name in POSITIVE_KEYS else 0
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            kind = "a positive" if least else "a non-negative"
-            raise ValueError(f"config.{key}={value!r} must be {kind} integer")
-
-
 def config_error(err: Exception, argv: list[str]) -> str:
     """One paragraph for an error loading the config file or applying an override."""
     text = str(err)
@@ -208,7 +173,7 @@ def fail(message: str) -> None:
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {argv[1:]}")
-    from pmm_jax import stages
+    from pmm_jax import config_rules, stages
     from pmm_jax.data.synthetic import DatasetNotPreparedError
     from pmm_jax.files import io, workdir
     from pmm_jax.training import distributed, trainer
@@ -217,7 +182,7 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)
     std_logging.getLogger("pmm_jax").setLevel(std_logging.INFO)
     try:
-        check_config(_CONFIG.value)
+        config_rules.check(_CONFIG.value)  # every setting, before any work starts
         if _REDO.value:
             stages.parse_stages(",".join(_REDO.value), "--redo")
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
