@@ -176,7 +176,7 @@ def main(argv):
     from pmm_jax import config_rules, stages
     from pmm_jax.data.synthetic import DatasetNotPreparedError
     from pmm_jax.files import io, workdir
-    from pmm_jax.training import distributed, trainer
+    from pmm_jax.training import checkpoints, distributed, trainer
     # Library chatter (orbax's read-only notices, tfds) only on errors; this package's
     # progress messages at INFO.
     logging.set_verbosity(logging.ERROR)
@@ -190,7 +190,7 @@ def main(argv):
         fail(str(err))
     try:
         run(_CONFIG.value, _WORKDIR.value, _REDO.value)
-    except (app.UsageError, stages.StageError, trainer.CheckpointError,
+    except (app.UsageError, stages.StageError, checkpoints.CheckpointError,
             trainer.DivergenceError, io.NonFiniteError, workdir.WorkdirBusyError,
             DatasetNotPreparedError) as err:
         fail(str(err))  # each message says what to do; a traceback would bury it

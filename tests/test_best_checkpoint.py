@@ -1,4 +1,4 @@
-"""Best-val checkpoint (config.seg.eval_every): trainer.train's eval_fn, trainer.save_model,
+"""Best-val checkpoint (config.seg.eval_every): trainer.train's eval_fn, checkpoints.save_model,
 and the seg stage's keep_best / load_segmenter choice."""
 
 import ml_collections
@@ -10,7 +10,7 @@ from pmm_jax.files import io
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.segmentation import inference
 from pmm_jax.stages import seg
-from pmm_jax.training import trainer
+from pmm_jax.training import checkpoints, trainer
 from tests.test_trainer import TinyNet, assert_trees_close, params_of, run
 
 
@@ -19,7 +19,8 @@ def test_eval_fn_runs_every_n_steps_and_after_the_last(tmp_path):
     run(tmp_path, 5, eval_fn=lambda step, model: seen.append((step, params_of(model))),
         eval_every=2)
     assert [step for step, _ in seen] == [2, 4, 5]
-    final = trainer.restore_model(TinyNet(nnx.Rngs(1)), str(tmp_path / "ckpt"), hint="")
+    final = checkpoints.restore_model(TinyNet(nnx.Rngs(1)), str(tmp_path / "ckpt"), step=5,
+                                      hint="")
     assert_trees_close(seen[-1][1], params_of(final))
 
 

@@ -9,7 +9,7 @@ from flax import nnx
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.models.pretrained import flat_weights
 from pmm_jax.stages import cls, seg
-from pmm_jax.training import trainer
+from pmm_jax.training import checkpoints
 
 
 def save_trained_classifier(config, wd: Workdir) -> nnx.Module:
@@ -18,7 +18,7 @@ def save_trained_classifier(config, wd: Workdir) -> nnx.Module:
     classifier = cls.build_model(config, seed=5)
     for i, var in enumerate(flat_weights(classifier.backbone).values()):
         var.set_value(var.get_value() + 0.01 * (i + 1))
-    trainer.save_model(classifier, wd.ckpt_dir("cls"), step=12)
+    checkpoints.save_model(classifier, wd.ckpt_dir("cls"), step=12)
     return classifier
 
 
@@ -49,7 +49,7 @@ def test_init_from_cls_starts_the_segmenter_backbone_from_the_cls_checkpoint(tmp
 def test_init_from_cls_refuses_a_different_backbone_and_a_missing_checkpoint(tmp_path):
     config = load_config("configs/demo.py", "tiny")
     wd = Workdir(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="run stage 'cls' first"):
+    with pytest.raises(FileNotFoundError, match="made by stage 'cls': include cls in --config.stages"):
         seg.initial_model(config, wd)
     save_trained_classifier(config, wd)
     with config.unlocked():

@@ -108,3 +108,47 @@ def test_a_stage_without_its_checkpoint_is_not_marked_complete(finished, monkeyp
                                                       r"checkpoint of step 12"):
         stages.run_stage("cls", config, wd, "run")
     assert not pathlib.Path(wd.stage_marker("cls")).exists()
+
+
+def flip_bytes(ckpt_step: pathlib.Path) -> None:
+    """Damages a checkpoint step: 64 flipped bytes in its largest model file."""
+    data = max((p for p in (ckpt_step / "model").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[100:164] = bytes(b ^ 0xFF for b in raw[100:164])
+    data.write_bytes(bytes(raw))
+
+
+def test_a_damaged_final_checkpoint_is_retrained_and_everything_made_from_it_is_stale(finished):
+    """cls's final step 12 damaged: cls retrains from step 8 as a new model, so every stage
+    made from the old one must be redone (named), including the segmenters that started
+    from the cls backbone (init_from_cls) and the eval of the cyclic segmenter."""
+    wd, config = finished
+    flip_bytes(pathlib.Path(wd.ckpt_dir("cls")) / "12")
+    assert stages.plan(["cls"], [], config, wd) == {"cls": "retrain"}
+    with pytest.raises(stages.StaleStageError,
+                       match=r"stage cls runs again before cam \(its final checkpoint is damaged"
+                             r".*--redo=cam,pseudo,seg,cycle,eval"):
+        stages.plan(list(stages.ORDER), [], config, wd)
+    # A stage that reads cls pulls in its retraining, through init_from_cls too.
+    assert stages.plan(["cam"], ["cam"], config, wd) == {"cls": "retrain", "cam": "redo"}
+    assert stages.plan(["seg"], ["seg"], config, wd) == {"cls": "retrain", "seg": "redo"}
+
+
+def test_eval_retrains_a_damaged_cyclic_segmenter_first(finished):
+    wd, config = finished
+    ckpt = pathlib.Path(wd.ckpt_dir("seg/cycle1"))
+    flip_bytes(ckpt / max((p.name for p in ckpt.iterdir() if p.name.isdigit()), key=int))
+    assert stages.plan(["eval"], ["eval"], config, wd) == {"cycle": "retrain", "eval": "redo"}
+
+
+@pytest.mark.parametrize("content", ["", "{\"outputs\": {", "[1, 2]", "\"done\""])
+def test_a_damaged_marker_is_one_paragraph_naming_it_and_the_redo(finished, content):
+    wd, config = finished
+    pathlib.Path(wd.stage_marker("cam")).write_text(content)
+    with pytest.raises(stages.StageError, match=rf"the stage marker {wd.stage_marker('cam')} "
+                                                r"(is not readable JSON|holds a (list|str)).*"
+                                                r"Rerun with --redo=cam"):
+        stages.plan(list(stages.ORDER), [], config, wd)
+    with pytest.raises(stages.StaleStageError, match=r"--redo=cam,pseudo,seg,cycle,eval"):
+        stages.plan(list(stages.ORDER), ["cam"], config, wd)  # later stages came from the old one

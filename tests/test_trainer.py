@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from pmm_jax.training import trainer
+from pmm_jax.training import checkpoints, trainer
 
 NUM_CLASSES = 3
 
@@ -60,7 +60,7 @@ def run(tmp_path, num_steps, *, model=None, batches=None, loss=loss_fn, **kwargs
     tx, schedule = trainer.sgd_poly(0.3, 10)
     kwargs = dict(log_every=2, ckpt_every=3) | kwargs
     return trainer.train(model or TinyNet(nnx.Rngs(0)), loss, batches or batches_from(
-        trainer.latest_step(str(tmp_path / "ckpt")) or 0), tx, num_steps=num_steps,
+        checkpoints.latest_step(str(tmp_path / "ckpt")) or 0), tx, num_steps=num_steps,
         ckpt_dir=str(tmp_path / "ckpt"), log_dir=str(tmp_path / "tb"), seed=0,
         lr_schedule=schedule, **kwargs)
 
@@ -143,12 +143,12 @@ def killed_after(num_batches: int):
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, uninterrupted):
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, 10, batches=killed_after(7))  # steps 1..7 done, checkpoints at 3 and 6
-    assert trainer.latest_step(str(tmp_path / "ckpt")) == 6
+    assert checkpoints.latest_step(str(tmp_path / "ckpt")) == 6
     consumed = []
     batches = (consumed.append(s) or make_batch(s) for s in itertools.count(6))
     resumed = params_of(run(tmp_path, 10, batches=batches))
     assert consumed[0] == 6 and len(consumed) == 4, "must resume at step 6, not restart"
-    assert trainer.latest_step(str(tmp_path / "ckpt")) == 10
+    assert checkpoints.latest_step(str(tmp_path / "ckpt")) == 10
     assert_trees_close(resumed, uninterrupted.final)
 
 
@@ -170,14 +170,16 @@ def test_tensorboard_events_and_checkpoints_kept(uninterrupted):
 
 def test_restore_model(uninterrupted):
     final, path = uninterrupted.final, uninterrupted.path
-    model = trainer.restore_model(TinyNet(nnx.Rngs(1)), str(path / "ckpt"), "run stage cls first")
+    model = checkpoints.restore_model(TinyNet(nnx.Rngs(1)), str(path / "ckpt"), step=10,
+                                      hint="run stage cls first")
     assert_trees_close(params_of(model), final)
     assert model.bn.use_running_average
 
 
 def test_restore_model_without_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"no checkpoint in {tmp_path}: run stage cls"):
-        trainer.restore_model(TinyNet(nnx.Rngs(0)), str(tmp_path), "run stage cls first")
+        checkpoints.restore_model(TinyNet(nnx.Rngs(0)), str(tmp_path), step=1,
+                                  hint="run stage cls first")
 
 
 def test_predict_returns_local_rows_in_order(uninterrupted):
@@ -227,11 +229,11 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, l
     assert "seg pus: training diverged at step 5" in message and text in message
     assert "accuracy=" in message and "grad_norm=" in message
     assert f"last good checkpoint is step 4 in {tmp_path / 'ckpt'}" in message
-    assert trainer.latest_step(ckpt) == 4
+    assert checkpoints.latest_step(ckpt) == 4
     # The kept checkpoint is the state after step 4 of a run that never saw the poison.
     good = tmp_path / "good"
     expected = params_of(run(good, 4, batches=batches_from(0), ckpt_every=2))
-    restored = trainer.restore_model(TinyNet(nnx.Rngs(1)), ckpt, "run stage cls first")
+    restored = checkpoints.restore_model(TinyNet(nnx.Rngs(1)), ckpt, step=4, hint="")
     assert_trees_close(params_of(restored), expected)
 
 
@@ -253,7 +255,7 @@ def copy_checkpoints(uninterrupted, tmp_path) -> pathlib.Path:
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(uninterrupted.path / "ckpt", ckpt)
-    assert (ckpt / "10" / trainer.DIGEST_FILE).exists()
+    assert (ckpt / "10" / checkpoints.DIGEST_FILE).exists()
     return ckpt
 
 
@@ -261,36 +263,43 @@ def largest_file(directory: pathlib.Path) -> pathlib.Path:
     return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
-def test_flipped_bytes_fall_back_to_the_intact_step_and_training_redoes_it(
-        tmp_path, uninterrupted, caplog):
-    """64 flipped bytes in step 10's model data: restore warns and uses step 9; training
-    sets step 10 aside, redoes it from step 9 and ends where the uninterrupted run did."""
+def test_flipped_bytes_stop_inference_and_training_redoes_the_step(tmp_path, uninterrupted):
+    """64 flipped bytes in step 10's model data: loading the final step 10 stops, naming it
+    and the newest intact step 9 (never step 9's model in its place); training sets step 10
+    aside, redoes it from step 9 and ends where the uninterrupted run did."""
     ckpt = copy_checkpoints(uninterrupted, tmp_path)
     data = largest_file(ckpt / "10" / "model")
     raw = bytearray(data.read_bytes())
     raw[100:164] = bytes(b ^ 0xFF for b in raw[100:164])
     data.write_bytes(bytes(raw))
-    assert trainer.latest_step(str(ckpt)) == 9
-    with caplog.at_level("WARNING", logger="pmm_jax.training.trainer"):
-        model = trainer.restore_model(TinyNet(nnx.Rngs(1)), str(ckpt), "run stage cls first")
-    assert "checkpoint step 10" in caplog.text and "sha256 mismatch" in caplog.text
-    with pytest.raises(AssertionError):
-        assert_trees_close(params_of(model), uninterrupted.final)  # step 9's weights
+    assert checkpoints.latest_step(str(ckpt)) == 9
+    with pytest.raises(checkpoints.CheckpointError,
+                       match=r"step 10 in .*is damaged \(.*sha256 mismatch\)\); the newest "
+                             r"intact step is 9, but an older model is never used in its place: "
+                             r"run stage cls again"):
+        checkpoints.restore_model(TinyNet(nnx.Rngs(1)), str(ckpt), step=10,
+                                  hint="run stage cls again")
     resumed = params_of(run(tmp_path, 10, batches=batches_from(9)))
     assert_trees_close(resumed, uninterrupted.final)
-    assert trainer.latest_step(str(ckpt)) == 10 and list((tmp_path / "ckpt.damaged").iterdir())
+    assert checkpoints.latest_step(str(ckpt)) == 10 and list((tmp_path / "ckpt.damaged").iterdir())
+    restored = checkpoints.restore_model(TinyNet(nnx.Rngs(1)), str(ckpt), step=10, hint="")
+    assert_trees_close(params_of(restored), uninterrupted.final)
 
 
-def test_truncated_file_or_missing_item_falls_back_and_none_intact_is_an_error(
+def test_truncated_file_or_missing_item_and_none_intact_is_an_error(
         tmp_path, uninterrupted):
     import shutil
 
     ckpt = copy_checkpoints(uninterrupted, tmp_path)
     data = largest_file(ckpt / "10" / "opt")
     data.write_bytes(data.read_bytes()[:10])
-    assert trainer.latest_step(str(ckpt)) == 9
+    assert checkpoints.latest_step(str(ckpt)) == 9
     shutil.rmtree(ckpt / "9" / "model")
-    assert trainer.latest_step(str(ckpt)) is None
-    with pytest.raises(trainer.CheckpointError, match=r"step 10: opt/.* has 10 bytes.*"
-                                                      r"step 9: item model/ is missing"):
-        trainer.restore_model(TinyNet(nnx.Rngs(1)), str(ckpt), "run stage cls first")
+    assert checkpoints.latest_step(str(ckpt)) is None
+    with pytest.raises(checkpoints.CheckpointError, match=r"step 10: opt/.* has 10 bytes.*"
+                                                          r"step 9: item model/ is missing"):
+        run(tmp_path, 10, batches=batches_from(0))
+    with pytest.raises(checkpoints.CheckpointError, match=r"step 9 in .* is damaged \(item "
+                                                          r"model/ is missing\); no step is "
+                                                          r"intact"):
+        checkpoints.restore_model(TinyNet(nnx.Rngs(1)), str(ckpt), step=9, hint="")

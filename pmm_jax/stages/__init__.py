@@ -32,8 +32,19 @@ log = logging.getLogger(__name__)
 
 ORDER = ("cls", "cam", "pseudo", "seg", "cycle", "eval")
 
-# The stage whose output each stage reads.
+# The stage whose output each stage reads (the one it cannot start without).
 REQUIRES = {"cam": "cls", "pseudo": "cam", "seg": "pseudo", "cycle": "seg", "eval": "seg"}
+
+
+def needs(name: str, config: ml_collections.ConfigDict) -> list[str]:
+    """Every stage whose outputs ``name`` reads: ``REQUIRES``, the cls checkpoint for a
+    segmenter starting from it (``seg.model.init_from_cls``), the cyclic segmenters for eval."""
+    out = [REQUIRES[name]] if name in REQUIRES else []
+    if name in ("seg", "cycle") and config.seg.model.get("init_from_cls"):
+        out.append("cls")
+    if name == "eval" and config.cycle.num_cycles > 0:
+        out.append("cycle")
+    return out
 
 
 # The model config that each training stage initialises from ``<key>.model.init_from``.
@@ -122,12 +133,27 @@ def check_inputs(name: str, wd: Workdir) -> None:
 
 def completed(wd: Workdir) -> Mapping[str, dict]:
     """Markers of every completed stage: ``{stage: {"seconds": .., "metrics": {..}}}``."""
-    return {name: io.read_json(wd.stage_marker(name)) for name in ORDER
-            if os.path.exists(wd.stage_marker(name))}
+    return {name: marker for name in ORDER
+            if (marker := _read_marker(wd, name)) is not None}
 
 
-def _read(path: str) -> dict | None:
-    return io.read_json(path) if os.path.exists(path) else None
+def _read_record(path: str, name: str, what: str) -> dict | None:
+    """The JSON object in ``path`` (stage ``name``'s ``what``), None when absent; StageError
+    naming the file and the ``--redo`` when it is empty, not JSON or not an object (e.g. cut
+    short by a power loss on a filesystem that does not order writes)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        value = io.read_json(path)
+    except (OSError, ValueError) as err:
+        problem = f"is not readable JSON ({' '.join(str(err).split())})"
+    else:
+        if isinstance(value, dict) and isinstance(value.get("outputs", {}), dict):
+            return value
+        problem = f"holds a {type(value).__name__}, not a stage record"
+    raise StageError(f"{what} {path} {problem}: it is damaged, so what stage {name} made is "
+                     f"unknown. Rerun with --redo={name} (the stage runs again from scratch; "
+                     "later stages made from it are then refused until redone too).")
 
 
 def _started_path(wd: Workdir, name: str) -> str:
@@ -136,57 +162,39 @@ def _started_path(wd: Workdir, name: str) -> str:
 
 
 def _needs_repair(name: str, config, wd: Workdir) -> bool:
-    marker = _read(wd.stage_marker(name))
+    marker = _read_marker(wd, name)
     return bool(marker and record.missing_outputs(config, wd, name, marker.get("outputs", {})))
+
+
+def _read_marker(wd: Workdir, name: str) -> dict | None:
+    """Stage ``name``'s marker, or None when it has not completed (:func:`_read_record`)."""
+    return _read_record(wd.stage_marker(name), name, "the stage marker")
 
 
 def plan(names: list[str], redo: list[str], config: ml_collections.ConfigDict,
          wd: Workdir) -> dict[str, str]:
     """``{stage: action}`` in pipeline order: "skip" (complete and current), "run" (not
-    complete: starts or resumes), "redo" (named in ``redo``: outputs deleted, runs again) or
-    "repair" (complete but outputs missing: runs again, redoing only those). The completed
-    stages a running stage needs are repaired too when their outputs are missing. Raises
-    StaleStageError naming every completed (or half-done) stage made with other settings or
-    inputs, and the keys."""
+    complete: starts or resumes), "redo" (named in ``redo``: outputs deleted, runs again),
+    "repair" (complete but files missing: runs again, redoing only those, same identity) or
+    "retrain" (complete but its final checkpoint damaged or gone: training resumes from the
+    newest intact step and the stage gets a new identity, so every completed stage made from
+    the old model is stale). The completed stages a running stage reads (:func:`needs`) are
+    repaired or retrained too when their outputs are missing. Raises StaleStageError naming
+    every completed (or half-done) stage made with other settings or inputs, or from a stage
+    that runs again, the keys, and the ``--redo`` that remakes them."""
     extra = set(redo) - set(names)
     if extra:
         raise StageError(f"--redo names stage(s) {sorted(extra)} that --config.stages="
                          f"{config.stages!r} does not run")
-    actions, renewed, stale = {}, set(), {}
-
-    def decide(name: str) -> None:
-        current = record.relevant_config(config, name, ORDER)
-        marker = _read(wd.stage_marker(name))
-        if name in redo or marker is None:
-            started = _read(_started_path(wd, name)) if name not in redo else None
-            if started:
-                stale[name] = record.changed_keys(started["config"], current)
-            actions[name] = "redo" if name in redo else "run"
-            renewed.add(name)
-            return
-        # A marker written before markers held records has no config or inputs to compare.
-        reasons = record.changed_keys(marker.get("config", current), current)
-        for stage, marker_id in marker.get("inputs", {}).items():
-            if stage in renewed:
-                reasons.append(f"stage {stage} runs again before {name}")
-            elif (_read(wd.stage_marker(stage)) or {}).get("id") != marker_id:
-                reasons.append(f"stage {stage} was redone after {name}")
-        if reasons:
-            stale[name] = reasons
-            return
-        missing = record.missing_outputs(config, wd, name, marker.get("outputs", {}))
-        if missing:
-            log.warning("stage %s: complete but %s; running it again to redo what is missing",
-                        name, "; ".join(missing))
-        actions[name] = "repair" if missing else "skip"
-
-    for name in [n for n in ORDER if n in names]:
-        decide(name)
-    for name in [n for n, action in actions.items() if action != "skip"]:
-        need = REQUIRES.get(name)
-        while need and need not in actions and _needs_repair(need, config, wd):
-            decide(need)
-            need = REQUIRES.get(need)
+    included = set(names)
+    while True:
+        actions, stale = _decide_all([n for n in ORDER if n in included], redo, config, wd)
+        pulled = {need for name, action in actions.items() if action != "skip"
+                  for need in needs(name, config)
+                  if need not in included and _needs_repair(need, config, wd)}
+        if not pulled:
+            break
+        included |= pulled
     stale = {name: reasons for name, reasons in stale.items() if reasons}
     if stale:
         reasons = list(dict.fromkeys(r for rs in stale.values() for r in rs))
@@ -202,14 +210,53 @@ def plan(names: list[str], redo: list[str], config: ml_collections.ConfigDict,
     return {name: actions[name] for name in ORDER if name in actions}
 
 
+def _decide_all(ordered: list[str], redo: list[str], config, wd: Workdir
+                ) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Each stage's action (in pipeline order, so a stage that runs again is known before
+    the stages made from it) and the reasons each completed stage is stale."""
+    actions, renewed, stale = {}, set(), {}
+    for name in ordered:
+        current = record.relevant_config(config, name, ORDER)
+        marker = _read_marker(wd, name)
+        if name in redo or marker is None:
+            started = (_read_record(_started_path(wd, name), name, "the record of the half-done stage")
+                       if name not in redo else None)
+            if started:
+                stale[name] = record.changed_keys(started.get("config", {}), current)
+            actions[name] = "redo" if name in redo else "run"
+            renewed.add(name)
+            continue
+        # A marker written before markers held records has no config or inputs to compare.
+        reasons = record.changed_keys(marker.get("config", current), current)
+        for stage, marker_id in marker.get("inputs", {}).items():
+            if stage in renewed:
+                reasons.append(f"stage {stage} runs again before {name}"
+                               + (" (its final checkpoint is damaged: it retrains from an "
+                                  "older step)" if actions.get(stage) == "retrain" else ""))
+            elif (_read_marker(wd, stage) or {}).get("id") != marker_id:
+                reasons.append(f"stage {stage} was redone after {name}")
+        if reasons:
+            stale[name] = reasons
+            continue
+        missing = record.missing_outputs(config, wd, name, marker.get("outputs", {}))
+        if missing:
+            log.warning("stage %s: complete but %s; running it again to redo what is missing",
+                        name, "; ".join(missing))
+        retrain = record.checkpoint_lost(config, wd, name, marker.get("outputs", {}))
+        actions[name] = "retrain" if retrain else "repair" if missing else "skip"
+        if retrain:
+            renewed.add(name)
+    return actions, stale
+
+
 def run_stage(name: str, config: ml_collections.ConfigDict, wd: Workdir,
               action: str = "run") -> dict:
     """Carries out ``name``'s :func:`plan` action; returns its marker contents."""
     marker = wd.stage_marker(name)
     if action == "skip":
         log.info("stage %s: already complete (%s); skipping", name, marker)
-        return io.read_json(marker)
-    previous = _read(marker) if action == "repair" else None
+        return _read_marker(wd, name)
+    previous = _read_marker(wd, name) if action in ("repair", "retrain") else None
     if action == "redo":
         if distributed.is_main():
             record.remove([marker, _started_path(wd, name),
@@ -234,7 +281,9 @@ def run_stage(name: str, config: ml_collections.ConfigDict, wd: Workdir,
               if ORDER.index(n) < ORDER.index(name) and "id" in m}
     result = {"seconds": round(time.time() - start, 2), "metrics": metrics, "config": current,
               "inputs": previous.get("inputs", inputs) if previous else inputs,
-              "id": previous.get("id", uuid.uuid4().hex) if previous else uuid.uuid4().hex,
+              # A repair remakes the same files; a retrained model is another model.
+              "id": (previous.get("id", uuid.uuid4().hex) if action == "repair"
+                     else uuid.uuid4().hex),
               "outputs": written}
     if distributed.is_main():
         io.write_json(marker, result)

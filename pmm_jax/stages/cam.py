@@ -34,7 +34,7 @@ from pmm_jax.files.workdir import Workdir
 from pmm_jax.stages import common
 from pmm_jax.stages.cls import build_model
 from pmm_jax.tools import scoring
-from pmm_jax.training import distributed, trainer
+from pmm_jax.training import checkpoints, distributed
 from pmm_jax.training import sharding as shd
 
 CURVE_THRESHOLDS = tuple(round(0.05 + 0.05 * i, 2) for i in range(10))
@@ -88,7 +88,7 @@ class MultiScaleCAM:
         self.mesh = shd.make_mesh()
         self.batch_size_key = batch_size_key
         graphdef, state = nnx.split(model)
-        self.state = trainer.replicate(state, self.mesh)
+        self.state = shd.replicate(state, self.mesh)
         data, replicated = shd.data_sharding(self.mesh), shd.replicated(self.mesh)
 
         def add_view(state, images, total, *, scale, mirrored):
@@ -204,8 +204,8 @@ def summary_images(config, wd: Workdir, split: str = "val") -> dict[str, np.ndar
 
 
 def run(config, wd: Workdir) -> dict:
-    model = trainer.restore_model(build_model(config), wd.ckpt_dir("cls"),
-                                  hint="run stage 'cls' first")
+    model = checkpoints.restore_model(build_model(config), wd.ckpt_dir("cls"),
+                                      step=config.cls.num_steps, hint=common.made_by("cls"))
     predict = make_predictor(config, model)
     counts = {split: write_split(config, wd, model, split, predict) for split in ("train", "val")}
     if distributed.is_main():

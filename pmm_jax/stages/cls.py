@@ -22,7 +22,7 @@ from pmm_jax.cams import seam
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.models.cam_classifier import multilabel_soft_margin_loss
 from pmm_jax.stages import common
-from pmm_jax.training import precision, trainer
+from pmm_jax.training import checkpoints, precision, trainer
 
 
 def method(config) -> str:
@@ -101,7 +101,7 @@ def cam_summary(model, batch) -> dict:
 def run(config, wd: Workdir) -> dict:
     cfg = config.cls
     ckpt_dir = wd.ckpt_dir("cls")
-    start = trainer.latest_step(ckpt_dir) or 0
+    start = checkpoints.latest_step(ckpt_dir) or 0
     batches = train_batches(config, wd, start)
     common.warn_random_init(config, "cls")
     model = build_model(config, config.seed)

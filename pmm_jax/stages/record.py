@@ -130,14 +130,14 @@ def _count_files(directory: str) -> int:
 def measure_outputs(config, wd: Workdir, stage: str) -> dict[str, int]:
     """``{path relative to the workdir: count}``: files in each folder, the step of the newest
     intact checkpoint (0 when none), 1 for a file that exists."""
-    from pmm_jax.training import trainer
+    from pmm_jax.training import checkpoints
 
     out = {}
     for path, kind in outputs(config, wd, stage).items():
         if kind == "files":
             count = _count_files(path)
         elif kind == "checkpoint":
-            count = trainer.latest_step(path) or 0
+            count = checkpoints.latest_step(path) or 0
         else:
             count = int(os.path.exists(path))
         out[os.path.relpath(path, wd.root)] = count
@@ -158,6 +158,18 @@ def missing_outputs(config, wd: Workdir, stage: str, recorded: Mapping[str, int]
     now = measure_outputs(config, wd, stage)
     return [_note(path, kinds.get(path, "files"), now.get(path, 0), want)
             for path, want in sorted(recorded.items()) if now.get(path, 0) < want]
+
+
+def checkpoint_lost(config, wd: Workdir, stage: str, recorded: Mapping[str, int]) -> bool:
+    """Whether a completed stage's checkpoint no longer holds the step its marker records
+    (damaged or deleted): the stage must train again, from an older step or from scratch."""
+    kinds = {os.path.relpath(p, wd.root): k for p, k in outputs(config, wd, stage).items()}
+    checkpoints = {path: want for path, want in recorded.items()
+                   if kinds.get(path) == "checkpoint"}
+    if not checkpoints:
+        return False
+    now = measure_outputs(config, wd, stage)
+    return any(now.get(path, 0) < want for path, want in checkpoints.items())
 
 
 def unfinished_outputs(config, wd: Workdir, stage: str, measured: Mapping[str, int]
