@@ -217,8 +217,8 @@ def _decide_all(ordered: list[str], redo: list[str], config, wd: Workdir
     actions, renewed, stale = {}, set(), {}
     for name in ordered:
         current = record.relevant_config(config, name, ORDER)
-        marker = _read_marker(wd, name)
-        if name in redo or marker is None:
+        marker = None if name in redo else _read_marker(wd, name)
+        if marker is None:
             started = (_read_record(_started_path(wd, name), name, "the record of the half-done stage")
                        if name not in redo else None)
             if started:
