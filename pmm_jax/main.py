@@ -20,6 +20,7 @@ import logging as std_logging
 import os
 import re
 import sys
+import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -167,7 +168,22 @@ def run(config, workdir: str, redo: list[str] = ()) -> dict:
 def fail(message: str) -> None:
     """Ends the run with ``message`` as one paragraph on stderr and exit status 1."""
     sys.stderr.write(f"error: {message}\n")
-    sys.exit(1)
+    end_now(1)
+
+
+def end_now(status: int) -> None:
+    """Flushes the output and ends the process at once with ``status``.
+
+    On an error, a thread that is still running (a tf.data prefetch iterator, an orbax
+    checkpoint writer, a CRF process pool's manager) would otherwise keep the process alive
+    after its message, holding a cluster job's accelerators idle until it is killed;
+    ``os._exit`` skips waiting for them. The workdir lock was released on the way out (its
+    ``with`` block) and finished outputs are already renamed into place.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
 
 
 def main(argv):
@@ -194,6 +210,12 @@ def main(argv):
             trainer.DivergenceError, io.NonFiniteError, workdir.WorkdirBusyError,
             DatasetNotPreparedError) as err:
         fail(str(err))  # each message says what to do; a traceback would bury it
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; rerun the same command to resume\n")
+        end_now(130)
+    except Exception:  # a bug: its traceback, then the same prompt exit
+        traceback.print_exc()
+        end_now(1)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import time
 import uuid
 from typing import TYPE_CHECKING, Callable, Mapping
@@ -62,6 +63,10 @@ class StageInputError(StageError):
 
 class StaleStageError(StageError):
     """Completed stages were made with other settings or inputs than this run's."""
+
+
+class DamagedInputError(StageError):
+    """A stage met an unreadable file that an earlier stage wrote (truncated, corrupt)."""
 
 
 class StageOutputError(StageError):
@@ -268,7 +273,13 @@ def run_stage(name: str, config: ml_collections.ConfigDict, wd: Workdir,
         io.write_json(_started_path(wd, name), {"config": current})
     log.info("stage %s: %s", name, "redoing missing outputs" if previous else "starting")
     start = time.time()
-    metrics = _runner(name)(config, wd)
+    try:
+        metrics = _runner(name)(config, wd)
+    except Exception as err:  # a damaged file of an earlier stage, met anywhere in the stage
+        damaged = damaged_input(err, name, config, wd)
+        if damaged is None:
+            raise
+        raise damaged from err
     # The marker is written once every process has finished the stage, and no process starts
     # the next stage (whose input check reads the marker) before it exists.
     distributed.barrier(f"stage-{name}-done")
@@ -292,6 +303,39 @@ def run_stage(name: str, config: ml_collections.ConfigDict, wd: Workdir,
     log.info("stage %s: done in %.1f s%s", name, result["seconds"],
              "".join(f"; {k}={v:.6f}" for k, v in headline(metrics).items()))
     return result
+
+
+# A workdir path in an error message, up to the first character that cannot be in one here.
+_PATH_CHARS = r"[^\s:'\"()\[\],]+"
+
+
+def damaged_input(err: BaseException, name: str, config, wd: Workdir
+                  ) -> DamagedInputError | None:
+    """One paragraph for an error of stage ``name`` that names a file an earlier stage
+    wrote (the error may come from a worker process or through TensorFlow, whose message
+    carries the Python one and its traceback): the file, what is wrong with it, the stage
+    that wrote it and the ``--redo`` that remakes it and everything made from it. None when
+    the message names no such file (the error is then not about a damaged input)."""
+    text = str(err)
+    root = re.escape(os.path.abspath(wd.root))
+    for line in text.splitlines():
+        match = re.search(rf"({root}/{_PATH_CHARS})", line)
+        if not match:
+            continue
+        path = match.group(1).rstrip(".")
+        producer = record.producer_of(config, wd, path, ORDER)
+        if producer is None or ORDER.index(producer) > ORDER.index(name):
+            continue
+        reason = re.sub(r"^\s*(\w+(Error|Exception): )+", "", line).strip()
+        redo = [n for n in ORDER[ORDER.index(producer):]
+                if n == name or os.path.exists(wd.stage_marker(n))]
+        run = [n for n in ORDER if n in redo or n in parse_stages(config.stages)]
+        return DamagedInputError(
+            f"stage {name} cannot use {path}, written by stage '{producer}' ({reason[:400]}). "
+            f"The file is damaged (e.g. truncated by a full disk or an interrupted copy); "
+            f"rerun with --config.stages={','.join(run)} --redo={','.join(redo)} to remake it "
+            "and everything made from it.")
+    return None
 
 
 def headline(metrics: Mapping, prefix: str = "") -> dict[str, float]:

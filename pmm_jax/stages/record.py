@@ -112,6 +112,17 @@ def owned_paths(config, wd: Workdir, stage: str) -> list[str]:
     }[stage]
 
 
+def producer_of(config, wd: Workdir, path: str, order: Sequence[str]) -> str | None:
+    """The stage whose outputs hold ``path`` (a file in one of its output folders), or None."""
+    path = os.path.abspath(path)
+    for stage in order:
+        for output in outputs(config, wd, stage):
+            output = os.path.abspath(output)
+            if path == output or path.startswith(output + os.sep):
+                return stage
+    return None
+
+
 def remove(paths: Sequence[str]) -> None:
     """Deletes files and folders (absent ones are fine)."""
     for path in paths:
