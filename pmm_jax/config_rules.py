@@ -216,17 +216,26 @@ def _num_classes(config) -> list[str]:
         problems.append(f"config.data.num_classes={num} but config.data.class_names={names!r} "
                         f"names {len(CLASS_NAMES[names])} classes (background included)")
     name = _get(config, "data.name")
-    if isinstance(name, str) and _is_int(num):
-        try:
-            labels = dataset_labels(name)
-        except LookupError:
-            problems.append(f"config.data.name={name!r} is not a dataset of this project "
-                            "(synthetic_wsss/<config>, voc2012_wsss, coco2014_wsss/<config>)")
-        else:
-            if labels is not None and labels + 1 != num:
-                problems.append(f"config.data.num_classes={num} but dataset {name} has "
-                                f"{labels + 1} classes (background included): set "
-                                f"--config.data.num_classes={labels + 1}")
+    if not isinstance(name, str):
+        return problems
+    from pmm_jax.data import dataset
+
+    try:
+        kind = dataset.kind(config.data)
+    except ValueError as err:
+        return [*problems, str(err)]
+    if dataset.KINDS[kind] is not dataset.open_tfds or not _is_int(num):
+        return problems  # other kinds declare their classes when opened
+    try:
+        labels = dataset_labels(name)
+    except LookupError:
+        problems.append(f"config.data.name={name!r} is not a dataset of kind {kind} "
+                        "(synthetic_wsss/<config>, voc2012_wsss, coco2014_wsss/<config>)")
+    else:
+        if labels is not None and labels + 1 != num:
+            problems.append(f"config.data.num_classes={num} but dataset {name} has "
+                            f"{labels + 1} classes (background included): set "
+                            f"--config.data.num_classes={labels + 1}")
     return problems
 
 

@@ -153,16 +153,23 @@ def run(config, workdir: str, redo: list[str] = ()) -> dict:
     with hold_workdir(wd):
         if distributed.is_main() and not os.path.exists(wd.config_json):
             io.write_json(wd.config_json, config.to_dict())
-        if jax.process_count() > 1:
-            # tfds builds the synthetic dataset on first use: one process builds, the others wait.
-            from pmm_jax.stages import common
-            if distributed.is_main():
-                common.data_dir(config, wd)
-            distributed.barrier("dataset-ready")
         actions = stages.plan(names, redo, config, wd)
         distributed.barrier("planned")  # nothing is deleted before every process has planned
-        return {name: stages.run_stage(name, config, wd, action)
+        data = open_dataset(config, wd)
+        return {name: stages.run_stage(name, config, wd, data, action)
                 for name, action in actions.items()}
+
+
+def open_dataset(config, wd):
+    """The run's dataset (``pmm_jax.data.dataset``), resolved once for every stage. tfds
+    builds a generated dataset on first use: process 0 opens it first, the others wait."""
+    from pmm_jax.data import dataset
+    from pmm_jax.training import distributed
+
+    if distributed.is_main():
+        data = dataset.open_dataset(config, wd)
+    distributed.barrier("dataset-ready")
+    return data if distributed.is_main() else dataset.open_dataset(config, wd)
 
 
 def fail(message: str) -> None:
@@ -190,7 +197,7 @@ def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {argv[1:]}")
     from pmm_jax import config_rules, stages
-    from pmm_jax.data.synthetic import DatasetNotPreparedError
+    from pmm_jax.data.builder_base import DatasetNotPreparedError
     from pmm_jax.files import io, workdir
     from pmm_jax.training import checkpoints, distributed, trainer
     # Library chatter (orbax's read-only notices, tfds) only on errors; this package's

@@ -1,15 +1,16 @@
-"""Views of a run's workdir as numpy pictures and plain tables (notebooks and TensorBoard).
+"""Views of a run's workdir as numpy pictures and plain tables, for the notebooks.
 
 The notebooks in ``notebooks/`` only call these functions and draw what they return, so the
-logic is tested here and cannot rot in a cell. Pictures are uint8 RGB ``[H, W, 3]``; tables
-are lists of dicts (one per row). Nothing here trains or writes into the workdir.
+logic is tested here and cannot rot in a cell; the pictures come from ``pmm_jax.drawing``
+(which the stages use for TensorBoard). Pictures are uint8 RGB ``[H, W, 3]``; tables are
+lists of dicts (one per row). Nothing here trains or writes into the workdir.
 """
 
 from __future__ import annotations
 
 import glob
 import os
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import ml_collections
 import numpy as np
@@ -18,8 +19,8 @@ from pmm_jax import drawing
 from pmm_jax.files import io
 from pmm_jax.files.workdir import Workdir
 
-# Pseudo-mask variants shown side by side: the paper's baseline (CRF) and PPMG.
-SHOWN_VARIANTS = ("baseline", "ppmg")
+if TYPE_CHECKING:  # TensorFlow: imported where data is read
+    from pmm_jax.data.dataset import Dataset
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -30,9 +31,12 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(io.read_json(path))
 
 
-def class_names(config) -> tuple[str, ...]:
-    from pmm_jax.constants import CLASS_NAMES
-    return CLASS_NAMES[config.data.class_names]
+def dataset(config, workdir: str) -> Dataset:
+    """The run's dataset (``pmm_jax.data.dataset``): the workdir's tensorflow-datasets copy
+    (``WORKDIR/tfds`` unless configured)."""
+    from pmm_jax.data.dataset import open_dataset
+
+    return open_dataset(config, Workdir(workdir))
 
 
 def examples(config, workdir: str, split: str, ids: Iterable[str] | None = None,
@@ -40,74 +44,8 @@ def examples(config, workdir: str, split: str, ids: Iterable[str] | None = None,
     """Dataset examples ``{id, image uint8 [H,W,3], mask [H,W], labels [C]}`` of ``split``.
 
     ``ids`` picks images by id (in dataset order); otherwise the first ``limit`` images.
-    Reads the workdir's tensorflow-datasets copy (``WORKDIR/tfds`` unless configured).
     """
-    from pmm_jax.stages import common
-
-    wanted = None if ids is None else set(ids)
-    chosen = []
-    for ex in common.examples(config, Workdir(workdir), split, all_processes=True):
-        if wanted is None or ex["id"] in wanted:
-            chosen.append({k: ex[k] for k in ("id", "image", "mask", "labels")})
-        if limit is not None and len(chosen) >= limit:
-            break
-    return chosen
-
-
-def strip(pictures: list[np.ndarray], gap: int = 2) -> np.ndarray:
-    """Pictures of one height side by side with a white ``gap``: one TensorBoard image."""
-    height = max(p.shape[0] for p in pictures)
-    padded = [np.pad(p, ((0, height - p.shape[0]), (0, gap), (0, 0)), constant_values=255)
-              for p in pictures]
-    joined = np.concatenate(padded, axis=1)
-    return joined[:, :joined.shape[1] - gap]
-
-
-def cam_pictures(image: np.ndarray, cams: dict[int, np.ndarray], names) -> dict[str, np.ndarray]:
-    """``{class name: image with that class's CAM as a heat map}`` for each class in ``cams``."""
-    return {names[c + 1]: drawing.cam_overlay(image, cam) for c, cam in sorted(cams.items())}
-
-
-def cvs_pictures(image: np.ndarray, cams: dict[int, np.ndarray], names, *, t: float, s: float
-                 ) -> dict[str, dict[str, np.ndarray]]:
-    """CVS before/after per class: ``{class name: {"before": .., "after": ..}}`` heat maps.
-
-    "before" is the min-max normalised CAM ``x``, "after" is ``cvs(x)`` with the run's ``t``
-    and ``s`` (paper eq. 6), both drawn on one [0, 1] colour scale so the flattening shows.
-    """
-    from pmm_jax.masks import cvs
-
-    if not cams:
-        return {}
-    classes = sorted(cams)
-    stack = np.stack([np.asarray(cams[c], np.float32) for c in classes])
-    present = np.ones(len(classes), bool)
-    x = np.asarray(cvs.normalize(stack, present))
-    x_s = np.asarray(cvs.cvs(x, present, t, s))
-    return {names[c + 1]: {"before": drawing.overlay(image, drawing.heatmap(x[k])),
-                           "after": drawing.overlay(image, drawing.heatmap(x_s[k]))}
-            for k, c in enumerate(classes)}
-
-
-def mask_pictures(workdir: str, image_id: str, gt_mask: np.ndarray | None = None,
-                  variants: Iterable[str] = SHOWN_VARIANTS, split: str = "train",
-                  runs: Iterable[str] = ()) -> dict[str, np.ndarray]:
-    """Coloured masks of one image that exist in the workdir.
-
-    Keys: ``pseudo/<variant>`` (train pseudo-masks), ``prediction/<run>`` (segmenter
-    predictions of ``split``) and ``ground truth`` when ``gt_mask`` is given. Missing files are
-    left out (a variant made only for the eval subset, a run not predicted yet).
-    """
-    wd = Workdir(workdir)
-    paths = {f"pseudo/{v}": os.path.join(wd.pseudo_masks(v, "train"), f"{image_id}.png")
-             for v in variants}
-    paths.update({f"prediction/{r}": os.path.join(wd.predictions(r, split), f"{image_id}.png")
-                  for r in runs})
-    out = {name: drawing.colorize_mask(io.read_mask(path))
-           for name, path in paths.items() if os.path.exists(path)}
-    if gt_mask is not None:
-        out["ground truth"] = drawing.colorize_mask(gt_mask)
-    return out
+    return dataset(config, workdir).select(split, ids=ids, limit=limit)
 
 
 def predicted_runs(workdir: str, split: str) -> list[str]:
@@ -133,7 +71,7 @@ def predict(config, workdir: str, run: str, images: list[np.ndarray]) -> list[np
     from pmm_jax.constants import IMAGENET_MEAN, IMAGENET_STD
     from pmm_jax.stages import seg
 
-    model = seg.load_segmenter(config, Workdir(workdir), run)
+    model = seg.load_segmenter(config, Workdir(workdir), run, dataset(config, workdir).num_classes)
     labels = seg.jitted_predict_labels
     mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
     return [np.asarray(labels(model, {"image": ((image - mean) / std)[None]})[0])
@@ -150,19 +88,20 @@ def image_views(config, workdir: str, example: dict, split: str = "train",
     given as ``predictions`` ``{run: [H, W]}`` (from :func:`predict`), and the ground truth.
     """
     wd = Workdir(workdir)
-    names = class_names(config)
+    names = dataset(config, workdir).class_names
     image = example["image"]
     cam_file = os.path.join(wd.cams(split), f"{example['id']}.npy")
     cams = io.read_cams(cam_file) if os.path.exists(cam_file) else {}
-    masks = mask_pictures(workdir, example["id"], variants=SHOWN_VARIANTS if split == "train"
-                          else (), split=split, runs=predicted_runs(workdir, split))
+    masks = drawing.mask_pictures(
+        workdir, example["id"], variants=drawing.SHOWN_VARIANTS if split == "train" else (),
+        split=split, runs=predicted_runs(workdir, split))
     for run, labels in (predictions or {}).items():
         masks[f"prediction/{run}"] = drawing.colorize_mask(labels)
     masks["ground truth"] = drawing.colorize_mask(example["mask"])
     return {
         "image": image,
-        "cams": cam_pictures(image, cams, names),
-        "cvs": cvs_pictures(image, cams, names, t=config.pseudo.t, s=config.pseudo.s),
+        "cams": drawing.cam_pictures(image, cams, names),
+        "cvs": drawing.cvs_pictures(image, cams, names, t=config.pseudo.t, s=config.pseudo.s),
         "masks": masks,
     }
 

@@ -6,6 +6,7 @@ import pytest
 from conftest import load_config
 from flax import nnx
 
+from pmm_jax.data.dataset import open_dataset
 from pmm_jax.files import io
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.segmentation import inference
@@ -26,17 +27,18 @@ def test_eval_fn_runs_every_n_steps_and_after_the_last(tmp_path):
 
 def test_keep_best_saves_the_best_model_and_load_segmenter_prefers_it(tmp_path, monkeypatch):
     scores = iter([0.3, 0.5, 0.4])
-    monkeypatch.setattr(seg, "val_miou", lambda config, wd, model: next(scores))
-    monkeypatch.setattr(seg, "build_model", lambda config, seed=0: TinyNet(nnx.Rngs(7)))
+    monkeypatch.setattr(seg, "val_miou", lambda config, data, model: next(scores))
+    monkeypatch.setattr(seg, "build_model",
+                        lambda config, seed=0, num_classes=None: TinyNet(nnx.Rngs(7)))
     wd = Workdir(str(tmp_path))
     config = ml_collections.ConfigDict(dict(seg=dict(eval_every=2)))
     models_seen = []
-    keep = seg.keep_best(config, wd, "pus")
+    keep = seg.keep_best(config, wd, None, "pus")  # val_miou (stubbed) reads no data
     run(tmp_path, 6, eval_fn=lambda step, model: (models_seen.append(params_of(model)),
                                                   keep(step, model)), eval_every=2)
     assert io.read_json(str(tmp_path / "seg/pus/best/best.json")) == {"step": 4, "miou": 0.5}
     # load_segmenter reads seg/<run>/best when eval_every is on (the last checkpoint otherwise).
-    loaded = seg.load_segmenter(config, wd, "pus")
+    loaded = seg.load_segmenter(config, wd, "pus", num_classes=6)
     assert_trees_close(params_of(loaded), models_seen[1])
 
 
@@ -53,15 +55,15 @@ def test_val_subset_validates_on_the_first_val_images(tmp_path, monkeypatch):
     """``config.seg.val_subset`` = N > 0: the periodic validation reads the first N val images
     (in dataset order), 0 reads all of val; either way their mIoU is scored."""
     config = load_config("configs/demo.py", "tiny")
-    wd = Workdir(str(tmp_path))
+    data = open_dataset(config, Workdir(str(tmp_path)))
     seen = []
     monkeypatch.setattr(inference, "predictor", perfect_predictor(seen))
-    assert seg.val_miou(config, wd, model=None) == pytest.approx(1.0)
+    assert seg.val_miou(config, data, model=None) == pytest.approx(1.0)
     every = list(seen)
     assert len(every) == len(set(every)) > 5
     config.seg.val_subset = 5
     seen.clear()
-    assert seg.val_miou(config, wd, model=None) == pytest.approx(1.0)
+    assert seg.val_miou(config, data, model=None) == pytest.approx(1.0)
     assert seen == every[:5]
 
 

@@ -1,5 +1,7 @@
 """Tests of stage ``cam`` (pmm_jax/stages/cam.py) that need no trained classifier."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ from flax import nnx
 
 from pmm_jax.files import io
 from pmm_jax.files.workdir import Workdir
-from pmm_jax.stages import cam, cls, common
+from pmm_jax.stages import cam, cls
 
 
 def tiny_config(method: str):
@@ -35,17 +37,17 @@ def eval_batch() -> dict:
 
 
 @pytest.mark.parametrize("method", ["multiscale", "multicrop"])
-def test_cam_stage_refuses_non_finite_cams_from_nan_weights(tmp_path, monkeypatch, method):
+def test_cam_stage_refuses_non_finite_cams_from_nan_weights(tmp_path, method):
     config = tiny_config(method)
     model = cls.build_model(config)
     nnx.update(model, jax.tree_util.tree_map(lambda p: jnp.full_like(p, jnp.nan),
                                              nnx.state(model, nnx.Param)))
     model.eval()
-    monkeypatch.setattr(common, "eval_batches", lambda *args: iter([eval_batch()]))
-    monkeypatch.setattr(common, "num_eval_batches", lambda *args: 1)
+    data = types.SimpleNamespace(eval_batches=lambda *args: iter([eval_batch()]),
+                                 num_eval_batches=lambda *args: 1)
     wd = Workdir(str(tmp_path))
     with pytest.raises(io.NonFiniteError,
                        match=rf"stage 'cam' \({method}\): the CAMs of val image img0 .*"
                        r"trained by stage 'cls'.*not finite.*refusing to write"):
-        cam.write_split(config, wd, model, "val")
+        cam.write_split(config, wd, data, model, "val")
     assert not list(tmp_path.rglob("*.npy")), "no CAM file may be written"

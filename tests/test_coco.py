@@ -19,7 +19,7 @@ from fake_trees import crowd_region, rect
 from PIL import Image
 
 from pmm_jax.constants import COCO_CATEGORIES, COCO_CATEGORY_IDS
-from pmm_jax.data import coco, voc
+from pmm_jax.data import builder_base, coco
 
 # pycocotools 2.0.x under numpy 2 warns about its own __array__ call.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -166,27 +166,27 @@ def _edit_json(manual: pathlib.Path, split: str, edit) -> None:
 def test_json_size_differing_from_the_image_names_the_id(tmp_path):
     write_coco_tree(tmp_path / "manual")
     _edit_json(tmp_path / "manual", "val", lambda d: d["images"][0].update(height=15))
-    with pytest.raises(voc.InputError, match=f"{file_id(4)}.*mask size 15x18 differs from image size 14x18"):
+    with pytest.raises(builder_base.InputError, match=f"{file_id(4)}.*mask size 15x18 differs from image size 14x18"):
         build(tmp_path / "manual", tmp_path / "tfds")
 
 
 def test_listed_image_without_a_file_names_the_id(tmp_path):
     write_coco_tree(tmp_path / "manual")
     (tmp_path / "manual" / "val2014" / f"{file_id(5)}.jpg").unlink()
-    with pytest.raises(voc.InputError, match=f"{file_id(5)}.*has no image"):
+    with pytest.raises(builder_base.InputError, match=f"{file_id(5)}.*has no image"):
         build(tmp_path / "manual", tmp_path / "tfds")
 
 
 def test_wrong_categories_are_rejected(tmp_path):
     write_coco_tree(tmp_path / "manual")
     _edit_json(tmp_path / "manual", "train", lambda d: d["categories"].pop())
-    with pytest.raises(voc.InputError, match="not the 80 COCO 2014 categories"):
+    with pytest.raises(builder_base.InputError, match="not the 80 COCO 2014 categories"):
         build(tmp_path / "manual", tmp_path / "tfds")
 
 
 def test_missing_annotations_folder_shows_tree_and_urls(tmp_path):
     write_coco_tree(tmp_path / "manual")
     shutil.rmtree(tmp_path / "manual" / "annotations")
-    with pytest.raises(voc.InputError, match=r"(?s)annotations.*instances_val2014\.json.*"
+    with pytest.raises(builder_base.InputError, match=r"(?s)annotations.*instances_val2014\.json.*"
                                               r"annotations_trainval2014\.zip"):
         build(tmp_path / "manual", tmp_path / "tfds")

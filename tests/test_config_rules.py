@@ -32,6 +32,7 @@ def test_every_shipped_config_passes(path, variant):
     ("data.num_classes", 7, "dataset synthetic_wsss/tiny has 6 classes (background included): "
                             "set --config.data.num_classes=6"),
     ("data.name", "synthetic_wsss/huge", "config.data.name='synthetic_wsss/huge' is not a dataset"),
+    ("data.name", "imagenet", "config.data.name='imagenet': unknown dataset kind 'imagenet'"),
     ("cam.multicrop.stride", 40, "config.cam.multicrop.stride=40 is larger than its crop=32"),
     ("cycle.source", "dice", "config.cycle.source='dice' is not one of config.seg.runs"),
 ])

@@ -54,6 +54,13 @@ def test_non_positive_steps_and_batch_sizes_are_refused_by_key():
                 config_rules.check(changed)
 
 
+def test_an_unknown_dataset_kind_is_refused_by_key():
+    config = load_config_file("configs/demo.py", "tiny")
+    config.data.name = "cityscapes"
+    with pytest.raises(ValueError, match=r"config\.data\.name='cityscapes': unknown dataset kind"):
+        config_rules.check(config)
+
+
 def test_negative_intervals_and_subsets_are_refused_by_key():
     """0 turns ``eval_every`` off and means "all" for a subset; a negative value is refused."""
     for key in ("seg.eval_every", "seg.val_subset", "pseudo.eval_subset"):

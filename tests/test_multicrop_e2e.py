@@ -15,10 +15,11 @@ from test_seam import materialize
 
 from pmm_jax import main
 from pmm_jax.data import pipeline
+from pmm_jax.data.dataset import open_dataset
 from pmm_jax.files import io
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.masks import rough_masks
-from pmm_jax.stages import cam, cls, common
+from pmm_jax.stages import cam, cls
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # 48-pixel images: at 0.5 smaller than a 32-pixel tile (one tile), 2 x 2 tiles at 1.0 and
@@ -55,7 +56,7 @@ def first_run_cams(config, wd: Workdir) -> list[tuple[str, np.ndarray]]:
     """Stand-in for a first model's CAM files: each present class's ground truth, blurred and
     max-normalised; returns the train split's ``(id, image)``."""
     records = []
-    for ex in common.examples(config, wd, "train", all_processes=True):
+    for ex in open_dataset(config, wd).examples("train", all_processes=True):
         cams = {}
         for c in np.flatnonzero(ex["labels"] > 0.5):
             blurred = scipy.ndimage.gaussian_filter((ex["mask"] == c + 1).astype(np.float32), 2)
@@ -75,7 +76,8 @@ def test_tiny_multicrop_recipe(tmp_path, monkeypatch):
     # The configured model, built shape-only and filled from numpy (eager initialisation
     # compiles one program per parameter shape: ~10 s of this test's budget).
     build_model = cls.build_model
-    fast_build = lambda config, seed=0: materialize(nnx.eval_shape(lambda: build_model(config, seed)))
+    fast_build = lambda config, seed=0, **kw: materialize(
+        nnx.eval_shape(lambda: build_model(config, seed, **kw)))
     monkeypatch.setattr(cls, "build_model", fast_build)
     monkeypatch.setattr(cam, "build_model", fast_build)
     # No TensorBoard CAM pictures (an eager, op-by-op forward: ~10 s here).
@@ -91,7 +93,7 @@ def test_tiny_multicrop_recipe(tmp_path, monkeypatch):
     for stage in ("cls", "cam", "pseudo"):
         assert os.path.exists(wd.stage_marker(stage))
     for split in ("train", "val"):
-        examples = list(common.examples(config, wd, split, all_processes=True))
+        examples = list(open_dataset(config, wd).examples(split, all_processes=True))
         assert sorted(os.listdir(wd.cams(split))) == sorted(f"{e['id']}.npy" for e in examples)
         for ex in examples:
             cams = io.read_cams(os.path.join(wd.cams(split), f"{ex['id']}.npy"))

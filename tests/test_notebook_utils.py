@@ -17,8 +17,6 @@ def workdir(tmp_path_factory):
     """config.json, the tiny dataset, CAMs and masks of two train images, results, TB logs."""
     from clu import metric_writers
 
-    from pmm_jax.stages import common
-
     root = str(tmp_path_factory.mktemp("workdir"))
     wd = Workdir(root)
     config = load_config("configs/demo.py", "tiny")
@@ -41,7 +39,7 @@ def workdir(tmp_path_factory):
     images = metric_writers.SummaryWriter(wd.log_dir("cam"))
     images.write_images(0, {"cam/x": np.zeros((1, 4, 4, 3), np.uint8)})
     images.close()
-    assert common.data_dir(config, wd) == os.path.join(root, "tfds")
+    assert nu.dataset(config, root).data_dir == os.path.join(root, "tfds")
     return root
 
 
@@ -58,29 +56,6 @@ def test_examples_by_limit_and_by_id(workdir):
     chosen = nu.examples(config, workdir, "train", ids=[first[2]["id"]])
     assert [ex["id"] for ex in chosen] == [first[2]["id"]]
     assert np.array_equal(chosen[0]["mask"], first[2]["mask"])
-
-
-def test_strip_pads_heights_and_separates_with_white():
-    a, b = np.zeros((4, 3, 3), np.uint8), np.zeros((2, 5, 3), np.uint8)
-    out = nu.strip([a, b], gap=2)
-    assert out.shape == (4, 10, 3)
-    assert (out[:, 3:5] == 255).all() and (out[2:, 5:] == 255).all() and (out[:2, 5:] == 0).all()
-
-
-def test_cam_and_cvs_pictures_per_class(workdir):
-    config = nu.load_config(workdir)
-    ex = nu.examples(config, workdir, "train", limit=1)[0]
-    cams = io.read_cams(os.path.join(Workdir(workdir).cams("train"), f"{ex['id']}.npy"))
-    names = nu.class_names(config)
-    pictures = nu.cam_pictures(ex["image"], cams, names)
-    assert list(pictures) == [names[c + 1] for c in sorted(cams)]
-    assert all(p.shape == ex["image"].shape and p.dtype == np.uint8 for p in pictures.values())
-    cvs = nu.cvs_pictures(ex["image"], cams, names, t=0.05, s=0.3)
-    assert list(cvs) == list(pictures)
-    for pair in cvs.values():
-        assert pair["before"].shape == pair["after"].shape == ex["image"].shape
-        assert not np.array_equal(pair["before"], pair["after"])  # CVS flattens a random CAM
-    assert nu.cvs_pictures(ex["image"], {}, names, t=0.05, s=0.3) == {}
 
 
 def test_image_views_collect_masks_that_exist(workdir):

@@ -32,7 +32,7 @@ from flax import nnx
 
 from pmm_jax import models
 from pmm_jax.cams import seam
-from pmm_jax.data import synthetic
+from pmm_jax.data import builder_base, synthetic
 from pmm_jax.masks import cvs, ppmg
 from pmm_jax.stages import cam, cls, seg
 from pmm_jax.tools import scoring
@@ -126,7 +126,7 @@ def synthetic_batch(size: int = 48, n: int = 16, num_fg: int = 5) -> dict[str, n
     images, masks = zip(*(synthetic.render_sample(rng, size) for _ in range(n)))
     image = (np.stack(images).astype(np.float32) / 255.0 - 0.45) / 0.225
     mask = np.stack(masks).astype(np.int32)
-    labels = np.stack([synthetic.labels_from_mask(m, num_fg) for m in mask])
+    labels = np.stack([builder_base.labels_from_mask(m, num_fg) for m in mask])
     return {"image": image, "mask": mask, "labels": labels,
             "height": np.full(n, size, np.int32), "width": np.full(n, size, np.int32)}
 

@@ -232,12 +232,12 @@ def test_pseudo_stage_honours_config_crf_backend_override(tmp_path, synthetic_re
     flag_values(argv)
     config = flag_values.config
     assert config.crf.backend == "jax"
-    cfg = pseudo.variant_config(config, "ppmg")
+    cfg = pseudo.variant_config(config, "ppmg", 6)
     assert cfg.crf.backend == "jax" and cfg.crf.iterations == config.pseudo.crf.iterations
     with config.unlocked():
         config.crf.backend = "densecrf"
     with pytest.raises(ValueError, match=r"crf\.backend='densecrf'.*'pydensecrf', 'jax'"):
-        pseudo.variant_config(config, "ppmg")
+        pseudo.variant_config(config, "ppmg", 6)
 
     calls = []
     real = dense_crf_jax.dense_crf_padded

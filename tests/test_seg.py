@@ -11,6 +11,8 @@ from pmm_jax.models.pretrained import flat_weights
 from pmm_jax.stages import cls, seg
 from pmm_jax.training import checkpoints
 
+NUM_CLASSES = 6  # the tiny synthetic dataset's, background included
+
 
 def save_trained_classifier(config, wd: Workdir) -> nnx.Module:
     """A stand-in for stage cls's checkpoint: a classifier whose backbone weights and BN
@@ -31,7 +33,7 @@ def test_init_from_cls_starts_the_segmenter_backbone_from_the_cls_checkpoint(tmp
     assert config.seg.model.init_from_cls
     wd = Workdir(str(tmp_path))
     expected = backbone_arrays(save_trained_classifier(config, wd))
-    model = seg.initial_model(config, wd)
+    model = seg.initial_model(config, wd, NUM_CLASSES)
     got = backbone_arrays(model)
     assert set(got) == set(expected) and "stem.bn.mean" in got
     for key, value in expected.items():
@@ -42,7 +44,7 @@ def test_init_from_cls_starts_the_segmenter_backbone_from_the_cls_checkpoint(tmp
                                   np.asarray(fresh.decode_head.classifier.kernel.get_value()))
     with config.unlocked():
         config.seg.model.init_from_cls = False
-    assert not np.array_equal(backbone_arrays(seg.initial_model(config, wd))["stem.conv.kernel"],
+    assert not np.array_equal(backbone_arrays(seg.initial_model(config, wd, NUM_CLASSES))["stem.conv.kernel"],
                               expected["stem.conv.kernel"])
 
 
@@ -50,18 +52,18 @@ def test_init_from_cls_refuses_a_different_backbone_and_a_missing_checkpoint(tmp
     config = load_config("configs/demo.py", "tiny")
     wd = Workdir(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="made by stage 'cls': include cls in --config.stages"):
-        seg.initial_model(config, wd)
+        seg.initial_model(config, wd, NUM_CLASSES)
     save_trained_classifier(config, wd)
     with config.unlocked():
         config.seg.model.backbone = dict(config.seg.model.backbone.to_dict(),
                                          widths=(8, 16, 16, 64))
     with pytest.raises(ValueError, match=r"config\.seg\.model\.backbone(.|\n)*shape mismatch"):
-        seg.initial_model(config, wd)
+        seg.initial_model(config, wd, NUM_CLASSES)
     with config.unlocked():
         config.seg.model.backbone = config.cls.model.backbone
         config.seg.model.init_from = "/some/imagenet/ckpt"
     with pytest.raises(ValueError, match="init_from and config.seg.model.init_from_cls"):
-        seg.initial_model(config, wd)
+        seg.initial_model(config, wd, NUM_CLASSES)
 
 
 def test_a_resumed_segmenter_is_bit_identical_to_an_uninterrupted_one(tmp_path, monkeypatch):
@@ -71,23 +73,23 @@ def test_a_resumed_segmenter_is_bit_identical_to_an_uninterrupted_one(tmp_path, 
     import tensorflow_datasets as tfds
     from test_stage_cls import Interrupted, assert_identical_checkpoints, interrupt_after, short_config
 
-    from pmm_jax.data import pipeline
+    from pmm_jax.data import dataset, pipeline
     from pmm_jax.files import io
-    from pmm_jax.stages import common
 
     config = short_config("seg")
     with config.unlocked():
         config.seg.model.init_from_cls = False
         config.data.data_dir = str(tmp_path / "tfds")
+    whole, killed = Workdir(str(tmp_path / "whole")), Workdir(str(tmp_path / "killed"))
+    data = dataset.open_dataset(config, whole)
     masks = tmp_path / "masks"
     masks.mkdir()
-    for ex in tfds.as_numpy(pipeline.load_split(config.data.name, "train", config.data.data_dir)):
+    for ex in tfds.as_numpy(pipeline.load_split(data.name, "train", data.data_dir)):
         io.write_mask(str(masks / f"{ex['id'].decode()}.png"), ex["mask"][:, :, 0])
-    whole, killed = Workdir(str(tmp_path / "whole")), Workdir(str(tmp_path / "killed"))
-    seg.train_segmenter(config, whole, "ce", str(masks), "ce")
+    seg.train_segmenter(config, whole, data, "ce", str(masks), "ce")
     with monkeypatch.context() as patch:
-        interrupt_after(patch, common, "train_batches", 6)
+        interrupt_after(patch, dataset.Dataset, "train_batches", 6)
         with pytest.raises(Interrupted):
-            seg.train_segmenter(config, killed, "ce", str(masks), "ce")
-    seg.train_segmenter(config, killed, "ce", str(masks), "ce")
+            seg.train_segmenter(config, killed, data, "ce", str(masks), "ce")
+    seg.train_segmenter(config, killed, data, "ce", str(masks), "ce")
     assert_identical_checkpoints(killed.ckpt_dir("seg/ce"), whole.ckpt_dir("seg/ce"), 8)

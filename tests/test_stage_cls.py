@@ -9,8 +9,9 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import load_config
 
+from pmm_jax.data import dataset
 from pmm_jax.files.workdir import Workdir
-from pmm_jax.stages import cls, common
+from pmm_jax.stages import cls
 
 
 class Interrupted(Exception):
@@ -71,10 +72,12 @@ def test_a_resumed_classifier_is_bit_identical_to_an_uninterrupted_one(tmp_path,
     with config.unlocked():
         config.data.data_dir = data_dir
     whole, killed = Workdir(str(tmp_path / "whole")), Workdir(str(tmp_path / "killed"))
-    cls.run(config, whole)
+    data = dataset.open_dataset(config, whole)
+    cls.run(config, whole, data)
     with monkeypatch.context() as patch:
-        interrupt_after(patch, common, "train_batches", 6)  # killed after step 6; ckpt 4 kept
+        # Killed after step 6; checkpoint 4 kept.
+        interrupt_after(patch, dataset.Dataset, "train_batches", 6)
         with pytest.raises(Interrupted):
-            cls.run(config, killed)
-    cls.run(config, killed)  # resumes at step 4
+            cls.run(config, killed, data)
+    cls.run(config, killed, data)  # resumes at step 4
     assert_identical_checkpoints(killed.ckpt_dir("cls"), whole.ckpt_dir("cls"), 8)

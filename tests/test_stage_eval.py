@@ -11,7 +11,7 @@ from pmm_jax.stages import eval as eval_stage
 
 def config(num_cycles: int) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
-        data=dict(name="voc2012_wsss"), eval=dict(rule="mmseg"),
+        eval=dict(rule="mmseg"),
         seg=dict(runs=("ce", "pus")), cycle=dict(num_cycles=num_cycles)))
 
 
@@ -19,7 +19,9 @@ def test_results_carry_the_pseudo_mask_split_and_the_cyclic_key(tmp_path):
     wd = Workdir(str(tmp_path))
     io.write_json(wd.stage_marker("pseudo"), {"seconds": 3.0, "metrics": {
         "pseudo_mask_miou": {"ppmg": 0.5}, "pseudo_mask_eval": {"split": "train", "num_images": 1464}}})
-    res = eval_stage.results(config(1), wd, {"ce": 0.1, "pus": 0.2, "cycle1": 0.3}, 1.0)
+    res = eval_stage.results(config(1), wd, {"ce": 0.1, "pus": 0.2, "cycle1": 0.3}, 1.0,
+                             dataset="voc2012_wsss")
+    assert res["dataset"] == "voc2012_wsss"
     assert res["pseudo_mask_eval"] == {"split": "train", "num_images": 1464}
     assert res["seg_miou"] == {"ce": 0.1, "pus": 0.2, "cycle1": 0.3, "cyclic": 0.3}
 

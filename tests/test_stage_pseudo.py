@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from test_voc import SBD_TRAIN, TRAIN_AUG, VOC_TRAIN, build, write_voc_tree
 
+from pmm_jax.data.dataset import open_dataset
 from pmm_jax.files import io
 from pmm_jax.files.workdir import Workdir
-from pmm_jax.stages import common, pseudo
+from pmm_jax.stages import pseudo
 from pmm_jax.tools import scoring
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -48,7 +49,7 @@ def voc_run(tmp_path_factory):
 def test_masks_are_scored_on_voc_train_with_voc_ground_truth(voc_run):
     wd, data_dir, masks = voc_run
     config = voc_config(data_dir)
-    metrics = pseudo.run(config, wd)
+    metrics = pseudo.run(config, wd, open_dataset(config, wd))
     assert metrics["pseudo_mask_eval"] == {"split": "train", "num_images": len(VOC_TRAIN)}
     # The segmenter's variant covers train_aug; the others only the scored images.
     written = lambda v: sorted(p.stem for p in pathlib.Path(wd.pseudo_masks(v)).glob("*.png"))
@@ -67,19 +68,22 @@ def test_masks_are_scored_on_voc_train_with_voc_ground_truth(voc_run):
 
 def test_eval_subset_keeps_the_first_images_of_the_eval_split(voc_run):
     wd, data_dir, _ = voc_run
-    assert pseudo.eval_ids(voc_config(data_dir, eval_subset=2), wd) == list(VOC_TRAIN[:2])
+    config = voc_config(data_dir, eval_subset=2)
+    assert pseudo.eval_ids(config, wd, open_dataset(config, wd)) == list(VOC_TRAIN[:2])
 
 
 @pytest.mark.parametrize("split,message", [
     ("val", "images have no train CAM"), ("nosuch", "is not a split of voc2012_wsss")])
 def test_an_eval_split_outside_train_is_an_error_naming_the_key(voc_run, split, message):
     wd, data_dir, _ = voc_run
+    config = voc_config(data_dir, eval_split=split)
     with pytest.raises(ValueError, match=f"config.pseudo.eval_split='{split}'.*") as err:
-        pseudo.eval_ids(voc_config(data_dir, eval_split=split), wd)
+        pseudo.eval_ids(config, wd, open_dataset(config, wd))
     assert message in str(err.value)
 
 
 def test_dataset_split_examples_reads_the_named_split(voc_run):
     wd, data_dir, _ = voc_run
-    ids = [ex["id"] for ex in common.dataset_split_examples(voc_config(data_dir), wd, "train")]
-    assert ids == sorted(VOC_TRAIN)
+    data = open_dataset(voc_config(data_dir), wd)
+    assert [ex["id"] for ex in data.dataset_split_examples("train")] == sorted(VOC_TRAIN)
+    assert data.ids("train") == sorted(TRAIN_AUG)  # the logical train split: train_aug

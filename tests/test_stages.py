@@ -84,13 +84,13 @@ def test_redo_deletes_the_stage_outputs_and_records_the_new_run(finished, monkey
     first_config = io.read_json(wd.config_json)
     seen = []
 
-    def fake_eval(config, wd):
+    def fake_eval(config, wd, data):
         seen.append(sorted(os.listdir(wd.root)))
         io.write_json(wd.results_json, {"seg_miou": {}})
         return {"seg_miou": {}}
 
     monkeypatch.setattr(stages, "_runner", lambda name: fake_eval)
-    new = stages.run_stage("eval", config, wd, "redo")
+    new = stages.run_stage("eval", config, wd, None, "redo")
     assert "predictions" not in seen[0] and "results.json" not in seen[0]
     assert new["config"]["eval.flip"] is False and old["config"]["eval.flip"] is True
     assert new["id"] != old["id"] and new["inputs"] == old["inputs"]
@@ -102,11 +102,11 @@ def test_a_stage_without_its_checkpoint_is_not_marked_complete(finished, monkeyp
     wd, config = finished
     shutil.rmtree(wd.ckpt_dir("cls"))
     pathlib.Path(wd.stage_marker("cls")).unlink()
-    monkeypatch.setattr(stages, "_runner", lambda name: lambda config, wd: {})
+    monkeypatch.setattr(stages, "_runner", lambda name: lambda config, wd, data: {})
     with pytest.raises(stages.StageOutputError, match=r"stage cls finished without its "
                                                       r"outputs \(cls/ckpt has no intact "
                                                       r"checkpoint of step 12"):
-        stages.run_stage("cls", config, wd, "run")
+        stages.run_stage("cls", config, wd, None, "run")
     assert not pathlib.Path(wd.stage_marker("cls")).exists()
 
 
@@ -171,12 +171,12 @@ def test_a_truncated_cam_met_by_the_pseudo_stage_names_the_file_its_stage_and_th
         io.read_cams(str(cam))
     failure = generator.PseudoMaskError([(cam.stem, str(read_error.value))], {})
 
-    def pseudo_stage(config, wd):
+    def pseudo_stage(config, wd, data):
         raise failure
 
     monkeypatch.setattr(stages, "_runner", lambda name: pseudo_stage)
     with pytest.raises(stages.DamagedInputError) as err:
-        stages.run_stage("pseudo", config, wd, "redo")
+        stages.run_stage("pseudo", config, wd, None, "redo")
     message = str(err.value)
     assert f"stage pseudo cannot use {cam}, written by stage 'cam'" in message
     assert "--config.stages=cls,cam,pseudo,seg,cycle,eval --redo=cam,pseudo,seg,cycle,eval" in message

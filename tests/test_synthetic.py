@@ -12,7 +12,8 @@ from tensorflow_datasets.core.utils import gcs_utils
 
 from pmm_jax.constants import IGNORE_LABEL, SYNTHETIC_CLASSES
 from pmm_jax.data import synthetic
-from pmm_jax.data.synthetic import NUM_CLASSES, labels_from_mask, prepare, render_sample
+from pmm_jax.data.builder_base import labels_from_mask, prepare
+from pmm_jax.data.synthetic import NUM_CLASSES, render_sample
 
 SIZE = 48
 NUM_SAMPLES = 150
@@ -67,14 +68,8 @@ def test_render_shapes_and_values(samples):
 
 def test_every_image_has_an_object_and_a_boundary(samples):
     for _, mask in samples:
-        assert 1 <= labels_from_mask(mask).sum() <= 3
+        assert 1 <= labels_from_mask(mask, NUM_CLASSES).sum() <= 3
         assert (mask == IGNORE_LABEL).any()
-
-
-def test_labels_from_mask():
-    mask = np.array([[0, 2, 255], [5, 5, 0]], dtype=np.uint8)
-    np.testing.assert_array_equal(labels_from_mask(mask), [0, 1, 0, 0, 1])
-    assert labels_from_mask(mask).dtype == np.float32
 
 
 def test_boundary_separates_labels_and_is_thin(samples):
@@ -96,7 +91,7 @@ def test_boundary_separates_labels_and_is_thin(samples):
 
 
 def test_classes_co_occur_and_touch(samples):
-    labels = np.stack([labels_from_mask(mask) for _, mask in samples])
+    labels = np.stack([labels_from_mask(mask, NUM_CLASSES) for _, mask in samples])
     multi = labels.sum(axis=1) >= 2
     assert multi.mean() > 0.4
     co_occurrence = labels.T @ labels
@@ -124,7 +119,7 @@ def test_parts_are_small_and_inside_the_object():
 
 
 def test_all_classes_appear(samples):
-    labels = np.stack([labels_from_mask(mask) for _, mask in samples])
+    labels = np.stack([labels_from_mask(mask, NUM_CLASSES) for _, mask in samples])
     assert np.all(labels.mean(axis=0) > 0.15)
 
 
@@ -149,7 +144,7 @@ def test_builder_examples(offline_tiny):
         np.testing.assert_array_equal(example["image"], image)
         np.testing.assert_array_equal(example["mask"][:, :, 0], mask)
     for example in examples:
-        np.testing.assert_array_equal(example["labels"], labels_from_mask(example["mask"]))
+        np.testing.assert_array_equal(example["labels"], labels_from_mask(example["mask"], NUM_CLASSES))
 
 
 def overlap_recorder(patch, builder_cls):

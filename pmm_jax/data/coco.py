@@ -42,8 +42,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from pmm_jax.constants import COCO_CATEGORY_IDS, IGNORE_LABEL
-from pmm_jax.data.voc import (InputError, ManualBuilder, check_mask, check_size, features,
-                              load_image, png_bytes, require_dir)
+from pmm_jax.data.builder_base import (InputError, ManualBuilder, check_mask, check_size,
+                                       features, load_image, png_bytes, require_dir)
 
 NUM_CLASSES = len(COCO_CATEGORY_IDS)
 SPLITS = {"train": "train2014", "val": "val2014"}

@@ -36,8 +36,8 @@ import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
 from pmm_jax.constants import IGNORE_LABEL
-from pmm_jax.data import coco, voc  # noqa: F401  (registers voc2012_wsss, coco2014_wsss)
-from pmm_jax.data.synthetic import prepare
+from pmm_jax.data import coco, synthetic, voc  # noqa: F401  (registers the datasets)
+from pmm_jax.data.builder_base import prepare
 from pmm_jax.files.io import read_mask
 
 try:
@@ -68,7 +68,7 @@ def load_split(name: str, split: str, data_dir: str, *, process_index: int | Non
 
     ``name`` is any dataset of this project (``synthetic_wsss/<config>``, ``voc2012_wsss``,
     ``coco2014_wsss/<config>``); ``synthetic_wsss`` is generated into ``data_dir`` on first
-    use, the others must have been prepared (see ``synthetic.prepare``). The shard defaults
+    use, the others must have been prepared (see ``builder_base.prepare``). The shard defaults
     to ``jax.process_index()`` of ``jax.process_count()``. With ``decode=False`` ``image``
     and ``mask`` stay encoded (string tensors) for the training streams, which decode after
     shuffling and skipping (:func:`decode`), so a resumed run skips without decoding.

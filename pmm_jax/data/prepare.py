@@ -21,26 +21,27 @@ import sys
 import tensorflow_datasets as tfds
 
 from pmm_jax.data import coco, voc
+from pmm_jax.data.builder_base import InputError, ManualBuilder
 from pmm_jax.files.locks import data_dir_lock
 
 BUILDERS = {"voc": voc.Voc2012Wsss, "coco": coco.Coco2014Wsss}
 
 
 def prepare(dataset: str, manual_dir: str, data_dir: str, *, config: str | None = None,
-            skip_corrupt: bool = False) -> voc.ManualBuilder:
+            skip_corrupt: bool = False) -> ManualBuilder:
     """Generates ``dataset`` ("voc" or "coco") into ``data_dir`` unless it is there already.
 
     Returns the builder; its ``skipped_corrupt`` lists the images left out this run.
-    Raises :class:`voc.InputError` (with the expected folder tree when a folder is missing).
+    Raises :class:`builder_base.InputError` (with the expected folder tree when a folder is missing).
     """
     builder_cls = BUILDERS[dataset]
     if not pathlib.Path(manual_dir).is_dir():
-        raise voc.InputError(f"--manual_dir={manual_dir} is not a folder.\n\nExpected layout:\n"
+        raise InputError(f"--manual_dir={manual_dir} is not a folder.\n\nExpected layout:\n"
                              f"{builder_cls.MANUAL_DOWNLOAD_INSTRUCTIONS}")
     if not any(pathlib.Path(manual_dir).iterdir()):
-        raise voc.InputError(f"--manual_dir={manual_dir} is empty: extract the downloaded "
-                             "archives into it.\n\nExpected layout:\n"
-                             f"{builder_cls.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+        raise InputError(f"--manual_dir={manual_dir} is empty: extract the downloaded "
+                         "archives into it.\n\nExpected layout:\n"
+                         f"{builder_cls.MANUAL_DOWNLOAD_INSTRUCTIONS}")
     with data_dir_lock(data_dir):  # two preparations sharing data_dir: the second waits
         builder = builder_cls(data_dir=data_dir, config=config, skip_corrupt=skip_corrupt)
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
@@ -54,7 +55,7 @@ def dataset_name(builder: tfds.core.DatasetBuilder) -> str:
     return f"{builder.name}/{config.name}" if config else builder.name
 
 
-def summary(builder: voc.ManualBuilder) -> str:
+def summary(builder: ManualBuilder) -> str:
     """What was built: name, location, examples per split and the corrupt images skipped."""
     splits = ", ".join(f"{name} {info.num_examples}" for name, info in sorted(builder.info.splits.items()))
     lines = [f"{dataset_name(builder)} in {builder.data_dir}: {splits}"]
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         builder = prepare(args.dataset, args.manual_dir, args.data_dir, config=args.config,
                           skip_corrupt=args.skip_corrupt)
-    except voc.InputError as err:
+    except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(summary(builder))

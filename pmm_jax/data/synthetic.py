@@ -38,10 +38,9 @@ from typing import Callable, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
-from tensorflow_datasets.core.utils import gcs_utils
 
 from pmm_jax.constants import IGNORE_LABEL, SYNTHETIC_CLASSES
-from pmm_jax.files.locks import data_dir_lock
+from pmm_jax.data.builder_base import labels_from_mask
 
 NUM_CLASSES = len(SYNTHETIC_CLASSES) - 1
 
@@ -295,12 +294,6 @@ def render_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.n
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), _with_boundary(label)
 
 
-def labels_from_mask(mask: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
-    """Multi-hot float32 ``[num_classes]``: class c (label c+1) is present if any pixel shows it."""
-    counts = np.bincount(np.asarray(mask, dtype=np.uint8).ravel(), minlength=256)
-    return (counts[1:num_classes + 1] > 0).astype(np.float32)
-
-
 @dataclasses.dataclass(eq=False)
 class SyntheticConfig(tfds.core.BuilderConfig):
     """Image side (pixels), split sizes and the seed every example's generator derives from."""
@@ -364,35 +357,5 @@ class SyntheticWsss(tfds.core.GeneratorBasedBuilder):
                 "id": image_id,
                 "image": image,
                 "mask": mask[:, :, None],
-                "labels": labels_from_mask(mask),
+                "labels": labels_from_mask(mask, NUM_CLASSES),
             }
-
-
-class DatasetNotPreparedError(FileNotFoundError):
-    """A dataset built from user downloads is not in the data_dir; the message says how to
-    build it (``pmm_jax.main`` prints just that message)."""
-
-
-def prepare(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
-    """The builder of tfds dataset ``name`` (e.g. ``"synthetic_wsss/demo"``) in ``data_dir``.
-
-    ``synthetic_wsss`` is generated on first use; calling again is cheap (tfds reuses a
-    prepared dataset). Any other registered dataset must already be prepared: the ones built
-    from user downloads (``voc2012_wsss``, ``coco2014_wsss``) need their manual dir, so they
-    are prepared by ``python -m pmm_jax.data.prepare`` (``docs/datasets.md``), and this raises
-    :class:`DatasetNotPreparedError` saying so. Generating holds :func:`data_dir_lock`, so
-    runs sharing ``data_dir`` build it once (the others wait, then reuse it). Offline by construction: GCS lookups are disabled and
-    ``try_gcs``/``try_download_gcs`` are off, so tfds never reaches for ``gs://tfds-data``.
-    """
-    gcs_utils._is_gcs_disabled = True  # pylint: disable=protected-access
-    builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
-    if not isinstance(builder, SyntheticWsss) and not builder.is_prepared():
-        raise DatasetNotPreparedError(
-            f"dataset {name} is not prepared in {data_dir}; build it from the downloaded "
-            "archives with `python -m pmm_jax.data.prepare` (see docs/datasets.md)")
-    if not builder.is_prepared():
-        with data_dir_lock(data_dir):  # another run sharing data_dir may be building it
-            builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
-            builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    return builder

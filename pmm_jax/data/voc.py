@@ -25,33 +25,23 @@ Splits (counts on the real data):
 
 Image-level labels are derived from the masks as SEAM/IRN/PMM derive their
 ``cls_labels.npy``: class ``c`` is present when at least one pixel has value ``c``
-(0 and 255 do not count).
-
-This module also holds the input checks shared with ``coco.py`` (:class:`InputError`,
-:func:`load_image`, :func:`check_mask`, :class:`ManualBuilder`), so that the datasets fail
-on bad input in the same way.
+(0 and 255 do not count). The input checks are those of every builder here
+(``builder_base``), so that the datasets fail on bad input in the same way.
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
-import inspect
-import io
-import os
 import pathlib
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 import scipy.io
 import tensorflow_datasets as tfds
-from absl import logging
-from etils import epath
-from PIL import Image, UnidentifiedImageError
 
 from pmm_jax.constants import IGNORE_LABEL, VOC_CLASSES
-from pmm_jax.data.synthetic import labels_from_mask
-from pmm_jax.files.io import rgb_array
+from pmm_jax.data.builder_base import (InputError, ManualBuilder, check_mask, features,
+                                       labels_from_mask, load_image, png_bytes, read_id_list,
+                                       read_png_mask, require_dir)
 
 NUM_CLASSES = len(VOC_CLASSES) - 1
 
@@ -85,170 +75,9 @@ Downloads:
 """
 
 
-# --- Input checks shared with coco.py ------------------------------------------------------
-
-class InputError(ValueError):
-    """The manual-download input is missing or malformed; the message says what and where."""
-
-
-class CorruptImageError(InputError):
-    """An image file exists but does not decode; ``path`` names it."""
-
-    def __init__(self, path: pathlib.Path, reason: str):
-        super().__init__(f"corrupt image {path}: {reason}")
-        self.path = path
-
-
-def require_dir(path: pathlib.Path, what: str, expected_tree: str) -> pathlib.Path:
-    """Returns ``path`` if it is a folder; otherwise raises with the expected tree."""
-    if not path.is_dir():
-        raise InputError(f"{what} not found: {path} is not a folder.\n\n"
-                         f"Expected layout of the manual dir:\n{expected_tree}")
-    return path
-
-
-def read_id_list(path: pathlib.Path, expected_tree: str) -> list[str]:
-    """The ids of a split list file (one per line, blank lines ignored)."""
-    if not path.is_file():
-        raise InputError(f"split list not found: {path}\n\nExpected layout of the manual dir:\n"
-                         f"{expected_tree}")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
-def load_image(path: pathlib.Path, image_id: str) -> tuple[bytes | np.ndarray, tuple[int, int]]:
-    """Reads and fully decodes an image; returns what to store and its ``(height, width)``.
-
-    A JPEG in RGB or greyscale is stored as its original bytes (decoding it later with three
-    channels gives RGB); any other image is stored as a uint8 RGB array (``io.rgb_array``:
-    16-bit greyscale is rescaled, not clipped). Decoding here catches truncated or corrupt
-    files at preparation time instead of during training.
-    """
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"id {image_id!r} is listed but has no image: {path} does not exist") from None
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            size = (image.height, image.width)
-            if image.format == "JPEG" and image.mode in ("RGB", "L"):
-                return data, size
-            return rgb_array(image), size
-    except UnidentifiedImageError:
-        raise CorruptImageError(path, "not a recognised image format") from None
-    except (OSError, ValueError, SyntaxError) as err:
-        raise CorruptImageError(path, str(err)) from err
-
-
-def check_size(mask_size: tuple[int, int], image_size: tuple[int, int], image_id: str) -> None:
-    """Raises unless the ``(height, width)`` of a mask equals that of its image."""
-    if tuple(mask_size) != tuple(image_size):
-        raise InputError(f"id {image_id!r}: mask size {mask_size[0]}x{mask_size[1]} differs from "
-                         f"image size {image_size[0]}x{image_size[1]} (height x width)")
-
-
-def check_mask(mask: np.ndarray, image_size: tuple[int, int], image_id: str, max_label: int) -> None:
-    """Raises unless ``mask`` is ``image_size`` and holds only 0..max_label and 255."""
-    check_size(mask.shape, image_size, image_id)
-    counts = np.bincount(mask.ravel(), minlength=256)
-    bad = np.flatnonzero(counts[max_label + 1:IGNORE_LABEL]) + max_label + 1
-    if bad.size:
-        raise InputError(f"id {image_id!r}: mask values {bad.tolist()} outside 0..{max_label} "
-                         f"and {IGNORE_LABEL}")
-
-
-def png_bytes(mask: np.ndarray) -> bytes:
-    """A ``[H, W]`` uint8 mask as greyscale PNG bytes (what the ``mask`` feature stores)."""
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def ordered_futures(fn: Callable, items: Iterable, window: int = 64) -> Iterator[tuple]:
-    """Yields ``(item, future of fn(item))`` in input order, running ``fn`` on a thread pool.
-
-    At most ``window`` items are in flight, so memory stays bounded on 100k-image splits.
-    Image decoding and PNG encoding release the GIL, so threads use every core.
-    """
-    workers = min(16, len(os.sched_getaffinity(0)))
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        pending = collections.deque()
-        for item in items:
-            pending.append((item, pool.submit(fn, item)))
-            if len(pending) >= window:
-                yield pending.popleft()
-        while pending:
-            yield pending.popleft()
-
-
-class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Base of the builders that read a manual dir; handles corrupt images.
-
-    ``skip_corrupt=False`` (the default) stops at the first image that does not decode, with
-    an error naming the file; ``skip_corrupt=True`` leaves such images out of every split
-    that lists them and records their paths in the set ``skipped_corrupt``.
-    """
-
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        """The file defining the builder. tfds's default lookup imports the
-        ``importlib_resources`` backport, which tfds 4.9.x only declares for Python < 3.9."""
-        return epath.Path(inspect.getfile(cls))
-
-    def __init__(self, *, skip_corrupt: bool = False, **kwargs):
-        super().__init__(**kwargs)
-        self.skip_corrupt = skip_corrupt
-        self.skipped_corrupt: set[pathlib.Path] = set()
-
-    def _examples(self, ids: Iterable[str], make_example: Callable[[str], dict]
-                  ) -> Iterator[tuple[str, dict]]:
-        """``(id, make_example(id))`` for every id, in order, skipping corrupt images if asked."""
-        for image_id, future in ordered_futures(make_example, ids):
-            try:
-                example = future.result()
-            except CorruptImageError as err:
-                if not self.skip_corrupt:
-                    raise
-                logging.warning("skipping %s", err)
-                self.skipped_corrupt.add(err.path)
-                continue
-            yield image_id, example
-
-
-def features(num_classes: int) -> tfds.features.FeaturesDict:
-    """The feature dict of ``synthetic_wsss`` with variable image sizes and ``num_classes`` labels."""
-    return tfds.features.FeaturesDict({
-        "id": tfds.features.Text(),
-        "image": tfds.features.Image(shape=(None, None, 3)),
-        "mask": tfds.features.Image(shape=(None, None, 1)),
-        "labels": tfds.features.Tensor(shape=(num_classes,), dtype=np.float32),
-    })
-
-
-# --- VOC ------------------------------------------------------------------------------------
-
 def train_aug_ids(voc_train: Iterable[str], voc_val: Iterable[str], sbd_ids: Iterable[str]) -> list[str]:
     """``(VOC train | SBD ids) - VOC val``, sorted: the 10,582-image ``train_aug`` list."""
     return sorted((set(voc_train) | set(sbd_ids)) - set(voc_val))
-
-
-def read_png_mask(path: pathlib.Path, image_id: str) -> np.ndarray:
-    """A palette or greyscale label PNG as ``[H, W]`` uint8 class indices."""
-    try:
-        with Image.open(path) as image:
-            if image.format != "PNG":
-                raise InputError(f"id {image_id!r}: {path} is a {image.format} file; expected a "
-                                 "palette or greyscale label PNG (lossy compression corrupts "
-                                 "labels)")
-            if image.mode not in ("P", "L"):
-                raise InputError(f"id {image_id!r}: {path} is a {image.mode} image; expected a "
-                                 "palette or greyscale label PNG")
-            return np.array(image, dtype=np.uint8)
-    except FileNotFoundError:
-        raise InputError(f"id {image_id!r} has no mask: {path} does not exist") from None
-    except OSError as err:
-        raise InputError(f"id {image_id!r}: cannot read mask {path}: {err}") from err
 
 
 def read_sbd_mask(path: pathlib.Path, image_id: str) -> np.ndarray:

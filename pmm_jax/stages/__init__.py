@@ -1,6 +1,7 @@
 """The pipeline's stages, their order, and the bookkeeping that makes runs resumable.
 
-Each stage module exposes ``run(config, workdir) -> dict`` (its metrics). A finished stage
+Each stage module exposes ``run(config, workdir, data) -> dict`` (its metrics), ``data``
+being the run's dataset (``pmm_jax.data.dataset.Dataset``, opened once by ``pmm_jax.main``). A finished stage
 leaves a marker ``WORKDIR/stages/<name>.json`` holding its wall seconds, metrics and what it ran
 with and wrote (``pmm_jax.stages.record``); a rerun skips it. Inside a stage, finished items
 (checkpoints, CAM files, masks) are skipped too, so a killed stage resumes where it stopped.
@@ -28,6 +29,8 @@ from pmm_jax.training import distributed
 
 if TYPE_CHECKING:  # ml_collections is not needed to import a stage (the benchmarks do)
     import ml_collections
+
+    from pmm_jax.data.dataset import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +124,7 @@ def check_random_init(config: ml_collections.ConfigDict) -> None:
         "random weights anyway, set --config.allow_random_init=True.")
 
 
-def _runner(name: str) -> Callable[[ml_collections.ConfigDict, Workdir], dict]:
+def _runner(name: str) -> Callable[[ml_collections.ConfigDict, Workdir, Dataset], dict]:
     """Imports a stage module lazily so that `--help` and errors stay fast."""
     return importlib.import_module(f"pmm_jax.stages.{name}").run
 
@@ -254,9 +257,10 @@ def _decide_all(ordered: list[str], redo: list[str], config, wd: Workdir
     return actions, stale
 
 
-def run_stage(name: str, config: ml_collections.ConfigDict, wd: Workdir,
+def run_stage(name: str, config: ml_collections.ConfigDict, wd: Workdir, data: Dataset,
               action: str = "run") -> dict:
-    """Carries out ``name``'s :func:`plan` action; returns its marker contents."""
+    """Carries out ``name``'s :func:`plan` action on dataset ``data``; returns its marker
+    contents."""
     marker = wd.stage_marker(name)
     if action == "skip":
         log.info("stage %s: already complete (%s); skipping", name, marker)
@@ -274,7 +278,7 @@ def run_stage(name: str, config: ml_collections.ConfigDict, wd: Workdir,
     log.info("stage %s: %s", name, "redoing missing outputs" if previous else "starting")
     start = time.time()
     try:
-        metrics = _runner(name)(config, wd)
+        metrics = _runner(name)(config, wd, data)
     except Exception as err:  # a damaged file of an earlier stage, met anywhere in the stage
         damaged = damaged_input(err, name, config, wd)
         if damaged is None:

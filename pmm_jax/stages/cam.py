@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
-from pmm_jax import notebook_utils
+from pmm_jax import drawing
 from pmm_jax.cams import multicrop_inference
 from pmm_jax.files import io
 from pmm_jax.files.workdir import Workdir
@@ -36,6 +36,9 @@ from pmm_jax.stages.cls import build_model
 from pmm_jax.tools import scoring
 from pmm_jax.training import checkpoints, distributed
 from pmm_jax.training import sharding as shd
+
+if TYPE_CHECKING:  # TensorFlow: imported where data is read (the benchmarks import stages)
+    from pmm_jax.data.dataset import Dataset
 
 CURVE_THRESHOLDS = tuple(round(0.05 + 0.05 * i, 2) for i in range(10))
 METHODS = ("multiscale", "multicrop")
@@ -145,15 +148,15 @@ def cam_path(wd: Workdir, split: str, image_id: str) -> str:
     return os.path.join(wd.cams(split), f"{image_id}.npy")
 
 
-def write_split(config, wd: Workdir, model, split: str, predict=None) -> int:
+def write_split(config, wd: Workdir, data: Dataset, model, split: str, predict=None) -> int:
     """Writes the CAM file of every image of this process's shard of ``split``; returns how many.
 
     ``predict``: a :func:`make_predictor` result to reuse (one compilation for both splits);
     made from ``model`` when None."""
     predict = predict or make_predictor(config, model)
     key = "config.cam.batch_size"
-    batches = common.eval_batches(config, wd, split, config.cam.batch_size, key)
-    total = common.num_eval_batches(config, wd, split, config.cam.batch_size, key)
+    batches = data.eval_batches(split, config.cam.batch_size, key)
+    total = data.num_eval_batches(split, config.cam.batch_size, key)
     io.remove_stale_temps(wd.cams(split))
     written = 0
     for batch in tqdm.tqdm(batches, desc=f"cam {split}", unit="batch", total=total,
@@ -179,36 +182,37 @@ def write_split(config, wd: Workdir, model, split: str, predict=None) -> int:
     return written
 
 
-def cam_metrics(config, wd: Workdir) -> dict:
+def cam_metrics(wd: Workdir, data: Dataset) -> dict:
     """CAM mIoU on val at the fixed threshold, and the threshold curve (for reference only)."""
     pairs = [(io.read_cams(cam_path(wd, "val", ex["id"])), ex["mask"])
-             for ex in common.examples(config, wd, "val", all_processes=True)]
-    curve = scoring.cam_threshold_curve(pairs, CURVE_THRESHOLDS, config.data.num_classes)
+             for ex in data.examples("val", all_processes=True)]
+    curve = scoring.cam_threshold_curve(pairs, CURVE_THRESHOLDS, data.num_classes)
     fixed = scoring.cam_threshold_curve(pairs, (scoring.DEFAULT_CAM_BG_THRESHOLD,),
-                                         config.data.num_classes)
+                                         data.num_classes)
     return {"cam_miou": float(fixed[scoring.DEFAULT_CAM_BG_THRESHOLD]),
             "cam_bg_threshold": scoring.DEFAULT_CAM_BG_THRESHOLD,
             "cam_miou_curve": {str(t): float(v) for t, v in curve.items()}}
 
 
-def summary_images(config, wd: Workdir, split: str = "val") -> dict[str, np.ndarray]:
+def summary_images(wd: Workdir, data: Dataset, split: str = "val") -> dict[str, np.ndarray]:
     """TensorBoard pictures of the first ``common.NUM_SUMMARY_IMAGES`` images of ``split``: the
     image, then each present class's CAM as a heat map (tag ``cam_<split>/<id>``)."""
-    names = common.class_names(config)
     pictures = {}
-    for ex in notebook_utils.examples(config, wd.root, split, limit=common.NUM_SUMMARY_IMAGES):
+    for ex in data.select(split, limit=common.NUM_SUMMARY_IMAGES):
         cams = io.read_cams(cam_path(wd, split, ex["id"]))
-        views = notebook_utils.cam_pictures(ex["image"], cams, names)
-        pictures[f"cam_{split}/{ex['id']}"] = notebook_utils.strip([ex["image"], *views.values()])
+        views = drawing.cam_pictures(ex["image"], cams, data.class_names)
+        pictures[f"cam_{split}/{ex['id']}"] = drawing.strip([ex["image"], *views.values()])
     return pictures
 
 
-def run(config, wd: Workdir) -> dict:
-    model = checkpoints.restore_model(build_model(config), wd.ckpt_dir("cls"),
-                                      step=config.cls.num_steps, hint=common.made_by("cls"))
+def run(config, wd: Workdir, data: Dataset) -> dict:
+    model = checkpoints.restore_model(build_model(config, num_classes=data.num_classes),
+                                      wd.ckpt_dir("cls"), step=config.cls.num_steps,
+                                      hint=common.made_by("cls"))
     predict = make_predictor(config, model)
-    counts = {split: write_split(config, wd, model, split, predict) for split in ("train", "val")}
+    counts = {split: write_split(config, wd, data, model, split, predict)
+              for split in ("train", "val")}
     if distributed.is_main():
-        common.write_images(wd.log_dir("cam"), summary_images(config, wd))
-    return {**cam_metrics(config, wd), "written": counts,
+        common.write_images(wd.log_dir("cam"), summary_images(wd, data))
+    return {**cam_metrics(wd, data), "written": counts,
             "written_per_process": distributed.gather_ints(counts)}

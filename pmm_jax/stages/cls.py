@@ -5,12 +5,14 @@ soft-margin on GAP of the CAM head and ``trainer.sgd_poly``; "seam" trains
 ``pmm_jax.cams.seam.SEAM`` (CAM head + PCM) with the SEAM losses and its four-group optimiser
 (``config.cls.official_momentum``, default False, reproduces the official momentum 5e-4).
 With ``config.cls.multicrop.rough_masks`` set to a folder of rough masks, the classifier trains
-on PMM's multi-crop tiles (``pipeline.multicrop_train_batches``: ``multicrop.scales``,
+on PMM's multi-crop tiles (``Dataset.train_batches``: ``multicrop.scales``,
 ``crop``, ``stride``; docs/multicrop.md) instead of random-scale crops.
 Checkpoints go to ``WORKDIR/cls/ckpt`` and are resumed automatically.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,9 @@ from pmm_jax.models.cam_classifier import multilabel_soft_margin_loss
 from pmm_jax.stages import common
 from pmm_jax.training import checkpoints, precision, trainer
 
+if TYPE_CHECKING:  # TensorFlow: imported where data is read (the benchmarks import stages)
+    from pmm_jax.data.dataset import Dataset
+
 
 def method(config) -> str:
     """``config.cls.method``: "plain" (default) or "seam"; ValueError otherwise."""
@@ -33,9 +38,12 @@ def method(config) -> str:
     return name
 
 
-def build_model(config, seed: int = 0) -> nnx.Module:
+def build_model(config, seed: int = 0, *, num_classes: int | None = None) -> nnx.Module:
     """The configured CAM classifier (``CAMClassifier`` or ``seam.SEAM``), randomly initialised,
-    computing in ``config.compute_dtype``."""
+    computing in ``config.compute_dtype``, with ``num_classes - 1`` outputs (the dataset's
+    ``Dataset.num_classes``, background included; None: ``config.data.num_classes``, for
+    callers without a dataset such as bench/)."""
+    num_foreground = (num_classes or config.data.num_classes) - 1
     rngs = models.init_rngs(seed)
     if method(config) == "seam":
         options = {k: v for k, v in config.cls.model.items()
@@ -45,37 +53,14 @@ def build_model(config, seed: int = 0) -> nnx.Module:
             raise ValueError(f"unknown SEAM model options {unknown}; allowed: {list(seam.SEAM_OPTIONS)}")
         model = seam.SEAM(models.build_backbone(config.cls.model.backbone, rngs,
                                                 remat=models.remat_option(config.cls.model)),
-                          common.num_foreground(config), **options, rngs=rngs)
+                          num_foreground, **options, rngs=rngs)
     else:
-        model = models.build_classifier(config.cls.model, common.num_foreground(config), rngs)
+        model = models.build_classifier(config.cls.model, num_foreground, rngs)
     # Pretrained backbone (`python -m pmm_jax.convert` checkpoint) from config.cls.model.init_from.
     if config.cls.model.get("init_from"):
         models.load_pretrained(model.backbone, config.cls.model.init_from,
                                arch=config.cls.model.backbone.name)
     return precision.set_compute_dtype(model, precision.config_dtype(config))
-
-
-def rough_masks(config) -> str:
-    """The rough-mask folder of multi-crop training, or "" (random-scale crops)."""
-    multicrop = config.cls.get("multicrop")
-    return multicrop.get("rough_masks", "") if multicrop is not None else ""
-
-
-def train_batches(config, wd: Workdir, start: int):
-    """The classifier's training batches from step ``start``: multi-crop tiles when
-    ``config.cls.multicrop.rough_masks`` is set, else ``common.train_batches``."""
-    cfg, key = config.cls, "config.cls.batch_size"
-    ds = common.split_dataset(config, wd, "train", decode=False)
-    if not rough_masks(config):
-        return common.train_batches(config, ds, cfg, key, start)
-    from pmm_jax.data import pipeline  # TensorFlow: imported where data is read
-
-    mc = cfg.multicrop
-    return pipeline.multicrop_train_batches(
-        ds, rough_masks=mc.rough_masks, batch_size=common.local_batch_size(cfg.batch_size, key),
-        crop_size=cfg.crop_size, seed=config.seed, start_step=start,
-        num_classes_fg=common.num_foreground(config), scales=tuple(mc.scales), tile=mc.crop,
-        stride=mc.stride, shuffle_buffer=config.data.shuffle_buffer)
 
 
 def loss_fn(model, batch, rngs):
@@ -98,13 +83,15 @@ def cam_summary(model, batch) -> dict:
     return {"cam_overlay": drawing.cam_overlay_batch(batch["image"][:4], cams, batch["labels"][:4])}
 
 
-def run(config, wd: Workdir) -> dict:
+def run(config, wd: Workdir, data: Dataset) -> dict:
     cfg = config.cls
     ckpt_dir = wd.ckpt_dir("cls")
     start = checkpoints.latest_step(ckpt_dir) or 0
-    batches = train_batches(config, wd, start)
+    # Multi-crop tiles when config.cls.multicrop.rough_masks is set, else random-scale crops.
+    batches = data.train_batches(cfg, "config.cls.batch_size", seed=config.seed,
+                                 start_step=start)
     common.warn_random_init(config, "cls")
-    model = build_model(config, config.seed)
+    model = build_model(config, config.seed, num_classes=data.num_classes)
     if method(config) == "seam":
         tx, schedule = seam.make_optimizer(
             model, cfg.lr, cfg.num_steps, momentum=cfg.momentum, weight_decay=cfg.weight_decay,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING
 
 import jax
 
@@ -17,6 +18,9 @@ from pmm_jax.files import io
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.stages import common, cycle, seg
 
+if TYPE_CHECKING:  # TensorFlow: imported where data is read
+    from pmm_jax.data.dataset import Dataset
+
 
 def trained_runs(config, wd: Workdir) -> list[str]:
     """Segmenter runs of this config that have a checkpoint."""
@@ -24,10 +28,12 @@ def trained_runs(config, wd: Workdir) -> list[str]:
     return [r for r in runs if os.path.isdir(wd.ckpt_dir(f"seg/{r}"))]
 
 
-def results(config, wd: Workdir, seg_mious: dict, eval_seconds: float) -> dict:
-    """The results dict: figures of every completed stage plus this stage's mIoUs and time."""
+def results(config, wd: Workdir, seg_mious: dict, eval_seconds: float, *, dataset: str
+            ) -> dict:
+    """The results dict: figures of every completed stage plus this stage's mIoUs and time;
+    ``dataset`` is the dataset's tfds name."""
     done = stages.completed(wd)
-    out: dict = {"dataset": config.data.name, "iou_rule": config.eval.rule}
+    out: dict = {"dataset": dataset, "iou_rule": config.eval.rule}
     if "cam" in done:
         m = done["cam"]["metrics"]
         out.update(cam_miou=m["cam_miou"], cam_bg_threshold=m["cam_bg_threshold"])
@@ -78,14 +84,15 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def run(config, wd: Workdir) -> dict:
+def run(config, wd: Workdir, data: Dataset) -> dict:
     start = time.time()
     seg_mious = {}
     for run in trained_runs(config, wd):
         out_dir = wd.predictions(run, "val")
-        seg.predict_split(config, wd, run, "val", out_dir)
-        seg_mious[run] = common.miou(config, wd, "val", common.mask_reader(out_dir))["miou"]
-    res = results(config, wd, seg_mious, time.time() - start)
+        seg.predict_split(config, wd, data, run, "val", out_dir)
+        seg_mious[run] = data.miou("val", common.mask_reader(out_dir),
+                                   rule=config.eval.rule)["miou"]
+    res = results(config, wd, seg_mious, time.time() - start, dataset=data.name)
     if jax.process_index() == 0:
         io.write_json(wd.results_json, res)
         print(format_table(res), flush=True)

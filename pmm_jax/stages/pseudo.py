@@ -17,34 +17,37 @@ from __future__ import annotations
 
 import itertools
 import os
+from typing import TYPE_CHECKING
 
 import jax
 import ml_collections
 import numpy as np
 
-from pmm_jax import notebook_utils
-from pmm_jax.data import pipeline
+from pmm_jax import drawing
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.masks import dense_crf, generator
 from pmm_jax.stages import common
 from pmm_jax.training import distributed
 
+if TYPE_CHECKING:  # TensorFlow: imported where data is read
+    from pmm_jax.data.dataset import Dataset
 
-def variant_config(config, method: str) -> ml_collections.ConfigDict:
-    """The ``generator.generate`` config of one variant, from ``config.pseudo`` and the
-    CRF backend ``config.crf.backend``."""
+
+def variant_config(config, method: str, num_classes: int) -> ml_collections.ConfigDict:
+    """The ``generator.generate`` config of one variant, from ``config.pseudo``, the CRF
+    backend ``config.crf.backend`` and the dataset's ``num_classes`` (background included)."""
     cfg = generator.default_config()
     p = config.pseudo
     cfg.method = method
     cfg.alpha, cfg.t, cfg.s, cfg.official_minmax = p.alpha, p.t, p.s, p.official_minmax
-    cfg.num_classes = config.data.num_classes
+    cfg.num_classes = num_classes
     cfg.num_workers = p.num_workers or None
     cfg.crf.update(p.crf.to_dict())
     cfg.crf.backend = dense_crf.config_backend(config)  # config.crf.backend: pydensecrf | jax
     return cfg
 
 
-def records(config, wd: Workdir, ids: set[str] | None):
+def records(wd: Workdir, data: Dataset, ids: set[str] | None):
     """``(id, image, cams)`` of every train image, optionally only ``ids``, in dataset order.
 
     Every process sees the same records; ``generator.generate`` then makes the masks of
@@ -52,7 +55,7 @@ def records(config, wd: Workdir, ids: set[str] | None):
     eval subset (the first images) is spread over all processes too.
     """
     remaining = None if ids is None else len(ids)
-    for ex in common.examples(config, wd, "train", all_processes=True):
+    for ex in data.examples("train", all_processes=True):
         if remaining == 0:
             return  # every wanted id was yielded: stop decoding the rest of the split
         if ids is None or ex["id"] in ids:
@@ -61,7 +64,7 @@ def records(config, wd: Workdir, ids: set[str] | None):
             yield ex["id"], ex["image"], os.path.join(wd.cams("train"), f"{ex['id']}.npy")
 
 
-def eval_ids(config, wd: Workdir) -> list[str]:
+def eval_ids(config, wd: Workdir, data: Dataset) -> list[str]:
     """The ids the pseudo-masks are scored on: those of the dataset split
     ``config.pseudo.eval_split`` (the first ``eval_subset`` when > 0), in dataset order.
 
@@ -69,54 +72,51 @@ def eval_ids(config, wd: Workdir) -> list[str]:
     train CAM, i.e. images outside ``config.data.train_split``.
     """
     split, subset = config.pseudo.eval_split, config.pseudo.eval_subset
-    splits = pipeline.prepare(config.data.name, common.data_dir(config, wd)).info.splits
-    if split not in splits:
+    if split not in data.dataset_splits:
         raise ValueError(f"config.pseudo.eval_split={split!r} is not a split of "
-                         f"{config.data.name} (it has {sorted(splits)})")
-    ids = list(itertools.islice((ex["id"] for ex in
-                                 common.dataset_split_examples(config, wd, split)),
+                         f"{data.name} (it has {list(data.dataset_splits)})")
+    ids = list(itertools.islice((ex["id"] for ex in data.dataset_split_examples(split)),
                                 subset if subset > 0 else None))
     missing = [i for i in ids if not os.path.exists(os.path.join(wd.cams("train"), f"{i}.npy"))]
     if missing:
         raise ValueError(
             f"config.pseudo.eval_split={split!r}: {len(missing)} of its {len(ids)} images have no "
             f"train CAM in {wd.cams('train')} (e.g. {missing[0]}); pseudo-masks are made for "
-            f"config.data.train_split={config.data.train_split!r}, which must contain them")
+            f"config.data.train_split={data.train_split!r}, which must contain them")
     return ids
 
 
-def summary_images(config, wd: Workdir, ids: list[str], variants: list[str]
+def summary_images(wd: Workdir, data: Dataset, ids: list[str], variants: list[str]
                    ) -> dict[str, np.ndarray]:
     """TensorBoard pictures (tag ``pseudo/<id>``): image, each variant's mask, ground truth."""
     pictures = {}
-    for ex in notebook_utils.examples(config, wd.root, "train", ids=ids):
-        masks = notebook_utils.mask_pictures(wd.root, ex["id"], ex["mask"], variants=variants)
-        pictures[f"pseudo/{ex['id']}"] = notebook_utils.strip([ex["image"], *masks.values()])
+    for ex in data.select("train", ids=ids):
+        masks = drawing.mask_pictures(wd.root, ex["id"], ex["mask"], variants=variants)
+        pictures[f"pseudo/{ex['id']}"] = drawing.strip([ex["image"], *masks.values()])
     return pictures
 
 
-def run(config, wd: Workdir) -> dict:
-    subset = eval_ids(config, wd)
-    num_train = pipeline.num_examples(config.data.name, common.split_name(config, "train"),
-                                      common.data_dir(config, wd))
+def run(config, wd: Workdir, data: Dataset) -> dict:
+    subset = eval_ids(config, wd, data)
+    num_train = data.num_examples("train")
     variants = list(dict.fromkeys([config.pseudo.train_on, *config.pseudo.variants]))
     stats, mious = {}, {}
     for method in variants:
         wanted = None if method == config.pseudo.train_on else set(subset)
         out_dir = wd.pseudo_masks(method, "train")
         stats[method] = generator.generate(
-            records(config, wd, wanted), out_dir, variant_config(config, method),
+            records(wd, data, wanted), out_dir, variant_config(config, method, data.num_classes),
             num_workers=config.pseudo.num_workers or None,
             process_index=jax.process_index(), process_count=jax.process_count(),
             total=len(subset) if wanted else num_train)
         stats[method]["per_process"] = distributed.gather_ints(
             {k: stats[method][k] for k in ("written", "skipped", "failed")})
         distributed.barrier(f"pseudo-{method}-written")  # the mIoU reads every process's masks
-        mious[method] = common.miou(config, wd, "train", common.mask_reader(out_dir), ids=subset,
-                                    dataset_split=config.pseudo.eval_split)
+        mious[method] = data.miou("train", common.mask_reader(out_dir), ids=subset,
+                                  rule=config.eval.rule, dataset_split=config.pseudo.eval_split)
     if distributed.is_main():
         common.write_images(wd.log_dir("pseudo"), summary_images(
-            config, wd, subset[:common.NUM_SUMMARY_IMAGES], variants))
+            wd, data, subset[:common.NUM_SUMMARY_IMAGES], variants))
     return {"pseudo_mask_miou": {m: r["miou"] for m, r in mious.items()},
             "pseudo_mask_per_class": {m: r["per_class"] for m, r in mious.items()},
             "pseudo_mask_eval": {"split": config.pseudo.eval_split, "num_images": len(subset)},

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -29,12 +30,17 @@ from pmm_jax.stages import cls, common
 from pmm_jax.tools import scoring
 from pmm_jax.training import checkpoints, distributed, precision, trainer
 
+if TYPE_CHECKING:  # TensorFlow: imported where data is read (the benchmarks import stages)
+    from pmm_jax.data.dataset import Dataset
 
-def build_model(config, seed: int = 0) -> nnx.Module:
-    """The configured segmenter, randomly initialised (every run starts from these weights),
-    its backbone loaded from ``config.seg.model.init_from`` (a ``pmm_jax.convert``
-    checkpoint, e.g. ImageNet weights) when set; it computes in ``config.compute_dtype``."""
-    model = models.build_segmenter(config.seg.model, config.data.num_classes,
+
+def build_model(config, seed: int = 0, *, num_classes: int | None = None) -> nnx.Module:
+    """The configured segmenter of ``num_classes`` classes (the dataset's
+    ``Dataset.num_classes``; None: ``config.data.num_classes``, for callers without a dataset
+    such as bench/), randomly initialised (every run starts from these weights), its backbone
+    loaded from ``config.seg.model.init_from`` (a ``pmm_jax.convert`` checkpoint, e.g.
+    ImageNet weights) when set; it computes in ``config.compute_dtype``."""
+    model = models.build_segmenter(config.seg.model, num_classes or config.data.num_classes,
                                    models.init_rngs(seed))
     if config.seg.model.get("init_from"):
         models.load_pretrained(model.backbone, config.seg.model.init_from,
@@ -42,20 +48,21 @@ def build_model(config, seed: int = 0) -> nnx.Module:
     return precision.set_compute_dtype(model, precision.config_dtype(config))
 
 
-def initial_model(config, wd: Workdir) -> nnx.Module:
-    """The segmenter a training run starts from: ``build_model(config, config.seed)``, its
-    backbone then overwritten with the ``cls`` stage's trained classifier backbone (every
-    parameter and BN statistic) when ``config.seg.model.init_from_cls`` is set."""
+def initial_model(config, wd: Workdir, num_classes: int) -> nnx.Module:
+    """The segmenter of ``num_classes`` classes a training run starts from: ``build_model``
+    seeded with ``config.seed``, its backbone then overwritten with the ``cls`` stage's
+    trained classifier backbone (every parameter and BN statistic) when
+    ``config.seg.model.init_from_cls`` is set."""
     if config.seg.model.get("init_from_cls") and config.seg.model.get("init_from"):
         raise ValueError("config.seg.model.init_from and config.seg.model.init_from_cls are both "
                          "set; choose one starting point for the segmenter backbone")
-    model = build_model(config, config.seed)
+    model = build_model(config, config.seed, num_classes=num_classes)
     if config.seg.model.get("init_from_cls"):
-        load_cls_backbone(config, wd, model)
+        load_cls_backbone(config, wd, model, num_classes)
     return model
 
 
-def load_cls_backbone(config, wd: Workdir, model: nnx.Module) -> nnx.Module:
+def load_cls_backbone(config, wd: Workdir, model: nnx.Module, num_classes: int) -> nnx.Module:
     """Copies the backbone of the ``cls`` checkpoint in ``wd`` into ``model.backbone``.
 
     The stand-in for an ImageNet backbone where there is none (the synthetic demo): the
@@ -64,7 +71,7 @@ def load_cls_backbone(config, wd: Workdir, model: nnx.Module) -> nnx.Module:
     """
     ckpt_dir = wd.ckpt_dir("cls")
     classifier = checkpoints.restore_model(
-        cls.build_model(config), ckpt_dir, step=config.cls.num_steps,
+        cls.build_model(config, num_classes=num_classes), ckpt_dir, step=config.cls.num_steps,
         hint="config.seg.model.init_from_cls needs the classifier: " + common.made_by("cls"))
     return models.copy_weights(
         classifier.backbone, model.backbone, what=f"the cls backbone in {ckpt_dir}",
@@ -114,20 +121,6 @@ def mask_summary(model, batch) -> dict:
         [images, target, drawing.colorize_mask(pred)], axis=2)}
 
 
-def mmseg_batches(config, ds, start_step: int):
-    """``config.seg.augment == "mmseg"``: mmseg's VOC/COCO augmentation (rescale around
-    ``seg.img_scale`` by ``seg.scale_range``, crop with ``seg.cat_max_ratio``, flip,
-    photometric distortion); resumed at ``start_step`` as in ``common.train_batches``."""
-    from pmm_jax.data import pipeline  # TensorFlow: imported where data is read
-
-    cfg = config.seg
-    return pipeline.mmseg_train_batches(
-        ds, batch_size=common.local_batch_size(cfg.batch_size, "config.seg.batch_size"),
-        crop_size=cfg.crop_size, seed=config.seed, start_step=start_step, img_scale=tuple(cfg.img_scale),
-        ratio_range=tuple(cfg.scale_range), cat_max_ratio=cfg.cat_max_ratio,
-        shuffle_buffer=config.data.shuffle_buffer)
-
-
 def _path_names(path) -> tuple[str, ...]:
     """A parameter's pytree key path as strings (without nnx's trailing ``value``)."""
     names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
@@ -162,30 +155,27 @@ def make_optimizer(config, model: nnx.Module):
     return tx, schedule
 
 
-def train_segmenter(config, wd: Workdir, run: str, mask_dir: str, loss: str) -> None:
-    """Trains (or resumes) segmenter ``run`` on the masks in ``mask_dir``."""
-    from pmm_jax.data import pipeline  # TensorFlow: imported where data is read
-
+def train_segmenter(config, wd: Workdir, data: Dataset, run: str, mask_dir: str,
+                    loss: str) -> None:
+    """Trains (or resumes) segmenter ``run`` on the masks in ``mask_dir`` (mmseg's
+    augmentation when ``config.seg.augment == "mmseg"``: ``Dataset.train_batches``)."""
     cfg = config.seg
     eval_every = cfg.get("eval_every", 0)
     if eval_every:
         check_val_subset(config)
     ckpt_dir = wd.ckpt_dir(f"seg/{run}")
     start = checkpoints.latest_step(ckpt_dir) or 0
-    ds = pipeline.with_masks_from_dir(
-        common.split_dataset(config, wd, "train", decode=False), mask_dir,
-        producer="the 'pseudo' stage (or 'cycle' for cyclic masks)",
-        num_classes=config.data.num_classes)
-    batches = (mmseg_batches(config, ds, start) if cfg.get("augment") == "mmseg"
-               else common.train_batches(config, ds, cfg, "config.seg.batch_size", start))
+    batches = data.train_batches(
+        cfg, "config.seg.batch_size", seed=config.seed, start_step=start, mask_dir=mask_dir,
+        mask_producer="the 'pseudo' stage (or 'cycle' for cyclic masks)")
     common.warn_random_init(config, "seg")
-    model = initial_model(config, wd)
+    model = initial_model(config, wd, data.num_classes)
     tx, schedule = make_optimizer(config, model)
     trainer.train(model, run_loss(config, loss), batches, tx,
                   num_steps=cfg.num_steps, ckpt_dir=ckpt_dir, log_dir=wd.log_dir(f"seg/{run}"),
                   seed=config.seed, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
                   lr_schedule=schedule, image_summary_fn=mask_summary, desc=f"seg {run}",
-                  eval_fn=keep_best(config, wd, run) if eval_every else None,
+                  eval_fn=keep_best(config, wd, data, run) if eval_every else None,
                   eval_every=eval_every)
 
 
@@ -204,17 +194,16 @@ def check_val_subset(config) -> None:
                          "one per process (or 0: all of val)")
 
 
-def val_miou(config, wd: Workdir, model) -> float:
+def val_miou(config, data: Dataset, model) -> float:
     """mIoU of ``model`` on the val split, or its first ``config.seg.val_subset`` images when
     > 0, with config.eval's test-time pipeline (all processes)."""
     source = "the segmenter being trained, in its periodic validation (config.seg.eval_every)"
     # config.eval, config.crf.backend
     predict = inference.predictor(model, config, source=source)
-    num_classes = config.data.num_classes
+    num_classes = data.num_classes
     cm = np.zeros((num_classes, num_classes), np.int64)
-    for batch in common.eval_batches(config, wd, "val", config.eval.batch_size,
-                                     "config.eval.batch_size",
-                                     subset=config.seg.get("val_subset", 0)):
+    for batch in data.eval_batches("val", config.eval.batch_size, "config.eval.batch_size",
+                                   subset=config.seg.get("val_subset", 0)):
         labels = predict(batch)
         for i in np.flatnonzero(batch["valid"]):
             h, w = int(batch["height"][i]), int(batch["width"][i])
@@ -225,14 +214,14 @@ def val_miou(config, wd: Workdir, model) -> float:
     return float(scoring.iou_from_confusion(cm, rule=config.eval.rule)[1])
 
 
-def keep_best(config, wd: Workdir, run: str):
+def keep_best(config, wd: Workdir, data: Dataset, run: str):
     """``eval_fn`` for ``trainer.train``: val mIoU every ``config.seg.eval_every`` steps; the
     best model so far is saved to ``best_dir`` with ``best.json`` {step, miou} (mmseg's
     ``save_best``), which survives a resumed run."""
     directory, record = best_dir(wd, run), best_record(wd, run)
 
     def eval_fn(step: int, model) -> None:
-        miou = val_miou(config, wd, model)
+        miou = val_miou(config, data, model)
         best = io.read_json(record)["miou"] if os.path.exists(record) else -1.0
         if distributed.is_main():
             subset = config.seg.get("val_subset", 0)
@@ -268,14 +257,16 @@ def segmenter_checkpoint(config, wd: Workdir, run: str) -> tuple[str, int]:
     return wd.ckpt_dir(f"seg/{run}"), config.seg.num_steps
 
 
-def load_segmenter(config, wd: Workdir, run: str) -> nnx.Module:
-    """Segmenter ``run`` restored from exactly the checkpoint of :func:`segmenter_checkpoint`."""
+def load_segmenter(config, wd: Workdir, run: str, num_classes: int) -> nnx.Module:
+    """Segmenter ``run`` (``num_classes`` classes) restored from exactly the checkpoint of
+    :func:`segmenter_checkpoint`."""
     directory, step = segmenter_checkpoint(config, wd, run)
-    return checkpoints.restore_model(build_model(config), directory, step=step,
-                                     hint=f"segmenter '{run}': " + common.made_by(trained_by(run)))
+    return checkpoints.restore_model(build_model(config, num_classes=num_classes), directory,
+                                     step=step, hint=f"segmenter '{run}': "
+                                     + common.made_by(trained_by(run)))
 
 
-def predict_split(config, wd: Workdir, run: str, split: str, out_dir: str,
+def predict_split(config, wd: Workdir, data: Dataset, run: str, split: str, out_dir: str,
                   stage: str = "eval") -> int:
     """Writes segmenter ``run``'s predicted mask of every image in ``split`` to ``out_dir``.
 
@@ -283,14 +274,14 @@ def predict_split(config, wd: Workdir, run: str, split: str, out_dir: str,
     how many this process wrote, once every process has written its files. ``stage`` (the
     caller) is named, with the segmenter, when its predictions are not finite.
     """
-    model = load_segmenter(config, wd, run)
+    model = load_segmenter(config, wd, run, data.num_classes)
     source = (f"stage '{stage}': segmenter '{run}' ({segmenter_checkpoint(config, wd, run)[0]}, "
               f"trained by stage '{trained_by(run)}') on {split}")
     # config.eval, config.crf.backend
     predict = inference.predictor(model, config, source=source)
     key = "config.eval.batch_size"
-    batches = common.eval_batches(config, wd, split, config.eval.batch_size, key)
-    total = common.num_eval_batches(config, wd, split, config.eval.batch_size, key)
+    batches = data.eval_batches(split, config.eval.batch_size, key)
+    total = data.num_eval_batches(split, config.eval.batch_size, key)
     io.remove_stale_temps(out_dir)
     written = 0
     for batch in tqdm.tqdm(batches, desc=f"predict {run} {split}", unit="batch", total=total,
@@ -309,8 +300,8 @@ def predict_split(config, wd: Workdir, run: str, split: str, out_dir: str,
     return written
 
 
-def run(config, wd: Workdir) -> dict:
+def run(config, wd: Workdir, data: Dataset) -> dict:
     mask_dir = wd.pseudo_masks(config.pseudo.train_on, "train")
     for loss in config.seg.runs:
-        train_segmenter(config, wd, loss, mask_dir, loss)
+        train_segmenter(config, wd, data, loss, mask_dir, loss)
     return {"runs": list(config.seg.runs), "num_steps": config.seg.num_steps}
