@@ -57,12 +57,10 @@ CLI::
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
 import functools
 import itertools
 import math
-import multiprocessing
 import os
 import sys
 import tempfile
@@ -82,6 +80,7 @@ from pmm_jax.masks.dense_crf import (
     CRFParams,
     backend_and_params,
     dense_crf,
+    process_pool,
 )
 
 METHODS = ("ppmg", "baseline", "crf_cvs", "ppmg_no_cvs")
@@ -186,8 +185,7 @@ def generate(records: Iterable[tuple[str, Any, Any]], out_dir: str, cfg: config_
         bar.update()
 
     start_wall, start_cpu = time.perf_counter(), time.process_time()
-    pool = concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn")) if use_pool else None
+    pool = process_pool(workers) if use_pool else None  # its workers exit when we die
     in_flight: collections.deque[_Job] = collections.deque()
     try:
         for record in itertools.islice(records, index, None, count):
