@@ -303,3 +303,29 @@ def test_truncated_file_or_missing_item_and_none_intact_is_an_error(
                                                           r"model/ is missing\); no step is "
                                                           r"intact"):
         checkpoints.restore_model(TinyNet(nnx.Rngs(1)), str(ckpt), step=9, hint="")
+
+
+def test_a_failed_checkpoint_write_is_one_message_naming_the_step_and_the_resume_point(
+        tmp_path, monkeypatch):
+    """A full disk while orbax writes step 6: CheckpointError (main prints it as one
+    paragraph) naming the step, the cause and the step a rerun resumes from; no traceback
+    chain of orbax's internals."""
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    real = ocp.CheckpointManager.save
+
+    def save(self, step, *args, **kwargs):
+        if step == 6:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ckpt" / "6"))
+        return real(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    with pytest.raises(checkpoints.CheckpointError,
+                       match=r"could not write checkpoint step 6 in .*ckpt \(OSError: \[Errno 28\] "
+                             r"No space left on device.*Free disk space .* training resumes "
+                             r"from step 3\."):
+        run(tmp_path, 10)
+    monkeypatch.undo()
+    assert checkpoints.latest_step(str(tmp_path / "ckpt")) == 3
