@@ -138,8 +138,6 @@ def enable_compilation_cache(setting: str, workdir: str) -> str | None:
 def run(config, workdir: str, redo: list[str] = ()) -> dict:
     """Runs the configured stages in ``workdir`` (redoing those in ``redo``); returns
     ``{stage: marker}`` of those run. ``config.json`` keeps the first run's config."""
-    import jax
-
     from pmm_jax import stages
     from pmm_jax.files import io
     from pmm_jax.files.workdir import Workdir

@@ -11,7 +11,7 @@ from pmm_jax.files import io
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.segmentation import inference
 from pmm_jax.stages import seg
-from pmm_jax.training import checkpoints, trainer
+from pmm_jax.training import checkpoints
 from tests.test_trainer import TinyNet, assert_trees_close, params_of, run
 
 

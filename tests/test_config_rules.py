@@ -10,9 +10,9 @@ from test_main import run_main
 from pmm_jax import config_rules
 
 
-@pytest.mark.parametrize("path, variant", [("configs/demo.py", "tiny"), ("configs/demo.py", None),
-                                           ("configs/voc.py", None), ("configs/voc.py", "rehearsal"),
-                                           ("configs/coco.py", None)])
+@pytest.mark.parametrize("path, variant", [
+    ("configs/demo.py", "tiny"), ("configs/demo.py", None), ("configs/voc.py", None),
+    ("configs/voc.py", "rehearsal"), ("configs/coco.py", None)])
 def test_every_shipped_config_passes(path, variant):
     config = load_config(path, variant)
     config.allow_random_init = True  # the paper configs need ImageNet weights (test_main)

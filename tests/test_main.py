@@ -196,6 +196,24 @@ def test_killed_runs_resume_and_complete(tiny_run):
 
 
 @pytest.mark.xdist_group("tiny_run")
+def test_the_classifier_killed_in_the_pipeline_ends_as_an_uninterrupted_one(tiny_run, tmp_path):
+    """The pipeline's cls stage, SIGKILLed after its step-4 checkpoint and resumed, ends with
+    every array of its final checkpoint equal to a run that was never interrupted."""
+    from test_stage_cls import assert_identical_checkpoints
+
+    from pmm_jax.data import dataset
+    from pmm_jax.stages import cls
+
+    workdir = tiny_run[0]
+    config = load_config_file("configs/demo.py", "tiny")
+    config.data.data_dir = str(workdir / "tfds")
+    whole = Workdir(str(tmp_path / "whole"))
+    cls.run(config, whole, dataset.open_dataset(config, whole))
+    assert_identical_checkpoints(Workdir(str(workdir)).ckpt_dir("cls"), whole.ckpt_dir("cls"),
+                                 config.cls.num_steps)
+
+
+@pytest.mark.xdist_group("tiny_run")
 def test_results_json_has_every_key(tiny_run):
     workdir = tiny_run[0]
     results = io.read_json(str(workdir / "results.json"))

@@ -179,7 +179,8 @@ def test_a_truncated_cam_met_by_the_pseudo_stage_names_the_file_its_stage_and_th
         stages.run_stage("pseudo", config, wd, None, "redo")
     message = str(err.value)
     assert f"stage pseudo cannot use {cam}, written by stage 'cam'" in message
-    assert "--config.stages=cls,cam,pseudo,seg,cycle,eval --redo=cam,pseudo,seg,cycle,eval" in message
+    assert ("--config.stages=cls,cam,pseudo,seg,cycle,eval --redo=cam,pseudo,seg,cycle,eval"
+            in message)
     assert "\n" not in message
 
 
@@ -204,7 +205,8 @@ def test_a_truncated_pseudo_mask_read_through_tensorflow_names_the_file(finished
     damaged = stages.damaged_input(tf_error.value, "seg", config, wd)
     assert damaged is not None, str(tf_error.value)[:500]
     message = str(damaged)
-    assert f"stage seg cannot use {masks / 'train_000005.png'}, written by stage 'pseudo'" in message
+    mask = masks / "train_000005.png"
+    assert f"stage seg cannot use {mask}, written by stage 'pseudo'" in message
     assert "--redo=pseudo,seg,cycle,eval" in message and "\n" not in message
     assert stages.damaged_input(ValueError("no path here"), "seg", config, wd) is None
 

@@ -227,8 +227,8 @@ def _decide_all(ordered: list[str], redo: list[str], config, wd: Workdir
         current = record.relevant_config(config, name, ORDER)
         marker = None if name in redo else _read_marker(wd, name)
         if marker is None:
-            started = (_read_record(_started_path(wd, name), name, "the record of the half-done stage")
-                       if name not in redo else None)
+            started = (None if name in redo else _read_record(
+                _started_path(wd, name), name, "the record of the half-done stage"))
             if started:
                 stale[name] = record.changed_keys(started.get("config", {}), current)
             actions[name] = "redo" if name in redo else "run"

@@ -108,7 +108,8 @@ def manager(ckpt_dir: str, *, save_interval_steps: int = 1, read_only: bool = Fa
 
 def save_model(model: nnx.Module, ckpt_dir: str, step: int) -> None:
     """Writes ``model`` (its ``model`` item only) as the one checkpoint kept in ``ckpt_dir``;
-    ``restore_model(..., step=step)`` reads it. For best-so-far checkpoints; every process calls it."""
+    ``restore_model(..., step=step)`` reads it. For best-so-far checkpoints; every process
+    calls it."""
     with manager(ckpt_dir, max_to_keep=1) as mgr:
         _save(mgr, step, ocp.args.Composite(
             model=ocp.args.StandardSave(_saveable(nnx.state(model)))))
