@@ -319,7 +319,12 @@ def damaged_input(err: BaseException, name: str, config, wd: Workdir
     wrote (the error may come from a worker process or through TensorFlow, whose message
     carries the Python one and its traceback): the file, what is wrong with it, the stage
     that wrote it and the ``--redo`` that remakes it and everything made from it. None when
-    the message names no such file (the error is then not about a damaged input)."""
+    the message names no such file (the error is then not about a damaged input), and for
+    errors that already say what to do (a stage error, a checkpoint error, a divergence)."""
+    from pmm_jax.training.checkpoints import CheckpointError
+
+    if isinstance(err, (StageError, CheckpointError, FloatingPointError, FileNotFoundError)):
+        return None
     text = str(err)
     root = re.escape(os.path.abspath(wd.root))
     for line in text.splitlines():
