@@ -258,10 +258,27 @@ def _tiles(config) -> list[str]:
     return problems
 
 
+# Backbone options that do not change its weights' shapes (a copy between them is fine).
+_WEIGHTLESS_BACKBONE_KEYS = ("frozen_stages", "remat")
+
+
 def _segmenter_start(config) -> list[str]:
-    if _get(config, "seg.model.init_from_cls", False) and _get(config, "seg.model.init_from", ""):
+    if not _get(config, "seg.model.init_from_cls", False):
+        return []
+    if _get(config, "seg.model.init_from", ""):
         return ["config.seg.model.init_from and config.seg.model.init_from_cls are both set; "
                 "choose one starting point for the segmenter backbone"]
+    cls_backbone, seg_backbone = (_get(config, "cls.model.backbone", None),
+                                  _get(config, "seg.model.backbone", None))
+    if not (hasattr(cls_backbone, "items") and hasattr(seg_backbone, "items")):
+        return []
+    differ = sorted(k for k in set(cls_backbone) & set(seg_backbone)
+                    if k not in _WEIGHTLESS_BACKBONE_KEYS
+                    and _flat({"v": cls_backbone[k]}) != _flat({"v": seg_backbone[k]}))
+    if differ:
+        return [f"config.seg.model.init_from_cls copies the classifier's backbone, but "
+                f"config.seg.model.backbone differs from config.cls.model.backbone in "
+                f"{', '.join(differ)}; make them equal or set init_from_cls=False"]
     return []
 
 

@@ -48,6 +48,18 @@ def test_a_bad_setting_is_named_with_what_it_must_be(key, value, text):
     assert text in str(err.value), str(err.value)
 
 
+def test_a_segmenter_starting_from_the_classifier_needs_the_same_backbone():
+    config = load_config("configs/demo.py", "tiny")  # init_from_cls on
+    config.seg.model.backbone = dict(config.seg.model.backbone.to_dict(), widths=(8, 16, 16, 64),
+                                     frozen_stages=1)
+    assert config_rules.problems(config) == [
+        "config.seg.model.init_from_cls copies the classifier's backbone, but "
+        "config.seg.model.backbone differs from config.cls.model.backbone in widths; make them "
+        "equal or set init_from_cls=False"]
+    config.seg.model.init_from_cls = False
+    assert config_rules.problems(config) == []
+
+
 def test_every_bad_key_is_reported_before_any_stage_runs(tmp_path):
     proc = run_main("--config=configs/demo.py:tiny", f"--workdir={tmp_path / 'wd'}",
                     "--config.eval.rule=foo", "--config.cls.crop_size=0",
