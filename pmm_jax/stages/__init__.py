@@ -292,8 +292,8 @@ def run_stage(name: str, config: ml_collections.ConfigDict, wd: Workdir, data: D
     if unfinished:
         raise StageOutputError(f"stage {name} finished without its outputs "
                                f"({'; '.join(unfinished)}); it is not marked complete in {marker}")
-    inputs = {n: m["id"] for n, m in completed(wd).items()
-              if ORDER.index(n) < ORDER.index(name) and "id" in m}
+    earlier = {n: _read_marker(wd, n) for n in ORDER[:ORDER.index(name)]}
+    inputs = {n: m["id"] for n, m in earlier.items() if m is not None and "id" in m}
     result = {"seconds": round(time.time() - start, 2), "metrics": metrics, "config": current,
               "inputs": previous.get("inputs", inputs) if previous else inputs,
               # A repair remakes the same files; a retrained model is another model.
