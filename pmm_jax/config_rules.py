@@ -8,7 +8,8 @@ per-key rules (type, allowed values, range); a key a config does not have is ski
 configs lack optional keys; configs are locked, so a misspelt override never gets here).
 ``CROSS_RULES`` relate several keys: ``num_classes`` against the class names and the
 dataset, a crop against its tile, the segmenter's starting point, the cyclic source, the
-training stages' ImageNet weights.
+training stages' ImageNet weights. :func:`device_problems` holds the rules that need the
+run's processes and devices, checked by ``main`` as soon as they are known (before any stage).
 """
 
 from __future__ import annotations
@@ -306,6 +307,35 @@ CROSS_RULES: tuple[Callable[[Any], list[str]], ...] = (
     _num_classes, _tiles, _segmenter_start, _cycle_source, _initial_weights)
 
 
+def device_problems(config, *, processes: int, local_devices: int) -> list[str]:
+    """The rules that depend on the run's processes and devices (known once they have started,
+    still before any stage): every global batch size splits evenly over all devices (each
+    process's share over its local devices), the multi-crop tile batch over all devices, and
+    a ``seg.val_subset`` gives every process at least one image."""
+    found, devices = [], processes * local_devices
+    for key, value in _flat(config).items():
+        if key.endswith(".batch_size") and _is_int(value) and value > 0 and value % devices:
+            found.append(f"config.{key}={value} must be a multiple of {devices} ({local_devices} "
+                         f"local device(s) x {processes} process(es)): each process takes an "
+                         "equal share and splits it over its devices")
+    tile_batch = _get(config, "cam.multicrop.tile_batch")
+    if (_get(config, "cam.method", "multiscale") == "multicrop" and _is_int(tile_batch)
+            and tile_batch > 0 and tile_batch % devices):
+        found.append(f"config.cam.multicrop.tile_batch={tile_batch} must be a multiple of the "
+                     f"number of devices ({devices})")
+    subset = _get(config, "seg.val_subset", 0)
+    if _get(config, "seg.eval_every", 0) and _is_int(subset) and 0 < subset < processes:
+        found.append(f"config.seg.val_subset={subset}: each of the {processes} processes "
+                     "validates on its share of these images, so use at least one per process "
+                     "(or 0: all of val)")
+    return found
+
+
+def check_devices(config, *, processes: int, local_devices: int) -> None:
+    """Raises :class:`ConfigError` listing every :func:`device_problems` in one paragraph."""
+    _raise(device_problems(config, processes=processes, local_devices=local_devices))
+
+
 def problems(config) -> list[str]:
     """Every rule the config breaks, each as ``config.KEY=VALUE <what it must be>``."""
     rules = _rules()
@@ -325,7 +355,10 @@ def problems(config) -> list[str]:
 
 def check(config) -> None:
     """Raises :class:`ConfigError` listing every broken rule in one paragraph."""
-    found = problems(config)
+    _raise(problems(config))
+
+
+def _raise(found: list[str]) -> None:
     if len(found) == 1:
         raise ConfigError(found[0])
     if found:

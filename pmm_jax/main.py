@@ -207,6 +207,10 @@ def main(argv):
         if _REDO.value:
             stages.parse_stages(",".join(_REDO.value), "--redo")
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        import jax
+
+        config_rules.check_devices(_CONFIG.value, processes=jax.process_count(),
+                                   local_devices=jax.local_device_count())
     except ValueError as err:
         fail(str(err))
     try:

@@ -6,6 +6,7 @@ import pytest
 from conftest import load_config
 from flax import nnx
 
+from pmm_jax import config_rules
 from pmm_jax.data.dataset import open_dataset
 from pmm_jax.files import io
 from pmm_jax.files.workdir import Workdir
@@ -67,11 +68,11 @@ def test_val_subset_validates_on_the_first_val_images(tmp_path, monkeypatch):
     assert seen == every[:5]
 
 
-def test_val_subset_smaller_than_the_process_count_is_refused_by_key(monkeypatch):
+def test_val_subset_smaller_than_the_process_count_is_refused_by_key():
+    """Checked at start-up once the processes are known (``config_rules.check_devices``)."""
     config = load_config("configs/demo.py", "tiny")
-    config.seg.val_subset = 2
-    monkeypatch.setattr(seg.jax, "process_count", lambda: 4)
+    config.seg.val_subset, config.seg.eval_every = 2, 4
     with pytest.raises(ValueError, match=r"config\.seg\.val_subset=2: each of the 4 processes"):
-        seg.check_val_subset(config)
+        config_rules.check_devices(config, processes=4, local_devices=1)
     config.seg.val_subset = 4
-    seg.check_val_subset(config)
+    config_rules.check_devices(config, processes=4, local_devices=1)

@@ -70,3 +70,19 @@ def test_every_bad_key_is_reported_before_any_stage_runs(tmp_path):
     for text in ("config.eval.rule='foo'", "config.cls.crop_size=0", "config.data.num_classes=7"):
         assert text in err
     assert not (tmp_path / "wd").exists(), "no stage may have started"
+
+
+def test_batches_that_do_not_split_over_the_devices_are_refused_at_start_up():
+    """Known once the processes have started, still before any stage: a global batch that
+    does not split evenly over every device (eval's would otherwise fail after training)."""
+    config = load_config("configs/demo.py", "tiny")
+    assert config_rules.device_problems(config, processes=2, local_devices=4) == []
+    config.eval.batch_size, config.cam.method = 12, "multicrop"
+    config.cam.multicrop.tile_batch = 20
+    found = config_rules.device_problems(config, processes=2, local_devices=4)
+    assert [p.split("=")[0] for p in found] == ["config.eval.batch_size",
+                                                "config.cam.multicrop.tile_batch"]
+    assert "must be a multiple of 8 (4 local device(s) x 2 process(es))" in found[0]
+    with pytest.raises(config_rules.ConfigError, match=r"^2 config settings are wrong"):
+        config_rules.check_devices(config, processes=2, local_devices=4)
+

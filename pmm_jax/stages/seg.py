@@ -161,8 +161,6 @@ def train_segmenter(config, wd: Workdir, data: Dataset, run: str, mask_dir: str,
     augmentation when ``config.seg.augment == "mmseg"``: ``Dataset.train_batches``)."""
     cfg = config.seg
     eval_every = cfg.get("eval_every", 0)
-    if eval_every:
-        check_val_subset(config)
     ckpt_dir = wd.ckpt_dir(f"seg/{run}")
     start = checkpoints.latest_step(ckpt_dir) or 0
     batches = data.train_batches(
@@ -182,16 +180,6 @@ def train_segmenter(config, wd: Workdir, data: Dataset, run: str, mask_dir: str,
 def best_dir(wd: Workdir, run: str) -> str:
     """Where ``config.seg.eval_every`` keeps run's best-val checkpoint (and ``best.json``)."""
     return wd.ckpt_dir(f"seg/{run}/best")
-
-
-def check_val_subset(config) -> None:
-    """Refuses, before any training, a ``config.seg.val_subset`` that some process would get
-    no image of (each reads its shard of the first ``val_subset`` val images)."""
-    subset = config.seg.get("val_subset", 0)
-    if 0 < subset < jax.process_count():
-        raise ValueError(f"config.seg.val_subset={subset}: each of the {jax.process_count()} "
-                         "processes validates on its share of these images, so use at least "
-                         "one per process (or 0: all of val)")
 
 
 def val_miou(config, data: Dataset, model) -> float:
