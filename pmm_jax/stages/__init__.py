@@ -8,8 +8,11 @@ with and wrote (``pmm_jax.stages.record``); a rerun skips it. Inside a stage, fi
 
 Before anything runs, :func:`plan` decides each stage's action: a completed stage whose
 settings or inputs differ from this run's is refused (``StaleStageError``) unless named in
-``--redo`` (its outputs are deleted and it runs again); one whose outputs have gone missing
-runs again to redo them, keeping its identity.
+``--redo`` (its outputs are deleted and it runs again); one whose files have gone missing
+runs again to redo them, keeping its identity; one whose final checkpoint is damaged retrains
+from its newest intact step as a new model, so the stages made from the old one are refused
+until redone. A stage that meets a damaged file of an earlier stage stops with one paragraph
+naming the file and the ``--redo`` that remakes it (:func:`damaged_input`). docs/faults.md.
 """
 
 from __future__ import annotations
