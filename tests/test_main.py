@@ -133,6 +133,7 @@ def test_paper_configs_refuse_random_init_naming_the_keys(name):
     config.cls.model.init_from, config.seg.model.init_from = "/w/resnet38", "/w/res2net101"
     config_rules.check(config)
     config.seg.model.init_from, config.seg.model.init_from_cls = "", True  # cls's backbone
+    config.seg.model.backbone = config.cls.model.backbone.to_dict()  # (which it must build)
     config_rules.check(config)
     config.cls.model.init_from, config.allow_random_init = "", True
     config_rules.check(config)
