@@ -110,7 +110,7 @@ def build_jax(args):
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
     mesh = shd.make_mesh()
-    state = trainer.replicate(state, mesh)
+    state = shd.replicate(state, mesh)
     step = trainer.make_step(graphdef, loss_fn, 0, mesh)
     image, labels = make_batch(args)
     batch = shd.shard_batch({"image": image, "labels": labels}, mesh)

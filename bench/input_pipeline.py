@@ -6,8 +6,11 @@ Writes a fake VOCdevkit of VOC-sized JPEGs (smooth colour fields with rectangles
 noise, so they compress and decode like photographs rather than like white noise) into a
 temporary folder, prepares it with ``pmm_jax.data.prepare`` (the preparation rate is
 reported too: it is what ``docs/datasets.md`` extrapolates preparation times from), then times
-``pmm_jax.data.pipeline.train_batches`` on the ``train`` split after a warm-up. Prints one
-JSON line with the rates and the number of CPU cores they were measured on.
+``pmm_jax.data.pipeline.train_batches`` on the ``train`` split after a warm-up, as the stages
+read it (encoded, decoded after shuffling). It also times the first batch of a stream resumed
+at ``--resume_step`` (default: three quarters into the second epoch), which skips the consumed
+batches without decoding them (``pipeline.stream``), beside the first batch of a fresh
+stream. Prints one JSON line with the rates, times and the number of CPU cores.
 """
 
 from __future__ import annotations
@@ -70,7 +73,11 @@ def main() -> None:
     parser.add_argument("--crop_size", type=int, default=448)
     parser.add_argument("--steps", type=int, default=40, help="timed batches")
     parser.add_argument("--warmup", type=int, default=5, help="untimed batches first")
+    parser.add_argument("--resume_step", type=int, default=None,
+                        help="step a timed resumed stream starts at (default 1.75 epochs)")
     args = parser.parse_args()
+    resume_step = (args.resume_step if args.resume_step is not None
+                   else int(1.75 * args.num_images) // args.batch_size)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp)
@@ -81,19 +88,33 @@ def main() -> None:
         prepare_rate = prepared / (time.perf_counter() - start)
 
         ds = pipeline.load_split("voc2012_wsss", "train", str(root / "tfds"),
-                                 process_index=0, process_count=1)
-        batches = pipeline.train_batches(ds, batch_size=args.batch_size, crop_size=args.crop_size,
-                                         seed=0, num_classes_fg=voc.NUM_CLASSES)
+                                 process_index=0, process_count=1, decode=False)
+
+        def stream(start_step: int):
+            return pipeline.train_batches(ds, batch_size=args.batch_size,
+                                          crop_size=args.crop_size, seed=0,
+                                          num_classes_fg=voc.NUM_CLASSES, start_step=start_step)
+
+        def first_batch_seconds(start_step: int) -> float:
+            start = time.perf_counter()
+            next(stream(start_step))
+            return time.perf_counter() - start
+
+        batches = stream(0)
         for _ in range(args.warmup):
             next(batches)
         start = time.perf_counter()
         for _ in range(args.steps):
             next(batches)
         train_rate = args.steps * args.batch_size / (time.perf_counter() - start)
+        fresh_first, resumed_first = first_batch_seconds(0), first_batch_seconds(resume_step)
 
     print(json.dumps({
         "train_batches_images_per_s": round(train_rate, 1),
         "prepare_examples_per_s": round(prepare_rate, 1),
+        "fresh_first_batch_s": round(fresh_first, 2),
+        f"resumed_at_step_{resume_step}_first_batch_s": round(resumed_first, 2),
+        "skipped_images": resume_step * args.batch_size,
         "crop_size": args.crop_size, "batch_size": args.batch_size,
         "cpu_cores": len(os.sched_getaffinity(0)), "image_sizes": "333..500 x 375..500 JPEG",
     }))

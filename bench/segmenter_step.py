@@ -92,7 +92,7 @@ def build_jax(args):
     model.train()
     graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
     mesh = shd.make_mesh()
-    state = trainer.replicate(state, mesh)
+    state = shd.replicate(state, mesh)
     step = trainer.make_step(graphdef, seg.run_loss(config, "ce"), config.seed, mesh)
     image, mask = make_batch(args)
     return step, state, shd.shard_batch({"image": image, "mask": mask}, mesh)

@@ -107,7 +107,7 @@ def train_step_seconds(model, tx, loss_fn, batch: dict, repeats: int) -> float:
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
     mesh = shd.make_mesh()
-    holder = {"state": trainer.replicate(state, mesh)}
+    holder = {"state": shd.replicate(state, mesh)}
     step = trainer.make_step(graphdef, loss_fn, 0, mesh)
     device_batch = shd.shard_batch(batch, mesh)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from pmm_jax.tools.weight_conversion import CONVERTERS, convert
 
@@ -21,11 +22,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output checkpoint directory")
     return parser.parse_args(argv)
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command; returns the exit status (0 converted, 1 bad input: one paragraph
+    ``error: ...`` naming the file on stderr, never a traceback)."""
     args = parse_args(argv)
-    meta = convert(args.arch, os.path.expanduser(args.src), os.path.expanduser(args.out),
-                   os.path.expanduser(args.structure) if args.structure else None)
+    try:
+        meta = convert(args.arch, os.path.expanduser(args.src), os.path.expanduser(args.out),
+                       os.path.expanduser(args.structure) if args.structure else None)
+    except (ValueError, OSError, ImportError, MemoryError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"error: {message} (--src={args.src})" if args.src not in message
+              else f"error: {message}", file=sys.stderr)
+        return 1
     print(json.dumps(meta, indent=1))
+    return 0
+
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -86,13 +86,14 @@ def _main() -> None:
 
     def main(argv):
         from pmm_jax.segmentation.predict_images import PredictError
+        from pmm_jax.training.checkpoints import CheckpointError
 
         if len(argv) > 1:
             _fail(f"unexpected arguments: {argv[1:]}")
         logging.set_verbosity(logging.ERROR)  # orbax's notices
         try:
             meta = export(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.run)
-        except (PredictError, FileNotFoundError) as err:
+        except (PredictError, FileNotFoundError, CheckpointError) as err:
             _fail(str(err))
         print(f"exported segmenter '{meta['run']}' to {flags.FLAGS.out} (canvas "
               f"{meta['canvas'][0]}x{meta['canvas'][1]}, platforms {', '.join(meta['platforms'])})")

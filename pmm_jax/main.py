@@ -20,6 +20,7 @@ import logging as std_logging
 import os
 import re
 import sys
+import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -51,44 +52,6 @@ def check_workdir(path: str) -> None:
         os.remove(probe)
     except OSError as err:
         raise app.UsageError(f"--workdir={path} is not writable: {err}") from err
-
-
-def check_config(config) -> None:
-    """Checks the choices that would otherwise fail only deep inside a stage: the stage list,
-    the dense CRF backend ``config.crf.backend``, the dataset kind of ``config.data.name``, the
-    positive counts and training from random weights (``stages.check_random_init``). Raises
-    ValueError naming the key."""
-    from pmm_jax import stages
-    from pmm_jax.data import dataset
-    from pmm_jax.masks import dense_crf
-
-    stages.parse_stages(config.stages)
-    dense_crf.config_backend(config)
-    dataset.kind(config.data)
-    check_positive(config)
-    stages.check_random_init(config)
-
-
-# Config keys (last dotted part) that must be positive integers wherever they appear, and
-# those where 0 means "off" or "all" and only a negative value is wrong.
-POSITIVE_KEYS = ("batch_size", "num_steps", "log_every", "ckpt_every", "tile_batch")
-NON_NEGATIVE_KEYS = ("eval_every", "eval_subset", "val_subset")
-
-
-def check_positive(config) -> None:
-    """Refuses a zero or negative batch size, step count or interval by its key: they would
-    fail deep inside a stage, or (``num_steps=0``) finish a stage without a checkpoint; and a
-    negative ``eval_every`` or subset size (0 = off / all)."""
-    from pmm_jax.stages import record
-
-    for key, value in record.flatten(config.to_dict()).items():
-        name = key.rsplit(".", 1)[-1]
-        if name not in POSITIVE_KEYS + NON_NEGATIVE_KEYS:
-            continue
-        least = 1 if name in POSITIVE_KEYS else 0
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            kind = "a positive" if least else "a non-negative"
-            raise ValueError(f"config.{key}={value!r} must be {kind} integer")
 
 
 def config_error(err: Exception, argv: list[str]) -> str:
@@ -235,33 +198,58 @@ def record_dataset(wd, data, names: list[str], redo: list[str]) -> None:
 def fail(message: str) -> None:
     """Ends the run with ``message`` as one paragraph on stderr and exit status 1."""
     sys.stderr.write(f"error: {message}\n")
-    sys.exit(1)
+    end_now(1)
+
+
+def end_now(status: int) -> None:
+    """Flushes the output and ends the process at once with ``status``.
+
+    On an error, a thread that is still running (a tf.data prefetch iterator, an orbax
+    checkpoint writer, a CRF process pool's manager) would otherwise keep the process alive
+    after its message, holding a cluster job's accelerators idle until it is killed;
+    ``os._exit`` skips waiting for them. The workdir lock was released on the way out (its
+    ``with`` block) and finished outputs are already renamed into place.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
 
 
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {argv[1:]}")
-    from pmm_jax import stages
+    from pmm_jax import config_rules, stages
     from pmm_jax.data.builder_base import DatasetNotPreparedError, InputError
     from pmm_jax.files import io, workdir
-    from pmm_jax.training import distributed, trainer
+    from pmm_jax.training import checkpoints, distributed, trainer
     # Library chatter (orbax's read-only notices, tfds) only on errors; this package's
     # progress messages at INFO.
     logging.set_verbosity(logging.ERROR)
     std_logging.getLogger("pmm_jax").setLevel(std_logging.INFO)
     try:
-        check_config(_CONFIG.value)
+        config_rules.check(_CONFIG.value)  # every setting, before any work starts
         if _REDO.value:
             stages.parse_stages(",".join(_REDO.value), "--redo")
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        import jax
+
+        config_rules.check_devices(_CONFIG.value, processes=jax.process_count(),
+                                   local_devices=jax.local_device_count())
     except ValueError as err:
         fail(str(err))
     try:
         run(_CONFIG.value, _WORKDIR.value, _REDO.value)
-    except (app.UsageError, stages.StageError, trainer.CheckpointError,
+    except (app.UsageError, stages.StageError, checkpoints.CheckpointError,
             trainer.DivergenceError, io.NonFiniteError, workdir.WorkdirBusyError,
             DatasetNotPreparedError, InputError) as err:
         fail(str(err))  # each message says what to do; a traceback would bury it
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; rerun the same command to resume\n")
+        end_now(130)
+    except Exception:  # a bug: its traceback, then the same prompt exit
+        traceback.print_exc()
+        end_now(1)
 
 
 if __name__ == "__main__":

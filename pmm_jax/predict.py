@@ -45,13 +45,13 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)
     from pmm_jax.files import io
     from pmm_jax.segmentation import predict_images
-    from pmm_jax.training import trainer
+    from pmm_jax.training import checkpoints
 
     try:
         result = predict_images.predict_images(
             _WORKDIR.value, _IMAGES.value, _OUT_DIR.value, run=_RUN.value,
             overlay=_OVERLAY.value, crf=_CRF.value)
-    except (predict_images.PredictError, FileNotFoundError, trainer.CheckpointError,
+    except (predict_images.PredictError, FileNotFoundError, checkpoints.CheckpointError,
             io.NonFiniteError) as err:
         fail(str(err))
     print(f"segmenter '{result['run']}': wrote {result['written']} mask(s) to {_OUT_DIR.value}"

@@ -1,4 +1,4 @@
-"""Best-val checkpoint (config.seg.eval_every): trainer.train's eval_fn, trainer.save_model,
+"""Best-val checkpoint (config.seg.eval_every): trainer.train's eval_fn, checkpoints.save_model,
 and the seg stage's keep_best / load_segmenter choice."""
 
 import ml_collections
@@ -6,12 +6,13 @@ import pytest
 from conftest import load_config
 from flax import nnx
 
+from pmm_jax import config_rules
 from pmm_jax.data.dataset import open_dataset
 from pmm_jax.files import io
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.segmentation import inference
 from pmm_jax.stages import seg
-from pmm_jax.training import trainer
+from pmm_jax.training import checkpoints
 from tests.test_trainer import TinyNet, assert_trees_close, params_of, run
 
 
@@ -20,7 +21,8 @@ def test_eval_fn_runs_every_n_steps_and_after_the_last(tmp_path):
     run(tmp_path, 5, eval_fn=lambda step, model: seen.append((step, params_of(model))),
         eval_every=2)
     assert [step for step, _ in seen] == [2, 4, 5]
-    final = trainer.restore_model(TinyNet(nnx.Rngs(1)), str(tmp_path / "ckpt"), hint="")
+    final = checkpoints.restore_model(TinyNet(nnx.Rngs(1)), str(tmp_path / "ckpt"), step=5,
+                                      hint="")
     assert_trees_close(seen[-1][1], params_of(final))
 
 
@@ -66,11 +68,11 @@ def test_val_subset_validates_on_the_first_val_images(tmp_path, monkeypatch):
     assert seen == every[:5]
 
 
-def test_val_subset_smaller_than_the_process_count_is_refused_by_key(monkeypatch):
+def test_val_subset_smaller_than_the_process_count_is_refused_by_key():
+    """Checked at start-up once the processes are known (``config_rules.check_devices``)."""
     config = load_config("configs/demo.py", "tiny")
-    config.seg.val_subset = 2
-    monkeypatch.setattr(seg.jax, "process_count", lambda: 4)
+    config.seg.val_subset, config.seg.eval_every = 2, 4
     with pytest.raises(ValueError, match=r"config\.seg\.val_subset=2: each of the 4 processes"):
-        seg.check_val_subset(config)
+        config_rules.check_devices(config, processes=4, local_devices=1)
     config.seg.val_subset = 4
-    seg.check_val_subset(config)
+    config_rules.check_devices(config, processes=4, local_devices=1)

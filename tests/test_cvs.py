@@ -46,6 +46,20 @@ def test_normalize_constant_cam_and_empty_label(present):
     assert np.all(np.asarray(cvs.normalize(cams, present, np.zeros((H, W), bool))) == 0)
 
 
+def test_normalize_cams_whose_range_overflows_float32(present):
+    """Finite CAM values near +-3e38 (their range overflows float32) normalise to [0, 1], not
+    to an all-zero map (which made an all-background pseudo-mask); other classes unchanged."""
+    cams = np.asarray(np.random.default_rng(0).uniform(0, 5, (C, H, W)), np.float32)
+    cams[0, :, : W // 2], cams[0, :, W // 2:] = -3e38, 3e38
+    cams[0, 0, 0] = 0.0
+    out = np.asarray(cvs.normalize(cams, np.ones(C, bool)))
+    assert np.all(np.isfinite(out)) and out[0].min() == 0.0
+    np.testing.assert_allclose(out[0, :, W // 2:], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(out[0, 1, 0], 0.0, atol=1e-6)
+    np.testing.assert_allclose(out[0, 0, 0], 0.5, rtol=1e-6)
+    np.testing.assert_array_equal(out[1:], np.asarray(cvs.normalize(cams[1:], np.ones(C - 1, bool))))
+
+
 # ------------------------------------------------------------------------------ CoV and CVS
 
 @pytest.mark.parametrize("use_valid", [False, True])

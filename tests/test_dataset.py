@@ -104,7 +104,9 @@ def test_miou_against_the_ground_truth(opened):
 
 
 def test_train_batches_pass_the_seed_and_section_through(opened, monkeypatch):
-    """Which ``pipeline`` function a section reaches, with ``seed + start_step`` as its seed."""
+    """Which ``pipeline`` function a section reaches, with the run's seed and ``start_step``
+    passed on unchanged (the stream is seeded once; a resumed run skips, never reseeds), on
+    the encoded train shard (decoded after skipping)."""
     _, data = opened
     config = load_config("configs/demo.py", "tiny")
     calls = []
@@ -114,7 +116,8 @@ def test_train_batches_pass_the_seed_and_section_through(opened, monkeypatch):
                         lambda ds, mask_dir, **kw: calls.append(("masks", mask_dir)) or ds)
     data.train_batches(config.cls, "config.cls.batch_size", seed=3, start_step=8)
     fn, kw = calls.pop()
-    assert fn == "train_batches" and kw["seed"] == 11 and kw["num_classes_fg"] == 5
+    assert fn == "train_batches" and (kw["seed"], kw["start_step"]) == (3, 8)
+    assert kw["num_classes_fg"] == 5
     assert (kw["batch_size"], kw["crop_size"]) == (config.cls.batch_size, config.cls.crop_size)
     config.cls.multicrop.rough_masks = "/rough"
     data.train_batches(config.cls, "config.cls.batch_size", seed=3, start_step=0)
@@ -124,4 +127,4 @@ def test_train_batches_pass_the_seed_and_section_through(opened, monkeypatch):
     data.train_batches(config.seg, "config.seg.batch_size", seed=0, start_step=4,
                        mask_dir="/masks", mask_producer="the 'pseudo' stage")
     assert calls[0] == ("masks", "/masks") and calls[1][0] == "mmseg_train_batches"
-    assert calls[1][1]["seed"] == 4
+    assert (calls[1][1]["seed"], calls[1][1]["start_step"]) == (0, 4)

@@ -139,3 +139,40 @@ def test_crf_on_real_photographs_follows_the_label(voc_samples_dir):
             assert after > min_agreement, (image_id, weight, before, after)
             if before < 0.9:  # a noisy unary: the image-aware smoothing repairs it
                 assert after > before + 0.05, (image_id, weight, before, after)
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie awaiting a reaper counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.split()[1:2] == ["Z"] for line in f if line.startswith("State:"))
+    except FileNotFoundError:
+        return True
+
+
+def test_pool_workers_exit_when_their_parent_is_killed():
+    """``kill -9`` of the process owning a CRF pool: its workers exit within seconds instead
+    of outliving the run (pseudo-mask generation and the segmentation test share the pool)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import os, time\nfrom pmm_jax.masks import dense_crf\n"
+              "pool = dense_crf.process_pool(2)\n"
+              "pids = {pool.submit(time.sleep, 0.2) and f.result() for f in "
+              "[pool.submit(os.getpid) for _ in range(8)]}\n"
+              "print(' '.join(map(str, sorted(pids))), flush=True)\ntime.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(p) for p in parent.stdout.readline().split()]
+        assert workers and not any(map(_gone, workers))
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while not all(map(_gone, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(map(_gone, workers)), f"workers {workers} outlived their parent"
+    finally:
+        parent.kill()
+        parent.wait()

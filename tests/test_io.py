@@ -88,6 +88,20 @@ def test_json_round_trip(tmp_path):
     assert io.read_json(str(tmp_path / "r.json")) == {"a": [0.5], "b": 1}
 
 
+def test_json_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """A power loss must never leave an empty marker: the temp file is fsync'd before the
+    rename (and the folder after it)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.path.basename(
+        os.readlink(f"/proc/self/fd/{fd}")))), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", os.path.basename(
+        str(b)))), real_replace(a, b))[1])
+    io.write_json(str(tmp_path / "marker.json"), {"id": "x"})
+    assert [e[0] for e in events] == ["fsync", "replace", "fsync"]
+    assert events[0][1].startswith(io.TEMP_PREFIX) and events[2][1] == tmp_path.name
+
+
 # ------------------------------------------------------------------------------------------
 # Hostile and malformed CAM files: nothing in a data file may run code.
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import load_config as load_config_file
 
-from pmm_jax import main, stages
+from pmm_jax import config_rules, main, stages
 from pmm_jax.files import io
 from pmm_jax.files.workdir import Workdir
 
@@ -44,21 +44,21 @@ def test_config_errors_are_one_paragraph(tmp_path, args, message):
 
 def test_non_positive_steps_and_batch_sizes_are_refused_by_key():
     config = load_config_file("configs/demo.py", "tiny")
-    main.check_config(config)
+    config_rules.check(config)
     for key in ("cls.num_steps", "seg.num_steps", "cam.batch_size", "eval.batch_size"):
         section, name = key.split(".")
         for bad in (0, -2):
             changed = load_config_file("configs/demo.py", "tiny")
             changed[section][name] = bad
             with pytest.raises(ValueError, match=rf"config\.{key}={bad} must be a positive"):
-                main.check_config(changed)
+                config_rules.check(changed)
 
 
 def test_an_unknown_dataset_kind_is_refused_by_key():
     config = load_config_file("configs/demo.py", "tiny")
     config.data.name = "cityscapes"
     with pytest.raises(ValueError, match=r"config\.data\.name='cityscapes': unknown dataset kind"):
-        main.check_config(config)
+        config_rules.check(config)
 
 
 def test_negative_intervals_and_subsets_are_refused_by_key():
@@ -66,12 +66,12 @@ def test_negative_intervals_and_subsets_are_refused_by_key():
     for key in ("seg.eval_every", "seg.val_subset", "pseudo.eval_subset"):
         section, name = key.split(".")
         changed = load_config_file("configs/voc.py", "rehearsal")  # random init allowed
-        main.check_config(changed)
+        config_rules.check(changed)
         changed[section][name] = 0
-        main.check_config(changed)
+        config_rules.check(changed)
         changed[section][name] = -1
         with pytest.raises(ValueError, match=rf"config\.{key}=-1 must be a non-negative"):
-            main.check_config(changed)
+            config_rules.check(changed)
 
 
 def test_unknown_stage_is_an_error(tmp_path):
@@ -83,7 +83,7 @@ def test_unknown_stage_is_an_error(tmp_path):
 
 def test_every_config_carries_the_crf_backend_and_a_bad_one_is_refused_early():
     """``--config.crf.backend`` exists in every config (they are locked), pydensecrf by default;
-    main's ``check_config`` refuses an unknown value by key before any stage runs."""
+    ``config_rules.check`` (run by main) refuses an unknown value by key before any stage runs."""
     import importlib.util
 
     for name, args in (("demo", ()), ("demo", ("tiny",)), ("voc", ()), ("coco", ())):
@@ -94,12 +94,12 @@ def test_every_config_carries_the_crf_backend_and_a_bad_one_is_refused_early():
         config = module.get_config(*args)
         assert config.crf.backend == "pydensecrf", name
         config.allow_random_init = True  # voc/coco refuse random weights (tested below)
-        main.check_config(config)
+        config_rules.check(config)
     with config.unlocked():
         config.crf.backend = "JAX"
     with pytest.raises(ValueError,
                        match=r"crf\.backend='JAX'.*allowed values: 'pydensecrf', 'jax'"):
-        main.check_config(config)
+        config_rules.check(config)
 
 
 def load_config(name: str, *args):
@@ -117,7 +117,7 @@ def test_paper_configs_refuse_random_init_naming_the_keys(name):
     config = load_config(name)
     assert config.allow_random_init is False
     with pytest.raises(ValueError) as err:
-        main.check_config(config)
+        config_rules.check(config)
     message = str(err.value)
     for text in ("config.cls.model.init_from and config.seg.model.init_from are empty",
                  "python -m pmm_jax.convert --arch=resnet38 --src=", "--arch=res2net101",
@@ -126,16 +126,17 @@ def test_paper_configs_refuse_random_init_naming_the_keys(name):
         assert text.lower() in message.lower(), (text, message)
     config.stages = "cycle"  # cyclic training trains segmenters too
     with pytest.raises(ValueError, match=r"config\.seg\.model\.init_from is empty"):
-        main.check_config(config)
+        config_rules.check(config)
     config.stages = "cam,pseudo,eval"  # trains nothing
-    main.check_config(config)
+    config_rules.check(config)
     config.stages = "cls,seg"
     config.cls.model.init_from, config.seg.model.init_from = "/w/resnet38", "/w/res2net101"
-    main.check_config(config)
+    config_rules.check(config)
     config.seg.model.init_from, config.seg.model.init_from_cls = "", True  # cls's backbone
-    main.check_config(config)
+    config.seg.model.backbone = config.cls.model.backbone.to_dict()  # (which it must build)
+    config_rules.check(config)
     config.cls.model.init_from, config.allow_random_init = "", True
-    main.check_config(config)
+    config_rules.check(config)
     for args in ((), ("tiny",)):
         assert load_config("demo", *args).allow_random_init is True
 
@@ -193,6 +194,24 @@ def test_killed_runs_resume_and_complete(tiny_run):
     masks = [p for p in (workdir / "pseudo" / "ppmg" / "train").glob("*.png")
              if not p.name.startswith(".")]
     assert len(masks) == 64 and not list(workdir.rglob(".tmp-*"))
+
+
+@pytest.mark.xdist_group("tiny_run")
+def test_the_classifier_killed_in_the_pipeline_ends_as_an_uninterrupted_one(tiny_run, tmp_path):
+    """The pipeline's cls stage, SIGKILLed after its step-4 checkpoint and resumed, ends with
+    every array of its final checkpoint equal to a run that was never interrupted."""
+    from test_stage_cls import assert_identical_checkpoints
+
+    from pmm_jax.data import dataset
+    from pmm_jax.stages import cls
+
+    workdir = tiny_run[0]
+    config = load_config_file("configs/demo.py", "tiny")
+    config.data.data_dir = str(workdir / "tfds")
+    whole = Workdir(str(tmp_path / "whole"))
+    cls.run(config, whole, dataset.open_dataset(config, whole))
+    assert_identical_checkpoints(Workdir(str(workdir)).ckpt_dir("cls"), whole.ckpt_dir("cls"),
+                                 config.cls.num_steps)
 
 
 @pytest.mark.xdist_group("tiny_run")

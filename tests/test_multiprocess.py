@@ -169,8 +169,8 @@ def test_every_mask_and_cam_is_computed_once(two_process_run):
 def test_one_shared_checkpoint_per_model(two_process_run):
     workdir, codes, _, _ = two_process_run
     assert codes == [0, 0]
-    from pmm_jax.training import trainer
+    from pmm_jax.training import checkpoints
     wd = Workdir(str(workdir))
-    assert trainer.latest_step(wd.ckpt_dir("cls")) == 2
-    assert trainer.latest_step(wd.ckpt_dir("seg/pus")) == 2
+    assert checkpoints.latest_step(wd.ckpt_dir("cls")) == 2
+    assert checkpoints.latest_step(wd.ckpt_dir("seg/pus")) == 2
     assert sorted(os.listdir(os.path.join(workdir, "seg"))) == ["pus"]

@@ -281,3 +281,30 @@ def test_full_size_resnet38_params_equal_the_pth_route(tmp_path):
         t = np.transpose(t.numpy(), (0, 2, 3, 1))
         assert f.shape == t.shape
         assert np.max(np.abs(f - t)) / np.max(np.abs(t)) < 1e-4
+
+
+def test_an_array_larger_than_the_file_is_refused_before_allocating(tmp_path):
+    """A damaged list claiming a 200000x200000 array: refused naming the file (no 160 GB
+    allocation, no bare MemoryError)."""
+    record = struct.pack("<Iiiqq", 0xF993FAC9, 0, 2, 200000, 200000) + struct.pack("<iii", 1, 0, 0)
+    path = tmp_path / "huge.params"
+    path.write_bytes(struct.pack("<QQQ", 0x112, 0, 1) + record + b"\0" * 64)
+    with pytest.raises(ValueError, match=r"cut short or damaged \(wanted 160000000000 bytes"):
+        mxnet_params.load_ndarray_list(str(path))
+
+
+@pytest.mark.parametrize("content", ["truncated", "random", "huge"])
+def test_the_convert_command_prints_one_paragraph_for_a_bad_file(tmp_path, capsys, content):
+    a = np.ones((4, 4), np.float32)
+    path = tmp_path / "w.params"
+    if content == "truncated":
+        path.write_bytes(struct.pack("<QQQ", 0x112, 0, 1) + ndarray_record(a)[:-5])
+    elif content == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    else:
+        record = struct.pack("<Iiiqq", 0xF993FAC9, 0, 2, 200000, 200000) + struct.pack("<iii", 1, 0, 0)
+        path.write_bytes(struct.pack("<QQQ", 0x112, 0, 1) + record)
+    status = convert.main(["--arch=resnet38", f"--src={path}", f"--out={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert status == 1 and err.startswith("error: ") and str(path) in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

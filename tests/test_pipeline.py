@@ -1,5 +1,6 @@
 """tf.data pipelines: shards, train batches, padded eval batches and the pseudo-mask join."""
 
+import functools
 import itertools
 import os
 
@@ -289,3 +290,44 @@ def test_pipeline_decodes_jpegs_exactly_as_pil(tmp_path):
             tf_default = tf.io.decode_jpeg(f.read(), channels=3).numpy()
         tf_default_differs |= bool(np.any(tf_default != ex["image"]))
     assert ex["id"].decode() == TRAIN_AUG[-1] and tf_default_differs
+
+
+def _assert_same_batches(got, expected):
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert set(a) == set(b)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.parametrize("make", ["train", "mmseg"])
+def test_a_resumed_stream_is_exactly_the_rest_of_an_uninterrupted_one(data_dir, make):
+    """Resuming at step 5 (one epoch is 8 batches; 14 steps cross two epoch boundaries) gives
+    the batches 5.. of the stream from 0, for encoded and decoded datasets alike."""
+    make = {"train": functools.partial(pipeline.train_batches, crop_size=32, num_classes_fg=5),
+            "mmseg": functools.partial(pipeline.mmseg_train_batches, crop_size=32,
+                                       img_scale=(64, 48))}[make]
+    encoded = pipeline.load_split(NAME, "train", data_dir, decode=False)
+    decoded = pipeline.load_split(NAME, "train", data_dir)
+    full = list(itertools.islice(make(encoded, batch_size=8, seed=0, shuffle_buffer=16), 14))
+    resumed = list(itertools.islice(
+        make(encoded, batch_size=8, seed=0, shuffle_buffer=16, start_step=5), 9))
+    _assert_same_batches(resumed, full[5:])
+    from_decoded = list(itertools.islice(
+        make(decoded, batch_size=8, seed=0, shuffle_buffer=16, start_step=9), 5))
+    _assert_same_batches(from_decoded, full[9:])
+    assert len({i for batch in full[:8] for i in batch["id"]}) == NUM_TRAIN  # epochs complete
+
+
+def test_encoded_examples_decode_as_load_split_and_join_masks_lazily(data_dir, mask_dir):
+    encoded = pipeline.load_split(NAME, "val", data_dir, decode=False)
+    assert encoded.element_spec["image"].dtype == tf.string
+    joined = pipeline.with_masks_from_dir(encoded, str(mask_dir), producer="the 'pseudo' stage")
+    decoded = pipeline.load_split(NAME, "val", data_dir)
+    pairs = zip(tfds.as_numpy(encoded.map(pipeline.decode)), tfds.as_numpy(joined.map(pipeline.decode)),
+                tfds.as_numpy(decoded))
+    for plain, with_mask, original in itertools.islice(pairs, 4):
+        np.testing.assert_array_equal(plain["image"], original["image"])
+        np.testing.assert_array_equal(plain["mask"], original["mask"])
+        np.testing.assert_array_equal(
+            with_mask["mask"][:, :, 0], io.read_mask(str(mask_dir / f"{original['id'].decode()}.png")))

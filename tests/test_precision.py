@@ -84,7 +84,7 @@ def step_and_state(model, tx, loss_fn):
     mesh = shd.make_mesh()
     model.train()
     graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
-    return trainer.make_step(graphdef, loss_fn, 0, mesh), trainer.replicate(state, mesh), mesh
+    return trainer.make_step(graphdef, loss_fn, 0, mesh), shd.replicate(state, mesh), mesh
 
 
 def test_resolve_auto_and_errors():

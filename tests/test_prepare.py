@@ -116,3 +116,12 @@ def test_two_preparations_sharing_a_data_dir_run_one_after_the_other(voc_tree, m
     errors = run_concurrently(lambda: prepare.prepare(
         "voc", str(voc_tree / "manual"), str(voc_tree / "tfds")))
     assert errors == [] and state["most"] == 1
+
+
+@pytest.mark.parametrize("dataset", ["voc", "coco"])
+def test_empty_manual_dir_is_one_message_not_an_assertion(capsys, tmp_path, dataset):
+    (tmp_path / "manual").mkdir()
+    status, _, err = run(capsys, f"--dataset={dataset}", f"--manual_dir={tmp_path / 'manual'}",
+                         f"--data_dir={tmp_path / 'tfds'}")
+    assert status == 2 and err.startswith(f"error: --manual_dir={tmp_path / 'manual'} is empty")
+    assert "Expected layout" in err and "Traceback" not in err

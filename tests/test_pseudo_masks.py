@@ -251,7 +251,7 @@ def test_pseudo_stage_honours_config_crf_backend_override(tmp_path, synthetic_re
         raise AssertionError("the jax backend must not start a CRF process pool")
 
     monkeypatch.setattr(dense_crf_jax, "dense_crf_padded", counting)
-    monkeypatch.setattr(pm.concurrent.futures, "ProcessPoolExecutor", no_pool)
+    monkeypatch.setattr(pm, "process_pool", no_pool)
     # The demo data set has 5 foreground classes: renumber each image's two classes 0, 1.
     records = [(image_id, image, dict(enumerate(cams[c] for c in sorted(cams))))
                for image_id, image, cams in synthetic_records[:2]]

@@ -9,7 +9,7 @@ from flax import nnx
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.models.pretrained import flat_weights
 from pmm_jax.stages import cls, seg
-from pmm_jax.training import trainer
+from pmm_jax.training import checkpoints
 
 NUM_CLASSES = 6  # the tiny synthetic dataset's, background included
 
@@ -20,7 +20,7 @@ def save_trained_classifier(config, wd: Workdir) -> nnx.Module:
     classifier = cls.build_model(config, seed=5)
     for i, var in enumerate(flat_weights(classifier.backbone).values()):
         var.set_value(var.get_value() + 0.01 * (i + 1))
-    trainer.save_model(classifier, wd.ckpt_dir("cls"), step=12)
+    checkpoints.save_model(classifier, wd.ckpt_dir("cls"), step=12)
     return classifier
 
 
@@ -51,7 +51,7 @@ def test_init_from_cls_starts_the_segmenter_backbone_from_the_cls_checkpoint(tmp
 def test_init_from_cls_refuses_a_different_backbone_and_a_missing_checkpoint(tmp_path):
     config = load_config("configs/demo.py", "tiny")
     wd = Workdir(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="run stage 'cls' first"):
+    with pytest.raises(FileNotFoundError, match="made by stage 'cls': include cls in"):
         seg.initial_model(config, wd, NUM_CLASSES)
     save_trained_classifier(config, wd)
     with config.unlocked():
@@ -64,3 +64,33 @@ def test_init_from_cls_refuses_a_different_backbone_and_a_missing_checkpoint(tmp
         config.seg.model.init_from = "/some/imagenet/ckpt"
     with pytest.raises(ValueError, match="init_from and config.seg.model.init_from_cls"):
         seg.initial_model(config, wd, NUM_CLASSES)
+
+
+def test_a_resumed_segmenter_is_bit_identical_to_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Killed after step 6 (checkpoint 4 kept) and resumed: every array of the final
+    checkpoint (model and optimizer) equals an uninterrupted run's; the masks come from a
+    folder, read lazily after the stream skips the consumed batches."""
+    import tensorflow_datasets as tfds
+    from test_stage_cls import (Interrupted, assert_identical_checkpoints, interrupt_after,
+                                short_config)
+
+    from pmm_jax.data import dataset, pipeline
+    from pmm_jax.files import io
+
+    config = short_config("seg")
+    with config.unlocked():
+        config.seg.model.init_from_cls = False
+        config.data.data_dir = str(tmp_path / "tfds")
+    whole, killed = Workdir(str(tmp_path / "whole")), Workdir(str(tmp_path / "killed"))
+    data = dataset.open_dataset(config, whole)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for ex in tfds.as_numpy(pipeline.load_split(data.name, "train", data.data_dir)):
+        io.write_mask(str(masks / f"{ex['id'].decode()}.png"), ex["mask"][:, :, 0])
+    seg.train_segmenter(config, whole, data, "ce", str(masks), "ce")
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, dataset.Dataset, "train_batches", 6)
+        with pytest.raises(Interrupted):
+            seg.train_segmenter(config, killed, data, "ce", str(masks), "ce")
+    seg.train_segmenter(config, killed, data, "ce", str(masks), "ce")
+    assert_identical_checkpoints(killed.ckpt_dir("seg/ce"), whole.ckpt_dir("seg/ce"), 8)

@@ -110,7 +110,7 @@ def one_step(config, graphdef, state, mesh):
     model.train()
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     step_graph, step_state = nnx.split((model, optimizer))
-    step_state = trainer.replicate(step_state, mesh)
+    step_state = shd.replicate(step_state, mesh)
     batch = shd.shard_batch(host_batch(), mesh, config_key="config.seg.batch_size")
     assert len(batch["image"].sharding.device_set) == mesh.size
     step = trainer.make_step(step_graph, seg.run_loss(config, "pus"), config.seed, mesh)

@@ -190,4 +190,3 @@ def test_two_runs_sharing_a_data_dir_prepare_it_once(tmp_path, monkeypatch):
     errors = run_concurrently(lambda: prepare("synthetic_wsss/tiny", str(tmp_path)))
     assert errors == [] and state["most"] == 1
     assert tfds.builder("synthetic_wsss/tiny", data_dir=str(tmp_path)).is_prepared()
-

@@ -1,4 +1,5 @@
-"""The shared training loop: learning, shardings, donation, resume, logging, predict, sgd_poly."""
+"""The shared training loop: learning, shardings, donation, resume, logging, predict, sgd_poly
+(checkpoint integrity and restores: ``tests/test_checkpoints.py``)."""
 
 import itertools
 import pathlib
@@ -11,7 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from pmm_jax.training import trainer
+from pmm_jax.training import checkpoints, trainer
 
 NUM_CLASSES = 3
 
@@ -60,7 +61,7 @@ def run(tmp_path, num_steps, *, model=None, batches=None, loss=loss_fn, **kwargs
     tx, schedule = trainer.sgd_poly(0.3, 10)
     kwargs = dict(log_every=2, ckpt_every=3) | kwargs
     return trainer.train(model or TinyNet(nnx.Rngs(0)), loss, batches or batches_from(
-        trainer.latest_step(str(tmp_path / "ckpt")) or 0), tx, num_steps=num_steps,
+        checkpoints.latest_step(str(tmp_path / "ckpt")) or 0), tx, num_steps=num_steps,
         ckpt_dir=str(tmp_path / "ckpt"), log_dir=str(tmp_path / "tb"), seed=0,
         lr_schedule=schedule, **kwargs)
 
@@ -143,12 +144,12 @@ def killed_after(num_batches: int):
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, uninterrupted):
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, 10, batches=killed_after(7))  # steps 1..7 done, checkpoints at 3 and 6
-    assert trainer.latest_step(str(tmp_path / "ckpt")) == 6
+    assert checkpoints.latest_step(str(tmp_path / "ckpt")) == 6
     consumed = []
     batches = (consumed.append(s) or make_batch(s) for s in itertools.count(6))
     resumed = params_of(run(tmp_path, 10, batches=batches))
     assert consumed[0] == 6 and len(consumed) == 4, "must resume at step 6, not restart"
-    assert trainer.latest_step(str(tmp_path / "ckpt")) == 10
+    assert checkpoints.latest_step(str(tmp_path / "ckpt")) == 10
     assert_trees_close(resumed, uninterrupted.final)
 
 
@@ -166,18 +167,6 @@ def test_tensorboard_events_and_checkpoints_kept(uninterrupted):
     path = uninterrupted.path
     assert list((path / "tb").glob("events.out.tfevents*"))
     assert sorted(int(p.name) for p in (path / "ckpt").iterdir() if p.name.isdigit()) == [9, 10]
-
-
-def test_restore_model(uninterrupted):
-    final, path = uninterrupted.final, uninterrupted.path
-    model = trainer.restore_model(TinyNet(nnx.Rngs(1)), str(path / "ckpt"), "run stage cls first")
-    assert_trees_close(params_of(model), final)
-    assert model.bn.use_running_average
-
-
-def test_restore_model_without_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match=rf"no checkpoint in {tmp_path}: run stage cls"):
-        trainer.restore_model(TinyNet(nnx.Rngs(0)), str(tmp_path), "run stage cls first")
 
 
 def test_predict_returns_local_rows_in_order(uninterrupted):
@@ -227,11 +216,11 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, l
     assert "seg pus: training diverged at step 5" in message and text in message
     assert "accuracy=" in message and "grad_norm=" in message
     assert f"last good checkpoint is step 4 in {tmp_path / 'ckpt'}" in message
-    assert trainer.latest_step(ckpt) == 4
+    assert checkpoints.latest_step(ckpt) == 4
     # The kept checkpoint is the state after step 4 of a run that never saw the poison.
     good = tmp_path / "good"
     expected = params_of(run(good, 4, batches=batches_from(0), ckpt_every=2))
-    restored = trainer.restore_model(TinyNet(nnx.Rngs(1)), ckpt, "run stage cls first")
+    restored = checkpoints.restore_model(TinyNet(nnx.Rngs(1)), ckpt, step=4, hint="")
     assert_trees_close(params_of(restored), expected)
 
 
@@ -249,51 +238,3 @@ def test_sgd_poly_schedule_and_decay_mask():
     updates, _ = jax.jit(tx.update)(zero, tx.init(params), params)
     np.testing.assert_allclose(updates["bias"], -0.2 * 5e-4 * np.ones(2), rtol=1e-6)
 
-
-def copy_checkpoints(uninterrupted, tmp_path) -> pathlib.Path:
-    """A copy of the 10-step run's checkpoints (steps 9 and 10, each with its digest)."""
-    import shutil
-
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(uninterrupted.path / "ckpt", ckpt)
-    assert (ckpt / "10" / trainer.DIGEST_FILE).exists()
-    return ckpt
-
-
-def largest_file(directory: pathlib.Path) -> pathlib.Path:
-    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-
-
-def test_flipped_bytes_fall_back_to_the_intact_step_and_training_redoes_it(
-        tmp_path, uninterrupted, caplog):
-    """64 flipped bytes in step 10's model data: restore warns and uses step 9; training
-    sets step 10 aside, redoes it from step 9 and ends where the uninterrupted run did."""
-    ckpt = copy_checkpoints(uninterrupted, tmp_path)
-    data = largest_file(ckpt / "10" / "model")
-    raw = bytearray(data.read_bytes())
-    raw[100:164] = bytes(b ^ 0xFF for b in raw[100:164])
-    data.write_bytes(bytes(raw))
-    assert trainer.latest_step(str(ckpt)) == 9
-    with caplog.at_level("WARNING", logger="pmm_jax.training.trainer"):
-        model = trainer.restore_model(TinyNet(nnx.Rngs(1)), str(ckpt), "run stage cls first")
-    assert "checkpoint step 10" in caplog.text and "sha256 mismatch" in caplog.text
-    with pytest.raises(AssertionError):
-        assert_trees_close(params_of(model), uninterrupted.final)  # step 9's weights
-    resumed = params_of(run(tmp_path, 10, batches=batches_from(9)))
-    assert_trees_close(resumed, uninterrupted.final)
-    assert trainer.latest_step(str(ckpt)) == 10 and list((tmp_path / "ckpt.damaged").iterdir())
-
-
-def test_truncated_file_or_missing_item_falls_back_and_none_intact_is_an_error(
-        tmp_path, uninterrupted):
-    import shutil
-
-    ckpt = copy_checkpoints(uninterrupted, tmp_path)
-    data = largest_file(ckpt / "10" / "opt")
-    data.write_bytes(data.read_bytes()[:10])
-    assert trainer.latest_step(str(ckpt)) == 9
-    shutil.rmtree(ckpt / "9" / "model")
-    assert trainer.latest_step(str(ckpt)) is None
-    with pytest.raises(trainer.CheckpointError, match=r"step 10: opt/.* has 10 bytes.*"
-                                                      r"step 9: item model/ is missing"):
-        trainer.restore_model(TinyNet(nnx.Rngs(1)), str(ckpt), "run stage cls first")

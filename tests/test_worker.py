@@ -40,6 +40,16 @@ def test_numpy_core_matches_the_jitted_reference(quirk):
     assert set(np.unique(labels)) == {0, 1, 2, 3}
 
 
+def test_normalize_cams_whose_range_overflows_float32_as_the_jitted_reference():
+    """Finite values near +-3e38 (a range that overflows float32) normalise to [0, 1] as in
+    ``cvs.normalize``, not to an all-zero class (an all-background mask)."""
+    cams = random_cams()
+    cams[0, :, : cams.shape[2] // 2], cams[0, :, cams.shape[2] // 2:] = -3e38, 3e38
+    x = worker.normalize(cams)
+    assert np.all(np.isfinite(x)) and x[0].max() == pytest.approx(1.0)
+    np.testing.assert_allclose(x, cvs.normalize(cams, np.ones(len(cams), bool)), atol=1e-6)
+
+
 def square_image_and_cam(size=40):
     """A bright square on a dark, slightly noisy background, and a CAM peaking on it."""
     rng = np.random.default_rng(0)

@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
 from pmm_jax.cams import multicrop_tiling
-from pmm_jax.training import distributed, trainer
+from pmm_jax.training import distributed
 from pmm_jax.training import sharding as shd
 from pmm_jax.constants import IMAGENET_MEAN, IMAGENET_STD
 
@@ -195,7 +195,7 @@ class MultiCropCAM:
         self.mesh = shd.make_mesh()
         graphdef, state = nnx.split(model)
         # The trainer's replication (every process contributes its copy when several).
-        self.state = trainer.replicate(state, self.mesh)
+        self.state = shd.replicate(state, self.mesh)
         views = 2 if flip else 1
         spec = PartitionSpec(shd.DATA_AXIS)
 

@@ -215,9 +215,9 @@ def prepare(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     (``voc2012_wsss``, ``coco2014_wsss``) must already be prepared, by ``python -m
     pmm_jax.data.prepare`` (``docs/datasets.md``); otherwise this raises
     :class:`DatasetNotPreparedError` saying so. ``name`` must be registered (its module
-    imported). Generating holds :func:`data_dir_lock`, so runs sharing ``data_dir`` build
-    it once (the others wait, then reuse it). Offline by construction: GCS lookups are disabled and
-    ``try_gcs``/``try_download_gcs`` are off, so tfds never reaches for ``gs://tfds-data``.
+    imported). Generating holds :func:`data_dir_lock`, so runs sharing ``data_dir`` build it
+    once (the others wait, then reuse it). Offline by construction: GCS lookups are disabled
+    and ``try_gcs``/``try_download_gcs`` are off, so tfds never reaches for ``gs://tfds-data``.
     """
     gcs_utils._is_gcs_disabled = True  # pylint: disable=protected-access
     builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)

@@ -117,9 +117,10 @@ class Dataset:
         this process's shard, or every example."""
         return self._load(self.split_name(split, subset), all_processes)
 
-    def _load(self, dataset_split: str, all_processes: bool):
+    def _load(self, dataset_split: str, all_processes: bool, decode: bool = True):
         kwargs = dict(process_index=0, process_count=1) if all_processes else {}
-        return pipeline.load_split(self.name, dataset_split, self.data_dir, **kwargs)
+        return pipeline.load_split(self.name, dataset_split, self.data_dir, decode=decode,
+                                   **kwargs)
 
     def examples(self, split: str, *, all_processes: bool = False) -> Iterator[dict]:
         """Numpy examples ``{id: str, image, mask [H,W], labels}`` of logical ``split``, in
@@ -172,16 +173,18 @@ class Dataset:
         ``section.multicrop.rough_masks`` is set (``multicrop.scales``, ``crop``, ``stride``);
         mmseg's VOC/COCO augmentation when ``section.augment == "mmseg"`` (rescale around
         ``img_scale`` by ``scale_range``, crop with ``cat_max_ratio``, flip, photometric
-        distortion); else random-scale crops (``scale_range``). ``mask_dir``: masks replacing the dataset's (pseudo-masks,
-        made by ``mask_producer``, named when one is missing). The shuffle seed moves with
-        ``start_step`` so a resumed run does not replay the batches it already trained on.
+        distortion); else random-scale crops (``scale_range``). ``mask_dir``: masks replacing
+        the dataset's (pseudo-masks, made by ``mask_producer``, named when one is missing).
+        The stream is seeded once with ``seed``; from ``start_step`` on it yields exactly the
+        batches an uninterrupted run does there (the consumed ones are skipped before any
+        image is decoded, ``pipeline.stream``), so a resumed run is bit-identical.
         """
-        ds = self.load("train")
+        ds = self._load(self.split_name("train"), all_processes=False, decode=False)
         if mask_dir is not None:
             ds = pipeline.with_masks_from_dir(ds, mask_dir, producer=mask_producer,
                                               num_classes=self.num_classes)
         shared = dict(batch_size=local_batch_size(section.batch_size, key),
-                      crop_size=section.crop_size, seed=seed + start_step,
+                      crop_size=section.crop_size, seed=seed, start_step=start_step,
                       shuffle_buffer=self.shuffle_buffer)
         multicrop = section.get("multicrop")
         if multicrop is not None and multicrop.get("rough_masks"):

@@ -63,18 +63,22 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
 
 
 def load_split(name: str, split: str, data_dir: str, *, process_index: int | None = None,
-               process_count: int | None = None) -> tf.data.Dataset:
+               process_count: int | None = None, decode: bool = True) -> tf.data.Dataset:
     """This process's shard of tfds ``name``/``split``, in a deterministic order.
 
     ``name`` is any dataset of this project (``synthetic_wsss/<config>``, ``voc2012_wsss``,
     ``coco2014_wsss/<config>``); ``synthetic_wsss`` is generated into ``data_dir`` on first
     use, the others must have been prepared (see ``builder_base.prepare``). The shard defaults
-    to ``jax.process_index()`` of ``jax.process_count()``.
+    to ``jax.process_index()`` of ``jax.process_count()``. With ``decode=False`` ``image``
+    and ``mask`` stay encoded (string tensors) for the training streams, which decode after
+    shuffling and skipping (:func:`decode`), so a resumed run skips without decoding.
     """
     index, count = _process(process_index, process_count)
     builder = prepare(name, data_dir)
+    decoders = ({"image": decode_image_as_pil()} if decode else
+                {"image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()})
     return builder.as_dataset(split=tfds.even_splits(split, n=count)[index], shuffle_files=False,
-                              decoders={"image": decode_image_as_pil()})
+                              decoders=decoders)
 
 
 @tfds.decode.make_decoder(output_dtype=tf.uint8)
@@ -87,12 +91,38 @@ def decode_image_as_pil(serialized: tf.Tensor, feature: tfds.features.Image) -> 
     PPMG pseudo-mask pixels between the pipeline and ``python -m pmm_jax.pseudo_masks`` (which
     reads the JPEG files with PIL, like the official code). PNGs decode identically either way.
     """
-    image = tf.cond(
+    image = _decode_rgb(serialized)
+    image.set_shape(feature.shape)
+    return image
+
+
+def _decode_rgb(serialized: tf.Tensor) -> tf.Tensor:
+    """uint8 ``[H, W, 3]`` from JPEG (PIL's accurate DCT) or PNG bytes."""
+    return tf.cond(
         tf.io.is_jpeg(serialized),
         lambda: tf.io.decode_jpeg(serialized, channels=3, dct_method="INTEGER_ACCURATE"),
         lambda: tf.io.decode_image(serialized, channels=3, expand_animations=False))
-    image.set_shape(feature.shape)
-    return image
+
+
+def decode(example: dict) -> dict:
+    """An example of ``load_split(..., decode=False)`` decoded as ``load_split`` decodes it:
+    ``image`` as PIL does, ``mask`` from its PNG or, when :func:`with_masks_from_dir` joined
+    one (``mask_file``), from that file, checked. Decoded fields pass through unchanged."""
+    example = dict(example)
+    if example["image"].dtype == tf.string:
+        example["image"] = _decode_rgb(example["image"])
+        example["image"].set_shape((None, None, 3))
+    if "mask_file" in example:
+        mask = tf.numpy_function(_read_joined_mask,
+                                 [example.pop("mask_file"), example.pop("mask_classes"),
+                                  example["id"], tf.shape(example["image"])],
+                                 tf.uint8, stateful=False)
+        mask.set_shape((None, None, 1))
+        example["mask"] = mask
+    elif example["mask"].dtype == tf.string:
+        example["mask"] = tf.io.decode_image(example["mask"], channels=1, expand_animations=False)
+        example["mask"].set_shape((None, None, 1))
+    return example
 
 
 def num_examples(name: str, split: str, data_dir: str) -> int:
@@ -133,7 +163,9 @@ def with_masks_from_dir(ds: tf.data.Dataset, mask_dir: str, *, producer: str,
     PIL because ``tf.io.decode_png`` expands palette PNGs to RGB instead of returning the label
     indices. A mask whose size differs from its image fails when read, naming the id; with
     ``num_classes`` (background included), so does a mask holding a class id outside
-    ``0..num_classes-1`` other than the ignore label, naming the file and the ids.
+    ``0..num_classes-1`` other than the ignore label, naming the file and the ids. On an
+    encoded dataset (``load_split(..., decode=False)``) the files are only named here and
+    read by :func:`decode`, after a training stream has skipped what a resumed run consumed.
     """
     ids = _dataset_ids(ds)
     missing = [path for path in (os.path.join(mask_dir, f"{image_id}.png") for image_id in ids)
@@ -144,25 +176,38 @@ def with_masks_from_dir(ds: tf.data.Dataset, mask_dir: str, *, producer: str,
             f"{len(missing)} of {len(ids)} masks are missing from {mask_dir} (first: {listed}). "
             f"They are written by {producer}; run it first.")
 
-    def read(image_id: bytes, image_shape: np.ndarray) -> np.ndarray:
-        image_id = image_id.decode()
-        path = os.path.join(mask_dir, f"{image_id}.png")
-        mask = read_mask(path)
-        if num_classes is not None:
-            _check_class_ids(mask, num_classes, path)
-        if mask.shape != tuple(image_shape[:2]):
-            raise ValueError(f"mask of {image_id!r} in {mask_dir} is "
-                             f"{mask.shape[0]}x{mask.shape[1]} but its image is "
-                             f"{image_shape[0]}x{image_shape[1]}")
-        return mask[:, :, None]
+    def join(example):
+        path = tf.strings.join([mask_dir, os.sep, example["id"], ".png"])
+        joined = {**example, "mask_file": path, "mask_classes": tf.constant(num_classes or 0)}
+        del joined["mask"]
+        return joined
+
+    joined = ds.map(join)
+    if ds.element_spec["image"].dtype == tf.string:
+        return joined  # encoded: the training stream reads the masks when it decodes (decode)
 
     def replace(example):
-        mask = tf.numpy_function(read, [example["id"], tf.shape(example["image"])], tf.uint8,
-                                 stateful=False)
+        mask = decode(example)["mask"]
         mask.set_shape(example["image"].shape[:2] + (1,))
-        return {**example, "mask": mask}
+        return {**{k: v for k, v in example.items() if k not in ("mask_file", "mask_classes")},
+                "mask": mask}
 
-    return ds.map(replace, num_parallel_calls=_AUTOTUNE, deterministic=True)
+    return joined.map(replace, num_parallel_calls=_AUTOTUNE, deterministic=True)
+
+
+def _read_joined_mask(path: bytes, num_classes: np.int32, image_id: bytes,
+                      image_shape: np.ndarray) -> np.ndarray:
+    """The label PNG ``path`` joined by :func:`with_masks_from_dir` as ``[H, W, 1]``, checked
+    against its image's size and, when ``num_classes`` > 0, the class ids."""
+    path, image_id = path.decode(), image_id.decode()
+    mask = read_mask(path)
+    if num_classes > 0:
+        _check_class_ids(mask, int(num_classes), path)
+    if mask.shape != tuple(image_shape[:2]):
+        raise ValueError(f"mask of {image_id!r} in {os.path.dirname(path)} is "
+                         f"{mask.shape[0]}x{mask.shape[1]} but its image is "
+                         f"{image_shape[0]}x{image_shape[1]}")
+    return mask[:, :, None]
 
 
 def normalize(image: tf.Tensor) -> tf.Tensor:
@@ -217,31 +262,68 @@ def _cardinality(ds: tf.data.Dataset) -> int:
     return len(_dataset_ids(ds))
 
 
+def _epoch_seed(seed: int, epoch: tf.Tensor) -> tf.Tensor:
+    """The shuffle seed of ``epoch``: a function of (``seed``, ``epoch``) only."""
+    key = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
+    return tf.random.stateless_uniform([], key, minval=None, maxval=None, dtype=tf.int64)
+
+
+def stream(ds: tf.data.Dataset, *, seed: int, start: int = 0,
+           shuffle_buffer: int | None = None) -> tf.data.Dataset:
+    """``(position, example)`` for the positions ``start, start + 1, ...`` of the endless
+    training stream of ``ds``, decoded (:func:`decode`).
+
+    Epoch ``e`` (positions ``e*n .. e*n+n-1``, ``n`` = the shard's size) is ``ds`` shuffled
+    with a seed drawn from (``seed``, ``e``) alone, so the stream from ``start`` is exactly
+    the tail of the stream from 0: a resumed run sees the batches an uninterrupted one would.
+    Reaching ``start`` costs whole epochs nothing and the rest of its epoch one pass through
+    the shuffle buffer before decoding (give an encoded ``load_split(..., decode=False)``
+    dataset, so skipping reads but never decodes images). ``shuffle_buffer`` defaults to the
+    whole shard.
+    """
+    n = _cardinality(ds)
+    buffer = shuffle_buffer or n
+    first_epoch, skip = divmod(start, n)
+
+    def epoch(e):
+        positions = tf.data.Dataset.range(e * n, (e + 1) * n)
+        shuffled = ds.shuffle(buffer, seed=_epoch_seed(seed, e), reshuffle_each_iteration=False)
+        return tf.data.Dataset.zip(positions, shuffled)
+
+    epochs = tf.data.Dataset.range(first_epoch, tf.int64.max).flat_map(epoch).skip(skip)
+    return epochs.map(lambda position, example: (position, decode(example)),
+                      num_parallel_calls=_AUTOTUNE, deterministic=True)
+
+
+def _batched(ds: tf.data.Dataset, batch_size: int) -> Iterator[Batch]:
+    return ds.batch(batch_size, drop_remainder=True).prefetch(_AUTOTUNE).as_numpy_iterator()
+
+
 def train_batches(ds: tf.data.Dataset, *, batch_size: int, crop_size: int, seed: int,
                   num_classes_fg: int, flip: bool = True,
                   scale_range: tuple[float, float] | None = (0.9, 1.1),
-                  shuffle_buffer: int | None = None) -> Iterator[Batch]:
-    """Endless, seeded, augmented training batches of this process's shard.
+                  shuffle_buffer: int | None = None, start_step: int = 0) -> Iterator[Batch]:
+    """Endless, seeded, augmented training batches of this process's shard, from batch
+    ``start_step`` on.
 
-    Shuffles (reshuffled every epoch, deterministic given ``seed``), repeats, then per
-    example: random scale in ``scale_range`` (bilinear image, nearest mask), normalise, pad to
-    at least ``crop_size`` (image 0, mask 255), random ``crop_size`` square crop, random
-    horizontal flip. Augmentation randomness is derived from (seed, example position), so
-    the stream is reproducible. ``batch_size`` is per process; the remainder is dropped.
-    ``shuffle_buffer`` defaults to the whole shard (decoded images are held in memory).
+    Shuffles (a new order every epoch, deterministic given ``seed``; :func:`stream`), repeats,
+    then per example: random scale in ``scale_range`` (bilinear image, nearest mask),
+    normalise, pad to at least ``crop_size`` (image 0, mask 255), random ``crop_size`` square
+    crop, random horizontal flip. Augmentation randomness is derived from (seed, example
+    position), so the stream is reproducible and one resumed at ``start_step`` yields exactly
+    the batches ``start_step, start_step + 1, ...`` of an uninterrupted one. ``batch_size``
+    is per process; the remainder is dropped. ``shuffle_buffer`` defaults to the whole shard.
     """
     num_labels = ds.element_spec["labels"].shape[-1]
     if num_labels != num_classes_fg:
         raise ValueError(f"dataset has {num_labels} image-level labels, expected {num_classes_fg}")
-    buffer = shuffle_buffer or _cardinality(ds)
-    ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat().enumerate()
 
     def augment(position, example):
         key = tf.stack([tf.constant(seed, tf.int64), position])
         return _augment(example, key, crop_size=crop_size, flip=flip, scale_range=scale_range)
 
-    ds = ds.map(augment, num_parallel_calls=_AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size, drop_remainder=True).prefetch(_AUTOTUNE).as_numpy_iterator()
+    ds = stream(ds, seed=seed, start=start_step * batch_size, shuffle_buffer=shuffle_buffer)
+    return _batched(ds.map(augment, num_parallel_calls=_AUTOTUNE, deterministic=True), batch_size)
 
 
 def _mmseg_rescale(image, mask, ratio, img_scale):
@@ -326,7 +408,8 @@ def mmseg_train_batches(ds: tf.data.Dataset, *, batch_size: int, crop_size: int,
                         img_scale: tuple[int, int] = (2048, 512),
                         ratio_range: tuple[float, float] = (0.5, 2.0),
                         cat_max_ratio: float = 0.75,
-                        shuffle_buffer: int | None = None) -> Iterator[Batch]:
+                        shuffle_buffer: int | None = None, start_step: int = 0
+                        ) -> Iterator[Batch]:
     """Endless seeded training batches with mmseg's segmentation augmentation (the official
     PSPNet recipe for VOC and COCO), an alternative to ``train_batches``' light one.
 
@@ -334,18 +417,16 @@ def mmseg_train_batches(ds: tf.data.Dataset, *, batch_size: int, crop_size: int,
     ``ratio_range``, aspect kept), random crop of at most ``crop_size`` with ``cat_max_ratio``
     (redrawn while one class dominates), horizontal flip with probability 1/2, photometric
     distortion, normalisation, padding to ``crop_size`` (image 0, mask 255). Shuffling,
-    seeding and batching as in ``train_batches``.
+    seeding, resuming at ``start_step`` and batching as in ``train_batches``.
     """
-    buffer = shuffle_buffer or _cardinality(ds)
-    ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat().enumerate()
 
     def augment(position, example):
         key = tf.stack([tf.constant(seed, tf.int64), position])
         return _mmseg_augment(example, key, crop_size=crop_size, img_scale=tuple(img_scale),
                               ratio_range=tuple(ratio_range), cat_max_ratio=cat_max_ratio)
 
-    ds = ds.map(augment, num_parallel_calls=_AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size, drop_remainder=True).prefetch(_AUTOTUNE).as_numpy_iterator()
+    ds = stream(ds, seed=seed, start=start_step * batch_size, shuffle_buffer=shuffle_buffer)
+    return _batched(ds.map(augment, num_parallel_calls=_AUTOTUNE, deterministic=True), batch_size)
 
 
 def _largest_over_processes(count: int) -> int:
@@ -414,8 +495,8 @@ def eval_batches(ds: tf.data.Dataset, *, batch_size: int, pad_to: tuple[int, int
 def multicrop_train_batches(ds: tf.data.Dataset, *, rough_masks: str, batch_size: int,
                             crop_size: int, seed: int, num_classes_fg: int,
                             scales: tuple[float, ...], tile: int, stride: int,
-                            flip: bool = True, shuffle_buffer: int | None = None
-                            ) -> Iterator[Batch]:
+                            flip: bool = True, shuffle_buffer: int | None = None,
+                            start_step: int = 0) -> Iterator[Batch]:
     """Endless seeded batches of PMM's multi-crop training tiles (``VOC12ClsHeatCropDataset``
     with ``crop_scales``), a replacement for ``train_batches`` in the cls stage.
 
@@ -427,7 +508,8 @@ def multicrop_train_batches(ds: tf.data.Dataset, *, rough_masks: str, batch_size
     original image, resized to ``crop_size`` square (bilinear, antialiased like PIL) and
     flipped with probability 1/2; the mask follows (nearest). Every training image must have
     a rough-mask file: the folder is checked up front (one pass over ``ds``) and the error
-    names the missing files. Shuffling, seeding and batching as in ``train_batches``.
+    names the missing files. Shuffling, seeding, resuming at ``start_step`` and batching as
+    in ``train_batches``.
     """
     from pmm_jax.cams import multicrop_tiling
 
@@ -470,7 +552,5 @@ def multicrop_train_batches(ds: tf.data.Dataset, *, rough_masks: str, batch_size
         mask.set_shape((crop_size, crop_size))
         return {"image": image, "mask": mask, "labels": labels, "id": example["id"]}
 
-    buffer = shuffle_buffer or _cardinality(ds)
-    ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat().enumerate()
-    ds = ds.map(crop, num_parallel_calls=_AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size, drop_remainder=True).prefetch(_AUTOTUNE).as_numpy_iterator()
+    ds = stream(ds, seed=seed, start=start_step * batch_size, shuffle_buffer=shuffle_buffer)
+    return _batched(ds.map(crop, num_parallel_calls=_AUTOTUNE, deterministic=True), batch_size)

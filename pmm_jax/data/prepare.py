@@ -38,6 +38,10 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, *, config: str | None 
     if not pathlib.Path(manual_dir).is_dir():
         raise InputError(f"--manual_dir={manual_dir} is not a folder.\n\nExpected layout:\n"
                              f"{builder_cls.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+    if not any(pathlib.Path(manual_dir).iterdir()):
+        raise InputError(f"--manual_dir={manual_dir} is empty: extract the downloaded "
+                         "archives into it.\n\nExpected layout:\n"
+                         f"{builder_cls.MANUAL_DOWNLOAD_INSTRUCTIONS}")
     with data_dir_lock(data_dir):  # two preparations sharing data_dir: the second waits
         builder = builder_cls(data_dir=data_dir, config=config, skip_corrupt=skip_corrupt)
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(

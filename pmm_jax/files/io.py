@@ -89,15 +89,29 @@ def remove_stale_temps(directory: str) -> int:
     return removed
 
 
-def write_bytes(path: str, data: bytes) -> None:
-    """Atomically writes ``data`` to ``path``."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
+def write_bytes(path: str, data: bytes, *, durable: bool = False) -> None:
+    """Atomically writes ``data`` to ``path``. ``durable``: the data reaches the disk
+    (fsync) before the rename and the rename before returning (fsync of the folder), so a
+    power loss leaves the old file or the whole new one, never an empty one (filesystems
+    may otherwise commit the rename before the data)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+    if durable:
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def write_json(path: str, obj: Any) -> None:
-    """Atomically writes ``obj`` as indented JSON."""
-    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    """Atomically and durably (``write_bytes``) writes ``obj`` as indented JSON: markers,
+    records and digests are small, and the pipeline's bookkeeping trusts them."""
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), durable=True)
 
 
 def read_json(path: str) -> Any:

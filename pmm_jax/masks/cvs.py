@@ -62,6 +62,12 @@ def normalize(cams, present, valid=None, official_quirk=False):
     if official_quirk:
         x = jnp.where(x < x_min + NORM_EPS, 0.0, x)
     out = (x - x_min) / (x_max - x_min + NORM_EPS)
+    # CAMs whose range overflows float32 (finite values near +-3e38) would come out all 0 (an
+    # all-background mask): those classes are normalised after an exact scaling by 2**-64,
+    # which brings any finite range within float32. Every other class keeps the line above.
+    k = 2.0 ** -64
+    scaled = (x * k - x_min * k) / (x_max * k - x_min * k + NORM_EPS * k)
+    out = jnp.where(jnp.isfinite(x_max - x_min), out, scaled)
     return jnp.where(keep, out, 0.0)
 
 

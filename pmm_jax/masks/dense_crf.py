@@ -12,10 +12,17 @@ segmentation test time, cyclic masks) with ``config.crf.backend`` (``BACKENDS``)
 ``"pydensecrf"`` (this module, the default) and ``"jax"`` (``pmm_jax.masks.dense_crf_jax``, jitted, in
 the calling process). ``check_backend``, ``config_backend`` and ``backend_and_params`` read
 and validate the choice; this module never imports JAX itself (it is what the spawned CRF
-workers import).
+workers import). :func:`process_pool` makes those workers (pseudo-mask generation and the
+segmentation test's CRF): spawned, and each exits when its parent process dies, even by
+``kill -9``, instead of outliving the run.
 """
 
+import concurrent.futures
 import dataclasses
+import multiprocessing
+import os
+import threading
+import time
 
 import numpy as np
 
@@ -147,3 +154,27 @@ def dense_crf(image, probs, params):
         compat=params.bilateral_compat)
     posterior = crf.inference(params.iterations)
     return np.asarray(posterior, dtype=np.float32).reshape(num_labels, height, width)
+
+
+# How often a pool worker checks that its parent is alive (seconds).
+PARENT_POLL_SECONDS = 0.5
+
+
+def process_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    """A ``spawn`` process pool of ``workers`` CRF workers that exit when this process dies."""
+    return concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"),
+        initializer=exit_with_parent, initargs=(os.getpid(),))
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """Pool initializer: a daemon thread ends this worker as soon as its parent (``parent_pid``)
+    is gone (the worker is then re-parented, so ``os.getppid()`` changes). Without it a
+    killed run's workers, and the resource tracker they keep open, would run on idle."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+

@@ -51,7 +51,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import itertools
-import multiprocessing
 import os
 import sys
 import tempfile
@@ -63,7 +62,8 @@ import numpy as np
 
 from pmm_jax.files import io
 from pmm_jax.masks import worker
-from pmm_jax.masks.dense_crf import DEFAULT_BACKEND, PSEUDO_MASK_CRF, backend_and_params
+from pmm_jax.masks.dense_crf import (DEFAULT_BACKEND, PSEUDO_MASK_CRF, backend_and_params,
+                                      process_pool)
 from pmm_jax.masks.worker import METHODS
 
 # Height and width are padded up to a multiple of this for the jax CRF; most VOC images fall
@@ -159,9 +159,8 @@ def generate(records: Iterable[tuple[str, Any, Any]], out_dir: str, cfg, *,
 
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     # This process is one of the workers: it starts the others and makes an image itself
-    # whenever their queue holds 2 images per worker.
-    pool = concurrent.futures.ProcessPoolExecutor(
-        workers - 1, mp_context=multiprocessing.get_context("spawn")) if use_pool else None
+    # whenever their queue holds 2 images per worker. The pool's workers exit when we die.
+    pool = process_pool(workers - 1) if use_pool else None
     window = 2 * (workers - 1)
     in_flight: dict[concurrent.futures.Future, str] = {}
 

@@ -132,7 +132,13 @@ def normalize(cams: np.ndarray, official_quirk: bool = False) -> np.ndarray:
     x_max = x.max(axis=(1, 2), keepdims=True)
     if official_quirk:
         x = np.where(x < x_min + np.float32(NORM_EPS), np.float32(0), x)
-    return (x - x_min) / (x_max - x_min + np.float32(NORM_EPS))
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = (x - x_min) / (x_max - x_min + np.float32(NORM_EPS))
+        # A range that overflows float32 (finite CAM values near +-3e38): the exact 2**-64
+        # scaling of cvs.normalize, so such a class is not all 0 (an all-background mask).
+        k = np.float32(2.0 ** -64)
+        scaled = (x * k - x_min * k) / (x_max * k - x_min * k + np.float32(NORM_EPS) * k)
+        return np.where(np.isfinite(x_max - x_min), out, scaled).astype(np.float32)
 
 
 def cvs(x: np.ndarray, t: float, s: float) -> np.ndarray:

@@ -29,7 +29,6 @@ With every option off, predictions are the argmax of the upsampled logits, as be
 from __future__ import annotations
 
 import concurrent.futures
-import multiprocessing
 import os
 import weakref
 from typing import Any, Callable, Mapping, Sequence
@@ -119,12 +118,12 @@ def device_fn(eval_cfg: Mapping[str, Any]) -> Callable:
 
 
 def _crf_executor(workers: int) -> concurrent.futures.Executor | None:
-    """A spawn process pool of ``workers`` processes (0 = all cores); None = in-process."""
+    """A spawn process pool of ``workers`` processes (0 = all cores), each exiting when this
+    process dies (``dense_crf.process_pool``); None = in-process."""
     workers = workers or len(os.sched_getaffinity(0))
     if workers <= 1:
         return None
-    return concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn"))
+    return dense_crf.process_pool(workers)
 
 
 def _jax_dense_crf(image: np.ndarray, probs: np.ndarray, params: dense_crf.CRFParams) -> np.ndarray:

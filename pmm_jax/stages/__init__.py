@@ -8,8 +8,11 @@ with and wrote (``pmm_jax.stages.record``); a rerun skips it. Inside a stage, fi
 
 Before anything runs, :func:`plan` decides each stage's action: a completed stage whose
 settings or inputs differ from this run's is refused (``StaleStageError``) unless named in
-``--redo`` (its outputs are deleted and it runs again); one whose outputs have gone missing
-runs again to redo them, keeping its identity.
+``--redo`` (its outputs are deleted and it runs again); one whose files have gone missing
+runs again to redo them, keeping its identity; one whose final checkpoint is damaged retrains
+from its newest intact step as a new model, so the stages made from the old one are refused
+until redone. A stage that meets a damaged file of an earlier stage stops with one paragraph
+naming the file and the ``--redo`` that remakes it (:func:`damaged_input`). docs/faults.md.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import time
 import uuid
 from typing import TYPE_CHECKING, Callable, Mapping
@@ -35,8 +39,19 @@ log = logging.getLogger(__name__)
 
 ORDER = ("cls", "cam", "pseudo", "seg", "cycle", "eval")
 
-# The stage whose output each stage reads.
+# The stage whose output each stage reads (the one it cannot start without).
 REQUIRES = {"cam": "cls", "pseudo": "cam", "seg": "pseudo", "cycle": "seg", "eval": "seg"}
+
+
+def needs(name: str, config: ml_collections.ConfigDict) -> list[str]:
+    """Every stage whose outputs ``name`` reads: ``REQUIRES``, the cls checkpoint for a
+    segmenter starting from it (``seg.model.init_from_cls``), the cyclic segmenters for eval."""
+    out = [REQUIRES[name]] if name in REQUIRES else []
+    if name in ("seg", "cycle") and config.seg.model.get("init_from_cls"):
+        out.append("cls")
+    if name == "eval" and config.cycle.num_cycles > 0:
+        out.append("cycle")
+    return out
 
 
 # The model config that each training stage initialises from ``<key>.model.init_from``.
@@ -54,6 +69,10 @@ class StageInputError(StageError):
 
 class StaleStageError(StageError):
     """Completed stages were made with other settings or inputs than this run's."""
+
+
+class DamagedInputError(StageError):
+    """A stage met an unreadable file that an earlier stage wrote (truncated, corrupt)."""
 
 
 class StageOutputError(StageError):
@@ -125,12 +144,27 @@ def check_inputs(name: str, wd: Workdir) -> None:
 
 def completed(wd: Workdir) -> Mapping[str, dict]:
     """Markers of every completed stage: ``{stage: {"seconds": .., "metrics": {..}}}``."""
-    return {name: io.read_json(wd.stage_marker(name)) for name in ORDER
-            if os.path.exists(wd.stage_marker(name))}
+    return {name: marker for name in ORDER
+            if (marker := _read_marker(wd, name)) is not None}
 
 
-def _read(path: str) -> dict | None:
-    return io.read_json(path) if os.path.exists(path) else None
+def _read_record(path: str, name: str, what: str) -> dict | None:
+    """The JSON object in ``path`` (stage ``name``'s ``what``), None when absent; StageError
+    naming the file and the ``--redo`` when it is empty, not JSON or not an object (e.g. cut
+    short by a power loss on a filesystem that does not order writes)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        value = io.read_json(path)
+    except (OSError, ValueError) as err:
+        problem = f"is not readable JSON ({' '.join(str(err).split())})"
+    else:
+        if isinstance(value, dict) and isinstance(value.get("outputs", {}), dict):
+            return value
+        problem = f"holds a {type(value).__name__}, not a stage record"
+    raise StageError(f"{what} {path} {problem}: it is damaged, so what stage {name} made is "
+                     f"unknown. Rerun with --redo={name} (the stage runs again from scratch; "
+                     "later stages made from it are then refused until redone too).")
 
 
 def _started_path(wd: Workdir, name: str) -> str:
@@ -139,57 +173,39 @@ def _started_path(wd: Workdir, name: str) -> str:
 
 
 def _needs_repair(name: str, config, wd: Workdir) -> bool:
-    marker = _read(wd.stage_marker(name))
+    marker = _read_marker(wd, name)
     return bool(marker and record.missing_outputs(config, wd, name, marker.get("outputs", {})))
+
+
+def _read_marker(wd: Workdir, name: str) -> dict | None:
+    """Stage ``name``'s marker, or None when it has not completed (:func:`_read_record`)."""
+    return _read_record(wd.stage_marker(name), name, "the stage marker")
 
 
 def plan(names: list[str], redo: list[str], config: ml_collections.ConfigDict,
          wd: Workdir) -> dict[str, str]:
     """``{stage: action}`` in pipeline order: "skip" (complete and current), "run" (not
-    complete: starts or resumes), "redo" (named in ``redo``: outputs deleted, runs again) or
-    "repair" (complete but outputs missing: runs again, redoing only those). The completed
-    stages a running stage needs are repaired too when their outputs are missing. Raises
-    StaleStageError naming every completed (or half-done) stage made with other settings or
-    inputs, and the keys."""
+    complete: starts or resumes), "redo" (named in ``redo``: outputs deleted, runs again),
+    "repair" (complete but files missing: runs again, redoing only those, same identity) or
+    "retrain" (complete but its final checkpoint damaged or gone: training resumes from the
+    newest intact step and the stage gets a new identity, so every completed stage made from
+    the old model is stale). The completed stages a running stage reads (:func:`needs`) are
+    repaired or retrained too when their outputs are missing. Raises StaleStageError naming
+    every completed (or half-done) stage made with other settings or inputs, or from a stage
+    that runs again, the keys, and the ``--redo`` that remakes them."""
     extra = set(redo) - set(names)
     if extra:
         raise StageError(f"--redo names stage(s) {sorted(extra)} that --config.stages="
                          f"{config.stages!r} does not run")
-    actions, renewed, stale = {}, set(), {}
-
-    def decide(name: str) -> None:
-        current = record.relevant_config(config, name, ORDER)
-        marker = _read(wd.stage_marker(name))
-        if name in redo or marker is None:
-            started = _read(_started_path(wd, name)) if name not in redo else None
-            if started:
-                stale[name] = record.changed_keys(started["config"], current)
-            actions[name] = "redo" if name in redo else "run"
-            renewed.add(name)
-            return
-        # A marker written before markers held records has no config or inputs to compare.
-        reasons = record.changed_keys(marker.get("config", current), current)
-        for stage, marker_id in marker.get("inputs", {}).items():
-            if stage in renewed:
-                reasons.append(f"stage {stage} runs again before {name}")
-            elif (_read(wd.stage_marker(stage)) or {}).get("id") != marker_id:
-                reasons.append(f"stage {stage} was redone after {name}")
-        if reasons:
-            stale[name] = reasons
-            return
-        missing = record.missing_outputs(config, wd, name, marker.get("outputs", {}))
-        if missing:
-            log.warning("stage %s: complete but %s; running it again to redo what is missing",
-                        name, "; ".join(missing))
-        actions[name] = "repair" if missing else "skip"
-
-    for name in [n for n in ORDER if n in names]:
-        decide(name)
-    for name in [n for n, action in actions.items() if action != "skip"]:
-        need = REQUIRES.get(name)
-        while need and need not in actions and _needs_repair(need, config, wd):
-            decide(need)
-            need = REQUIRES.get(need)
+    included = set(names)
+    while True:
+        actions, stale = _decide_all([n for n in ORDER if n in included], redo, config, wd)
+        pulled = {need for name, action in actions.items() if action != "skip"
+                  for need in needs(name, config)
+                  if need not in included and _needs_repair(need, config, wd)}
+        if not pulled:
+            break
+        included |= pulled
     stale = {name: reasons for name, reasons in stale.items() if reasons}
     if stale:
         reasons = list(dict.fromkeys(r for rs in stale.values() for r in rs))
@@ -205,6 +221,45 @@ def plan(names: list[str], redo: list[str], config: ml_collections.ConfigDict,
     return {name: actions[name] for name in ORDER if name in actions}
 
 
+def _decide_all(ordered: list[str], redo: list[str], config, wd: Workdir
+                ) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Each stage's action (in pipeline order, so a stage that runs again is known before
+    the stages made from it) and the reasons each completed stage is stale."""
+    actions, renewed, stale = {}, set(), {}
+    for name in ordered:
+        current = record.relevant_config(config, name, ORDER)
+        marker = None if name in redo else _read_marker(wd, name)
+        if marker is None:
+            started = (None if name in redo else _read_record(
+                _started_path(wd, name), name, "the record of the half-done stage"))
+            if started:
+                stale[name] = record.changed_keys(started.get("config", {}), current)
+            actions[name] = "redo" if name in redo else "run"
+            renewed.add(name)
+            continue
+        # A marker written before markers held records has no config or inputs to compare.
+        reasons = record.changed_keys(marker.get("config", current), current)
+        for stage, marker_id in marker.get("inputs", {}).items():
+            if stage in renewed:
+                reasons.append(f"stage {stage} runs again before {name}"
+                               + (" (its final checkpoint is damaged: it retrains from an "
+                                  "older step)" if actions.get(stage) == "retrain" else ""))
+            elif (_read_marker(wd, stage) or {}).get("id") != marker_id:
+                reasons.append(f"stage {stage} was redone after {name}")
+        if reasons:
+            stale[name] = reasons
+            continue
+        missing = record.missing_outputs(config, wd, name, marker.get("outputs", {}))
+        if missing:
+            log.warning("stage %s: complete but %s; running it again to redo what is missing",
+                        name, "; ".join(missing))
+        retrain = record.checkpoint_lost(config, wd, name, marker.get("outputs", {}))
+        actions[name] = "retrain" if retrain else "repair" if missing else "skip"
+        if retrain:
+            renewed.add(name)
+    return actions, stale
+
+
 def run_stage(name: str, config: ml_collections.ConfigDict, wd: Workdir, data: Dataset,
               action: str = "run") -> dict:
     """Carries out ``name``'s :func:`plan` action on dataset ``data``; returns its marker
@@ -212,8 +267,8 @@ def run_stage(name: str, config: ml_collections.ConfigDict, wd: Workdir, data: D
     marker = wd.stage_marker(name)
     if action == "skip":
         log.info("stage %s: already complete (%s); skipping", name, marker)
-        return io.read_json(marker)
-    previous = _read(marker) if action == "repair" else None
+        return _read_marker(wd, name)
+    previous = _read_marker(wd, name) if action in ("repair", "retrain") else None
     if action == "redo":
         if distributed.is_main():
             record.remove([marker, _started_path(wd, name),
@@ -225,7 +280,13 @@ def run_stage(name: str, config: ml_collections.ConfigDict, wd: Workdir, data: D
         io.write_json(_started_path(wd, name), {"config": current})
     log.info("stage %s: %s", name, "redoing missing outputs" if previous else "starting")
     start = time.time()
-    metrics = _runner(name)(config, wd, data)
+    try:
+        metrics = _runner(name)(config, wd, data)
+    except Exception as err:  # a damaged file of an earlier stage, met anywhere in the stage
+        damaged = damaged_input(err, name, config, wd)
+        if damaged is None:
+            raise
+        raise damaged from err
     # The marker is written once every process has finished the stage, and no process starts
     # the next stage (whose input check reads the marker) before it exists.
     distributed.barrier(f"stage-{name}-done")
@@ -234,11 +295,13 @@ def run_stage(name: str, config: ml_collections.ConfigDict, wd: Workdir, data: D
     if unfinished:
         raise StageOutputError(f"stage {name} finished without its outputs "
                                f"({'; '.join(unfinished)}); it is not marked complete in {marker}")
-    inputs = {n: m["id"] for n, m in completed(wd).items()
-              if ORDER.index(n) < ORDER.index(name) and "id" in m}
+    earlier = {n: _read_marker(wd, n) for n in ORDER[:ORDER.index(name)]}
+    inputs = {n: m["id"] for n, m in earlier.items() if m is not None and "id" in m}
     result = {"seconds": round(time.time() - start, 2), "metrics": metrics, "config": current,
               "inputs": previous.get("inputs", inputs) if previous else inputs,
-              "id": previous.get("id", uuid.uuid4().hex) if previous else uuid.uuid4().hex,
+              # A repair remakes the same files; a retrained model is another model.
+              "id": (previous.get("id", uuid.uuid4().hex) if action == "repair"
+                     else uuid.uuid4().hex),
               "outputs": written}
     if distributed.is_main():
         io.write_json(marker, result)
@@ -247,6 +310,44 @@ def run_stage(name: str, config: ml_collections.ConfigDict, wd: Workdir, data: D
     log.info("stage %s: done in %.1f s%s", name, result["seconds"],
              "".join(f"; {k}={v:.6f}" for k, v in headline(metrics).items()))
     return result
+
+
+# A workdir path in an error message, up to the first character that cannot be in one here.
+_PATH_CHARS = r"[^\s:'\"()\[\],]+"
+
+
+def damaged_input(err: BaseException, name: str, config, wd: Workdir
+                  ) -> DamagedInputError | None:
+    """One paragraph for an error of stage ``name`` that names a file an earlier stage
+    wrote (the error may come from a worker process or through TensorFlow, whose message
+    carries the Python one and its traceback): the file, what is wrong with it, the stage
+    that wrote it and the ``--redo`` that remakes it and everything made from it. None when
+    the message names no such file (the error is then not about a damaged input), and for
+    errors that already say what to do (a stage error, a checkpoint error, a divergence)."""
+    from pmm_jax.training.checkpoints import CheckpointError
+
+    if isinstance(err, (StageError, CheckpointError, FloatingPointError, FileNotFoundError)):
+        return None
+    text = str(err)
+    root = re.escape(os.path.abspath(wd.root))
+    for line in text.splitlines():
+        match = re.search(rf"({root}/{_PATH_CHARS})", line)
+        if not match:
+            continue
+        path = match.group(1).rstrip(".")
+        producer = record.producer_of(config, wd, path, ORDER)
+        if producer is None or ORDER.index(producer) > ORDER.index(name):
+            continue
+        reason = re.sub(r"^\s*(\w+(Error|Exception): )+", "", line).strip()
+        redo = [n for n in ORDER[ORDER.index(producer):]
+                if n == name or os.path.exists(wd.stage_marker(n))]
+        run = [n for n in ORDER if n in redo or n in parse_stages(config.stages)]
+        return DamagedInputError(
+            f"stage {name} cannot use {path}, written by stage '{producer}' ({reason[:400]}). "
+            f"The file is damaged (e.g. truncated by a full disk or an interrupted copy); "
+            f"rerun with --config.stages={','.join(run)} --redo={','.join(redo)} to remake it "
+            "and everything made from it.")
+    return None
 
 
 def headline(metrics: Mapping, prefix: str = "") -> dict[str, float]:

@@ -34,7 +34,7 @@ from pmm_jax.files.workdir import Workdir
 from pmm_jax.stages import common
 from pmm_jax.stages.cls import build_model
 from pmm_jax.tools import scoring
-from pmm_jax.training import distributed, trainer
+from pmm_jax.training import checkpoints, distributed
 from pmm_jax.training import sharding as shd
 
 if TYPE_CHECKING:  # TensorFlow: imported where data is read (the benchmarks import stages)
@@ -91,7 +91,7 @@ class MultiScaleCAM:
         self.mesh = shd.make_mesh()
         self.batch_size_key = batch_size_key
         graphdef, state = nnx.split(model)
-        self.state = trainer.replicate(state, self.mesh)
+        self.state = shd.replicate(state, self.mesh)
         data, replicated = shd.data_sharding(self.mesh), shd.replicated(self.mesh)
 
         def add_view(state, images, total, *, scale, mirrored):
@@ -210,8 +210,9 @@ def summary_images(wd: Workdir, data: Dataset, split: str = "val") -> dict[str, 
 
 
 def run(config, wd: Workdir, data: Dataset) -> dict:
-    model = trainer.restore_model(build_model(config, num_classes=data.num_classes),
-                                  wd.ckpt_dir("cls"), hint="run stage 'cls' first")
+    model = checkpoints.restore_model(build_model(config, num_classes=data.num_classes),
+                                      wd.ckpt_dir("cls"), step=config.cls.num_steps,
+                                      hint=common.made_by("cls"))
     predict = make_predictor(config, model)
     splits = [split for split in ("train", "val") if data.has_split(split)]
     counts = {split: write_split(config, wd, data, model, split, predict) for split in splits}

@@ -24,7 +24,7 @@ from pmm_jax.cams import seam
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.models.cam_classifier import multilabel_soft_margin_loss
 from pmm_jax.stages import common
-from pmm_jax.training import precision, trainer
+from pmm_jax.training import checkpoints, precision, trainer
 
 if TYPE_CHECKING:  # TensorFlow: imported where data is read (the benchmarks import stages)
     from pmm_jax.data.dataset import Dataset
@@ -86,7 +86,7 @@ def cam_summary(model, batch) -> dict:
 def run(config, wd: Workdir, data: Dataset) -> dict:
     cfg = config.cls
     ckpt_dir = wd.ckpt_dir("cls")
-    start = trainer.latest_step(ckpt_dir) or 0
+    start = checkpoints.latest_step(ckpt_dir) or 0
     # Multi-crop tiles when config.cls.multicrop.rough_masks is set, else random-scale crops.
     batches = data.train_batches(cfg, "config.cls.batch_size", seed=config.seed,
                                  start_step=start)

@@ -38,6 +38,13 @@ def mask_reader(directory: str) -> Callable[[str], np.ndarray]:
     return lambda image_id: io.read_mask(os.path.join(directory, f"{image_id}.png"))
 
 
+def made_by(stage: str) -> str:
+    """What to do when a checkpoint that stage ``stage`` writes is missing or damaged."""
+    return (f"it is made by stage '{stage}': include {stage} in --config.stages and rerun (it "
+            "trains again from its newest intact step; the stages made from the old model are "
+            "then refused until redone with --redo)")
+
+
 def warn_random_init(config, model: str) -> None:
     """Warns, when ``config.allow_random_init`` is set (rehearsals), that ``config.<model>``
     trains without ImageNet weights (no ``model.init_from``, nor for the segmenter

@@ -112,6 +112,17 @@ def owned_paths(config, wd: Workdir, stage: str) -> list[str]:
     }[stage]
 
 
+def producer_of(config, wd: Workdir, path: str, order: Sequence[str]) -> str | None:
+    """The stage whose outputs hold ``path`` (a file in one of its output folders), or None."""
+    path = os.path.abspath(path)
+    for stage in order:
+        for output in outputs(config, wd, stage):
+            output = os.path.abspath(output)
+            if path == output or path.startswith(output + os.sep):
+                return stage
+    return None
+
+
 def remove(paths: Sequence[str]) -> None:
     """Deletes files and folders (absent ones are fine)."""
     for path in paths:
@@ -130,14 +141,14 @@ def _count_files(directory: str) -> int:
 def measure_outputs(config, wd: Workdir, stage: str) -> dict[str, int]:
     """``{path relative to the workdir: count}``: files in each folder, the step of the newest
     intact checkpoint (0 when none), 1 for a file that exists."""
-    from pmm_jax.training import trainer
+    from pmm_jax.training import checkpoints
 
     out = {}
     for path, kind in outputs(config, wd, stage).items():
         if kind == "files":
             count = _count_files(path)
         elif kind == "checkpoint":
-            count = trainer.latest_step(path) or 0
+            count = checkpoints.latest_step(path) or 0
         else:
             count = int(os.path.exists(path))
         out[os.path.relpath(path, wd.root)] = count
@@ -158,6 +169,18 @@ def missing_outputs(config, wd: Workdir, stage: str, recorded: Mapping[str, int]
     now = measure_outputs(config, wd, stage)
     return [_note(path, kinds.get(path, "files"), now.get(path, 0), want)
             for path, want in sorted(recorded.items()) if now.get(path, 0) < want]
+
+
+def checkpoint_lost(config, wd: Workdir, stage: str, recorded: Mapping[str, int]) -> bool:
+    """Whether a completed stage's checkpoint no longer holds the step its marker records
+    (damaged or deleted): the stage must train again, from an older step or from scratch."""
+    kinds = {os.path.relpath(p, wd.root): k for p, k in outputs(config, wd, stage).items()}
+    checkpoints = {path: want for path, want in recorded.items()
+                   if kinds.get(path) == "checkpoint"}
+    if not checkpoints:
+        return False
+    now = measure_outputs(config, wd, stage)
+    return any(now.get(path, 0) < want for path, want in checkpoints.items())
 
 
 def unfinished_outputs(config, wd: Workdir, stage: str, measured: Mapping[str, int]

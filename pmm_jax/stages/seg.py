@@ -28,7 +28,7 @@ from pmm_jax.models.pspnet import upsample_logits
 from pmm_jax.segmentation import inference, pus
 from pmm_jax.stages import cls, common
 from pmm_jax.tools import scoring
-from pmm_jax.training import distributed, precision, trainer
+from pmm_jax.training import checkpoints, distributed, precision, trainer
 
 if TYPE_CHECKING:  # TensorFlow: imported where data is read (the benchmarks import stages)
     from pmm_jax.data.dataset import Dataset
@@ -70,9 +70,9 @@ def load_cls_backbone(config, wd: Workdir, model: nnx.Module, num_classes: int) 
     the mismatched weights); FileNotFoundError when stage cls has not run.
     """
     ckpt_dir = wd.ckpt_dir("cls")
-    classifier = trainer.restore_model(
-        cls.build_model(config, num_classes=num_classes), ckpt_dir,
-        hint="config.seg.model.init_from_cls needs the classifier: run stage 'cls' first")
+    classifier = checkpoints.restore_model(
+        cls.build_model(config, num_classes=num_classes), ckpt_dir, step=config.cls.num_steps,
+        hint="config.seg.model.init_from_cls needs the classifier: " + common.made_by("cls"))
     return models.copy_weights(
         classifier.backbone, model.backbone, what=f"the cls backbone in {ckpt_dir}",
         hint="config.seg.model.init_from_cls needs config.seg.model.backbone to build the same "
@@ -167,10 +167,8 @@ def train_segmenter(config, wd: Workdir, data: Dataset, run: str, mask_dir: str,
     augmentation when ``config.seg.augment == "mmseg"``: ``Dataset.train_batches``)."""
     cfg = config.seg
     eval_every = cfg.get("eval_every", 0) if data.has_split("val") else 0  # no val: last step
-    if eval_every:
-        check_val_subset(config)
     ckpt_dir = wd.ckpt_dir(f"seg/{run}")
-    start = trainer.latest_step(ckpt_dir) or 0
+    start = checkpoints.latest_step(ckpt_dir) or 0
     batches = data.train_batches(
         cfg, "config.seg.batch_size", seed=config.seed, start_step=start, mask_dir=mask_dir,
         mask_producer="the 'pseudo' stage (or 'cycle' for cyclic masks)")
@@ -188,16 +186,6 @@ def train_segmenter(config, wd: Workdir, data: Dataset, run: str, mask_dir: str,
 def best_dir(wd: Workdir, run: str) -> str:
     """Where ``config.seg.eval_every`` keeps run's best-val checkpoint (and ``best.json``)."""
     return wd.ckpt_dir(f"seg/{run}/best")
-
-
-def check_val_subset(config) -> None:
-    """Refuses, before any training, a ``config.seg.val_subset`` that some process would get
-    no image of (each reads its shard of the first ``val_subset`` val images)."""
-    subset = config.seg.get("val_subset", 0)
-    if 0 < subset < jax.process_count():
-        raise ValueError(f"config.seg.val_subset={subset}: each of the {jax.process_count()} "
-                         "processes validates on its share of these images, so use at least "
-                         "one per process (or 0: all of val)")
 
 
 def val_miou(config, data: Dataset, model) -> float:
@@ -224,8 +212,7 @@ def keep_best(config, wd: Workdir, data: Dataset, run: str):
     """``eval_fn`` for ``trainer.train``: val mIoU every ``config.seg.eval_every`` steps; the
     best model so far is saved to ``best_dir`` with ``best.json`` {step, miou} (mmseg's
     ``save_best``), which survives a resumed run."""
-    directory = best_dir(wd, run)
-    record = os.path.join(os.path.dirname(directory), "best.json")
+    directory, record = best_dir(wd, run), best_record(wd, run)
 
     def eval_fn(step: int, model) -> None:
         miou = val_miou(config, data, model)
@@ -236,7 +223,7 @@ def keep_best(config, wd: Workdir, data: Dataset, run: str):
             print(f"seg {run} step {step}: mIoU {100 * miou:.2f} on {images} "
                   f"(best {100 * max(best, miou):.2f})", flush=True)
         if miou > best:
-            trainer.save_model(model, directory, step)
+            checkpoints.save_model(model, directory, step)
             if distributed.is_main():
                 io.write_json(record, {"step": step, "miou": miou})
         distributed.barrier(f"seg-{run}-best-{step}")
@@ -249,19 +236,28 @@ def trained_by(run: str) -> str:
     return "cycle" if run.startswith("cycle") else "seg"
 
 
-def segmenter_checkpoint(config, wd: Workdir, run: str) -> str:
-    """Segmenter ``run``'s checkpoint folder: its best-val one when ``config.seg.eval_every``
-    kept one, else its last."""
-    best = best_dir(wd, run)
-    use_best = config.seg.get("eval_every", 0) and trainer.latest_step(best) is not None
-    return best if use_best else wd.ckpt_dir(f"seg/{run}")
+def best_record(wd: Workdir, run: str) -> str:
+    """``best.json`` ({step, miou}) of the checkpoint in :func:`best_dir`."""
+    return os.path.join(os.path.dirname(best_dir(wd, run)), "best.json")
+
+
+def segmenter_checkpoint(config, wd: Workdir, run: str) -> tuple[str, int]:
+    """Segmenter ``run``'s checkpoint folder and step: its best-val one when
+    ``config.seg.eval_every`` kept one (the step ``best.json`` records), else its final one
+    (``config.seg.num_steps``)."""
+    record = best_record(wd, run)
+    if config.seg.get("eval_every", 0) and os.path.exists(record):
+        return best_dir(wd, run), int(io.read_json(record)["step"])
+    return wd.ckpt_dir(f"seg/{run}"), config.seg.num_steps
 
 
 def load_segmenter(config, wd: Workdir, run: str, num_classes: int) -> nnx.Module:
-    """Segmenter ``run`` (``num_classes`` classes) restored from :func:`segmenter_checkpoint`."""
-    return trainer.restore_model(build_model(config, num_classes=num_classes),
-                                 segmenter_checkpoint(config, wd, run),
-                                 hint=f"segmenter '{run}' is not trained: run stage 'seg' or 'cycle' first")
+    """Segmenter ``run`` (``num_classes`` classes) restored from exactly the checkpoint of
+    :func:`segmenter_checkpoint`."""
+    directory, step = segmenter_checkpoint(config, wd, run)
+    return checkpoints.restore_model(build_model(config, num_classes=num_classes), directory,
+                                     step=step, hint=f"segmenter '{run}': "
+                                     + common.made_by(trained_by(run)))
 
 
 def predict_split(config, wd: Workdir, data: Dataset, run: str, split: str, out_dir: str,
@@ -273,7 +269,7 @@ def predict_split(config, wd: Workdir, data: Dataset, run: str, split: str, out_
     caller) is named, with the segmenter, when its predictions are not finite.
     """
     model = load_segmenter(config, wd, run, data.num_classes)
-    source = (f"stage '{stage}': segmenter '{run}' ({segmenter_checkpoint(config, wd, run)}, "
+    source = (f"stage '{stage}': segmenter '{run}' ({segmenter_checkpoint(config, wd, run)[0]}, "
               f"trained by stage '{trained_by(run)}') on {split}")
     # config.eval, config.crf.backend
     predict = inference.predictor(model, config, source=source)

@@ -24,6 +24,7 @@ Sparse arrays (storage types 1, 2) never hold network weights and are refused.
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 from typing import BinaryIO
@@ -51,14 +52,16 @@ class _Reader:
 
     def __init__(self, f: BinaryIO, path: str):
         self.f, self.path = f, path
+        self.size = os.fstat(f.fileno()).st_size
 
     def bytes(self, n: int) -> bytes:
+        """The next ``n`` bytes; a size the file cannot hold (a truncated file, or a damaged
+        one claiming a 200000x200000 array) is refused before anything is allocated."""
         offset = self.f.tell()
-        data = self.f.read(n)
-        if len(data) != n:
-            raise ValueError(f"{self.path}: MXNet NDArray list cut short (wanted {n} bytes at "
-                             f"offset {offset}, the file has {offset + len(data)})")
-        return data
+        if n > self.size - offset:
+            raise ValueError(f"{self.path}: MXNet NDArray list cut short or damaged (wanted {n} "
+                             f"bytes at offset {offset}, the file has {self.size})")
+        return self.f.read(n)
 
     def scalar(self, fmt: str) -> int:
         return struct.unpack("<" + fmt, self.bytes(struct.calcsize(fmt)))[0]
@@ -110,7 +113,11 @@ def load_ndarray_list(path: str) -> dict[str, np.ndarray]:
             raise ValueError(f"{path} is not an MXNet NDArray list (no 0x112 header)")
         r.scalar("Q")  # reserved
         arrays = [_read_ndarray(r, i) for i in range(r.scalar("Q"))]
-        names = [r.bytes(r.scalar("Q")).decode("utf-8") for _ in range(r.scalar("Q"))]
+        try:
+            names = [r.bytes(r.scalar("Q")).decode("utf-8") for _ in range(r.scalar("Q"))]
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: an array name is not UTF-8 ({err}); the file is "
+                             "damaged") from err
     if len(names) != len(arrays):
         raise ValueError(f"{path} holds {len(arrays)} arrays but {len(names)} names; "
                          "an unnamed NDArray list cannot be mapped to a network")

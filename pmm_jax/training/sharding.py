@@ -10,6 +10,7 @@ one CPU, one GPU host, or many hosts.
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -72,3 +73,24 @@ def _is_device_data(value: Any) -> bool:
     """True for arrays with at least a batch axis and a numeric or boolean dtype."""
     array = np.asarray(value)
     return array.ndim >= 1 and (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_)
+
+
+def replicate(state: Any, mesh: Mesh) -> Any:
+    """Puts every array of ``state`` on all devices (a no-op for already replicated arrays).
+
+    With several processes ``device_put`` cannot target other hosts' devices: each process
+    contributes its own (identical) copy through ``make_array_from_process_local_data``.
+    """
+    sharding = replicated(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(state, sharding)
+
+    def put(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x  # already a global array
+        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)),
+                                            impl=jax.random.key_impl(x))
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+    return jax.tree_util.tree_map(put, state)

@@ -15,18 +15,13 @@ independent masks, and a resumed run sees exactly the keys an uninterrupted run 
 built with its own stream (``nnx.Dropout(rate, rngs=rngs)``) may ignore the argument instead:
 its key and counter live in the state and are checkpointed, so resuming is exact either way.
 
-Resuming: checkpoints (orbax, two items ``model`` and ``opt``) are saved every ``ckpt_every``
-steps and after the last step; once a save has completed, a digest of its files
-(``DIGEST_FILE``: size and sha256 of each) is written into the step's folder. Restoring checks
-it: a step whose files were changed, truncated or removed is skipped with a warning for the
-newest intact one (training moves the damaged steps aside to ``<ckpt_dir>.damaged/`` and
-redoes them); ``CheckpointError`` when no step is intact.
-``train`` restores the latest one and continues from its step; a
-run that is already complete returns the restored model without compiling anything. The data
-iterator is the caller's: a resumed run must hand ``train`` an iterator whose first batch is the
-one for step ``latest_step(ckpt_dir)`` (0 when ``None``), e.g. by skipping or re-seeding its
-pipeline with that step. Every process runs the same loop and calls ``save``; orbax coordinates
-the processes and writes the replicated arrays once.
+Resuming: ``train`` restores the newest intact checkpoint (``pmm_jax.training.checkpoints``:
+saving, digests, damaged steps set aside) and continues from its step; a run that is already
+complete returns the restored model without compiling anything. The data iterator is the
+caller's: a resumed run must hand ``train`` an iterator whose first batch is the one for step
+``checkpoints.latest_step(ckpt_dir)`` (0 when ``None``), exactly the batch an uninterrupted run
+would use there (``pmm_jax.data.pipeline.stream`` skips the consumed ones). Every process runs
+the same loop and saves; orbax coordinates the processes and writes the replicated arrays once.
 
 Metrics stay on device (summed by a tiny jitted add) and are fetched to the host only on log
 steps, so the host never waits on the accelerator in between.
@@ -42,9 +37,7 @@ host wait for every step before dispatching the next, losing the asynchronous di
 keeps the accelerator busy.
 """
 
-import hashlib
 import logging
-import os
 import time
 from typing import Any, Callable, Iterator, Mapping
 
@@ -54,13 +47,11 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import tqdm
-from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
-from pmm_jax.files import io
-from pmm_jax.training import distributed
+from pmm_jax.training import checkpoints
 from pmm_jax.training import sharding as shd
 
 log = logging.getLogger(__name__)
@@ -69,10 +60,6 @@ log = logging.getLogger(__name__)
 class DivergenceError(FloatingPointError):
     """Training produced a non-finite loss or gradient norm; nothing after it was saved."""
 
-
-# Written into each checkpoint step's folder once its save completed:
-# {path relative to the step folder: {"size", "sha256"}}.
-DIGEST_FILE = "pmm_digest.json"
 
 LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], nnx.Rngs],
                   tuple[jax.Array, Mapping[str, jax.Array]]]
@@ -97,46 +84,6 @@ def sgd_poly(lr: float, num_steps: int, *, momentum: float = 0.9, weight_decay: 
     tx = optax.chain(optax.add_decayed_weights(weight_decay, mask=decay_mask),
                      optax.sgd(schedule, momentum=momentum))
     return tx, schedule
-
-
-class CheckpointError(RuntimeError):
-    """No intact checkpoint in a checkpoint folder that has steps."""
-
-
-def latest_step(ckpt_dir: str) -> int | None:
-    """The step of the newest intact checkpoint in ``ckpt_dir`` (see ``_damage``); None when
-    there is none."""
-    if not epath.Path(ckpt_dir).exists():
-        return None
-    with _manager(ckpt_dir, read_only=True) as manager:
-        for step in sorted(manager.all_steps(), reverse=True):
-            if _damage(_step_dir(manager, step), ("model",)) is None:
-                return step
-    return None
-
-
-def restore_model(model: nnx.Module, ckpt_dir: str, hint: str) -> nnx.Module:
-    """Loads the model part of the newest intact checkpoint into ``model`` (in place) and
-    returns it.
-
-    The optimizer state is not read. The model is replicated over all devices and set to eval
-    mode. Raises ``FileNotFoundError("no checkpoint in <dir>: <hint>")`` when there is none;
-    ``hint`` tells the user what to run, e.g. "run stage cls first"; ``CheckpointError``
-    when every step is damaged.
-    """
-    if not epath.Path(ckpt_dir).exists():
-        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}: {hint}")
-    state = replicate(nnx.state(model), shd.make_mesh())
-    with _manager(ckpt_dir, read_only=True) as manager:
-        found = _restore_newest_intact(manager, lambda step: manager.restore(
-            step, args=ocp.args.Composite(model=ocp.args.StandardRestore(_abstract(state)))),
-            ("model",))
-    if found is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}: {hint}")
-    _load(state, found[1]["model"])
-    nnx.update(model, state)
-    model.eval()
-    return model
 
 
 def train(model: nnx.Module, loss_fn: LossFn, batches: Iterator[Mapping[str, np.ndarray]],
@@ -169,9 +116,9 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: Iterator[Mapping[str, np.
     model.train()
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
-    state = replicate(state, mesh)
-    with _manager(ckpt_dir, save_interval_steps=ckpt_every) as manager:
-        start = _restore_train_state(manager, state)
+    state = shd.replicate(state, mesh)
+    with checkpoints.manager(ckpt_dir, save_interval_steps=ckpt_every) as manager:
+        start = checkpoints.restore_train_state(manager, state)
         if start:
             log.info("%s: resumed from the checkpoint at step %d of %d in %s", desc, start,
                      num_steps, ckpt_dir)
@@ -210,7 +157,7 @@ def make_predict_fn(model: nnx.Module, fn: Callable[[nnx.Module, Mapping[str, ja
     """
     mesh = shd.make_mesh()
     graphdef, state = nnx.split(model)
-    state = replicate(state, mesh)
+    state = shd.replicate(state, mesh)
 
     def apply(state, batch):
         eval_model = nnx.merge(graphdef, state)
@@ -289,7 +236,7 @@ def _loop(step_fn, state, batches, manager, writer, mesh, graphdef, *, start, nu
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}")
                 sums, count = None, 0
             if save_now:
-                _save(manager, step, _save_args(state))
+                checkpoints.save_train_state(manager, step, state)
             if eval_now:
                 eval_fn(step, _eval_model(graphdef, state))
     return state
@@ -347,180 +294,3 @@ def _images(image_summary_fn, graphdef, state, host_batch) -> dict[str, np.ndarr
     """Calls ``image_summary_fn`` on an eval-mode copy of the current model."""
     model = _eval_model(graphdef, state)
     return {k: np.asarray(v) for k, v in image_summary_fn(model, host_batch).items()}
-
-
-def _manager(ckpt_dir: str, *, save_interval_steps: int = 1, read_only: bool = False,
-             max_to_keep: int = 2) -> ocp.CheckpointManager:
-    """An orbax manager keeping the last ``max_to_keep`` checkpoints, saving every
-    ``save_interval_steps``."""
-    return ocp.CheckpointManager(
-        epath.Path(ckpt_dir).absolute(),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-            create=not read_only, read_only=read_only))
-
-
-def save_model(model: nnx.Module, ckpt_dir: str, step: int) -> None:
-    """Writes ``model`` (its ``model`` item only) as the one checkpoint kept in ``ckpt_dir``;
-    ``restore_model`` reads it. For best-so-far checkpoints; every process calls it."""
-    with _manager(ckpt_dir, max_to_keep=1) as manager:
-        _save(manager, step, ocp.args.Composite(
-            model=ocp.args.StandardSave(_saveable(nnx.state(model)))))
-
-
-def _save(manager: ocp.CheckpointManager, step: int, args: ocp.args.Composite) -> None:
-    """Saves ``step``, waits until it is complete, then writes its digest (process 0)."""
-    manager.save(step, args=args, force=True)
-    manager.wait_until_finished()
-    if distributed.is_main():
-        step_dir = _step_dir(manager, step)
-        io.write_json(os.path.join(step_dir, DIGEST_FILE), _digest(step_dir))
-
-
-def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
-    return os.path.join(str(manager.directory), str(step))
-
-
-def _digest(step_dir: str) -> dict[str, dict]:
-    """``{relative path: {"size", "sha256"}}`` of every file in a step folder but the digest."""
-    out = {}
-    for root, _, names in os.walk(step_dir):
-        for name in names:
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, step_dir)
-            if rel != DIGEST_FILE:
-                out[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
-    return out
-
-
-def _sha256(path: str) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
-
-
-def _damage(step_dir: str, items: tuple[str, ...]) -> str | None:
-    """What is wrong with a saved step, or None: a missing item folder, or a file missing or
-    of another size or sha256 than its digest says. A step without a digest (saved by older
-    code, or killed between its save and the digest) is only checked for its items."""
-    missing = [item for item in items if not os.path.isdir(os.path.join(step_dir, item))]
-    if missing:
-        return f"item {missing[0]}/ is missing"
-    digest_path = os.path.join(step_dir, DIGEST_FILE)
-    if not os.path.exists(digest_path):
-        return None
-    try:
-        expected = io.read_json(digest_path)
-    except (OSError, ValueError) as err:
-        return f"unreadable {DIGEST_FILE}: {err}"
-    for rel, want in sorted(expected.items()):
-        path = os.path.join(step_dir, rel)
-        if not os.path.isfile(path):
-            return f"{rel} is missing"
-        if os.path.getsize(path) != want["size"]:
-            return f"{rel} has {os.path.getsize(path)} bytes, {want['size']} were saved"
-        if _sha256(path) != want["sha256"]:
-            return f"{rel} differs from what was saved (sha256 mismatch)"
-    return None
-
-
-def _restore_newest_intact(manager: ocp.CheckpointManager, restore: Callable[[int], Any],
-                           items: tuple[str, ...]) -> tuple[int, Any] | None:
-    """``(step, restore(step))`` for the newest step that is intact and restores; damaged
-    steps are skipped with a warning. None without steps; CheckpointError when all are damaged."""
-    problems = []
-    for step in sorted(manager.all_steps(), reverse=True):
-        problem = _damage(_step_dir(manager, step), items)
-        if problem is None:
-            try:
-                return step, restore(step)
-            except Exception as err:  # orbax/tensorstore raise many types for unreadable data
-                problem = f"unreadable ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
-        problems.append(f"step {step}: {problem}")
-        log.warning("checkpoint step %d in %s is damaged (%s); trying an earlier step", step,
-                    manager.directory, problem)
-    if problems:
-        raise CheckpointError(
-            f"no intact checkpoint in {manager.directory} ({'; '.join(problems)}); delete that "
-            "folder to train this model again from scratch")
-    return None
-
-
-def _restore_train_state(manager: ocp.CheckpointManager, state: nnx.State) -> int:
-    """Loads the newest intact checkpoint into ``state`` (in place); returns its step (0 if
-    none). Damaged newer steps are moved to ``<ckpt_dir>.damaged/`` so that they are redone."""
-    model_state, opt_state = state[0], state[1]
-    found = _restore_newest_intact(manager, lambda step: manager.restore(
-        step, args=ocp.args.Composite(model=ocp.args.StandardRestore(_abstract(model_state)),
-                                      opt=ocp.args.StandardRestore(_abstract(opt_state)))),
-        ("model", "opt"))
-    step = found[0] if found else 0
-    damaged = [s for s in manager.all_steps() if s > step]
-    if damaged:
-        if distributed.is_main():
-            aside = f"{manager.directory}.damaged"
-            os.makedirs(aside, exist_ok=True)
-            for s in damaged:
-                os.replace(_step_dir(manager, s), os.path.join(aside, f"{s}-{time.time():.0f}"))
-        distributed.barrier(f"checkpoint-damaged-set-aside-{manager.directory}")
-        manager.reload()
-    if found is None:
-        return 0
-    _load(model_state, found[1]["model"])
-    _load(opt_state, found[1]["opt"])
-    return step
-
-
-def _save_args(state: nnx.State) -> ocp.args.Composite:
-    """Checkpoint items: ``model`` (what inference needs) and ``opt`` (optimizer state)."""
-    return ocp.args.Composite(model=ocp.args.StandardSave(_saveable(state[0])),
-                              opt=ocp.args.StandardSave(_saveable(state[1])))
-
-
-def _saveable(state: nnx.State) -> dict:
-    """The state as a pure nested dict, typed PRNG keys as their raw uint32 data."""
-    return jax.tree_util.tree_map(
-        lambda x: jax.random.key_data(x) if _is_key(x) else x, nnx.to_pure_dict(state))
-
-
-def _abstract(state: nnx.State) -> dict:
-    """Restore target: shapes, dtypes and shardings of ``_saveable(state)``."""
-    return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _saveable(state))
-
-
-def _load(state: nnx.State, restored: dict) -> None:
-    """Writes restored arrays into ``state`` in place, re-wrapping raw PRNG key data."""
-    current = nnx.to_pure_dict(state)
-    values = jax.tree_util.tree_map(
-        lambda old, new: jax.random.wrap_key_data(new, impl=jax.random.key_impl(old))
-        if _is_key(old) else new, current, restored)
-    nnx.replace_by_pure_dict(state, values)
-
-
-def _is_key(x: Any) -> bool:
-    """True for typed PRNG key arrays (``jax.random.key``), which orbax cannot store as is."""
-    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def replicate(state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
-    """Puts every array of ``state`` on all devices (a no-op for already replicated arrays).
-
-    With several processes ``device_put`` cannot target other hosts' devices: each process
-    contributes its own (identical) copy through ``make_array_from_process_local_data``.
-    """
-    sharding = shd.replicated(mesh)
-    if jax.process_count() == 1:
-        return jax.device_put(state, sharding)
-
-    def put(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return x  # already a global array
-        if _is_key(x):
-            return jax.random.wrap_key_data(put(jax.random.key_data(x)),
-                                            impl=jax.random.key_impl(x))
-        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
-
-    return jax.tree_util.tree_map(put, state)
