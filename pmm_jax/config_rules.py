@@ -128,8 +128,10 @@ def _rules() -> dict[str, Check]:
         "*.model.dropout": FRACTION, "*.model.remat": boolean, "*.model.init_from": text,
         "*.multicrop.scales": sequence(POSITIVE), "*.multicrop.crop": positive_int,
         "*.multicrop.stride": positive_int,
-        "data.name": text, "data.data_dir": text, "data.class_names": one_of(*CLASS_NAMES),
-        "data.num_classes": integer(2), "data.train_split": text,
+        "data.name": text, "data.data_dir": text,
+        # "" and 0: the dataset declares its classes (a folder); _num_classes checks the rest
+        "data.class_names": one_of(*CLASS_NAMES, ""), "data.num_classes": integer(0),
+        "data.train_split": text,
         "data.val_split": optional(text), "data.eval_pad_to": optional(pair),
         "data.shuffle_buffer": optional(positive_int),
         "cls.method": one_of("plain", "seam"), "cls.official_momentum": boolean,
@@ -227,6 +229,10 @@ def _num_classes(config) -> list[str]:
         return [*problems, str(err)]
     if dataset.KINDS[kind] is not dataset.open_tfds or not _is_int(num):
         return problems  # other kinds declare their classes when opened
+    if names == "" or num < 2:
+        return [*problems, f"config.data.name={name!r} takes its classes from the config: set "
+                f"config.data.class_names (one of {', '.join(map(repr, CLASS_NAMES))}) and "
+                "config.data.num_classes (2 or more, background included)"]
     try:
         labels = dataset_labels(name)
     except LookupError:

@@ -12,7 +12,8 @@ from pmm_jax import config_rules
 
 @pytest.mark.parametrize("path, variant", [
     ("configs/demo.py", "tiny"), ("configs/demo.py", None), ("configs/voc.py", None),
-    ("configs/voc.py", "rehearsal"), ("configs/coco.py", None)])
+    ("configs/voc.py", "rehearsal"), ("configs/coco.py", None), ("configs/folder.py", None),
+    ("configs/folder.py", "tiny")])
 def test_every_shipped_config_passes(path, variant):
     config = load_config(path, variant)
     config.allow_random_init = True  # the paper configs need ImageNet weights (test_main)
@@ -33,6 +34,8 @@ def test_every_shipped_config_passes(path, variant):
                             "set --config.data.num_classes=6"),
     ("data.name", "synthetic_wsss/huge", "config.data.name='synthetic_wsss/huge' is not a dataset"),
     ("data.name", "imagenet", "config.data.name='imagenet': unknown dataset kind 'imagenet'"),
+    ("data.class_names", "", "config.data.name='synthetic_wsss/tiny' takes its classes from the "
+                             "config: set config.data.class_names"),
     ("cam.multicrop.stride", 40, "config.cam.multicrop.stride=40 is larger than its crop=32"),
     ("cycle.source", "dice", "config.cycle.source='dice' is not one of config.seg.runs"),
 ])

@@ -7,6 +7,7 @@ the same stage features in float32 (1e-4 relative).
 """
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -205,20 +206,23 @@ def test_res2net101_import_matches_torch(tmp_path):
     _assert_same_features(net, _convert_and_load(tmp_path, "res2net101", net, ours))
 
 
-def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
+def test_mismatched_checkpoint_is_a_clear_error(tmp_path, capsys):
+    """The command exits 1 with one ``error:`` paragraph listing what does not fit."""
     net = TorchResNet(base=4, stem_width=8, deep_stem=True)
     state = net.state_dict()
     state["layer1.0.conv2.weight"] = torch.zeros(4, 4, 1, 1)
     del state["layer2.0.bn1.running_var"]
     torch.save(state, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match=r"(?s)missing.*layer2\.0\.bn1\.running_var.*"
-                                         r"shape mismatch.*layer1\.0\.conv2\.weight"):
-        convert.main(["--arch=resnet101", f"--src={tmp_path / 'bad.pth'}",
-                      f"--out={tmp_path / 'out'}"])
+    assert convert.main(["--arch=resnet101", f"--src={tmp_path / 'bad.pth'}",
+                         f"--out={tmp_path / 'out'}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert re.search(r"missing.*layer2\.0\.bn1\.running_var.*shape mismatch.*"
+                     r"layer1\.0\.conv2\.weight", err), err
     torch.save(net.state_dict(), tmp_path / "resnet.pth")
-    with pytest.raises(ValueError, match="not a Res2Net"):
-        convert.main(["--arch=res2net101", f"--src={tmp_path / 'resnet.pth'}",
-                      f"--out={tmp_path / 'out'}"])
+    assert convert.main(["--arch=res2net101", f"--src={tmp_path / 'resnet.pth'}",
+                         f"--out={tmp_path / 'out'}"]) == 1
+    assert "not a Res2Net" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("backbone", [
