@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Callable
 
 import jax
@@ -85,25 +84,23 @@ def _main() -> None:
     flags.mark_flags_as_required(["workdir", "out"])
 
     def main(argv):
+        from pmm_jax.command_line import fail
         from pmm_jax.segmentation.predict_images import PredictError
         from pmm_jax.training.checkpoints import CheckpointError
 
         if len(argv) > 1:
-            _fail(f"unexpected arguments: {argv[1:]}")
+            fail(f"unexpected arguments: {argv[1:]}")
         logging.set_verbosity(logging.ERROR)  # orbax's notices
         try:
             meta = export(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.run)
         except (PredictError, FileNotFoundError, CheckpointError) as err:
-            _fail(str(err))
+            fail(str(err))
         print(f"exported segmenter '{meta['run']}' to {flags.FLAGS.out} (canvas "
               f"{meta['canvas'][0]}x{meta['canvas'][1]}, platforms {', '.join(meta['platforms'])})")
 
     app.run(main)
 
 
-def _fail(message: str) -> None:
-    sys.stderr.write(f"error: {message}\n")
-    sys.exit(1)
 
 
 if __name__ == "__main__":

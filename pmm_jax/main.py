@@ -27,6 +27,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from pmm_jax.command_line import end_now, fail  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a get_config() file, e.g. configs/demo.py.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all outputs of the run.")
@@ -193,27 +195,6 @@ def record_dataset(wd, data, names: list[str], redo: list[str]) -> None:
                 + ("" if set(kept) <= set(names) else f" --config.stages={','.join(kept)}"))
     io.write_json(wd.dataset_json, {"name": data.name, "class_names": list(data.class_names),
                                     "canvas": list(data.canvas)})
-
-
-def fail(message: str) -> None:
-    """Ends the run with ``message`` as one paragraph on stderr and exit status 1."""
-    sys.stderr.write(f"error: {message}\n")
-    end_now(1)
-
-
-def end_now(status: int) -> None:
-    """Flushes the output and ends the process at once with ``status``.
-
-    On an error, a thread that is still running (a tf.data prefetch iterator, an orbax
-    checkpoint writer, a CRF process pool's manager) would otherwise keep the process alive
-    after its message, holding a cluster job's accelerators idle until it is killed;
-    ``os._exit`` skips waiting for them. The workdir lock was released on the way out (its
-    ``with`` block) and finished outputs are already renamed into place.
-    """
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(status)
 
 
 def main(argv):

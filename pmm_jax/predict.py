@@ -15,11 +15,12 @@ The library is ``pmm_jax/segmentation/predict_images.py``.
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags, logging  # noqa: E402
+
+from pmm_jax.command_line import fail  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a run with a finished segmenter.")
 _IMAGES = flags.DEFINE_string("images", None, "An image file or a folder of images.")
@@ -31,12 +32,6 @@ _OVERLAY = flags.DEFINE_boolean("overlay", False, "Also write <id>_overlay.jpg: 
 _CRF = flags.DEFINE_boolean("crf", None, "Dense CRF on (--crf) or off (--nocrf); default: the "
                             "run's config.eval.crf.")
 flags.mark_flags_as_required(["workdir", "images", "out_dir"])
-
-
-def fail(message: str) -> None:
-    """Ends with ``message`` as one paragraph on stderr and exit status 1."""
-    sys.stderr.write(f"error: {message}\n")
-    sys.exit(1)
 
 
 def main(argv):

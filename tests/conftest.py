@@ -82,6 +82,14 @@ def run_main_until(workdir, stop_when=None, extra=(), timeout=900):
     return proc.returncode, killed, log.read_text()
 
 
+def session_temp(tmp_path_factory):
+    """The temporary folder of this test session that every xdist worker shares (each worker's
+    basetemp is a child of it); without xdist the session's own basetemp, whose parent holds
+    earlier sessions' folders (reusing a finished run from those would test old code)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """The whole tiny pipeline, killed during cls, pseudo and seg and resumed each time.
@@ -94,7 +102,7 @@ def tiny_run(tmp_path_factory):
     import fcntl
     import json
 
-    shared = tmp_path_factory.getbasetemp().parent
+    shared = session_temp(tmp_path_factory)
     workdir = shared / "tiny_run" / "run"
     summary = shared / "tiny_run" / "summary.json"
     workdir.parent.mkdir(parents=True, exist_ok=True)
