@@ -6,7 +6,7 @@ import pytest
 from conftest import load_config
 
 from pmm_jax.constants import SYNTHETIC_CLASSES
-from pmm_jax.data import builder_base, dataset, pipeline
+from pmm_jax.data import builder_base, dataset, mmseg_augment, multicrop_batches, pipeline
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.tools import scoring
 
@@ -110,8 +110,9 @@ def test_train_batches_pass_the_seed_and_section_through(opened, monkeypatch):
     _, data = opened
     config = load_config("configs/demo.py", "tiny")
     calls = []
-    for fn in ("train_batches", "mmseg_train_batches", "multicrop_train_batches"):
-        monkeypatch.setattr(pipeline, fn, lambda ds, fn=fn, **kw: calls.append((fn, kw)))
+    for module, fn in ((pipeline, "train_batches"), (mmseg_augment, "mmseg_train_batches"),
+                       (multicrop_batches, "multicrop_train_batches")):
+        monkeypatch.setattr(module, fn, lambda ds, fn=fn, **kw: calls.append((fn, kw)))
     monkeypatch.setattr(pipeline, "with_masks_from_dir",
                         lambda ds, mask_dir, **kw: calls.append(("masks", mask_dir)) or ds)
     data.train_batches(config.cls, "config.cls.batch_size", seed=3, start_step=8)

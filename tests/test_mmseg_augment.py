@@ -1,9 +1,9 @@
-"""mmseg's segmentation training augmentation (pipeline.mmseg_train_batches)."""
+"""mmseg's segmentation training augmentation (mmseg_augment.mmseg_train_batches)."""
 
 import numpy as np
 import tensorflow as tf
 
-from pmm_jax.data import pipeline
+from pmm_jax.data import mmseg_augment, pipeline
 
 
 def _dataset(height=40, width=60, num=4):
@@ -19,8 +19,8 @@ def _dataset(height=40, width=60, num=4):
 
 def test_batches_are_static_padded_and_reproducible():
     kwargs = dict(batch_size=4, crop_size=48, seed=3, img_scale=(96, 32), ratio_range=(0.5, 2.0))
-    a = next(pipeline.mmseg_train_batches(_dataset(), **kwargs))
-    b = next(pipeline.mmseg_train_batches(_dataset(), **kwargs))
+    a = next(mmseg_augment.mmseg_train_batches(_dataset(), **kwargs))
+    b = next(mmseg_augment.mmseg_train_batches(_dataset(), **kwargs))
     assert a["image"].shape == (4, 48, 48, 3) and a["mask"].shape == (4, 48, 48)
     np.testing.assert_array_equal(a["image"], b["image"])
     assert set(np.unique(a["mask"])) <= {0, 1, 255}
@@ -38,7 +38,7 @@ def test_crop_box_avoids_a_dominant_class():
     mask = tf.constant(np.repeat([[0] * 32 + [1] * 32], 32, axis=0), tf.int32)
     balanced = 0
     for s in range(20):
-        top, left, h, w = pipeline._mmseg_crop_box(mask, tf.constant([s, 7], tf.int64), 32, 0.75)
+        top, left, h, w = mmseg_augment._mmseg_crop_box(mask, tf.constant([s, 7], tf.int64), 32, 0.75)
         box = mask.numpy()[top:top + h, left:left + w]
         balanced += max(box.mean(), 1 - box.mean()) < 0.75
     assert balanced >= 18

@@ -14,7 +14,7 @@ from flax import nnx
 from test_seam import materialize
 
 from pmm_jax import main
-from pmm_jax.data import pipeline
+from pmm_jax.data import multicrop_batches
 from pmm_jax.data.dataset import open_dataset
 from pmm_jax.files import io
 from pmm_jax.files.workdir import Workdir
@@ -87,9 +87,9 @@ def test_tiny_multicrop_recipe(tmp_path, monkeypatch):
     # No TensorBoard CAM pictures (an eager, op-by-op forward: ~10 s here).
     monkeypatch.setattr(cls, "cam_summary", lambda model, batch: {})
     calls = []
-    multicrop_batches = pipeline.multicrop_train_batches
-    monkeypatch.setattr(pipeline, "multicrop_train_batches",
-                        lambda ds, **kw: calls.append(kw) or multicrop_batches(ds, **kw))
+    tiles = multicrop_batches.multicrop_train_batches
+    monkeypatch.setattr(multicrop_batches, "multicrop_train_batches",
+                        lambda ds, **kw: calls.append(kw) or tiles(ds, **kw))
     wd = Workdir(str(tmp_path / "run"))
     main.run(config, wd.root)
     assert [kw["rough_masks"] for kw in calls] == [rough_dir]  # cls trained on tiles

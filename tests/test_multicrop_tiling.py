@@ -178,12 +178,12 @@ def write_toy_rough_masks(directory):
 
 
 def test_multicrop_train_batches(tmp_path):
-    from pmm_jax.data import pipeline
+    from pmm_jax.data import multicrop_batches
 
     write_toy_rough_masks(tmp_path)
     kwargs = dict(rough_masks=str(tmp_path), batch_size=4, crop_size=16, seed=3,
                   num_classes_fg=3, scales=(1.0, 2.0), tile=32, stride=20, shuffle_buffer=2)
-    batches = pipeline.multicrop_train_batches(toy_dataset(), **kwargs)
+    batches = multicrop_batches.multicrop_train_batches(toy_dataset(), **kwargs)
     seen = {"a": 0, "b": 0}
     for _ in range(6):
         batch = next(batches)
@@ -199,8 +199,8 @@ def test_multicrop_train_batches(tmp_path):
             else:
                 assert labels.tolist() in ([1, 0, 0], [0, 0, 0])
     assert seen["a"] and seen["b"]
-    resumed = pipeline.multicrop_train_batches(toy_dataset(), **kwargs, start_step=3)
-    for expected in itertools.islice(pipeline.multicrop_train_batches(toy_dataset(), **kwargs),
+    resumed = multicrop_batches.multicrop_train_batches(toy_dataset(), **kwargs, start_step=3)
+    for expected in itertools.islice(multicrop_batches.multicrop_train_batches(toy_dataset(), **kwargs),
                                      3, 6):  # resumed at step 3: exactly the rest of the stream
         got = next(resumed)
         for key in ("image", "mask", "labels", "id"):
@@ -210,7 +210,7 @@ def test_multicrop_train_batches(tmp_path):
 def test_multicrop_train_batches_name_missing_and_mismatched_rough_masks(tmp_path):
     import tensorflow as tf
 
-    from pmm_jax.data import pipeline
+    from pmm_jax.data import multicrop_batches
     from pmm_jax.files import io
 
     write_toy_rough_masks(tmp_path)
@@ -218,8 +218,8 @@ def test_multicrop_train_batches_name_missing_and_mismatched_rough_masks(tmp_pat
     kwargs = dict(rough_masks=str(tmp_path), batch_size=2, crop_size=16, seed=0,
                   num_classes_fg=3, scales=(1.0,), tile=32, stride=20)
     with pytest.raises(FileNotFoundError, match=r"1 of 2 training images .*b\.png"):
-        pipeline.multicrop_train_batches(toy_dataset(), **kwargs)
+        multicrop_batches.multicrop_train_batches(toy_dataset(), **kwargs)
     io.write_mask(str(tmp_path / "b.png"), np.ones((40, 41), np.uint8))
     with pytest.raises(tf.errors.OpError, match=r"b\.png: rough mask is 40x41 but its image is "
                                                 r"40x40"):
-        next(pipeline.multicrop_train_batches(toy_dataset(), **kwargs))
+        next(multicrop_batches.multicrop_train_batches(toy_dataset(), **kwargs))

@@ -10,7 +10,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from pmm_jax.constants import IGNORE_LABEL
-from pmm_jax.data import builder_base, pipeline
+from pmm_jax.data import builder_base, mmseg_augment, pipeline
 from pmm_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
 from pmm_jax.files import io
 
@@ -305,7 +305,7 @@ def test_a_resumed_stream_is_exactly_the_rest_of_an_uninterrupted_one(data_dir, 
     """Resuming at step 5 (one epoch is 8 batches; 14 steps cross two epoch boundaries) gives
     the batches 5.. of the stream from 0, for encoded and decoded datasets alike."""
     make = {"train": functools.partial(pipeline.train_batches, crop_size=32, num_classes_fg=5),
-            "mmseg": functools.partial(pipeline.mmseg_train_batches, crop_size=32,
+            "mmseg": functools.partial(mmseg_augment.mmseg_train_batches, crop_size=32,
                                        img_scale=(64, 48))}[make]
     encoded = pipeline.load_split(NAME, "train", data_dir, decode=False)
     decoded = pipeline.load_split(NAME, "train", data_dir)

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from pmm_jax.constants import CLASS_NAMES
-from pmm_jax.data import builder_base, folder, pipeline
+from pmm_jax.data import builder_base, folder, mmseg_augment, multicrop_batches, pipeline
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.tools import scoring
 
@@ -188,12 +188,12 @@ class Dataset:
                       shuffle_buffer=self.shuffle_buffer)
         multicrop = section.get("multicrop")
         if multicrop is not None and multicrop.get("rough_masks"):
-            return pipeline.multicrop_train_batches(
+            return multicrop_batches.multicrop_train_batches(
                 ds, rough_masks=multicrop.rough_masks, num_classes_fg=self.num_foreground,
                 scales=tuple(multicrop.scales), tile=multicrop.crop, stride=multicrop.stride,
                 **shared)
         if section.get("augment") == "mmseg":
-            return pipeline.mmseg_train_batches(
+            return mmseg_augment.mmseg_train_batches(
                 ds, img_scale=tuple(section.img_scale), ratio_range=tuple(section.scale_range),
                 cat_max_ratio=section.cat_max_ratio, **shared)
         return pipeline.train_batches(

@@ -48,7 +48,7 @@ except RuntimeError:
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_AUTOTUNE = tf.data.AUTOTUNE
+AUTOTUNE = tf.data.AUTOTUNE
 _MAX_LISTED_MISSING = 5
 
 Batch = dict[str, np.ndarray]
@@ -138,7 +138,7 @@ def rows_per_process(name: str, split: str, data_dir: str, *,
     return max(splits[shard].num_examples for shard in tfds.even_splits(split, n=count))
 
 
-def _dataset_ids(ds: tf.data.Dataset) -> list[str]:
+def dataset_ids(ds: tf.data.Dataset) -> list[str]:
     """The ids of ``ds`` in order (one pass over the dataset)."""
     return [image_id.decode() for image_id in ds.map(lambda e: e["id"]).as_numpy_iterator()]
 
@@ -167,7 +167,7 @@ def with_masks_from_dir(ds: tf.data.Dataset, mask_dir: str, *, producer: str,
     encoded dataset (``load_split(..., decode=False)``) the files are only named here and
     read by :func:`decode`, after a training stream has skipped what a resumed run consumed.
     """
-    ids = _dataset_ids(ds)
+    ids = dataset_ids(ds)
     missing = [path for path in (os.path.join(mask_dir, f"{image_id}.png") for image_id in ids)
                if not os.path.exists(path)]
     if missing:
@@ -192,7 +192,7 @@ def with_masks_from_dir(ds: tf.data.Dataset, mask_dir: str, *, producer: str,
         return {**{k: v for k, v in example.items() if k not in ("mask_file", "mask_classes")},
                 "mask": mask}
 
-    return joined.map(replace, num_parallel_calls=_AUTOTUNE, deterministic=True)
+    return joined.map(replace, num_parallel_calls=AUTOTUNE, deterministic=True)
 
 
 def _read_joined_mask(path: bytes, num_classes: np.int32, image_id: bytes,
@@ -216,7 +216,7 @@ def normalize(image: tf.Tensor) -> tf.Tensor:
     return (image - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
 
 
-def _pad(x: tf.Tensor, height, width, value=0) -> tf.Tensor:
+def pad_bottom_right(x: tf.Tensor, height, width, value=0) -> tf.Tensor:
     """Pads ``x`` [h, w, ...] at the bottom/right to [height, width, ...] with ``value``."""
     shape = tf.shape(x)
     paddings = [[0, height - shape[0]], [0, width - shape[1]]] + [[0, 0]] * (x.shape.rank - 2)
@@ -240,7 +240,8 @@ def _augment(example, seed: tf.Tensor, *, crop_size: int, flip: bool,
 
     shape = tf.shape(mask)
     height, width = tf.maximum(shape[0], crop_size), tf.maximum(shape[1], crop_size)
-    image, mask = _pad(image, height, width), _pad(mask, height, width, IGNORE_LABEL)
+    image = pad_bottom_right(image, height, width)
+    mask = pad_bottom_right(mask, height, width, IGNORE_LABEL)
     top = tf.random.stateless_uniform([], crop_y_seed, 0, height - crop_size + 1, dtype=tf.int32)
     left = tf.random.stateless_uniform([], crop_x_seed, 0, width - crop_size + 1, dtype=tf.int32)
     image = image[top:top + crop_size, left:left + crop_size]
@@ -259,7 +260,7 @@ def _cardinality(ds: tf.data.Dataset) -> int:
         return count
     if count == tf.data.INFINITE_CARDINALITY:
         raise ValueError("expected a finite dataset")
-    return len(_dataset_ids(ds))
+    return len(dataset_ids(ds))
 
 
 def _epoch_seed(seed: int, epoch: tf.Tensor) -> tf.Tensor:
@@ -292,11 +293,11 @@ def stream(ds: tf.data.Dataset, *, seed: int, start: int = 0,
 
     epochs = tf.data.Dataset.range(first_epoch, tf.int64.max).flat_map(epoch).skip(skip)
     return epochs.map(lambda position, example: (position, decode(example)),
-                      num_parallel_calls=_AUTOTUNE, deterministic=True)
+                      num_parallel_calls=AUTOTUNE, deterministic=True)
 
 
-def _batched(ds: tf.data.Dataset, batch_size: int) -> Iterator[Batch]:
-    return ds.batch(batch_size, drop_remainder=True).prefetch(_AUTOTUNE).as_numpy_iterator()
+def batched(ds: tf.data.Dataset, batch_size: int) -> Iterator[Batch]:
+    return ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE).as_numpy_iterator()
 
 
 def train_batches(ds: tf.data.Dataset, *, batch_size: int, crop_size: int, seed: int,
@@ -323,110 +324,7 @@ def train_batches(ds: tf.data.Dataset, *, batch_size: int, crop_size: int, seed:
         return _augment(example, key, crop_size=crop_size, flip=flip, scale_range=scale_range)
 
     ds = stream(ds, seed=seed, start=start_step * batch_size, shuffle_buffer=shuffle_buffer)
-    return _batched(ds.map(augment, num_parallel_calls=_AUTOTUNE, deterministic=True), batch_size)
-
-
-def _mmseg_rescale(image, mask, ratio, img_scale):
-    """mmseg ``Resize(img_scale, ratio_range)`` with keep_ratio: the long / short edges fit
-    ``ratio * img_scale`` (sizes rounded as mmcv); bilinear image, nearest mask."""
-    size = tf.cast(tf.shape(image)[:2], tf.float32)
-    long_edge, short_edge = max(img_scale) * ratio, min(img_scale) * ratio
-    factor = tf.minimum(long_edge / tf.reduce_max(size), short_edge / tf.reduce_min(size))
-    new_size = tf.cast(size * factor + 0.5, tf.int32)
-    return (tf.image.resize(image, new_size, method="bilinear"),
-            tf.image.resize(mask, new_size, method="nearest"))
-
-
-def _mmseg_crop_box(mask, seed, crop_size: int, cat_max_ratio: float):
-    """mmseg ``RandomCrop``: up to 10 boxes are redrawn while one class (ignore excluded)
-    fills ``>= cat_max_ratio`` of the box or it holds a single class; then the 11th is taken."""
-    shape = tf.shape(mask)
-    box_h, box_w = tf.minimum(shape[0], crop_size), tf.minimum(shape[1], crop_size)
-    tops = tf.random.stateless_uniform([11], seed, 0, shape[0] - box_h + 1, dtype=tf.int32)
-    lefts = tf.random.stateless_uniform([11], seed + 1, 0, shape[1] - box_w + 1, dtype=tf.int32)
-
-    def acceptable(i):
-        box = mask[tops[i]:tops[i] + box_h, lefts[i]:lefts[i] + box_w]
-        counts = tf.math.bincount(tf.reshape(box, [-1]), minlength=IGNORE_LABEL + 1)[:IGNORE_LABEL]
-        total = tf.reduce_sum(counts)
-        return tf.logical_and(tf.math.count_nonzero(counts) > 1,
-                              tf.cast(tf.reduce_max(counts), tf.float32)
-                              < cat_max_ratio * tf.cast(total, tf.float32))
-
-    ok = tf.map_fn(acceptable, tf.range(10), fn_output_signature=tf.bool)
-    index = tf.cond(tf.reduce_any(ok), lambda: tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32),
-                    lambda: tf.constant(10))
-    return tops[index], lefts[index], box_h, box_w
-
-
-def _photometric_distortion(image, seed):
-    """mmseg ``PhotoMetricDistortion`` on RGB 0..255: brightness +-32, contrast 0.5-1.5 (before
-    or after the colour steps, at random), saturation 0.5-1.5, hue +-18 (OpenCV units of
-    2 degrees); each applied with probability 1/2, clipped to 0..255 and truncated to integers
-    after each step as mmcv does on uint8 images."""
-    keys = tf.unstack(tf.random.experimental.stateless_split(seed, 9))
-    coin = lambda k: tf.random.stateless_uniform([], k) < 0.5  # noqa: E731
-    clip = lambda x: tf.floor(tf.clip_by_value(x, 0.0, 255.0))  # noqa: E731
-
-    def maybe(key, value_key, low, high, fn, x):
-        value = tf.random.stateless_uniform([], value_key, low, high)
-        return tf.cond(coin(key), lambda: clip(fn(x, value)), lambda: x)
-
-    contrast = lambda x, k: maybe(k[0], k[1], 0.5, 1.5, lambda y, a: y * a, x)  # noqa: E731
-    x = maybe(keys[0], keys[1], -32.0, 32.0, lambda y, b: y + b, image)
-    contrast_first = coin(keys[2])
-    x = tf.cond(contrast_first, lambda: contrast(x, keys[3:5]), lambda: x)
-    x = maybe(keys[5], keys[6], 0.5, 1.5,
-              lambda y, a: tf.image.adjust_saturation(y / 255.0, a) * 255.0, x)
-    hue = tf.floor(tf.random.stateless_uniform([], keys[7], -18.0, 18.0))  # randint(-18, 18)
-    x = tf.cond(coin(keys[8]), lambda: clip(tf.image.adjust_hue(x / 255.0, hue / 180.0) * 255.0),
-                lambda: x)
-    return tf.cond(contrast_first, lambda: x, lambda: contrast(x, keys[3:5]))
-
-
-def _mmseg_augment(example, seed, *, crop_size: int, img_scale, ratio_range, cat_max_ratio):
-    """mmseg's VOC/COCO training transform of one example (see ``mmseg_train_batches``)."""
-    keys = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
-    image = tf.cast(example["image"], tf.float32)
-    mask = tf.cast(example["mask"], tf.int32)  # [H, W, 1]
-    ratio = tf.random.stateless_uniform([], keys[0], *ratio_range)
-    image, mask = _mmseg_rescale(image, mask, ratio, img_scale)
-    image, mask = tf.floor(tf.clip_by_value(image + 0.5, 0.0, 255.0)), mask[:, :, 0]
-    top, left, box_h, box_w = _mmseg_crop_box(mask, keys[1], crop_size, cat_max_ratio)
-    image = image[top:top + box_h, left:left + box_w]
-    mask = mask[top:top + box_h, left:left + box_w]
-    if tf.random.stateless_uniform([], keys[2]) < 0.5:
-        image, mask = image[:, ::-1], mask[:, ::-1]
-    image = normalize(_photometric_distortion(image, keys[3]))
-    image, mask = _pad(image, crop_size, crop_size), _pad(mask, crop_size, crop_size, IGNORE_LABEL)
-    image.set_shape((crop_size, crop_size, 3))
-    mask.set_shape((crop_size, crop_size))
-    return {"image": image, "mask": mask, "labels": example["labels"], "id": example["id"]}
-
-
-def mmseg_train_batches(ds: tf.data.Dataset, *, batch_size: int, crop_size: int, seed: int,
-                        img_scale: tuple[int, int] = (2048, 512),
-                        ratio_range: tuple[float, float] = (0.5, 2.0),
-                        cat_max_ratio: float = 0.75,
-                        shuffle_buffer: int | None = None, start_step: int = 0
-                        ) -> Iterator[Batch]:
-    """Endless seeded training batches with mmseg's segmentation augmentation (the official
-    PSPNet recipe for VOC and COCO), an alternative to ``train_batches``' light one.
-
-    Per example: resize so the edges fit ``ratio * img_scale`` (ratio uniform in
-    ``ratio_range``, aspect kept), random crop of at most ``crop_size`` with ``cat_max_ratio``
-    (redrawn while one class dominates), horizontal flip with probability 1/2, photometric
-    distortion, normalisation, padding to ``crop_size`` (image 0, mask 255). Shuffling,
-    seeding, resuming at ``start_step`` and batching as in ``train_batches``.
-    """
-
-    def augment(position, example):
-        key = tf.stack([tf.constant(seed, tf.int64), position])
-        return _mmseg_augment(example, key, crop_size=crop_size, img_scale=tuple(img_scale),
-                              ratio_range=tuple(ratio_range), cat_max_ratio=cat_max_ratio)
-
-    ds = stream(ds, seed=seed, start=start_step * batch_size, shuffle_buffer=shuffle_buffer)
-    return _batched(ds.map(augment, num_parallel_calls=_AUTOTUNE, deterministic=True), batch_size)
+    return batched(ds.map(augment, num_parallel_calls=AUTOTUNE, deterministic=True), batch_size)
 
 
 def _largest_over_processes(count: int) -> int:
@@ -475,82 +373,18 @@ def eval_batches(ds: tf.data.Dataset, *, batch_size: int, pad_to: tuple[int, int
             raw = tf.identity(example["image"])
             mask = tf.cast(tf.identity(example["mask"])[:, :, 0], tf.int32)
         padded = {
-            "image": _pad(normalize(raw), height, width),
-            "raw": _pad(raw, height, width),
-            "mask": _pad(mask, height, width, IGNORE_LABEL),
+            "image": pad_bottom_right(normalize(raw), height, width),
+            "raw": pad_bottom_right(raw, height, width),
+            "mask": pad_bottom_right(mask, height, width, IGNORE_LABEL),
         }
         for value in padded.values():
             value.set_shape((height, width) + value.shape[2:])
         return {**padded, "labels": example["labels"], "id": example["id"],
                 "valid": tf.constant(True), "height": shape[0], "width": shape[1]}
 
-    ds = ds.map(pad, num_parallel_calls=_AUTOTUNE, deterministic=True)
+    ds = ds.map(pad, num_parallel_calls=AUTOTUNE, deterministic=True)
     dummy = {key: tf.zeros(spec.shape, spec.dtype) for key, spec in ds.element_spec.items()}
     dummy["mask"] = tf.fill(ds.element_spec["mask"].shape, IGNORE_LABEL)
     padding = tf.data.Dataset.from_tensors(dummy).repeat(total - count)
     ds = ds.concatenate(padding).batch(batch_size, drop_remainder=True)
-    return ds.prefetch(_AUTOTUNE).as_numpy_iterator()
-
-
-def multicrop_train_batches(ds: tf.data.Dataset, *, rough_masks: str, batch_size: int,
-                            crop_size: int, seed: int, num_classes_fg: int,
-                            scales: tuple[float, ...], tile: int, stride: int,
-                            flip: bool = True, shuffle_buffer: int | None = None,
-                            start_step: int = 0) -> Iterator[Batch]:
-    """Endless seeded batches of PMM's multi-crop training tiles (``VOC12ClsHeatCropDataset``
-    with ``crop_scales``), a replacement for ``train_batches`` in the cls stage.
-
-    Per example: its rough masks are read from the folder ``rough_masks``
-    (``multicrop_tiling.read_rough_masks``); ``multicrop_tiling.sample_training_crop`` draws a scale of
-    ``scales``, then tiles (``tile`` pixels ``stride`` apart at that scale) until the 10% rule
-    leaves a positive label; the label is that rule's, restricted to the image-level label
-    (a no-op for rough masks made from the image's own CAMs). The tile is cut from the
-    original image, resized to ``crop_size`` square (bilinear, antialiased like PIL) and
-    flipped with probability 1/2; the mask follows (nearest). Every training image must have
-    a rough-mask file: the folder is checked up front (one pass over ``ds``) and the error
-    names the missing files. Shuffling, seeding, resuming at ``start_step`` and batching as
-    in ``train_batches``.
-    """
-    from pmm_jax.cams import multicrop_tiling
-
-    num_labels = ds.element_spec["labels"].shape[-1]
-    if num_labels != num_classes_fg:
-        raise ValueError(f"dataset has {num_labels} image-level labels, expected {num_classes_fg}")
-    paths = multicrop_tiling.rough_mask_paths(rough_masks, _dataset_ids(ds))
-    scales = tuple(float(s) for s in scales)
-
-    def sample(image_id: bytes, image_shape: np.ndarray, labels: np.ndarray,
-               position: np.int64) -> tuple[np.ndarray, np.ndarray]:
-        path = paths[image_id.decode()]
-        masks = multicrop_tiling.read_rough_masks(path, num_classes_fg)
-        height, width = int(image_shape[0]), int(image_shape[1])
-        for mask in masks.values():
-            if mask.shape != (height, width):
-                raise ValueError(f"{path}: rough mask is {mask.shape[0]}x{mask.shape[1]} but "
-                                 f"its image is {height}x{width}")
-        rng = np.random.default_rng((seed, int(position)))
-        box, crop_labels = multicrop_tiling.sample_training_crop(
-            masks, width, height, num_classes_fg, rng, scales, tile, stride)
-        return np.asarray(box, np.int32), (crop_labels * (labels > 0.5)).astype(np.float32)
-
-    def crop(position, example):
-        box, labels = tf.numpy_function(
-            sample, [example["id"], tf.shape(example["image"]), example["labels"], position],
-            [tf.int32, tf.float32], stateful=False)
-        box.set_shape((4,))
-        labels.set_shape((num_classes_fg,))
-        x1, y1, x2, y2 = tf.unstack(box)
-        image = tf.image.resize(example["image"][y1:y2, x1:x2], (crop_size, crop_size),
-                                method="bilinear", antialias=True)
-        mask = tf.image.resize(tf.cast(example["mask"][y1:y2, x1:x2], tf.int32),
-                               (crop_size, crop_size), method="nearest")[:, :, 0]
-        key = tf.stack([tf.constant(seed, tf.int64), position])
-        if flip and tf.random.stateless_uniform([], key) < 0.5:
-            image, mask = image[:, ::-1], mask[:, ::-1]
-        image = normalize(image)
-        image.set_shape((crop_size, crop_size, 3))
-        mask.set_shape((crop_size, crop_size))
-        return {"image": image, "mask": mask, "labels": labels, "id": example["id"]}
-
-    ds = stream(ds, seed=seed, start=start_step * batch_size, shuffle_buffer=shuffle_buffer)
-    return _batched(ds.map(crop, num_parallel_calls=_AUTOTUNE, deterministic=True), batch_size)
+    return ds.prefetch(AUTOTUNE).as_numpy_iterator()
