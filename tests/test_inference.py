@@ -162,7 +162,7 @@ def test_jax_crf_backend_agrees_with_pydensecrf():
         same += np.count_nonzero(ours[i, :h, :w] == reference)
         total += h * w
         assert not ours[i, h:].any() and not ours[i, :, w:].any()
-    print(f"segment_inference jax vs pydensecrf CRF label agreement {same / total:.6f}")
+    print(f"test-time jax vs pydensecrf CRF label agreement {same / total:.6f}")
     assert same / total >= 0.99, same / total
     assert not ours[3].any()  # padding row: no CRF
     assert len(np.unique(ours[:3])) > 1  # not a constant map
