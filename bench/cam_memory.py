@@ -55,8 +55,8 @@ def measure(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(0)
     raw = np.zeros((b, h, w, 3), np.uint8)
     raw[:, :375, :500] = rng.integers(0, 256, (b, 375, 500, 3), dtype=np.uint8)
-    from pmm_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
-    image = ((raw / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
+    from pmm_jax.constants import IMAGENET_MEAN_UNIT, IMAGENET_STD_UNIT
+    image = ((raw / 255.0 - IMAGENET_MEAN_UNIT) / IMAGENET_STD_UNIT).astype(np.float32)
     image[:, 375:] = 0
     image[:, :, 500:] = 0
     labels = np.zeros((b, 20), np.float32)

@@ -81,3 +81,7 @@ PALETTE = voc_palette()
 # ImageNet statistics used to normalise network inputs (RGB, 0..255 scale).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
+# The same on the 0..1 scale, as the input pipeline divides by 255 first (data/pipeline.py's
+# ``normalize``; segmentation/canvas.py does the same in numpy for predict and the export).
+IMAGENET_MEAN_UNIT = (0.485, 0.456, 0.406)
+IMAGENET_STD_UNIT = (0.229, 0.224, 0.225)

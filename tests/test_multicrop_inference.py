@@ -12,7 +12,8 @@ from flax import nnx
 from test_seam import materialize
 
 from pmm_jax.cams import multicrop_inference, multicrop_tiling, seam
-from pmm_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
+from pmm_jax.constants import IMAGENET_MEAN_UNIT as IMAGENET_MEAN
+from pmm_jax.constants import IMAGENET_STD_UNIT as IMAGENET_STD
 from pmm_jax.models.scalenet import ScaleNet
 from pmm_jax.stages.cam import model_cam
 

@@ -11,7 +11,8 @@ import tensorflow_datasets as tfds
 
 from pmm_jax.constants import IGNORE_LABEL
 from pmm_jax.data import builder_base, mmseg_augment, pipeline
-from pmm_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
+from pmm_jax.constants import IMAGENET_MEAN_UNIT as IMAGENET_MEAN
+from pmm_jax.constants import IMAGENET_STD_UNIT as IMAGENET_STD
 from pmm_jax.files import io
 
 NAME = "synthetic_wsss/tiny"

@@ -35,7 +35,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
-from pmm_jax.constants import IGNORE_LABEL
+from pmm_jax.constants import IGNORE_LABEL, IMAGENET_MEAN_UNIT, IMAGENET_STD_UNIT
 from pmm_jax.data import coco, synthetic, voc  # noqa: F401  (registers the datasets)
 from pmm_jax.data.builder_base import prepare
 from pmm_jax.files.io import read_mask
@@ -46,8 +46,6 @@ try:
 except RuntimeError:
     pass  # TF was initialised before this import; it then already has its devices.
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 AUTOTUNE = tf.data.AUTOTUNE
 _MAX_LISTED_MISSING = 5
 
@@ -213,7 +211,7 @@ def _read_joined_mask(path: bytes, num_classes: np.int32, image_id: bytes,
 def normalize(image: tf.Tensor) -> tf.Tensor:
     """RGB in 0..255 (any dtype) -> float32 ImageNet-normalised."""
     image = tf.cast(image, tf.float32) / 255.0
-    return (image - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
+    return (image - tf.constant(IMAGENET_MEAN_UNIT)) / tf.constant(IMAGENET_STD_UNIT)
 
 
 def pad_bottom_right(x: tf.Tensor, height, width, value=0) -> tf.Tensor:

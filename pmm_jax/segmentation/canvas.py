@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from pmm_jax.constants import IMAGENET_MEAN_UNIT, IMAGENET_STD_UNIT
+
 # The ImageNet statistics of data/pipeline.py's ``normalize`` (RGB scaled to 0..1).
-MEAN = np.asarray((0.485, 0.456, 0.406), np.float32)
-STD = np.asarray((0.229, 0.224, 0.225), np.float32)
+MEAN = np.asarray(IMAGENET_MEAN_UNIT, np.float32)
+STD = np.asarray(IMAGENET_STD_UNIT, np.float32)
 
 
 def normalize(image: np.ndarray) -> np.ndarray:
