@@ -40,7 +40,7 @@ PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 def forward(model: nnx.Module, eval_cfg) -> tuple[callable, list[np.ndarray]]:
     """``(fn, weights)``: ``fn(weights, image [1, H, W, 3]) -> uint8 [H, W]``, the pipeline
     of ``eval_cfg`` without the CRF on ``model`` (eval mode), and its weights as numpy."""
-    options = inference._options(dict(eval_cfg, crf=False))  # noqa: SLF001 (the same options)
+    options = inference.eval_options(eval_cfg)  # the same scales, flip, window
     graphdef, weights, rest = nnx.split(model, (nnx.Param, nnx.BatchStat), ...)
     leaves, treedef = jax.tree.flatten(weights)
     rest = jax.device_get(rest)

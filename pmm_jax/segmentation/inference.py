@@ -94,7 +94,7 @@ def averaged_probs(apply: Callable[[jax.Array], jax.Array], image: jax.Array, *,
     return total / passes
 
 
-def _options(eval_cfg: Mapping[str, Any]) -> dict:
+def eval_options(eval_cfg: Mapping[str, Any]) -> dict:
     """The test-time options of ``config.eval`` with their defaults (all off)."""
     window = eval_cfg.get("sliding_window", None)
     return dict(scales=tuple(float(s) for s in eval_cfg.get("scales", (1.0,))),
@@ -107,7 +107,7 @@ def device_fn(eval_cfg: Mapping[str, Any]) -> Callable:
     uint8 labels ``[B,H,W]``, or the averaged probabilities ``[B,H,W,K]`` when the CRF is on
     (it needs them on the host), and ``finite[B]``: whether each row's probabilities are all
     finite (an argmax of NaN is a label like any other)."""
-    options, use_crf = _options(eval_cfg), bool(eval_cfg.get("crf", False))
+    options, use_crf = eval_options(eval_cfg), bool(eval_cfg.get("crf", False))
 
     def fn(model, batch):
         probs = averaged_probs(lambda x: model(x)["logits"], batch["image"], **options)
