@@ -19,6 +19,9 @@ figure, with device, versions, date, load and command) and ``DIR/results.md`` (t
   mask agreement (``bench/pseudo_masks.py``; needs pydensecrf).
 * ``pseudo_masks_jax``: the generator's per-image path with the JAX dense CRF.
 * ``cam``: multi-crop CAMs of one 500x375 image at configs/voc.py's scales (``bench/units.py``).
+* ``compile:<program>@<target>``: a program of the configs compiled, without the device, for a
+  TPU slice or an NVIDIA GPU: per-chip memory against the chip's, FLOPs, roofline and the
+  recipe's hours (``bench/compile_table.py``; compiled, not run; minutes each at full size).
 
 Sizes: on a GPU/TPU the paper's shapes (crop 448/512, batch 16, full networks); on a CPU
 reduced ones (``bench/classifier_step.py``'s CPU settings); ``--quick``: small shapes of every
@@ -226,6 +229,44 @@ def cam_row(device: Device, quick: bool) -> dict:
     return step_report.in_child(_cam_child, args)
 
 
+def compile_row(program: str, target: str, dtype: str = "bfloat16",
+                pod: bool = False) -> Callable[[Device, bool], dict]:
+    """A compile-table row (``bench/compile_table.py``): ``program`` compiled for ``target``
+    (no such device needed), the configs' remat; ``--quick``: tiny widths."""
+    def run(device: Device, quick: bool) -> dict:
+        from bench import compile_table
+
+        result = compile_table.run_row(program, target, dtype=dtype, remat=VOC_REMAT,
+                                       quick=quick, pod=pod)
+        if result["status"] != "ok":
+            raise RuntimeError(result.get("reason") or result.get("error"))
+        return result["figures"]
+
+    return run
+
+
+def compile_rows() -> list[Row]:
+    """Every program of the compile table on v5e:2x4 (2 hosts) in the configs' precision;
+    the SEAM and PSPNet ResNetV1c-101 steps also on every other target, in float32 on
+    v5e:2x4, and on the v5e:8x8 pod with ``configs/voc.py:pod64``. Names:
+    ``compile:<program>@<target>[/f32][/pod]``."""
+    from bench import compile_table as ct
+
+    plan = [(p, "v5e:2x4", "bfloat16", False) for p in ct.PROGRAMS]
+    for program in ("pspnet_r101_ce", "seam"):
+        plan += [(program, t, "bfloat16", False) for t in ct.TARGETS
+                 if t not in ("v5e:2x4", "v5e:8x8")]
+        plan += [(program, "v5e:8x8", "bfloat16", True), (program, "v5e:2x4", "float32", False)]
+    rows = []
+    for program, target, dtype, pod in plan:
+        needs = ("jax_cuda12_plugin",) if target in ct.GPU_TARGETS else ("libtpu",)
+        rows.append(Row("compile:" + ct.row_name(program, target, dtype, VOC_REMAT, pod),
+                        f"{ct.PROGRAMS[program]['what']}, compiled for {target} ({dtype})",
+                        compile_row(program, target, dtype, pod), (60, 900, 900),
+                        needs=needs + ("ml_collections",)))
+    return rows
+
+
 ROWS = [
     Row("seam", "SEAM classifier step as configured (precision, remat)",
         step_row("seam", "config"), (40, 300, 150)),
@@ -248,6 +289,7 @@ ROWS = [
         pseudo_masks_jax_row, (40, 120, 90), needs=("scipy", "PIL")),
     Row("cam", "multi-crop CAMs of one image at configs/voc.py's scales", cam_row,
         (30, 200, 120)),
+    *compile_rows(),
 ]
 
 

@@ -101,6 +101,17 @@ def cam_table(rows: dict) -> list[str]:
             f"{f['first_and_timed_s']:.1f} s).", ""]
 
 
+def compile_table(rows: dict) -> list[str]:
+    """The ``compile:`` rows (``bench/compile_table.py``'s table; compiled, not run)."""
+    from bench import compile_table as ct
+
+    done = {n: r for n, r in rows.items() if n.startswith("compile:") and r["status"] == "ok"}
+    if not done:
+        return []
+    return ["## Compiled for TPU slices and GPUs (compiled, not run)", "",
+            *ct.markdown_rows(done), "", *ct.chips_note(), ""]
+
+
 def other_rows(rows: dict) -> list[str]:
     lines = []
     for name, result in rows.items():
@@ -113,5 +124,5 @@ def other_rows(rows: dict) -> list[str]:
 
 def markdown(report: dict) -> str:
     rows = report["rows"]
-    return "\n".join(header(report) + step_table(rows) + pseudo_table(rows) + cam_table(rows)
+    return "\n".join(header(report) + step_table(rows) + pseudo_table(rows) + cam_table(rows) + compile_table(rows)
                      + other_rows(rows))

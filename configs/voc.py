@@ -15,6 +15,8 @@ global (split over processes and devices).
 
 import ml_collections
 
+from pmm_jax.training import pod_scale
+
 # PMM's multi-crop scales (training and inference): 0.75 to 3.0 in steps of 0.25.
 MULTICROP_SCALES = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0)
 # cls.model.remat / seg.model.remat: run every backbone block under nnx.remat (activations
@@ -27,9 +29,15 @@ REMAT = True
 
 
 def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
-    """The paper's VOC config; ``variant="rehearsal"`` shrinks its sizes (``rehearsal``)."""
+    """The paper's VOC config; ``variant="rehearsal"`` shrinks its sizes (``rehearsal``);
+    ``"pod<N>"`` (``--config=configs/voc.py:pod64``) is the recipe on N chips when they do not
+    divide its batches (``pmm_jax.training.pod_scale``, docs/pod_scale.md)."""
+    chips = pod_scale.pod_chips(variant)
+    if chips:
+        return pod_scale.scale_to_chips(get_config("paper"), chips)
     if variant not in ("paper", "rehearsal"):
-        raise ValueError(f"configs/voc.py: unknown variant {variant!r}; use 'paper' or 'rehearsal'")
+        raise ValueError(f"configs/voc.py: unknown variant {variant!r}; use 'paper', "
+                         "'rehearsal' or 'pod<chips>' (e.g. pod64)")
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.stages = "cls,cam,pseudo,seg,cycle,eval"

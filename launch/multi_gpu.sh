@@ -11,7 +11,7 @@
 #   CONFIG (configs/demo.py)     config file and variant, e.g. configs/voc.py
 #   WORKDIR (/tmp/pmm_run)       run directory; rerunning the same command resumes
 #   CUDA_VISIBLE_DEVICES         which GPUs to use (all when unset)
-#   INSTALL (0)                  1 = first pip install the package and jax[cuda12] here
+#   INSTALL (0)                  1 = first pip install the package with its [cuda12] extra here
 #   PYTHON (python3)             interpreter of the environment to use
 set -euo pipefail
 
@@ -23,7 +23,7 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 cd "$REPO_ROOT"
 if [[ "$INSTALL" == 1 ]]; then
-  "$PYTHON" -m pip install -q -e . 'jax[cuda12]>=0.6,<0.11'
+  "$PYTHON" -m pip install -q -e '.[cuda12]'
 fi
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
 "$PYTHON" -c 'import jax; print(f"JAX sees {jax.device_count()} device(s): {jax.devices()}")'

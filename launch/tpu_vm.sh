@@ -4,7 +4,7 @@
 #
 #   launch/tpu_vm.sh create                 # create the TPU VM (all workers)
 #   launch/tpu_vm.sh copy                   # the repository's HEAD (git archive) to every worker
-#   launch/tpu_vm.sh install                # pip install the package and jax[tpu] on every worker
+#   launch/tpu_vm.sh install                # pip install the package with its [tpu] extra on every worker
 #   launch/tpu_vm.sh mount                  # pod slices: mount BUCKET at MOUNT on every worker
 #   launch/tpu_vm.sh run [flags...]         # python -m pmm_jax.main on every worker (--worker=all)
 #   launch/tpu_vm.sh fetch                  # results, config, markers and TensorBoard logs from worker 0
@@ -63,7 +63,7 @@ copy() {
 
 install() {
   on_all_workers "cd ~/$REMOTE_DIR && python3 -m pip install -q -U pip \
-    && python3 -m pip install -q -e . 'jax[tpu]>=0.6,<0.11' \
+    && python3 -m pip install -q -e '.[tpu]' \
     && python3 -c 'import jax; print(jax.devices())'"
 }
 

@@ -323,7 +323,9 @@ def device_problems(config, *, processes: int, local_devices: int) -> list[str]:
         if key.endswith(".batch_size") and _is_int(value) and value > 0 and value % devices:
             found.append(f"config.{key}={value} must be a multiple of {devices} ({local_devices} "
                          f"local device(s) x {processes} process(es)): each process takes an "
-                         "equal share and splits it over its devices")
+                         "equal share and splits it over its devices (more chips than the "
+                         "batch: the config's pod<chips> variant, e.g. "
+                         f"--config=configs/voc.py:pod{devices}, docs/pod_scale.md)")
     tile_batch = _get(config, "cam.multicrop.tile_batch")
     if (_get(config, "cam.method", "multiscale") == "multicrop" and _is_int(tile_batch)
             and tile_batch > 0 and tile_batch % devices):

@@ -166,6 +166,26 @@ def padding_tiles(n: int) -> np.ndarray:
     return tiles
 
 
+def chunk_step(graphdef: nnx.GraphDef, model_cam: Callable, crop: int, flip: bool,
+               mesh: jax.sharding.Mesh) -> Callable:
+    """The jitted step of one tile chunk on ``mesh``: ``(state, images, total, count, tiles)
+    -> (total, count)``, the model state replicated, everything else split over the data axis
+    (each device cuts, classifies and adds its own tiles), ``total`` and ``count`` donated."""
+    views = 2 if flip else 1
+    spec = PartitionSpec(shd.DATA_AXIS)
+
+    def local_step(state, images, total, count, tiles):
+        eval_model = nnx.merge(graphdef, state)
+        eval_model.eval()
+        cams = tile_cams(model_cam, eval_model, cut_tiles(images, tiles, crop), flip)
+        return add_tiles(total, count, cams, tiles, views)
+
+    return jax.jit(
+        jax.shard_map(local_step, mesh=mesh, in_specs=(PartitionSpec(), spec, spec, spec, spec),
+                      out_specs=(spec, spec), check_vma=False),
+        donate_argnums=(2, 3))
+
+
 class MultiCropCAM:
     """``MultiCropCAM(model, model_cam, ...)(batch, rows) -> [B, H, W, C]`` numpy CAMs of this
     process's eval batch (rows not in ``rows`` are undefined).
@@ -196,20 +216,7 @@ class MultiCropCAM:
         graphdef, state = nnx.split(model)
         # The trainer's replication (every process contributes its copy when several).
         self.state = shd.replicate(state, self.mesh)
-        views = 2 if flip else 1
-        spec = PartitionSpec(shd.DATA_AXIS)
-
-        def local_step(state, images, total, count, tiles):
-            eval_model = nnx.merge(graphdef, state)
-            eval_model.eval()
-            cams = tile_cams(model_cam, eval_model, cut_tiles(images, tiles, self.crop), flip)
-            return add_tiles(total, count, cams, tiles, views)
-
-        self._step = jax.jit(
-            jax.shard_map(local_step, mesh=self.mesh, in_specs=(PartitionSpec(), spec, spec,
-                                                                spec, spec),
-                          out_specs=(spec, spec), check_vma=False),
-            donate_argnums=(2, 3))
+        self._step = chunk_step(graphdef, model_cam, self.crop, flip, self.mesh)
         self._finish = jax.jit(finish, out_shardings=shd.data_sharding(self.mesh))
         # float32 zeros sharded over "data", made on the devices (compiled once per shape).
         self._zeros = jax.jit(lambda shape: jnp.zeros(shape, jnp.float32), static_argnums=0,
