@@ -27,9 +27,13 @@ def max_rss_bytes() -> int:
 
 
 def in_child(fn, args) -> dict:
-    """Runs ``fn(args)`` in a fresh spawned process (its own memory peak and threads)."""
+    """Runs ``fn(args)`` in a fresh spawned process (its own memory peak and threads), which
+    then exits normally (not terminated: libtpu reports a SIGTERM with a stack dump)."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, (args,))
+        result = pool.apply(fn, (args,))
+        pool.close()
+        pool.join()
+        return result
 
 
 def peak_tflops(device_kind: str, given: float | None) -> float | None:
