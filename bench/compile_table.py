@@ -419,7 +419,9 @@ def row_figures(program: str, target: str, *, dtype: str = "bfloat16", remat: bo
         "program": program, "what": PROGRAMS[program]["what"], "target": target,
         "chip": dataclasses.asdict(chip), "chips": chips,
         "processes": len({d.process_index for d in mesh.devices.flat}),
-        "dtype": dtype, "remat": remat, "quick": quick, "pod": pod,
+        # the CRF computes in float32 whatever compute_dtype says; remat acts on training only
+        "dtype": "float32" if kind == "crf" else dtype,
+        "remat": remat if kind in ("cls", "seg") else None, "quick": quick, "pod": pod,
         "global_batch": batch, "per_chip_batch": None if batch is None else batch / chips,
         "lr": config[kind].lr if kind in ("cls", "seg") else None,
         "memory_bytes": mem, "memory_gib": {k: v / 2**30 for k, v in mem.items()},
@@ -512,7 +514,7 @@ def markdown_rows(rows: dict) -> list[str]:
         bound = f["step_lower_bound_s"]
         lines.append(" | ".join([
             f"| {f['program']}", f"{f['target']} ({f['chips']}, {f['processes']})",
-            f"{f['dtype']}, {'remat' if f['remat'] else 'no remat'}", batch,
+            f"{f['dtype']}" + {True: ", remat", False: ", no remat", None: ""}[f["remat"]], batch,
             f"{_gib(g['argument'])} / {_gib(g['temp'])} / {_gib(g['output'])}",
             f"{_gib(g['total'])} / {f['chip']['memory_gib']:g}", "yes" if f["fits"] else "**NO**",
             _sig(None if f["flops_per_chip"] is None else f["flops_per_chip"] / 1e12),

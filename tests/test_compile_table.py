@@ -115,16 +115,3 @@ def test_dense_crf_for_one_v5e_chip():
         assert figures["memory_bytes"][key] == getattr(stats, f"{key}_size_in_bytes"), key
     assert figures["recipe_steps"] == math.ceil(10582 / 8)
 
-
-def test_pod_variant_divides_over_64_chips_with_the_linear_rule():
-    from pmm_jax import config_rules
-
-    paper, pod = compile_table.voc_config(), compile_table.voc_config("pod64")
-    assert config_rules.device_problems(paper, processes=16, local_devices=4)
-    assert config_rules.device_problems(pod, processes=16, local_devices=4) == []
-    for stage in ("cls", "seg"):
-        factor = pod[stage].batch_size / paper[stage].batch_size
-        assert pod[stage].batch_size == 64 and factor == 4
-        assert pod[stage].lr == pytest.approx(paper[stage].lr * factor)
-        assert pod[stage].num_steps == math.ceil(paper[stage].num_steps / factor)
-    assert compile_table.voc_config("pod8").to_dict() == paper.to_dict()  # 8 divides: unchanged
