@@ -109,7 +109,7 @@ def _stages(v) -> str | None:
 def _rules() -> dict[str, Check]:
     """``{key: check}``; ``*.name`` applies to ``name`` in every section."""
     from pmm_jax.masks.dense_crf import BACKENDS
-    from pmm_jax.masks.generator import METHODS as MASK_METHODS
+    from pmm_jax.masks.variants import VARIANTS
     from pmm_jax.segmentation.pus import PUS_MODES, PUS_REDUCTIONS
     from pmm_jax.tools.scoring import RULES as IOU_RULES
     from pmm_jax.training.precision import COMPUTE_DTYPES
@@ -140,8 +140,8 @@ def _rules() -> dict[str, Check]:
         "cam.method": one_of("multiscale", "multicrop"), "cam.scales": sequence(POSITIVE),
         "cam.flip": boolean,
         "crf.backend": one_of(*BACKENDS),
-        "pseudo.variants": sequence(one_of(*MASK_METHODS)),
-        "pseudo.train_on": one_of(*MASK_METHODS), "pseudo.eval_split": text,
+        "pseudo.variants": sequence(VARIANTS.check),
+        "pseudo.train_on": VARIANTS.check, "pseudo.eval_split": text,
         "pseudo.alpha": POSITIVE, "pseudo.t": NON_NEGATIVE, "pseudo.s": NON_NEGATIVE,
         "pseudo.official_minmax": boolean, "pseudo.num_workers": non_negative_int,
         "pseudo.crf.gauss_sxy": POSITIVE, "pseudo.crf.gauss_compat": POSITIVE,

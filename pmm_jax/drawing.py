@@ -16,6 +16,7 @@ from PIL import Image
 from pmm_jax.constants import IMAGENET_MEAN, IMAGENET_STD, PALETTE
 from pmm_jax.files import io
 from pmm_jax.files.workdir import Workdir
+from pmm_jax.masks import core
 
 # Pseudo-mask variants shown side by side: the paper's baseline (CRF) and PPMG.
 SHOWN_VARIANTS = ("baseline", "ppmg")
@@ -94,15 +95,11 @@ def cvs_pictures(image: np.ndarray, cams: dict[int, np.ndarray], names, *, t: fl
     "before" is the min-max normalised CAM ``x``, "after" is ``cvs(x)`` with the run's ``t``
     and ``s`` (paper eq. 6), both drawn on one [0, 1] colour scale so the flattening shows.
     """
-    from pmm_jax.masks import cvs
-
     if not cams:
         return {}
     classes = sorted(cams)
-    stack = np.stack([np.asarray(cams[c], np.float32) for c in classes])
-    present = np.ones(len(classes), bool)
-    x = np.asarray(cvs.normalize(stack, present))
-    x_s = np.asarray(cvs.cvs(x, present, t, s))
+    x = core.normalize(np, np.stack([np.asarray(cams[c], np.float32) for c in classes]))
+    x_s = core.cvs(np, x, t, s)
     return {names[c + 1]: {"before": overlay(image, heatmap(x[k])),
                            "after": overlay(image, heatmap(x_s[k]))}
             for k, c in enumerate(classes)}

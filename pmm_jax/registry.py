@@ -70,8 +70,8 @@ class Registry(Generic[T]):
     def check(self, value) -> str | None:
         """A config rule (``config_rules`` style): None when ``value`` is a registered name,
         else what it must be, listing the names as registered at the time of the check."""
-        return None if value in self._entries else f"is not a registered {self.axis} " \
-            f"(registered: {self.listing()})"
+        return None if value in self._entries else (
+            f"is not a registered {self.axis} (registered: {self.listing()})")
 
     def __contains__(self, name) -> bool:
         return name in self._entries

@@ -175,3 +175,29 @@ def valid():
     mask[9:, :] = False  # bottom padding
     mask[:, 8:] = False  # right padding
     return mask
+
+
+@pytest.fixture(params=["numpy", "jax"])
+def core_xp(request):
+    """``pmm_jax.masks.core``'s functions bound to one array module: numpy as the CPU workers
+    call them, or jax.numpy jitted as the device does (tests/test_cvs.py, test_ppmg.py)."""
+    import functools
+    import types
+
+    from pmm_jax.masks import core
+
+    names = ("normalize", "coefficient_of_variation", "cvs", "joint_probs", "binary_probs",
+             "argmax_labels", "confident_labels", "ppmg_labels")
+    if request.param == "numpy":
+        import numpy as np
+
+        return types.SimpleNamespace(
+            **{n: functools.partial(getattr(core, n), np) for n in names})
+    import jax
+    import jax.numpy as jnp
+
+    static = {"normalize": ("official_quirk",), "joint_probs": ("alpha",),
+              "binary_probs": ("alpha",)}
+    return types.SimpleNamespace(**{n: jax.jit(functools.partial(getattr(core, n), jnp),
+                                               static_argnames=static.get(n, ()))
+                                    for n in names})

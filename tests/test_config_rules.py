@@ -23,7 +23,8 @@ def test_every_shipped_config_passes(path, variant):
 @pytest.mark.parametrize("key, value, text", [
     ("eval.rule", "foo", "config.eval.rule='foo' is not one of the allowed values: 'mmseg', 'pmm'"),
     ("pseudo.alpha", -1.0, "config.pseudo.alpha=-1.0 must be a positive number"),
-    ("pseudo.train_on", "ppm", "config.pseudo.train_on='ppm' is not one of"),
+    ("pseudo.train_on", "ppm", "config.pseudo.train_on='ppm' is not a registered pseudo-mask "
+     "variant (registered: 'ppmg', 'baseline', 'crf_cvs', 'ppmg_no_cvs', 'rough')"),
     ("seg.pus.mode", "clip", "config.seg.pus.mode='clip' is not one of"),
     ("cam.method", "grad", "config.cam.method='grad' is not one of"),
     ("compute_dtype", "fp16", "config.compute_dtype='fp16' is not one of"),

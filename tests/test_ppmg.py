@@ -1,18 +1,19 @@
-"""pmm_jax.masks.ppmg (the CRF inputs, proportion, PPMG labels, argmax) against direct numpy
-transcriptions of the paper / official formulas (the official PPMG loop among them), and the
-jnp core (cvs + ppmg) composed under jit and vmap.
+"""pmm_jax.masks.core's CRF inputs, PPMG labels and argmax, on numpy and jitted on jax.numpy
+(the ``core_xp`` fixture), against direct numpy transcriptions of the paper / official
+formulas (the official PPMG loop among them), and the jnp core composed under jit and vmap.
 
 The ``np_*`` functions below are deliberately naive per-class loops over the PRESENT classes
 only, as in ``tests/pseudo_mask_reference.py``.
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from pseudo_mask_reference import (
     ALPHA, C, H, S, T, W, full_valid, np_cvs, np_normalize, random_cams, random_normalized)
 
-from pmm_jax.masks import cvs, ppmg
+from pmm_jax.masks import core
 
 
 # ---------------------------------------------------------------------------- transcriptions
@@ -35,14 +36,6 @@ def np_baseline_probs(x, present, alpha):
         out[0] = 1.0
     for c in keys:
         out[c + 1] = x[c]
-    return out
-
-
-def np_proportion(x, fg, valid):
-    out = np.zeros(x.shape)
-    for c in range(x.shape[0]):
-        v = x[c].astype(np.float64)
-        out[c][valid] = (v / (1 + (v * fg[c])[valid].sum()))[valid]
     return out
 
 
@@ -70,27 +63,27 @@ def np_argmax_labels(probs, present):
 
 # ------------------------------------------------------------------------ CRF input builders
 
-def test_binary_probs_matches_numpy(rng, present):
-    x_s = np.asarray(cvs.cvs(random_normalized(rng, present, full_valid()), present, T, S))
-    got = np.asarray(ppmg.binary_probs(x_s, ALPHA))
+def test_binary_probs_matches_numpy(rng, present, core_xp):
+    x_s = np.asarray(core.cvs(np, random_normalized(rng, present, full_valid()), T, S, present))
+    got = np.asarray(core_xp.binary_probs(x_s, ALPHA))
     assert got.shape == (C, 2, H, W)
     np.testing.assert_allclose(got, np_binary_probs(x_s, ALPHA), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("label_set", [[True, False, True, True], [False, True, False, False],
                                        [False] * C])
-def test_baseline_probs_matches_numpy(rng, label_set):
+def test_baseline_probs_matches_numpy(rng, label_set, core_xp):
     present = np.array(label_set)
     x = random_normalized(rng, present, full_valid())
-    got = np.asarray(ppmg.baseline_probs(x, present, ALPHA))
+    got = np.asarray(core_xp.joint_probs(x, ALPHA, present))
     assert got.shape == (C + 1, H, W)
     np.testing.assert_allclose(got, np_baseline_probs(x, present, ALPHA), rtol=1e-5, atol=1e-7)
 
 
-def test_baseline_probs_ignores_absent_classes(rng, present):
+def test_baseline_probs_ignores_absent_classes(rng, present, core_xp):
     x = random_normalized(rng, present, full_valid())
     x[1] = 1.0  # absent class with maximal score must not lower the background
-    got = np.asarray(ppmg.baseline_probs(x, present, ALPHA))
+    got = np.asarray(core_xp.joint_probs(x, ALPHA, present))
     np.testing.assert_allclose(got[0], np.power(1 - x[present].max(0), ALPHA), rtol=1e-5,
                                atol=1e-7)
     assert np.all(got[2] == 0)
@@ -103,27 +96,18 @@ def random_fg(rng, x):
 
 
 @pytest.mark.parametrize("use_valid", [False, True])
-def test_proportion_matches_numpy(rng, present, valid, use_valid):
-    mask = valid if use_valid else full_valid()
-    x = random_normalized(rng, present, mask)
-    fg = random_fg(rng, x)
-    got = np.asarray(ppmg.proportion(x, fg, mask if use_valid else None))
-    np.testing.assert_allclose(got, np_proportion(x, fg, mask), rtol=1e-5, atol=1e-7)
-
-
-@pytest.mark.parametrize("use_valid", [False, True])
 @pytest.mark.parametrize("seed", range(3))
-def test_ppmg_matches_official_loop(present, valid, use_valid, seed):
+def test_ppmg_matches_official_loop(present, valid, use_valid, seed, core_xp):
     rng = np.random.default_rng(seed)
     mask = valid if use_valid else full_valid()
     x = random_normalized(rng, present, mask)
     fg = random_fg(rng, x)
-    got = np.asarray(ppmg.ppmg_labels(x, fg, present, mask if use_valid else None))
-    assert got.dtype == np.int32 and got.shape == (H, W)
+    got = np.asarray(core_xp.ppmg_labels(x, fg, present, mask if use_valid else None))
+    assert np.issubdtype(got.dtype, np.integer) and got.shape == (H, W)
     np.testing.assert_array_equal(got, np_ppmg(x, fg, present, mask))
 
 
-def test_ppmg_edge_cases(present):
+def test_ppmg_edge_cases(present, core_xp):
     x = np.zeros((C, H, W), np.float32)
     fg = np.zeros((C, H, W), bool)
     # pixel (0,0): classes 0 and 2 tie exactly -> lower index (label 1).
@@ -136,34 +120,34 @@ def test_ppmg_edge_cases(present):
     x[1, 2, 2], fg[1, 2, 2] = 1.0, True
     # pixel (3,3): only class 3 claims it.
     x[3, 3, 3], fg[3, 3, 3] = 0.9, True
-    got = np.asarray(ppmg.ppmg_labels(x, fg, present))
+    got = np.asarray(core_xp.ppmg_labels(x, fg, present))
     np.testing.assert_array_equal(got, np_ppmg(x, fg, present, full_valid()))
     assert got[0, 0] == 1 and got[1, 1] == 0 and got[1, 2] == 0 and got[2, 2] == 0
     assert got[3, 3] == 4 and np.count_nonzero(got) == 2
     # An empty label set gives all background whatever the inputs.
-    assert np.all(np.asarray(ppmg.ppmg_labels(x, fg, np.zeros(C, bool))) == 0)
+    assert np.all(np.asarray(core_xp.ppmg_labels(x, fg, np.zeros(C, bool))) == 0)
 
 
-def test_ppmg_proportion_prefers_small_object(present):
+def test_ppmg_proportion_prefers_small_object(present, core_xp):
     """A pixel claimed by a big, bright class and a small, dimmer one goes to the small one."""
     x = np.zeros((C, H, W), np.float32)
     fg = np.zeros((C, H, W), bool)
     x[0], fg[0] = 0.9, True                   # class 0 everywhere
     x[2, :2, :2], fg[2, :2, :2] = 0.6, True   # class 2 on a 2x2 patch
-    got = np.asarray(ppmg.ppmg_labels(x, fg, present))
+    got = np.asarray(core_xp.ppmg_labels(x, fg, present))
     assert np.all(got[:2, :2] == 3) and np.all(got[2:] == 1)
 
 
 # ---------------------------------------------------------------------------- argmax labels
 
 @pytest.mark.parametrize("label_set", [[True, False, True, True], [False] * C])
-def test_argmax_labels_matches_numpy(rng, label_set):
+def test_argmax_labels_matches_numpy(rng, label_set, core_xp):
     present = np.array(label_set)
     probs = rng.random((C + 1, H, W)).astype(np.float32)
     probs[1] += 1.0  # absent class 0-based 1 (label 2) would win everywhere if allowed
     probs[3, 0, 0] = probs[4, 0, 0] = 5.0  # tie between labels 3 and 4 -> 3
-    got = np.asarray(ppmg.argmax_labels(probs, present))
-    assert got.dtype == np.int32
+    got = np.asarray(core_xp.argmax_labels(probs, present))
+    assert np.issubdtype(got.dtype, np.integer)
     np.testing.assert_array_equal(got, np_argmax_labels(probs, present))
     if present.any():
         assert got[0, 0] == 3 and not np.any(got == 2)
@@ -178,9 +162,9 @@ def test_core_functions_compose_under_jit_and_vmap(rng, present):
 
     @jax.jit
     def pipeline(c, p):
-        x = cvs.normalize(c, p)
-        x_s = cvs.cvs(x, p, T, S)
-        return ppmg.ppmg_labels(x, x_s > 0.5, p), ppmg.binary_probs(x_s, ALPHA)
+        x = core.normalize(jnp, c, p)
+        x_s = core.cvs(jnp, x, T, S, p)
+        return core.ppmg_labels(jnp, x, x_s > 0.5, p), core.binary_probs(jnp, x_s, ALPHA)
 
     masks, probs = jax.vmap(pipeline)(cams, labels)
     assert masks.shape == (3, H, W) and probs.shape == (3, C, 2, H, W)

@@ -33,7 +33,7 @@ from flax import nnx
 from pmm_jax import models
 from pmm_jax.cams import seam
 from pmm_jax.data import builder_base, synthetic
-from pmm_jax.masks import cvs, ppmg
+from pmm_jax.masks import core
 from pmm_jax.stages import cam, cls, seg
 from pmm_jax.tools import scoring
 from pmm_jax.training import precision, trainer
@@ -202,8 +202,8 @@ def test_bf16_cams_and_pseudo_masks_agree_with_float32(trained):
     assert cams[jnp.bfloat16].dtype == np.float32
     assert agreement(cam_labels(cams[jnp.float32]), cam_labels(cams[jnp.bfloat16])) >= 0.99
     present = batch["labels"] > 0
-    masks = [[np.asarray(ppmg.argmax_labels(ppmg.baseline_probs(
-        cvs.normalize(np.moveaxis(c, -1, 0), p), p, config.pseudo.alpha), p))
+    masks = [[core.argmax_labels(np, core.joint_probs(
+        np, core.normalize(np, np.moveaxis(c, -1, 0), p), config.pseudo.alpha, p), p)
         for c, p in zip(cams[dtype], present)] for dtype in (jnp.float32, jnp.bfloat16)]
     assert agreement(np.stack(masks[0]), np.stack(masks[1])) >= 0.99
     assert np.stack(masks[0]).max() > 0  # the classifier finds foreground at all

@@ -1,12 +1,13 @@
-"""pmm_jax.masks.worker: the numpy steps of one image against the jitted reference core
-(masks/cvs.py, masks/ppmg.py), and the rough masks (official ``infer_multi_scale --out_crf``
-with alpha 24, posterior > 0.9)."""
+"""pmm_jax.masks.worker: one image's mask in numpy (the core on the image's present classes,
+unpadded, as the CPU workers run it), and the rough masks (official ``infer_multi_scale
+--out_crf`` with alpha 24, posterior > 0.9)."""
 
 import numpy as np
 import pytest
 
-from pmm_jax.cams import multicrop_tiling
-from pmm_jax.masks import cvs, dense_crf, ppmg, worker
+from pmm_jax.constants import IGNORE_LABEL
+from pmm_jax.masks import core, dense_crf, worker
+from pmm_jax.masks.variants import VARIANTS
 
 
 def random_cams(seed=0, k=3, shape=(24, 31)):
@@ -22,32 +23,24 @@ def random_cams(seed=0, k=3, shape=(24, 31)):
 
 
 @pytest.mark.parametrize("quirk", [False, True])
-def test_numpy_core_matches_the_jitted_reference(quirk):
+def test_present_classes_only_equal_the_masked_form(quirk):
+    """The workers' call (present classes only, no masks) gives the values of the padded,
+    masked call the device makes, on the present classes."""
     cams = random_cams()
-    present = np.ones(len(cams), bool)
-    x = worker.normalize(cams, quirk)
-    np.testing.assert_allclose(x, cvs.normalize(cams, present, official_quirk=quirk), atol=1e-6)
-    x_s = worker.cvs(x, 0.05, 0.3)
-    np.testing.assert_allclose(x_s, cvs.cvs(x, present, 0.05, 0.3), rtol=1e-5, atol=1e-6)
+    padded = np.concatenate([cams, np.full_like(cams[:1], 7.0)])  # an absent class
+    present = np.array([True, True, True, False])
+    valid = np.ones(cams.shape[1:], bool)
+    x = core.normalize(np, cams, official_quirk=quirk)
+    np.testing.assert_array_equal(x, core.normalize(np, padded, present, valid, quirk)[:3])
+    x_s = core.cvs(np, x, 0.05, 0.3)
     assert np.any(x_s != x)  # CVS changed something
-    np.testing.assert_allclose(np.stack(worker.binary_probs(x_s, 11.0)),
-                               ppmg.binary_probs(x_s, 11.0), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(worker.joint_probs(x_s, 11.0),
-                               ppmg.baseline_probs(x_s, present, 11.0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(x_s, core.cvs(np, np.concatenate([x, x[:1]]), 0.05, 0.3, present,
+                                             valid)[:3], rtol=1e-6)
     fg = x_s > 0.4
-    labels = worker.ppmg_labels(x, fg)
-    np.testing.assert_array_equal(labels, ppmg.ppmg_labels(x, fg, present))
+    labels = core.ppmg_labels(np, x, fg)
+    np.testing.assert_array_equal(labels, core.ppmg_labels(
+        np, np.concatenate([x, x[:1]]), np.concatenate([fg, fg[:1]]), present, valid))
     assert set(np.unique(labels)) == {0, 1, 2, 3}
-
-
-def test_normalize_cams_whose_range_overflows_float32_as_the_jitted_reference():
-    """Finite values near +-3e38 (a range that overflows float32) normalise to [0, 1] as in
-    ``cvs.normalize``, not to an all-zero class (an all-background mask)."""
-    cams = random_cams()
-    cams[0, :, : cams.shape[2] // 2], cams[0, :, cams.shape[2] // 2:] = -3e38, 3e38
-    x = worker.normalize(cams)
-    assert np.all(np.isfinite(x)) and x[0].max() == pytest.approx(1.0)
-    np.testing.assert_allclose(x, cvs.normalize(cams, np.ones(len(cams), bool)), atol=1e-6)
 
 
 def square_image_and_cam(size=40):
@@ -61,16 +54,17 @@ def square_image_and_cam(size=40):
 
 
 def rough_settings():
-    return worker.Settings("rough", 24.0, 0.05, 0.3, False, 20, dense_crf.PSEUDO_MASK_CRF,
-                           "pydensecrf")
+    return worker.Settings(method="rough", variant=VARIANTS.get("rough"), alpha=24.0, t=0.05,
+                           s=0.3, official_minmax=False, num_fg=20, crf=dense_crf.PSEUDO_MASK_CRF,
+                           backend="pydensecrf")
 
 
 def test_rough_mask_marks_confident_class_and_background():
     image, cam = square_image_and_cam()
     out = worker.make_mask(image, [2], [cam], rough_settings())
     assert out.dtype == np.uint8 and out.shape == (40, 40)
-    assert set(np.unique(out)) <= {0, 3, worker.UNLABELLED}
+    assert set(np.unique(out)) <= {0, 3, IGNORE_LABEL}
     assert np.all(out[14:26, 16:28] == 3)  # inside the square: class 2 -> value 3
     assert np.all(out[:4, :4] == 0) and np.all(out[36:, 36:] == 0)  # far corners: background
     assert np.all(worker.make_mask(image, [], [], rough_settings()) == 0)  # no class
-    assert worker.ROUGH_THRESHOLD == multicrop_tiling.ROUGH_MASK_THRESHOLD
+

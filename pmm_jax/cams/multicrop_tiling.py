@@ -31,11 +31,12 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from pmm_jax.constants import ROUGH_MASK_THRESHOLD
+
 SCALES = tuple(0.75 + 0.25 * i for i in range(10))  # 0.75, 1.0, ..., 3.0
 CROP = 448
 STRIDE = 300
 LABEL_THRESHOLD = 0.1
-ROUGH_MASK_THRESHOLD = 0.9
 
 
 def axis_spans(length: int, crop: int = CROP, stride: int = STRIDE) -> list[tuple[int, int]]:

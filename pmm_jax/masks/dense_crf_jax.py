@@ -188,8 +188,8 @@ def crf_posterior(image, probs, params, capacity, valid=None):
 
 
 @functools.partial(jax.jit, static_argnames=("params", "capacity"))
-def _batch_lattices(images, params, capacity, valid):
-    """``image_lattices`` over a padded batch ``[B, H, W, 3]``."""
+def batch_lattices(images, params, capacity, valid):
+    """``image_lattices`` over a padded batch ``[B, H, W, 3]`` with ``valid [B, H, W]``."""
     return jax.vmap(lambda im, v: image_lattices(im, params, capacity, v))(images, valid)
 
 
@@ -259,6 +259,14 @@ def _sized_lattices(build, height, width, params, capacity):
         lattices = build(capacity)
     check_stats(lattice_stats(lattices), capacity)
     return lattices
+
+
+def sized_batch_lattices(images, params, valid, capacity=None):
+    """``batch_lattices`` of a padded batch with tables that fit (``_sized_lattices``): the
+    lattices stay on the device for the mean field."""
+    height, width = images.shape[1:3]
+    return _sized_lattices(lambda cap: batch_lattices(images, params, cap, valid),
+                           height, width, params, capacity)
 
 
 def _validate(image, probs, params):
@@ -337,7 +345,7 @@ def dense_crf_images(images, probs, params, capacity=None, pad_to=None):
         padded_probs[b, :p.shape[0], :, :h, :w] = p
         valid[b, :h, :w] = True
 
-    lattices = _sized_lattices(lambda cap: _batch_lattices(padded_images, params, cap, valid),
+    lattices = _sized_lattices(lambda cap: batch_lattices(padded_images, params, cap, valid),
                                height, width, params, capacity)
     compats = np.asarray([params.gauss_compat, params.bilateral_compat], np.float32)
     posterior = np.asarray(_batch_mean_field(padded_probs, lattices, compats, params.iterations))

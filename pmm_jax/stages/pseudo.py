@@ -34,15 +34,16 @@ if TYPE_CHECKING:  # TensorFlow: imported where data is read
 
 
 def variant_config(config, method: str, num_classes: int) -> ml_collections.ConfigDict:
-    """The ``generator.generate`` config of one variant, from ``config.pseudo``, the CRF
-    backend ``config.crf.backend`` and the dataset's ``num_classes`` (background included)."""
-    cfg = generator.default_config()
-    p = config.pseudo
-    cfg.method = method
-    cfg.alpha, cfg.t, cfg.s, cfg.official_minmax = p.alpha, p.t, p.s, p.official_minmax
+    """The ``generator.generate`` config of variant ``method``: every key of
+    ``config.pseudo`` the generator's config has (``alpha``, ``t``, ``s``, the CRF
+    parameters, ...), the CRF backend ``config.crf.backend`` and the dataset's
+    ``num_classes`` (background included)."""
+    cfg = generator.default_config(method)
+    pseudo = config.pseudo.to_dict()
+    cfg.update({key: value for key, value in pseudo.items() if key in cfg and key != "crf"})
     cfg.num_classes = num_classes
-    cfg.num_workers = p.num_workers or None
-    cfg.crf.update(p.crf.to_dict())
+    cfg.num_workers = cfg.num_workers or None  # 0: every available core
+    cfg.crf.update(pseudo["crf"])
     cfg.crf.backend = dense_crf.config_backend(config)  # config.crf.backend: pydensecrf | jax
     return cfg
 
