@@ -14,7 +14,7 @@ from test_io import hostile_npy
 from pmm_jax import pseudo_masks
 from pmm_jax.cams import multicrop_tiling
 from pmm_jax.files import io
-from pmm_jax.masks import dense_crf, worker
+from pmm_jax.masks import dense_crf
 from pmm_jax.masks import generator as pm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,7 +140,7 @@ def agreement(out_dir, records, cfg):
 # Agreement with the official loop
 
 
-@pytest.mark.parametrize("method", worker.PSEUDO_MASK_METHODS)
+@pytest.mark.parametrize("method", ["ppmg", "baseline", "crf_cvs", "ppmg_no_cvs"])
 def test_pool_matches_official_loop_on_synthetic_images(tmp_path, synthetic_records, method):
     cfg = config(method)
     stats = pm.generate(synthetic_records, str(tmp_path), cfg, num_workers=2,
@@ -219,7 +219,8 @@ def test_jax_backend_agrees_with_pydensecrf_on_voc_photographs(tmp_path, voc_sam
 def test_pseudo_stage_honours_config_crf_backend_override(tmp_path, synthetic_records,
                                                          monkeypatch):
     """``--config.crf.backend=jax`` on the (locked) demo config reaches the stage's generate
-    config, which then runs crf_jax in this process and no process pool."""
+    config, which then runs the device path in this process (the two images of one shape
+    bucket in one batch) and no process pool."""
     from absl import flags
     from ml_collections import config_flags
 
@@ -241,24 +242,25 @@ def test_pseudo_stage_honours_config_crf_backend_override(tmp_path, synthetic_re
         pseudo.variant_config(config, "ppmg", 6)
 
     calls = []
-    real = dense_crf_jax.dense_crf_padded
+    real = dense_crf_jax.sized_batch_lattices
 
     def counting(*args, **kwargs):
-        calls.append(args[1].shape)
+        calls.append(args[0].shape)
         return real(*args, **kwargs)
 
     def no_pool(*args, **kwargs):
         raise AssertionError("the jax backend must not start a CRF process pool")
 
-    monkeypatch.setattr(dense_crf_jax, "dense_crf_padded", counting)
+    monkeypatch.setattr(dense_crf_jax, "sized_batch_lattices", counting)
     monkeypatch.setattr(pm, "process_pool", no_pool)
     # The demo data set has 5 foreground classes: renumber each image's two classes 0, 1.
     records = [(image_id, image, dict(enumerate(cams[c] for c in sorted(cams))))
                for image_id, image, cams in synthetic_records[:2]]
+    cfg.device_batch = 2
     stats = pm.generate(records, str(tmp_path), cfg, process_index=0, process_count=1)
     assert stats["written"] == 2
-    # One batched call per image: both binary CRFs of its two classes as label sets.
-    assert calls == [(2, 2, 64, 64), (2, 2, 56, 60)]
+    # One device call: both images (64 x 64 and 56 x 60) padded to one 64 x 64 batch.
+    assert calls == [(2, 64, 64, 3)]
     assert agreement(str(tmp_path), records, cfg) >= AGREEMENT  # the official loop's masks
 
 
