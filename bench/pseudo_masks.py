@@ -12,9 +12,9 @@ their labels (blurred, uneven, non-negative, as a classifier's), in a temporary 
   CPU seconds per image of every process of each command (start-up included; unlike wall
   time it barely moves with other load), the pixel agreement of the two sets of masks and
   the load average.
-* ``jax``: ``generator.generate`` with the JAX dense CRF in this process, seconds per image
-  after a first pass (compilation, reported too), and agreement with the official loop's
-  masks when pydensecrf is there.
+* ``jax``: ``generator.generate`` with ``crf.backend=jax`` in this process (the whole
+  per-image path jitted), seconds per image after a first pass (compilation, reported too),
+  and agreement with the official loop's masks when pydensecrf is there.
 """
 
 from __future__ import annotations
@@ -193,13 +193,15 @@ def pool_row(count: int, rounds: int) -> dict:
 
 
 def jax_row(count: int, have_official: bool) -> dict:
-    """The ``jax`` figures: per-image seconds of what the generator runs per image with the
-    JAX CRF (``worker.run`` with ``generator.jax_crfs``: files in, PNG out; no ml_collections
-    needed), after a first pass whose time includes compilation; agreement with the official
+    """The ``jax`` figures: per-image seconds of ``generator.generate`` with
+    ``crf.backend=jax`` in this process (files in, PNG out: the whole per-image path on the
+    device), after a first pass whose time includes compilation; agreement with the official
     loop."""
-    from pmm_jax.masks import dense_crf, generator, worker
+    from pmm_jax.masks import generator
 
-    settings = worker.Settings("ppmg", ALPHA, T, S, False, 20, dense_crf.PSEUDO_MASK_CRF, "jax")
+    cfg = generator.default_config("ppmg")
+    cfg.alpha, cfg.t, cfg.s, cfg.num_classes = ALPHA, T, S, 21
+    cfg.crf.backend = "jax"
     with tempfile.TemporaryDirectory() as root:
         source = write_inputs(root, count)
         images, cams = os.path.join(root, "images"), os.path.join(root, "cams")
@@ -207,13 +209,8 @@ def jax_row(count: int, have_official: bool) -> dict:
                    for n in sorted(os.listdir(cams))]
 
         def run(out_dir: str) -> float:
-            os.makedirs(out_dir)
             start = time.perf_counter()
-            for record in records:
-                failure = worker.run(record, os.path.join(out_dir, f"{record[0]}.png"), settings,
-                                     generator.jax_crfs)
-                if failure:
-                    raise RuntimeError(f"{record[0]}: {failure}")
+            generator.generate(records, out_dir, cfg, process_index=0, process_count=1)
             return time.perf_counter() - start
 
         first, second = run(os.path.join(root, "first")), run(os.path.join(root, "ours"))

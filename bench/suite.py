@@ -17,7 +17,7 @@ figure, with device, versions, date, load and command) and ``DIR/results.md`` (t
 * ``pseudo_masks``: ``python -m pmm_jax.pseudo_masks`` with a worker per core against a
   one-process official loop, seconds per image, speed-up against its target (0.9 x cores),
   mask agreement (``bench/pseudo_masks.py``; needs pydensecrf).
-* ``pseudo_masks_jax``: the generator's per-image path with the JAX dense CRF.
+* ``pseudo_masks_jax``: the generator with ``crf.backend=jax`` (the whole path jitted).
 * ``cam``: multi-crop CAMs of one 500x375 image at configs/voc.py's scales (``bench/units.py``).
 
 Sizes: on a GPU/TPU the paper's shapes (crop 448/512, batch 16, full networks); on a CPU
@@ -245,7 +245,7 @@ ROWS = [
     Row("pseudo_masks", "pseudo-mask generator (pydensecrf pool) vs the official loop",
         pseudo_masks_row, (15, 120, 120), needs=("pydensecrf", "ml_collections", "absl", "tqdm")),
     Row("pseudo_masks_jax", "pseudo-masks with the JAX dense CRF, per image",
-        pseudo_masks_jax_row, (40, 120, 90), needs=("scipy", "PIL")),
+        pseudo_masks_jax_row, (40, 120, 90), needs=("scipy", "PIL", "ml_collections", "tqdm")),
     Row("cam", "multi-crop CAMs of one image at configs/voc.py's scales", cam_row,
         (30, 200, 120)),
 ]

@@ -1,0 +1,91 @@
+"""pmm_jax.masks.variants: the declarative records, and a variant registered from outside the
+package (``config.plugins``) run through ``python -m pmm_jax.main`` like the built-in ones."""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from pmm_jax.files import io
+from pmm_jax.files.workdir import Workdir
+from pmm_jax.masks.variants import VARIANTS, Variant
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BUILT_IN = ("ppmg", "baseline", "crf_cvs", "ppmg_no_cvs", "rough")
+# A module outside the package: PPMG on the CAMs as given (no normalisation), alpha 5.
+PLUGIN = """
+from pmm_jax.masks.variants import VARIANTS, Variant
+
+VARIANTS.register("toy_raw_ppmg", Variant(smoothing="raw", crf="binary", labels="ppmg", alpha=5.0))
+"""
+
+
+def test_built_in_variants():
+    assert VARIANTS.names() == BUILT_IN
+    assert VARIANTS.get("ppmg") == Variant(smoothing="cvs", crf="binary", labels="ppmg",
+                                           alpha=11.0)
+    assert VARIANTS.get("rough").alpha == 24.0
+
+
+@pytest.mark.parametrize("fields, problem", [
+    (dict(smoothing="blur", crf="joint", labels="argmax"), "smoothing 'blur' is not one of"),
+    (dict(smoothing="none", crf="joint", labels="ppmg"), "labels 'ppmg' needs crf='binary'"),
+    (dict(smoothing="none", crf="binary", labels="argmax", alpha=1.0),
+     "labels 'argmax' needs crf='joint'"),
+    (dict(smoothing="none", crf="joint", labels="argmax", alpha=0), "alpha 0 must be a positive number"),
+])
+def test_an_inconsistent_record_is_refused(fields, problem):
+    with pytest.raises(ValueError, match=problem):
+        Variant(**fields)
+
+
+def main(tmp_path, *args, timeout=900):
+    """``python -m pmm_jax.main`` on the tiny config with the plugin module importable."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir(exist_ok=True)
+    (plugins / "toy_variant_plugin.py").write_text(PLUGIN)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(plugins), str(ROOT)]))
+    return subprocess.run([sys.executable, "-m", "pmm_jax.main", "--config=configs/demo.py:tiny",
+                           *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_a_misspelt_variant_is_refused_at_start_up_with_the_registered_names(tmp_path):
+    proc = main(tmp_path, f"--workdir={tmp_path / 'run'}", "--config.plugins=toy_variant_plugin",
+                "--config.pseudo.train_on=toy_raw_ppgm", timeout=300)
+    assert proc.returncode == 1
+    assert ("config.pseudo.train_on='toy_raw_ppgm' is not a registered pseudo-mask variant "
+            "(registered: 'ppmg', 'baseline', 'crf_cvs', 'ppmg_no_cvs', 'rough', 'toy_raw_ppmg')"
+            in proc.stderr), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "stages").exists()
+    proc = main(tmp_path, f"--workdir={tmp_path / 'run'}", "--config.plugins=toy_variant_plugn",
+                timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "config.plugins: cannot import module 'toy_variant_plugn'" in proc.stderr
+
+
+@pytest.mark.xdist_group("tiny_run")
+def test_a_plugin_variant_is_planned_made_scored_and_recorded(tiny_run, tmp_path):
+    """The toy variant beside the baseline in a finished tiny run: ``--redo=pseudo`` makes
+    its masks of the scored images, scores them and records them in the stage's marker; the
+    same command again finds the stage complete."""
+    shutil.copytree(tiny_run[0], tmp_path / "run")
+    wd = Workdir(str(tmp_path / "run"))
+    args = (f"--workdir={wd.root}", "--config.stages=pseudo", "--config.pseudo.num_workers=1",
+            "--config.plugins=toy_variant_plugin",
+            "--config.pseudo.variants=('toy_raw_ppmg', 'baseline')")
+    proc = main(tmp_path, *args, "--redo=pseudo")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    marker = io.read_json(wd.stage_marker("pseudo"))
+    assert marker["config"]["pseudo.variants"] == ["toy_raw_ppmg", "baseline"]
+    assert set(marker["metrics"]["pseudo_mask_miou"]) == {"ppmg", "toy_raw_ppmg", "baseline"}
+    assert 0 < marker["metrics"]["pseudo_mask_miou"]["toy_raw_ppmg"] <= 100
+    made = len(os.listdir(wd.pseudo_masks("toy_raw_ppmg")))
+    assert made == marker["metrics"]["pseudo_mask_eval"]["num_images"] > 0
+    assert marker["outputs"][os.path.join("pseudo", "toy_raw_ppmg", "train")] == made
+    again = main(tmp_path, *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert io.read_json(wd.stage_marker("pseudo"))["id"] == marker["id"]
