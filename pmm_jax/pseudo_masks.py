@@ -6,7 +6,7 @@ From folders (images ``<id>.jpg``/``.png`` and CAM files ``<id>.npy``/``.npz``):
 
     python -m pmm_jax.pseudo_masks --cam_dir=CAMS --image_dir=IMAGES --out_dir=OUT \
         [--method=ppmg|baseline|crf_cvs|ppmg_no_cvs|rough] [--num_workers=N] \
-        [--config.crf.backend=pydensecrf|jax] \
+        [--plugins=MODULES] [--config.crf.backend=pydensecrf|jax] \
         [--config.alpha=11 --config.t=0.05 --config.crf.bilateral_srgb=13 ...]
 
 From a run: the train split of its config's dataset and ``WORKDIR/cams/train`` (the rough

@@ -177,15 +177,15 @@ def generate(records: Iterable[tuple[str, Any, Any]], out_dir: str, cfg, *,
         todo = _todo(records, out_dir, index, count, done, counts)
         if settings.backend == "jax":
             _device_masks(todo, settings, done, cfg.get("device_batch"))
-            todo = ()
-        for record, out_path in todo:
-            image_id = str(record[0])
-            if pool is not None:
-                collect(block=False)
-                if len(in_flight) < window:
-                    in_flight[pool.submit(worker.run, record, out_path, settings)] = image_id
-                    continue
-            done(image_id, worker.run(record, out_path, settings))
+        else:
+            for record, out_path in todo:
+                image_id = str(record[0])
+                if pool is not None:
+                    collect(block=False)
+                    if len(in_flight) < window:
+                        in_flight[pool.submit(worker.run, record, out_path, settings)] = image_id
+                        continue
+                done(image_id, worker.run(record, out_path, settings))
         while in_flight:
             collect(block=True)
     finally:
