@@ -89,3 +89,38 @@ def test_a_plugin_variant_is_planned_made_scored_and_recorded(tiny_run, tmp_path
     again = main(tmp_path, *args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert io.read_json(wd.stage_marker("pseudo"))["id"] == marker["id"]
+
+
+def test_the_pseudo_masks_command_takes_plugin_variants(tmp_path):
+    """``python -m pmm_jax.pseudo_masks --plugins=...`` makes a plugin variant's masks; a
+    misspelt ``--method`` is refused listing the registered names."""
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "cams").mkdir()
+    yy, xx = np.mgrid[:32, :40]
+    disc = (yy - 16) ** 2 + (xx - 20) ** 2 < 81
+    image = np.where(disc[..., None], 200, 40).astype(np.uint8).repeat(3, axis=2)
+    Image.fromarray(image).save(tmp_path / "images" / "a.png")
+    io.write_cams(str(tmp_path / "cams" / "a.npy"), {4: disc.astype(np.float32) * 0.9 + 0.05})
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "toy_variant_plugin.py").write_text(PLUGIN)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(plugins), str(ROOT)]))
+
+    def command(method):
+        return subprocess.run(
+            [sys.executable, "-m", "pmm_jax.pseudo_masks", f"--cam_dir={tmp_path / 'cams'}",
+             f"--image_dir={tmp_path / 'images'}", f"--out_dir={tmp_path / 'out'}",
+             f"--method={method}", "--num_workers=1", "--plugins=toy_variant_plugin"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    proc = command("toy_raw_ppmg")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    mask = io.read_mask(str(tmp_path / "out" / "a.png"))
+    assert set(np.unique(mask)) == {0, 5} and mask[16, 20] == 5
+    proc = command("toy_raw")
+    assert proc.returncode == 1
+    assert "unknown pseudo-mask variant 'toy_raw'; registered: 'ppmg', 'baseline', 'crf_cvs', " \
+           "'ppmg_no_cvs', 'rough', 'toy_raw_ppmg'" in proc.stderr, proc.stderr[-2000:]
