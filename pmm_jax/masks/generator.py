@@ -20,7 +20,7 @@ usual ``if __name__ == "__main__"`` guard.
 With one worker there is no pool: the main process runs ``worker.run`` itself. With the jax
 CRF backend (``cfg.crf.backend = "jax"``) the main process reads and checks the records
 (``worker.load``), groups them by shape bucket (``device.bucket``), and runs each group's
-whole path, normalisation to labels, as one jitted program on the device
+whole path, normalisation to labels, jitted on the device
 (``device.run_batch``, up to ``device_batch`` images per call); it decodes the label
 indices and writes the PNGs.
 
