@@ -115,3 +115,28 @@ def test_bucket_pads_binary_class_counts_to_powers_of_two():
     assert device.bucket(375, 500, 3, ppmg) == (384, 512, 4)
     assert device.bucket(375, 500, 3, baseline) == (384, 512, 3)
     assert device.bucket(64, 65, 1, ppmg) == (64, 128, 1)
+
+
+def test_device_core_is_the_two_halves_run_batch_calls(scenes):
+    """``device_core`` (one program, what a compile table lowers) gives ``run_batch``'s labels
+    and the lattices' stats within the given table sizes."""
+    settings = pm.settings_of(jax_config("ppmg"))
+    (_, a_image, a_cams), (_, b_image, b_cams) = scenes[:2]
+    images, cams = [a_image, b_image], [np.stack([c[k] for k in sorted(c)]) for c in (a_cams,
+                                                                                      b_cams)]
+    want = device.run_batch(images, cams, settings, batch_size=2)
+    padded_images = np.zeros((2, 64, 64, 3), np.uint8)
+    padded_cams = np.zeros((2, 2, 64, 64), np.float32)
+    valid = np.zeros((2, 64, 64), bool)
+    for b, (image, cam) in enumerate(zip(images, cams)):
+        h, w = image.shape[:2]
+        padded_images[b, :h, :w], padded_cams[b, :, :h, :w], valid[b, :h, :w] = image, cam, True
+    capacity = dense_crf_jax.hard_capacity(64, 64)
+    labels, stats = device.device_core(
+        padded_images, padded_cams, np.ones((2, 2), bool), valid, settings.alpha, settings.t,
+        settings.s, variant=settings.variant, params=settings.crf, capacity=capacity)
+    dense_crf_jax.check_stats(stats, capacity)
+    for b, image in enumerate(images):
+        h, w = image.shape[:2]
+        np.testing.assert_array_equal(np.asarray(labels)[b, :h, :w], want[b])
+        assert np.all(np.asarray(labels)[b][~valid[b]] == 0)
