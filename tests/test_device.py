@@ -140,3 +140,9 @@ def test_device_core_is_the_two_halves_run_batch_calls(scenes):
         h, w = image.shape[:2]
         np.testing.assert_array_equal(np.asarray(labels)[b, :h, :w], want[b])
         assert np.all(np.asarray(labels)[b][~valid[b]] == 0)
+
+
+def test_lower_device_core_from_shapes():
+    settings = pm.settings_of(jax_config("crf_cvs"))
+    lowered = device.lower_device_core(4, 128, 192, 3, settings.variant, settings.crf)
+    assert "tensor<4x128x192x3xui8>" in lowered.as_text()  # the images argument

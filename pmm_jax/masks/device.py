@@ -116,3 +116,20 @@ def run_batch(images: Sequence[np.ndarray], cams: Sequence[np.ndarray], settings
             official_minmax=settings.official_minmax))
         out.extend(labels[b, :heights[i], :widths[i]] for b, i in enumerate(chunk))
     return out
+
+
+def lower_device_core(batch: int, height: int, width: int, classes: int, variant: Variant,
+                      params: CRFParams, capacity: dense_crf_jax.LatticeCapacity | None = None,
+                      official_minmax: bool = False):
+    """:func:`device_core` lowered for a batch shape, from shapes only (no data): what an
+    ahead-of-time compile table calls ``.compile()`` on. ``capacity`` None: the tables that
+    can never be too small (``dense_crf_jax.hard_capacity``)."""
+    spec = jax.ShapeDtypeStruct
+    scalar = spec((), jnp.float32)
+    return device_core.lower(
+        spec((batch, height, width, 3), jnp.uint8), spec((batch, classes, height, width),
+                                                         jnp.float32),
+        spec((batch, classes), jnp.bool_), spec((batch, height, width), jnp.bool_),
+        scalar, scalar, scalar, variant=variant, params=params,
+        capacity=capacity or dense_crf_jax.hard_capacity(height, width),
+        official_minmax=official_minmax)
