@@ -410,7 +410,7 @@ def test_unwritable_out_dir_is_an_error_before_any_work(tmp_path, monkeypatch):
 
 
 def test_invalid_config_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="unknown pseudo-mask method"):
+    with pytest.raises(ValueError, match="unknown pseudo-mask variant 'crf'; registered: 'ppmg', "):
         pm.generate([], str(tmp_path), config("crf"))
     cfg = config("ppmg")
     with cfg.unlocked():
