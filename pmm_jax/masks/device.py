@@ -31,18 +31,35 @@ from pmm_jax.masks.variants import Variant
 PAD_MULTIPLE = 64
 
 
-@functools.partial(jax.jit, static_argnames=("variant", "params", "official_minmax"))
+@functools.partial(jax.jit, static_argnames=("variant", "official_minmax"))
+def _crf_inputs(cams, present, valid, alpha, t, s, *, variant, official_minmax):
+    """``core.crf_inputs`` over a padded batch: ``(x [B, K, H, W], probs [B, S, L, H, W])``."""
+    return dense_crf_jax.batched(
+        lambda cam, real, pixels: core.crf_inputs(jnp, variant, cam, alpha, t, s,
+                                                  official_minmax, real, pixels),
+        cams, present, valid)
+
+
+@functools.partial(jax.jit, static_argnames=("variant",))
+def _label_indices(x, posterior, present, valid, *, variant):
+    """``core.label_indices`` over a padded batch: ``[B, H, W]`` int32."""
+    return dense_crf_jax.batched(
+        lambda xi, post, real, pixels: core.label_indices(
+            jnp, variant, xi, post, real, pixels).astype(jnp.int32),
+        x, posterior, present, valid)
+
+
 def labels_on_lattices(lattices, cams, present, valid, alpha, t, s, *, variant: Variant,
                        params: CRFParams, official_minmax: bool = False):
     """Label indices ``[B, H, W]`` int32 of a padded batch whose (Gaussian, bilateral)
-    lattices are built (``dense_crf_jax.image_lattices`` per image, batched): the CRF
-    inputs, the mean field and the label rule. Arguments as :func:`device_core`'s."""
-    def one(lattice_pair, cam, real, pixels):
-        x, probs = core.crf_inputs(jnp, variant, cam, alpha, t, s, official_minmax, real, pixels)
-        posterior = dense_crf_jax.crf_mean_field(probs, lattice_pair, params)
-        return core.label_indices(jnp, variant, x, posterior, real, pixels).astype(jnp.int32)
-
-    return jax.vmap(one)(lattices, cams, present, valid)
+    lattices are built (``dense_crf_jax.batch_lattices``): the CRF inputs, the mean field
+    and the label rule, three jitted programs whose arrays stay on the device (the mean
+    field is ``dense_crf_jax``'s own program, shared by every variant). Arguments as
+    :func:`device_core`'s."""
+    x, probs = _crf_inputs(cams, present, valid, alpha, t, s, variant=variant,
+                           official_minmax=official_minmax)
+    posterior = dense_crf_jax.batch_mean_field(probs, lattices, params)
+    return _label_indices(x, posterior, present, valid, variant=variant)
 
 
 @functools.partial(jax.jit, static_argnames=("variant", "params", "capacity",
