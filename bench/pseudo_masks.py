@@ -29,12 +29,14 @@ import time
 
 import numpy as np
 
+from bench import config_values
 from pmm_jax.files import io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOC_SAMPLES = os.path.join(os.path.dirname(REPO), "shared", "data", "voc_samples")
-# The paper's settings (generator.default_config): alpha, t, s.
-ALPHA, T, S = 11.0, 0.05, 0.3
+# The paper's settings (configs/voc.py's pseudo section): alpha, t, s.
+_PSEUDO = config_values.get_config("voc").pseudo
+ALPHA, T, S = _PSEUDO.alpha, _PSEUDO.t, _PSEUDO.s
 
 
 def cams_from_labels(labels: np.ndarray, rng: np.random.Generator) -> dict[int, np.ndarray]:

@@ -45,15 +45,6 @@ import time
 import traceback
 from typing import Callable
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# configs/voc.py's multi-crop CAM settings and classifier (the suite cannot import the config
-# file: it needs ml_collections; tests/test_bench_suite.py keeps them equal).
-VOC_CAM = {"scales": (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0), "crop": 448,
-           "stride": 300, "flip": True, "tile_batch": 16, "eval_pad_to": (512, 512)}
-VOC_CLS_MODEL = {"backbone": {"name": "resnet38", "width_div": 1, "blocks": (3, 3, 6, 3)},
-                 "dropout": 0.5, "remat": True}
-# configs/voc.py's REMAT: cls.model.remat and seg.model.remat.
-VOC_REMAT = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,32 +100,18 @@ def device_info(_=None) -> dict:
 
 def _cam_child(args: dict) -> dict:
     """Seconds of multi-crop CAMs of one image (``units.time_cam``) and the first call's."""
-    from bench import units
+    from bench import config_values, units
 
     size = units.Size(**args["size"])
-    config = _Section.of({
-        "compute_dtype": args["dtype"],
-        "data": {"num_classes": 21, "eval_pad_to": VOC_CAM["eval_pad_to"]},
-        "cls": {"method": "seam", "model": {**VOC_CLS_MODEL, "backbone": dict(
-            VOC_CLS_MODEL["backbone"], **args.get("backbone", {}))}},
-        "cam": {"flip": VOC_CAM["flip"], "multicrop": {
-            k: args["scales"] if k == "scales" else VOC_CAM[k]
-            for k in ("scales", "crop", "stride", "tile_batch")}}})
+    config = config_values.get_config("voc")
+    config.compute_dtype = args["dtype"]
+    config.cls.model.backbone.update(args.get("backbone", {}))
+    config.cam.multicrop.scales = tuple(args["scales"])
     start = time.perf_counter()
     seconds = units.time_cam(config, size, args["repeats"])
     return {"s_per_image": seconds, "first_and_timed_s": time.perf_counter() - start,
             "scales": list(args["scales"]), "dtype": args["dtype"],
-            "image": [size.px(375), size.px(500)], "crop": size.px(VOC_CAM["crop"])}
-
-
-class _Section(dict):
-    """A dict with attribute access (what ``bench/units.py`` reads of a config)."""
-
-    __getattr__ = dict.__getitem__
-
-    @classmethod
-    def of(cls, tree):
-        return cls({k: cls.of(v) if isinstance(v, dict) else v for k, v in tree.items()})
+            "image": [size.px(375), size.px(500)], "crop": size.px(config.cam.multicrop.crop)}
 
 
 def _pseudo_jax_child(args: dict) -> dict:
@@ -166,12 +143,14 @@ STEP_SIZES = {
 }
 
 
-def step_row(model: str, dtype: str, remat: bool = VOC_REMAT) -> Callable[[Device, bool], dict]:
+def step_row(model: str, dtype: str, remat: bool | None = None) -> Callable[[Device, bool], dict]:
     """A train-step row: ``model`` "seam", "plain" or "pspnet"; ``dtype`` "config" (the
-    configs' precision on the device) or "float32"; ``remat`` (default: the configs')."""
+    configs' precision on the device) or "float32"; ``remat`` (None: configs/voc.py's)."""
     def run(device: Device, quick: bool) -> dict:
-        from bench import classifier_step, segmenter_step, step_report
+        from bench import classifier_step, config_values, segmenter_step, step_report
 
+        configured = config_values.get_config("voc").cls.model.remat
+        remat_on = configured if remat is None else remat
         precision = device.config_dtype if dtype == "config" else dtype
         if model == "pspnet":
             bench, argv = segmenter_step, []
@@ -179,13 +158,13 @@ def step_row(model: str, dtype: str, remat: bool = VOC_REMAT) -> Callable[[Devic
             bench, argv = classifier_step, [f"--method={model}"]
         kind = "segmenter" if model == "pspnet" else "classifier"
         argv += STEP_SIZES[kind][_settings(device, quick)] + [f"--dtype={precision}"]
-        args = bench.parse_args(argv + (["--remat"] if remat else []))
+        args = bench.parse_args(argv + (["--remat"] if remat_on else []))
         figures = {"jax": step_report.in_child(bench.run_jax, args),
                    "settings": {k: getattr(args, k) for k in ("crop", "batch", "warmup", "steps",
                                                              "width_div", "blocks", "dtype",
                                                              "remat")}}
         figures["jax"]["loss_finite"] = math.isfinite(figures["jax"]["last_loss"])
-        if remat != VOC_REMAT:  # PyTorch has no remat: the base row's figures are its comparator
+        if remat_on != configured:  # PyTorch has no remat: the base row's figures are its comparator
             figures["torch_from"] = model
         elif importlib.util.find_spec("torch") is None:
             figures["torch_skipped"] = "torch is not installed"
@@ -214,11 +193,12 @@ def pseudo_masks_jax_row(device: Device, quick: bool) -> dict:
 
 
 def cam_row(device: Device, quick: bool) -> dict:
-    from bench import step_report
+    from bench import config_values, step_report
 
     settings = _settings(device, quick)
+    scales = tuple(config_values.get_config("voc").cam.multicrop.scales)
     args = {"dtype": device.config_dtype, "repeats": 1 if quick else 2,
-            "scales": VOC_CAM["scales"][:2] if quick else VOC_CAM["scales"],
+            "scales": scales[:2] if quick else scales,
             "size": {"width_div": 1, "res_div": 1, "shallow": False}}
     if settings != "accelerator":  # a CPU: the network and image shrunk
         args["size"] = ({"width_div": 32, "res_div": 8, "shallow": True} if quick

@@ -5,10 +5,10 @@ classifier train step, the CAMs of one image (multi-crop or multi-scale, as the 
 runs them), the PPMG pseudo-mask of one image per CRF backend, a segmenter train step, and
 test-time inference of one image. Models are built as their stages build them, computing in
 the config's ``compute_dtype``, optionally shrunk (:class:`Size`). A config is anything with
-the attribute access of an ``ml_collections.ConfigDict`` (the suite passes plain dicts, as
-the GPU image has no ml_collections). Every unit is timed after one untimed call
-(compilation), as the best of ``repeats``. Imports jax, flax and numpy at load; TensorFlow
-never (no input pipeline runs).
+the attribute access of an ``ml_collections.ConfigDict`` (``bench/config_values.py`` builds
+the configs as plain attribute dicts where ml_collections is missing, as on the GPU image).
+Every unit is timed after one untimed call (compilation), as the best of ``repeats``. Imports
+jax, flax and numpy at load; TensorFlow never (no input pipeline runs).
 """
 
 from __future__ import annotations

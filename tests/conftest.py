@@ -136,19 +136,6 @@ def _kill_and_resume(workdir):
     return kills, log
 
 
-def load_config(path: str, variant: str | None = None):
-    """``get_config(variant)`` of the config file at ``path`` (relative to the repository
-    root, e.g. ``"configs/demo.py"``; ``variant=None``: the file's default), a fresh unlocked
-    ConfigDict per call. Test modules import it with ``from conftest import load_config``."""
-    import importlib.util
-
-    file = pathlib.Path(__file__).resolve().parents[1] / path
-    spec = importlib.util.spec_from_file_location(f"config_{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config() if variant is None else module.get_config(variant)
-
-
 @pytest.fixture
 def rng():
     """A fresh numpy generator, seed 0."""

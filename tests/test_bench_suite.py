@@ -1,6 +1,5 @@
 """bench/suite.py: a quick run of two real rows and a failing one (every row's figures, the
-failure reported with its error, results.json and results.md written), the budget rule, and
-the suite's stand-ins for configs/voc.py."""
+failure reported with its error, results.json and results.md written) and the budget rule."""
 
 import importlib.util
 import json
@@ -64,21 +63,3 @@ def test_budget_skips_rows_that_would_not_fit_and_says_why():
         "needs no_such_module_here (not installed)")
     f32 = suite.Row("seam_f32", "f32", broken, (1, 1, 1))
     assert "float32: see seam" in suite.run_rows([f32], CPU, True, None)["seam_f32"]["reason"]
-
-
-def test_suite_stand_ins_are_the_voc_config():
-    spec = importlib.util.spec_from_file_location("voc_config", ROOT / "configs" / "voc.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    model = config.cls.model.to_dict()
-    model.pop("init_from")
-    model["backbone"]["blocks"] = tuple(model["backbone"]["blocks"])
-    assert model == suite.VOC_CLS_MODEL and config.cls.method == "seam"
-    mc = config.cam.multicrop
-    assert suite.VOC_CAM == {"scales": tuple(mc.scales), "crop": mc.crop, "stride": mc.stride,
-                             "flip": config.cam.flip, "tile_batch": mc.tile_batch,
-                             "eval_pad_to": tuple(config.data.eval_pad_to)}
-    assert suite.VOC_REMAT == config.cls.model.remat == config.seg.model.remat
-    assert config.compute_dtype == "auto"
-

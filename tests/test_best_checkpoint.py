@@ -3,9 +3,9 @@ and the seg stage's keep_best / load_segmenter choice."""
 
 import ml_collections
 import pytest
-from conftest import load_config
 from flax import nnx
 
+import configs
 from pmm_jax import config_rules
 from pmm_jax.data.dataset import open_dataset
 from pmm_jax.files import io
@@ -55,7 +55,7 @@ def perfect_predictor(seen):
 def test_val_subset_validates_on_the_first_val_images(tmp_path, monkeypatch):
     """``config.seg.val_subset`` = N > 0: the periodic validation reads the first N val images
     (in dataset order), 0 reads all of val; either way their mIoU is scored."""
-    config = load_config("configs/demo.py", "tiny")
+    config = configs.get_config("demo", "tiny")
     data = open_dataset(config, Workdir(str(tmp_path)))
     seen = []
     monkeypatch.setattr(inference, "predictor", perfect_predictor(seen))
@@ -70,7 +70,7 @@ def test_val_subset_validates_on_the_first_val_images(tmp_path, monkeypatch):
 
 def test_val_subset_smaller_than_the_process_count_is_refused_by_key():
     """Checked at start-up once the processes are known (``config_rules.check_devices``)."""
-    config = load_config("configs/demo.py", "tiny")
+    config = configs.get_config("demo", "tiny")
     config.seg.val_subset, config.seg.eval_every = 2, 4
     with pytest.raises(ValueError, match=r"config\.seg\.val_subset=2: each of the 4 processes"):
         config_rules.check_devices(config, processes=4, local_devices=1)

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
 from flax import nnx
 
+import configs
 from pmm_jax.files import io
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.stages import cam, cls
@@ -16,7 +16,7 @@ from pmm_jax.stages import cam, cls
 
 def tiny_config(method: str):
     """configs/demo.py:tiny with CAM ``method``; multi-crop on one 32-pixel tile scale."""
-    config = load_config("configs/demo.py", "tiny")
+    config = configs.get_config("demo", "tiny")
     config.cam.method = method
     config.cam.batch_size = 4
     config.cam.multicrop.update(dict(scales=(1.0,), tile_batch=4))

@@ -8,7 +8,6 @@ class and adds no class to the mean; an unused id in the ground truth is an erro
 file.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -18,6 +17,7 @@ import sys
 import numpy as np
 import pytest
 
+import configs
 from pmm_jax import constants
 from pmm_jax.files import io
 from pmm_jax.tools import scoring as ev
@@ -79,10 +79,7 @@ def test_coco_label_spaces_and_config():
     used = tuple(n for i, n in enumerate(constants.COCO91_CLASSES) if i not in UNUSED)
     assert used == constants.COCO_CLASSES and len(used) == 81
     assert ev.ignored_classes("coco91") == UNUSED and ev.ignored_classes("coco") == ()
-    spec = importlib.util.spec_from_file_location("coco_cfg", REPO / "configs" / "coco.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    data = module.get_config().data
+    data = configs.get_config("coco").data
     assert (data.name, data.num_classes, data.class_names) == (
         "coco2014_wsss/contiguous", 91 - len(UNUSED), "coco")
 

@@ -4,18 +4,17 @@ them in one paragraph, and ``main`` stops on them before any stage runs."""
 from __future__ import annotations
 
 import pytest
-from conftest import load_config
 from test_main import run_main
 
+import configs
 from pmm_jax import config_rules
 
 
-@pytest.mark.parametrize("path, variant", [
-    ("configs/demo.py", "tiny"), ("configs/demo.py", None), ("configs/voc.py", None),
-    ("configs/voc.py", "rehearsal"), ("configs/coco.py", None), ("configs/folder.py", None),
-    ("configs/folder.py", "tiny")])
-def test_every_shipped_config_passes(path, variant):
-    config = load_config(path, variant)
+@pytest.mark.parametrize("name, variant", [
+    ("demo", "tiny"), ("demo", None), ("voc", None), ("voc", "rehearsal"), ("coco", None),
+    ("folder", None), ("folder", "tiny")])
+def test_every_shipped_config_passes(name, variant):
+    config = configs.get_config(name, variant)
     config.allow_random_init = True  # the paper configs need ImageNet weights (test_main)
     assert config_rules.problems(config) == []
 
@@ -40,7 +39,7 @@ def test_every_shipped_config_passes(path, variant):
     ("cycle.source", "dice", "config.cycle.source='dice' is not one of config.seg.runs"),
 ])
 def test_a_bad_setting_is_named_with_what_it_must_be(key, value, text):
-    config = load_config("configs/demo.py", "tiny")
+    config = configs.get_config("demo", "tiny")
     section, _, name = key.rpartition(".")
     node = config
     for part in section.split(".") if section else ():
@@ -52,7 +51,7 @@ def test_a_bad_setting_is_named_with_what_it_must_be(key, value, text):
 
 
 def test_a_segmenter_starting_from_the_classifier_needs_the_same_backbone():
-    config = load_config("configs/demo.py", "tiny")  # init_from_cls on
+    config = configs.get_config("demo", "tiny")  # init_from_cls on
     config.seg.model.backbone = dict(config.seg.model.backbone.to_dict(), widths=(8, 16, 16, 64),
                                      frozen_stages=1)
     assert config_rules.problems(config) == [
@@ -78,7 +77,7 @@ def test_every_bad_key_is_reported_before_any_stage_runs(tmp_path):
 def test_batches_that_do_not_split_over_the_devices_are_refused_at_start_up():
     """Known once the processes have started, still before any stage: a global batch that
     does not split evenly over every device (eval's would otherwise fail after training)."""
-    config = load_config("configs/demo.py", "tiny")
+    config = configs.get_config("demo", "tiny")
     assert config_rules.device_problems(config, processes=2, local_devices=4) == []
     config.eval.batch_size, config.cam.method = 12, "multicrop"
     config.cam.multicrop.tile_batch = 20

@@ -3,8 +3,8 @@ synthetic dataset (generated when the handle is opened)."""
 
 import numpy as np
 import pytest
-from conftest import load_config
 
+import configs
 from pmm_jax.constants import SYNTHETIC_CLASSES
 from pmm_jax.data import builder_base, dataset, mmseg_augment, multicrop_batches, pipeline
 from pmm_jax.files.workdir import Workdir
@@ -16,7 +16,7 @@ NUM_TRAIN, NUM_VAL = 64, 32
 @pytest.fixture(scope="module")
 def opened(tmp_path_factory):
     """``(config, data)``: configs/demo.py:tiny opened in a fresh workdir."""
-    config = load_config("configs/demo.py", "tiny")
+    config = configs.get_config("demo", "tiny")
     root = str(tmp_path_factory.mktemp("run"))
     return config, dataset.open_dataset(config, Workdir(root))
 
@@ -45,12 +45,12 @@ def test_a_dataset_without_val_says_so(opened):
 
 
 def test_unknown_kinds_and_unprepared_datasets_are_errors_naming_what_to_do(tmp_path):
-    config = load_config("configs/demo.py", "tiny")
+    config = configs.get_config("demo", "tiny")
     config.data.name = "nosuch_wsss"
     with pytest.raises(ValueError, match=r"config\.data\.name='nosuch_wsss'.*known: "
                                          r"synthetic_wsss, voc2012_wsss, coco2014_wsss"):
         dataset.open_dataset(config, Workdir(str(tmp_path)))
-    voc = load_config("configs/voc.py")
+    voc = configs.get_config("voc")
     voc.data.data_dir = str(tmp_path / "tfds")
     with pytest.raises(builder_base.DatasetNotPreparedError, match="pmm_jax.data.prepare"):
         dataset.open_dataset(voc, Workdir(str(tmp_path)))
@@ -108,7 +108,7 @@ def test_train_batches_pass_the_seed_and_section_through(opened, monkeypatch):
     passed on unchanged (the stream is seeded once; a resumed run skips, never reseeds), on
     the encoded train shard (decoded after skipping)."""
     _, data = opened
-    config = load_config("configs/demo.py", "tiny")
+    config = configs.get_config("demo", "tiny")
     calls = []
     for module, fn in ((pipeline, "train_batches"), (mmseg_augment, "mmseg_train_batches"),
                        (multicrop_batches, "multicrop_train_batches")):

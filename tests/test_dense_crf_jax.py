@@ -14,12 +14,13 @@ from PIL import Image
 from crf_scenes import synthetic_scene
 from scipy.ndimage import gaussian_filter
 
+import configs
 from pmm_jax.masks import dense_crf, dense_crf_jax
 
 PARAM_SETS = {"pseudo": dense_crf.PSEUDO_MASK_CRF, "test": dense_crf.SEGMENTATION_TEST_CRF}
 MIN_AGREEMENT = 0.99
 MAX_MEAN_ABS_DIFF = 1e-4
-ALPHA = 11.0
+ALPHA = configs.get_config("voc").pseudo.alpha
 
 
 def soft_maps(label, classes, seed):

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import load_config
+import configs
 from pmm_jax import models
 from pmm_jax.segmentation import canvas, exporting, inference
 
@@ -26,7 +26,7 @@ EVAL = {"rule": "mmseg", "scales": (1.0,), "flip": False, "sliding_window": None
 def exported(tmp_path_factory):
     """A random tiny segmenter of configs/folder.py:tiny (its classifier scaled up so that
     its labels vary over an image), exported; returns (dir, model, eval config)."""
-    config = load_config("configs/folder.py", "tiny")
+    config = configs.get_config("folder", "tiny")
     model = models.build_segmenter(config.seg.model, len(CLASSES), models.init_rngs(1))
     model.decode_head.classifier.kernel[...] *= 300.0
     model.eval()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import configs
 from pmm_jax.data import folder
 from pmm_jax.data.folder import InputError
 
@@ -158,11 +159,10 @@ def test_main_stops_on_bad_input_with_one_paragraph_before_any_stage(tmp_path):
 
 
 def test_a_folder_without_masks_opens_without_val_and_without_a_pseudo_mask_score(tmp_path):
-    from conftest import load_config
     from pmm_jax.data import dataset
     from pmm_jax.files.workdir import Workdir
 
-    config = load_config("configs/folder.py", "tiny")
+    config = configs.get_config("folder", "tiny")
     config.data.folder = str(make_folder(tmp_path / "f"))
     data = dataset.open_dataset(config, Workdir(str(tmp_path / "run")))
     assert data.name.startswith("folder_wsss/") and data.num_classes == 3

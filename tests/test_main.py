@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import load_config as load_config_file
 
+import configs
 from pmm_jax import config_rules, main, stages
 from pmm_jax.files import io
 from pmm_jax.files.workdir import Workdir
@@ -43,19 +43,19 @@ def test_config_errors_are_one_paragraph(tmp_path, args, message):
 
 
 def test_non_positive_steps_and_batch_sizes_are_refused_by_key():
-    config = load_config_file("configs/demo.py", "tiny")
+    config = configs.get_config("demo", "tiny")
     config_rules.check(config)
     for key in ("cls.num_steps", "seg.num_steps", "cam.batch_size", "eval.batch_size"):
         section, name = key.split(".")
         for bad in (0, -2):
-            changed = load_config_file("configs/demo.py", "tiny")
+            changed = configs.get_config("demo", "tiny")
             changed[section][name] = bad
             with pytest.raises(ValueError, match=rf"config\.{key}={bad} must be a positive"):
                 config_rules.check(changed)
 
 
 def test_an_unknown_dataset_kind_is_refused_by_key():
-    config = load_config_file("configs/demo.py", "tiny")
+    config = configs.get_config("demo", "tiny")
     config.data.name = "cityscapes"
     with pytest.raises(ValueError, match=r"config\.data\.name='cityscapes': unknown dataset kind"):
         config_rules.check(config)
@@ -65,7 +65,7 @@ def test_negative_intervals_and_subsets_are_refused_by_key():
     """0 turns ``eval_every`` off and means "all" for a subset; a negative value is refused."""
     for key in ("seg.eval_every", "seg.val_subset", "pseudo.eval_subset"):
         section, name = key.split(".")
-        changed = load_config_file("configs/voc.py", "rehearsal")  # random init allowed
+        changed = configs.get_config("voc", "rehearsal")  # random init allowed
         config_rules.check(changed)
         changed[section][name] = 0
         config_rules.check(changed)
@@ -84,14 +84,8 @@ def test_unknown_stage_is_an_error(tmp_path):
 def test_every_config_carries_the_crf_backend_and_a_bad_one_is_refused_early():
     """``--config.crf.backend`` exists in every config (they are locked), pydensecrf by default;
     ``config_rules.check`` (run by main) refuses an unknown value by key before any stage runs."""
-    import importlib.util
-
     for name, args in (("demo", ()), ("demo", ("tiny",)), ("voc", ()), ("coco", ())):
-        spec = importlib.util.spec_from_file_location(f"cfg_{name}",
-                                                      ROOT / "configs" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        config = module.get_config(*args)
+        config = configs.get_config(name, *args)
         assert config.crf.backend == "pydensecrf", name
         config.allow_random_init = True  # voc/coco refuse random weights (tested below)
         config_rules.check(config)
@@ -102,19 +96,9 @@ def test_every_config_carries_the_crf_backend_and_a_bad_one_is_refused_early():
         config_rules.check(config)
 
 
-def load_config(name: str, *args):
-    """``configs/<name>.py``'s ``get_config(*args)``."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(*args)
-
-
 @pytest.mark.parametrize("name", ["voc", "coco"])
 def test_paper_configs_refuse_random_init_naming_the_keys(name):
-    config = load_config(name)
+    config = configs.get_config(name)
     assert config.allow_random_init is False
     with pytest.raises(ValueError) as err:
         config_rules.check(config)
@@ -138,7 +122,7 @@ def test_paper_configs_refuse_random_init_naming_the_keys(name):
     config.cls.model.init_from, config.allow_random_init = "", True
     config_rules.check(config)
     for args in ((), ("tiny",)):
-        assert load_config("demo", *args).allow_random_init is True
+        assert configs.get_config("demo", *args).allow_random_init is True
 
 
 def test_random_init_is_refused_before_any_stage_runs(tmp_path):
@@ -206,7 +190,7 @@ def test_the_classifier_killed_in_the_pipeline_ends_as_an_uninterrupted_one(tiny
     from pmm_jax.stages import cls
 
     workdir = tiny_run[0]
-    config = load_config_file("configs/demo.py", "tiny")
+    config = configs.get_config("demo", "tiny")
     config.data.data_dir = str(workdir / "tfds")
     whole = Workdir(str(tmp_path / "whole"))
     cls.run(config, whole, dataset.open_dataset(config, whole))

@@ -3,9 +3,7 @@ from a stand-in first run's CAMs (``generator.generate``, method ``rough``), the
 classifier trained on multi-crop tiles (stage ``cls``), multi-crop CAM inference (``cam``)
 and pseudo-masks made from those CAM files (``pseudo``)."""
 
-import importlib.util
 import os
-import pathlib
 
 import ml_collections
 import numpy as np
@@ -13,6 +11,7 @@ import scipy.ndimage
 from flax import nnx
 from test_seam import materialize
 
+import configs
 from pmm_jax import main
 from pmm_jax.data import multicrop_batches
 from pmm_jax.data.dataset import open_dataset
@@ -21,7 +20,6 @@ from pmm_jax.files.workdir import Workdir
 from pmm_jax.masks import generator
 from pmm_jax.stages import cam, cls
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 # 48-pixel images: at 0.5 smaller than a 32-pixel tile (one tile), 2 x 2 tiles at 1.0 and
 # 3 x 3 at 1.5.
 TRAIN_SCALES, CAM_SCALES = (0.5, 1.0, 1.5), (0.5, 1.0)
@@ -31,10 +29,7 @@ def tiny_multicrop_config(data_dir: str, rough_mask_dir: str) -> ml_collections.
     """configs/demo.py:tiny with a 1/16-width, one-block-per-layer ScaleNet SEAM classifier
     (two branches per block, scales 1 and 2) trained on 32-pixel multi-crop tiles and
     multi-crop CAMs; PPMG pseudo-masks only."""
-    spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("tiny")
+    c = configs.get_config("demo", "tiny")
     c.stages = "cls,cam,pseudo"
     c.data.data_dir = data_dir
     c.cls.method = "seam"

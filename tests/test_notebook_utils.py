@@ -4,8 +4,8 @@ import os
 
 import numpy as np
 import pytest
-from conftest import load_config
 
+import configs
 from pmm_jax import notebook_utils as nu
 from pmm_jax.constants import PALETTE
 from pmm_jax.files import io
@@ -19,7 +19,7 @@ def workdir(tmp_path_factory):
 
     root = str(tmp_path_factory.mktemp("workdir"))
     wd = Workdir(root)
-    config = load_config("configs/demo.py", "tiny")
+    config = configs.get_config("demo", "tiny")
     io.write_json(wd.config_json, config.to_dict())
     config = nu.load_config(root)
     rng = np.random.default_rng(0)

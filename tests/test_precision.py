@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
 from flax import nnx
 
+import configs
 from pmm_jax import models
 from pmm_jax.cams import seam
 from pmm_jax.data import builder_base, synthetic
@@ -54,7 +54,7 @@ FAMILIES = {
 
 
 def tiny_config(dtype: str):
-    config = load_config("configs/demo.py", "tiny")
+    config = configs.get_config("demo", "tiny")
     config.compute_dtype = dtype
     # Poly schedules long enough that the learning rate stays up for the STEPS taken here.
     config.cls.num_steps = config.seg.num_steps = 10 * STEPS

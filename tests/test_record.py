@@ -1,13 +1,13 @@
 """What a stage's marker records: the config keys that affect it, compared on rerun."""
 
-from conftest import load_config
 
+import configs
 from pmm_jax import stages
 from pmm_jax.stages import record
 
 
 def test_each_stage_depends_on_its_own_and_earlier_sections_only():
-    config = load_config("configs/demo.py", "tiny")
+    config = configs.get_config("demo", "tiny")
     cls = record.relevant_config(config, "cls", stages.ORDER)
     pseudo = record.relevant_config(config, "pseudo", stages.ORDER)
     evaluation = record.relevant_config(config, "eval", stages.ORDER)

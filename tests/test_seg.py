@@ -3,9 +3,9 @@ trained classifier backbone (parameters and BN statistics) into the segmenter.""
 
 import numpy as np
 import pytest
-from conftest import load_config
 from flax import nnx
 
+import configs
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.models.pretrained import flat_weights
 from pmm_jax.stages import cls, seg
@@ -29,7 +29,7 @@ def backbone_arrays(module) -> dict[str, np.ndarray]:
 
 
 def test_init_from_cls_starts_the_segmenter_backbone_from_the_cls_checkpoint(tmp_path):
-    config = load_config("configs/demo.py", "tiny")  # init_from_cls on
+    config = configs.get_config("demo", "tiny")  # init_from_cls on
     assert config.seg.model.init_from_cls
     wd = Workdir(str(tmp_path))
     expected = backbone_arrays(save_trained_classifier(config, wd))
@@ -49,7 +49,7 @@ def test_init_from_cls_starts_the_segmenter_backbone_from_the_cls_checkpoint(tmp
 
 
 def test_init_from_cls_refuses_a_different_backbone_and_a_missing_checkpoint(tmp_path):
-    config = load_config("configs/demo.py", "tiny")
+    config = configs.get_config("demo", "tiny")
     wd = Workdir(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="made by stage 'cls': include cls in"):
         seg.initial_model(config, wd, NUM_CLASSES)

@@ -20,8 +20,6 @@ compiled); the numerics of each block are pinned by the weight-import tests
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +29,7 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh
 
+import configs
 from pmm_jax import models
 from pmm_jax.models.resnet38 import FrozenBatchNorm
 from pmm_jax.models.resnet_v1c import max_pool_3x3_s2, run_sequence
@@ -38,22 +37,14 @@ from pmm_jax.stages import seg
 from pmm_jax.training import sharding as shd
 from pmm_jax.training import trainer
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_V1C = dict(name="resnet101", blocks=(1, 1, 1, 1), base_width=4, stem_width=8)
 BATCH, SIZE, NUM_CLASSES = 8, 16, 3
-
-
-def load_config(name: str):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def tiny_seg_config(frozen_stages: int):
     """configs/voc.py's segmenter settings (SGD, poly, weight decay, PUS) on a tiny
     ResNetV1c PSPNet with 3 classes."""
-    config = load_config("voc")
+    config = configs.get_config("voc")
     config.data.num_classes = NUM_CLASSES
     config.seg.model = ml_collections.ConfigDict(dict(
         backbone=dict(TINY_V1C, frozen_stages=frozen_stages), bins=(1, 2), channels=8,
@@ -200,7 +191,7 @@ def test_frozen_stages_get_no_update_and_frozen_bn(steps):
 
 def test_nothing_frozen_keeps_the_plain_optimizer():
     """Default / demo: no mask at all, so the optimiser (and every demo figure) is unchanged."""
-    for config in (tiny_seg_config(frozen_stages=-1), load_config("demo")):
+    for config in (tiny_seg_config(frozen_stages=-1), configs.get_config("demo")):
         model = nnx.eval_shape(lambda: seg.build_model(config))
         assert getattr(model.backbone, "frozen_prefixes", ()) == ()
         assert not any(seg.frozen_param_labels(model).values())
@@ -216,9 +207,9 @@ def test_frozen_stages_config_keys():
     """Official values (WSSS_MMSeg): its Res2Net PSPNet configs freeze nothing; its ResNetV1c
     base config freezes the stem and layer1. Bad values are clear errors."""
     for name in ("voc", "coco"):
-        backbone = load_config(name).seg.model.backbone
+        backbone = configs.get_config(name).seg.model.backbone
         assert backbone.name == "res2net101" and backbone.frozen_stages == -1
-    assert "frozen_stages" not in load_config("demo").seg.model.backbone
+    assert "frozen_stages" not in configs.get_config("demo").seg.model.backbone
     r101 = nnx.eval_shape(lambda: models.build_backbone(
         dict(TINY_V1C, deep_stem=False, frozen_stages=1), nnx.Rngs(0)))
     assert r101.frozen_prefixes == ("conv1", "bn1", "layer1")

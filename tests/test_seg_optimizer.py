@@ -19,9 +19,9 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from conftest import load_config
 from flax import nnx
 
+import configs
 from pmm_jax.stages import seg
 
 torch = pytest.importorskip("torch")
@@ -34,7 +34,7 @@ NUM_STEPS = 3
 def tiny_config(**seg_overrides):
     """configs/voc.py's seg section on a tiny PSPNet, the schedule shortened to 3 steps (so
     the poly decay and min_lr matter within them) and a weight decay that dominates."""
-    config = load_config("configs/voc.py")
+    config = configs.get_config("voc")
     config.data.num_classes = 3
     config.seg.model = ml_collections.ConfigDict(dict(
         backbone=TINY_V1C, bins=(1, 2), channels=8, aux_channels=4, dropout=0.1, init_from=""))
@@ -138,5 +138,5 @@ def test_decay_1d_false_leaves_biases_and_batchnorm_undecayed():
 
 
 def test_paper_and_demo_configs_decay_every_parameter():
-    for path in ("configs/voc.py", "configs/coco.py", "configs/demo.py"):
-        assert load_config(path).seg.decay_1d is True, path
+    for name in ("voc", "coco", "demo"):
+        assert configs.get_config(name).seg.decay_1d is True, name

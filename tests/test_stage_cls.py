@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import load_config
 
+import configs
 from pmm_jax.data import dataset
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.stages import cls
@@ -54,7 +54,7 @@ def assert_identical_checkpoints(got_dir: str, expected_dir: str, step: int) -> 
 
 def short_config(section: str):
     """configs/demo.py:tiny with ``section`` trained for 8 steps, checkpoints every 4."""
-    config = load_config("configs/demo.py", "tiny")
+    config = configs.get_config("demo", "tiny")
     with config.unlocked():
         config[section].num_steps, config[section].ckpt_every, config[section].log_every = 8, 4, 4
         config.data.data_dir = ""

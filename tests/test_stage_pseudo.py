@@ -3,7 +3,6 @@ truth), not on the first images of ``train_aug``, and the split and its size are
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
 
@@ -11,20 +10,17 @@ import numpy as np
 import pytest
 from test_voc import SBD_TRAIN, TRAIN_AUG, VOC_TRAIN, build, write_voc_tree
 
+import configs
 from pmm_jax.data.dataset import open_dataset
 from pmm_jax.files import io
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.stages import pseudo
 from pmm_jax.tools import scoring
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def voc_config(data_dir: str, **pseudo_overrides):
-    spec = importlib.util.spec_from_file_location("voc_config", ROOT / "configs" / "voc.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = configs.get_config("voc")
     config.data.data_dir = data_dir
     config.pseudo.update(dict(variants=("baseline", "ppmg"), num_workers=1, **pseudo_overrides))
     return config

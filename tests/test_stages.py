@@ -6,8 +6,8 @@ import pathlib
 import shutil
 
 import pytest
-from conftest import load_config
 
+import configs
 from pmm_jax import stages
 from pmm_jax.files import io
 from pmm_jax.files.workdir import Workdir
@@ -20,7 +20,7 @@ def finished(tiny_run, tmp_path):
     """A copy of the finished tiny run's workdir and its config."""
     root = tmp_path / "run"
     shutil.copytree(tiny_run[0], root)
-    return Workdir(str(root)), load_config("configs/demo.py", "tiny")
+    return Workdir(str(root)), configs.get_config("demo", "tiny")
 
 
 def test_unchanged_or_no_effect_keys_skip_every_stage(finished):

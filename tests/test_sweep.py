@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+import configs
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -115,10 +117,7 @@ def test_every_sweep_overrides_existing_config_keys(config_file):
     """Each sweep of each config names keys its locked config has, with values of their type,
     so no run of a sweep fails on a typo after the others spent their time."""
     path = ROOT / "configs" / config_file
-    spec = importlib.util.spec_from_file_location(f"cfg_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = configs.get_config(path.stem)
     config.lock()
     names = {"demo.py": ("alpha", "cvs_s", "pus", "seed"),
              "voc.py": ("alpha", "cvs_s", "pus_mode", "pus"),
