@@ -111,7 +111,7 @@ def _rules() -> dict[str, Check]:
     from pmm_jax.masks.dense_crf import BACKENDS
     from pmm_jax.masks.generator import METHODS as MASK_METHODS
     from pmm_jax.segmentation.pus import PUS_MODES, PUS_REDUCTIONS
-    from pmm_jax.tools.scoring import RULES as IOU_RULES
+    from pmm_jax.scoring import RULES as IOU_RULES
     from pmm_jax.training.precision import COMPUTE_DTYPES
 
     positive_int, non_negative_int = integer(1), integer(0)

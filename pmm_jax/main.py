@@ -141,7 +141,7 @@ def run(config, workdir: str, redo: list[str] = ()) -> dict:
     """Runs the configured stages in ``workdir`` (redoing those in ``redo``); returns
     ``{stage: marker}`` of those run. ``config.json`` keeps the first run's config."""
     from pmm_jax import stages
-    from pmm_jax.files import io
+    from pmm_jax.files import safe_io
     from pmm_jax.files.workdir import Workdir
     from pmm_jax.training import distributed
 
@@ -157,7 +157,7 @@ def run(config, workdir: str, redo: list[str] = ()) -> dict:
         if distributed.is_main():
             record_dataset(wd, data, names, redo)
         if distributed.is_main() and not os.path.exists(wd.config_json):
-            io.write_json(wd.config_json, config.to_dict())
+            safe_io.write_json(wd.config_json, config.to_dict())
         actions = stages.plan(names, redo, config, wd)
         distributed.barrier("planned")  # nothing is deleted before every process has planned
         return {name: stages.run_stage(name, config, wd, data, action)
@@ -182,10 +182,10 @@ def record_dataset(wd, data, names: list[str], redo: list[str]) -> None:
     dataset other than the one the workdir's completed stages were made from, e.g. a folder
     edited since (its build key changed), unless every completed stage is redone."""
     from pmm_jax import stages
-    from pmm_jax.files import io
+    from pmm_jax.files import safe_io
 
     if os.path.exists(wd.dataset_json):
-        before = io.read_json(wd.dataset_json)["name"]
+        before = safe_io.read_json(wd.dataset_json)["name"]
         kept = [n for n in stages.completed(wd) if n not in redo]
         if before != data.name and kept:
             raise stages.StageError(
@@ -193,7 +193,7 @@ def record_dataset(wd, data, names: list[str], redo: list[str]) -> None:
                 f"dataset is now {data.name} (for a folder: it changed since); use another "
                 f"--workdir, or redo them: --redo={','.join(kept)}"
                 + ("" if set(kept) <= set(names) else f" --config.stages={','.join(kept)}"))
-    io.write_json(wd.dataset_json, {"name": data.name, "class_names": list(data.class_names),
+    safe_io.write_json(wd.dataset_json, {"name": data.name, "class_names": list(data.class_names),
                                     "canvas": list(data.canvas)})
 
 
@@ -202,7 +202,7 @@ def main(argv):
         fail(f"unexpected arguments: {argv[1:]}")
     from pmm_jax import config_rules, stages
     from pmm_jax.data.builder_base import DatasetNotPreparedError, InputError
-    from pmm_jax.files import io, workdir
+    from pmm_jax.files import safe_io, workdir
     from pmm_jax.training import checkpoints, distributed, trainer
     # Library chatter (orbax's read-only notices, tfds) only on errors; this package's
     # progress messages at INFO.
@@ -222,7 +222,7 @@ def main(argv):
     try:
         run(_CONFIG.value, _WORKDIR.value, _REDO.value)
     except (app.UsageError, stages.StageError, checkpoints.CheckpointError,
-            trainer.DivergenceError, io.NonFiniteError, workdir.WorkdirBusyError,
+            trainer.DivergenceError, safe_io.NonFiniteError, workdir.WorkdirBusyError,
             DatasetNotPreparedError, InputError) as err:
         fail(str(err))  # each message says what to do; a traceback would bury it
     except KeyboardInterrupt:

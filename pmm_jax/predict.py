@@ -38,7 +38,7 @@ def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.ERROR)
-    from pmm_jax.files import io
+    from pmm_jax.files import safe_io
     from pmm_jax.segmentation import predict_images
     from pmm_jax.training import checkpoints
 
@@ -47,7 +47,7 @@ def main(argv):
             _WORKDIR.value, _IMAGES.value, _OUT_DIR.value, run=_RUN.value,
             overlay=_OVERLAY.value, crf=_CRF.value)
     except (predict_images.PredictError, FileNotFoundError, checkpoints.CheckpointError,
-            io.NonFiniteError) as err:
+            safe_io.NonFiniteError) as err:
         fail(str(err))
     print(f"segmenter '{result['run']}': wrote {result['written']} mask(s) to {_OUT_DIR.value}"
           + (f", skipped {result['skipped']} already done" if result["skipped"] else ""))

@@ -26,7 +26,7 @@ import scipy.io
 import scipy.ndimage
 from PIL import Image, ImageDraw
 
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 
 SAMPLES = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "voc_samples"
 
@@ -122,8 +122,8 @@ def sample_photos(samples_dir=SAMPLES) -> dict[str, tuple[np.ndarray, np.ndarray
     photos = {}
     for label in sorted(pathlib.Path(samples_dir).glob("*_label.png")):
         image_id = label.name[:-len("_label.png")]
-        photos[image_id] = (io.read_image(str(label.with_name(f"{image_id}.png"))),
-                            io.read_mask(str(label)))
+        photos[image_id] = (safe_io.read_image(str(label.with_name(f"{image_id}.png"))),
+                            safe_io.read_mask(str(label)))
     return photos
 
 
@@ -161,7 +161,7 @@ def write_voc_rehearsal_tree(root: pathlib.Path, samples_dir=SAMPLES) -> dict[st
     for name, ids in (("train", VOC_REHEARSAL_TRAIN), ("val", VOC_REHEARSAL_VAL)):
         (lists / f"{name}.txt").write_text("".join(f"{i}\n" for i, _ in ids))
         for image_id, _ in ids:
-            io.write_mask(str(vocdir / "SegmentationClass" / f"{image_id}.png"),
+            safe_io.write_mask(str(vocdir / "SegmentationClass" / f"{image_id}.png"),
                           void_borders(scenes[image_id][1]))
     for name, ids in (("train", VOC_REHEARSAL_SBD_TRAIN), ("val", VOC_REHEARSAL_SBD_VAL)):
         (sbd / f"{name}.txt").parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from flax import nnx
 import configs
 from pmm_jax import config_rules
 from pmm_jax.data.dataset import open_dataset
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.segmentation import inference
 from pmm_jax.stages import seg
@@ -37,7 +37,7 @@ def test_keep_best_saves_the_best_model_and_load_segmenter_prefers_it(tmp_path, 
     keep = seg.keep_best(config, wd, None, "pus")  # val_miou (stubbed) reads no data
     run(tmp_path, 6, eval_fn=lambda step, model: (models_seen.append(params_of(model)),
                                                   keep(step, model)), eval_every=2)
-    assert io.read_json(str(tmp_path / "seg/pus/best/best.json")) == {"step": 4, "miou": 0.5}
+    assert safe_io.read_json(str(tmp_path / "seg/pus/best/best.json")) == {"step": 4, "miou": 0.5}
     # load_segmenter reads seg/<run>/best when eval_every is on (the last checkpoint otherwise).
     loaded = seg.load_segmenter(config, wd, "pus", num_classes=6)
     assert_trees_close(params_of(loaded), models_seen[1])

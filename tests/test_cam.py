@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import configs
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.stages import cam, cls
 
@@ -46,7 +46,7 @@ def test_cam_stage_refuses_non_finite_cams_from_nan_weights(tmp_path, method):
     data = types.SimpleNamespace(eval_batches=lambda *args: iter([eval_batch()]),
                                  num_eval_batches=lambda *args: 1)
     wd = Workdir(str(tmp_path))
-    with pytest.raises(io.NonFiniteError,
+    with pytest.raises(safe_io.NonFiniteError,
                        match=rf"stage 'cam' \({method}\): the CAMs of val image img0 .*"
                        r"trained by stage 'cls'.*not finite.*refusing to write"):
         cam.write_split(config, wd, data, model, "val")

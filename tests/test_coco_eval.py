@@ -19,8 +19,8 @@ import pytest
 
 import configs
 from pmm_jax import constants
-from pmm_jax.files import io
-from pmm_jax.tools import scoring as ev
+from pmm_jax.files import safe_io
+from pmm_jax import scoring as ev
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 USED_IDS = np.asarray((0,) + constants.COCO_CATEGORY_IDS)
@@ -56,8 +56,8 @@ def make_masks(rng, n=4, shape=(21, 27), unused_predictions=0):
 
 def write(pairs, root: pathlib.Path, convert=lambda m: m):
     for i, (gt, pred) in enumerate(pairs):
-        io.write_mask(str(root / "gt" / f"im{i}.png"), convert(gt))
-        io.write_mask(str(root / "pred" / f"im{i}.png"), convert(pred))
+        safe_io.write_mask(str(root / "gt" / f"im{i}.png"), convert(gt))
+        safe_io.write_mask(str(root / "pred" / f"im{i}.png"), convert(pred))
     return str(root / "pred"), str(root / "gt")
 
 

@@ -8,7 +8,7 @@ import configs
 from pmm_jax.constants import SYNTHETIC_CLASSES
 from pmm_jax.data import builder_base, dataset, mmseg_augment, multicrop_batches, pipeline
 from pmm_jax.files.workdir import Workdir
-from pmm_jax.tools import scoring
+from pmm_jax import scoring
 
 NUM_TRAIN, NUM_VAL = 64, 32
 

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from pmm_jax import models
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.masks import dense_crf
 from pmm_jax.segmentation import inference as si
 from pmm_jax.stages import seg
@@ -122,7 +122,7 @@ def test_predictor_refuses_non_finite_probabilities_naming_the_source(use_crf):
     batch = _batch(np.random.default_rng(4)) | {"id": np.array([b"a", b"b", b"c", b"pad"])}
     predictor = si.Predictor(model, ml_collections.ConfigDict(dict(crf=use_crf, crf_workers=1)),
                              crf_backend="jax", source="stage 'eval': segmenter 'pus'")
-    with pytest.raises(io.NonFiniteError, match=r"stage 'eval': segmenter 'pus': .*"
+    with pytest.raises(safe_io.NonFiniteError, match=r"stage 'eval': segmenter 'pus': .*"
                        r"\['a', 'b', 'c'\] are not finite"):
         predictor(batch)
 

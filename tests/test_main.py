@@ -9,7 +9,7 @@ import pytest
 
 import configs
 from pmm_jax import config_rules, main, stages
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -201,7 +201,7 @@ def test_the_classifier_killed_in_the_pipeline_ends_as_an_uninterrupted_one(tiny
 @pytest.mark.xdist_group("tiny_run")
 def test_results_json_has_every_key(tiny_run):
     workdir = tiny_run[0]
-    results = io.read_json(str(workdir / "results.json"))
+    results = safe_io.read_json(str(workdir / "results.json"))
     assert 0 <= results["cam_miou"] <= 1 and results["cam_bg_threshold"] > 0
     assert set(results["pseudo_mask_miou"]) == {"baseline", "crf_cvs", "ppmg_no_cvs", "ppmg"}
     assert results["pseudo_mask_eval"] == {"split": "train", "num_images": 16}
@@ -211,7 +211,7 @@ def test_results_json_has_every_key(tiny_run):
     assert set(results["seconds"]) == {"cls", "cam", "pseudo", "seg", "cycle", "eval"}
     # Masks and predictions are palette PNGs with values in 0..C.
     pred = next((workdir / "predictions" / "pus" / "val").glob("*.png"))
-    assert io.read_mask(str(pred)).max() < 6
+    assert safe_io.read_mask(str(pred)).max() < 6
 
 
 def test_ci_runs_the_readme_test_command():
@@ -235,14 +235,14 @@ def test_deleted_cam_and_mask_are_redone_by_rerunning_the_later_stage(tiny_run, 
     mask = pathlib.Path(wd.pseudo_masks("ppmg")) / f"{cam.stem}.png"
     cam.unlink()
     mask.unlink()
-    before = {n: io.read_json(wd.stage_marker(n)) for n in ("cam", "pseudo")}
+    before = {n: safe_io.read_json(wd.stage_marker(n)) for n in ("cam", "pseudo")}
     proc = run_main("--config=configs/demo.py:tiny", f"--workdir={wd.root}",
                     "--config.stages=pseudo", "--config.pseudo.num_workers=1", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stage cam: complete but cams/train holds 63 of its 64 files" in proc.stderr
     assert cam.exists() and mask.exists()
     for name, old in before.items():
-        new = io.read_json(wd.stage_marker(name))
+        new = safe_io.read_json(wd.stage_marker(name))
         assert new["id"] == old["id"] and new["outputs"] == old["outputs"]
         for key in ("cam_miou", "pseudo_mask_miou"):  # the redone files are the same
             assert new["metrics"].get(key) == old["metrics"].get(key)
@@ -279,12 +279,12 @@ def test_a_changed_dataset_is_refused_unless_its_stages_are_redone(tmp_path):
     data = lambda name: types.SimpleNamespace(name=name, class_names=("background", "a"),
                                              canvas=(8, 8))
     main.record_dataset(wd, data("folder_wsss/aaa"), ["cls"], [])
-    io.write_json(wd.stage_marker("cls"), {})
+    safe_io.write_json(wd.stage_marker("cls"), {})
     main.record_dataset(wd, data("folder_wsss/aaa"), ["cls", "cam"], [])  # the same: fine
     with pytest.raises(stages.StageError, match=r"stage\(s\) cls made from dataset folder_wsss/aaa"
                                                 r", but the dataset is now folder_wsss/bbb.*"
                                                 r"--redo=cls"):
         main.record_dataset(wd, data("folder_wsss/bbb"), ["cam"], [])
     main.record_dataset(wd, data("folder_wsss/bbb"), ["cls"], ["cls"])
-    assert io.read_json(wd.dataset_json) == {"name": "folder_wsss/bbb",
+    assert safe_io.read_json(wd.dataset_json) == {"name": "folder_wsss/bbb",
                                              "class_names": ["background", "a"], "canvas": [8, 8]}

@@ -9,7 +9,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from pmm_jax.data import builder_base, pipeline
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 
 NAME = "synthetic_wsss/tiny"
 NUM_CLASSES = 6
@@ -28,7 +28,7 @@ def _write_masks(ds, directory, bad_id=None, bad_value=None):
         mask = example["mask"][:, :, 0].copy()
         if image_id == bad_id:
             mask[0, 0] = bad_value
-        io.write_mask(str(directory / f"{image_id}.png"), mask)
+        safe_io.write_mask(str(directory / f"{image_id}.png"), mask)
 
 
 def test_class_id_outside_the_dataset_names_the_file(val_split, tmp_path):

@@ -15,7 +15,7 @@ import configs
 from pmm_jax import main
 from pmm_jax.data import multicrop_batches
 from pmm_jax.data.dataset import open_dataset
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.masks import generator
 from pmm_jax.stages import cam, cls
@@ -56,7 +56,7 @@ def first_run_cams(config, wd: Workdir) -> list[dict]:
         for c in np.flatnonzero(ex["labels"] > 0.5):
             blurred = scipy.ndimage.gaussian_filter((ex["mask"] == c + 1).astype(np.float32), 2)
             cams[int(c)] = blurred / max(blurred.max(), 1e-6)
-        io.write_cams(os.path.join(wd.cams("train"), f"{ex['id']}.npy"), cams)
+        safe_io.write_cams(os.path.join(wd.cams("train"), f"{ex['id']}.npy"), cams)
         records.append(ex)
     return records
 
@@ -95,12 +95,12 @@ def test_tiny_multicrop_recipe(tmp_path, monkeypatch):
         examples = list(open_dataset(config, wd).examples(split, all_processes=True))
         assert sorted(os.listdir(wd.cams(split))) == sorted(f"{e['id']}.npy" for e in examples)
         for ex in examples:
-            cams = io.read_cams(os.path.join(wd.cams(split), f"{ex['id']}.npy"))
+            cams = safe_io.read_cams(os.path.join(wd.cams(split), f"{ex['id']}.npy"))
             assert sorted(cams) == np.flatnonzero(ex["labels"] > 0.5).tolist()
             for values in cams.values():
                 assert values.shape == ex["image"].shape[:2]
                 assert 0 <= values.min() <= values.max() <= 1
             if split == "train":
-                mask = io.read_mask(os.path.join(wd.pseudo_masks("ppmg"), f"{ex['id']}.png"))
+                mask = safe_io.read_mask(os.path.join(wd.pseudo_masks("ppmg"), f"{ex['id']}.png"))
                 assert mask.shape == ex["image"].shape[:2]
                 assert set(np.unique(mask)) <= {0} | {c + 1 for c in cams}

@@ -98,13 +98,13 @@ def test_accumulate_averages_over_covering_tiles_and_masks_labels():
 # Rough masks (the training crops' labels) and the tf.data multi-crop training batches.
 
 def test_read_rough_masks_png_and_official_npy(tmp_path):
-    from pmm_jax.files import io
+    from pmm_jax.files import safe_io
 
     labels = np.full((6, 8), 255, np.uint8)
     labels[:2] = 0
     labels[3:, :4] = 2  # class 1
     labels[3:, 6:] = 4  # class 3
-    io.write_mask(str(tmp_path / "a.png"), labels)
+    safe_io.write_mask(str(tmp_path / "a.png"), labels)
     masks = multicrop_tiling.read_rough_masks(str(tmp_path / "a.png"), 4)
     assert sorted(masks) == [1, 3] and masks[1].sum() == 12 and masks[3].sum() == 6
     # Official npy: {0: background, c+1: probability of class c}, thresholded at 0.9.
@@ -116,7 +116,7 @@ def test_read_rough_masks_png_and_official_npy(tmp_path):
     np.save(tmp_path / "c.npy", {5: np.ones((6, 8))}, allow_pickle=True)
     with pytest.raises(ValueError, match=r"c\.npy: class key 5 is outside 0\.\.4"):
         multicrop_tiling.read_rough_masks(str(tmp_path / "c.npy"), 4)
-    io.write_mask(str(tmp_path / "d.png"), np.full((6, 8), 7, np.uint8))
+    safe_io.write_mask(str(tmp_path / "d.png"), np.full((6, 8), 7, np.uint8))
     with pytest.raises(ValueError, match=r"d\.png: rough-mask values \[7\]"):
         multicrop_tiling.read_rough_masks(str(tmp_path / "d.png"), 4)
 
@@ -166,15 +166,15 @@ def toy_dataset():
 
 
 def write_toy_rough_masks(directory):
-    from pmm_jax.files import io
+    from pmm_jax.files import safe_io
 
     corner = np.zeros((60, 80), np.uint8)
     corner[40:, 60:] = 2
-    io.write_mask(str(directory / "a.png"), corner)
+    safe_io.write_mask(str(directory / "a.png"), corner)
     b = np.zeros((40, 40), np.uint8)
     b[:, :20] = 1  # class 0
     b[:, 20:] = 2  # class 1: not in b's image label, so never a crop label
-    io.write_mask(str(directory / "b.png"), b)
+    safe_io.write_mask(str(directory / "b.png"), b)
 
 
 def test_multicrop_train_batches(tmp_path):
@@ -211,7 +211,7 @@ def test_multicrop_train_batches_name_missing_and_mismatched_rough_masks(tmp_pat
     import tensorflow as tf
 
     from pmm_jax.data import multicrop_batches
-    from pmm_jax.files import io
+    from pmm_jax.files import safe_io
 
     write_toy_rough_masks(tmp_path)
     (tmp_path / "b.png").unlink()
@@ -219,7 +219,7 @@ def test_multicrop_train_batches_name_missing_and_mismatched_rough_masks(tmp_pat
                   num_classes_fg=3, scales=(1.0,), tile=32, stride=20)
     with pytest.raises(FileNotFoundError, match=r"1 of 2 training images .*b\.png"):
         multicrop_batches.multicrop_train_batches(toy_dataset(), **kwargs)
-    io.write_mask(str(tmp_path / "b.png"), np.ones((40, 41), np.uint8))
+    safe_io.write_mask(str(tmp_path / "b.png"), np.ones((40, 41), np.uint8))
     with pytest.raises(tf.errors.OpError, match=r"b\.png: rough mask is 40x41 but its image is "
                                                 r"40x40"):
         next(multicrop_batches.multicrop_train_batches(toy_dataset(), **kwargs))

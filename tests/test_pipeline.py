@@ -13,7 +13,7 @@ from pmm_jax.constants import IGNORE_LABEL
 from pmm_jax.data import builder_base, mmseg_augment, pipeline
 from pmm_jax.constants import IMAGENET_MEAN_UNIT as IMAGENET_MEAN
 from pmm_jax.constants import IMAGENET_STD_UNIT as IMAGENET_STD
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 
 NAME = "synthetic_wsss/tiny"
 SIZE = 48
@@ -232,7 +232,7 @@ def mask_dir(data_dir, tmp_path):
     """Pseudo-masks for the val split: ground truth shifted by one class, as palette PNGs."""
     for example in tfds.as_numpy(pipeline.load_split(NAME, "val", data_dir)):
         mask = example["mask"][:, :, 0]
-        io.write_mask(str(tmp_path / f"{example['id'].decode()}.png"),
+        safe_io.write_mask(str(tmp_path / f"{example['id'].decode()}.png"),
                       np.where(mask == IGNORE_LABEL, mask, (mask + 1) % 6))
     return tmp_path
 
@@ -241,7 +241,7 @@ def test_masks_from_dir_are_joined_by_id(data_dir, mask_dir):
     ds = pipeline.load_split(NAME, "val", data_dir).skip(3)  # ids no longer match positions
     joined = pipeline.with_masks_from_dir(ds, str(mask_dir), producer="the 'pseudo' stage")
     for example, original in zip(tfds.as_numpy(joined), tfds.as_numpy(ds)):
-        expected = io.read_mask(str(mask_dir / f"{example['id'].decode()}.png"))
+        expected = safe_io.read_mask(str(mask_dir / f"{example['id'].decode()}.png"))
         np.testing.assert_array_equal(example["mask"][:, :, 0], expected)
         assert not np.array_equal(example["mask"], original["mask"])
         np.testing.assert_array_equal(example["image"], original["image"])
@@ -261,7 +261,7 @@ def test_masks_from_dir_missing_files(data_dir, mask_dir):
 
 
 def test_masks_from_dir_size_mismatch(data_dir, mask_dir):
-    io.write_mask(str(mask_dir / "val_000002.png"), np.zeros((SIZE, SIZE - 1), np.uint8))
+    safe_io.write_mask(str(mask_dir / "val_000002.png"), np.zeros((SIZE, SIZE - 1), np.uint8))
     ds = pipeline.load_split(NAME, "val", data_dir)
     joined = pipeline.with_masks_from_dir(ds, str(mask_dir), producer="the 'pseudo' stage")
     with pytest.raises(tf.errors.InvalidArgumentError, match="val_000002"):
@@ -286,7 +286,7 @@ def test_pipeline_decodes_jpegs_exactly_as_pil(tmp_path):
     tf_default_differs = False
     for ex in ds.as_numpy_iterator():
         path = str(jpegs / f"{ex['id'].decode()}.jpg")
-        np.testing.assert_array_equal(ex["image"], io.read_image(path))
+        np.testing.assert_array_equal(ex["image"], safe_io.read_image(path))
         with open(path, "rb") as f:
             tf_default = tf.io.decode_jpeg(f.read(), channels=3).numpy()
         tf_default_differs |= bool(np.any(tf_default != ex["image"]))
@@ -331,4 +331,5 @@ def test_encoded_examples_decode_as_load_split_and_join_masks_lazily(data_dir, m
         np.testing.assert_array_equal(plain["image"], original["image"])
         np.testing.assert_array_equal(plain["mask"], original["mask"])
         np.testing.assert_array_equal(
-            with_mask["mask"][:, :, 0], io.read_mask(str(mask_dir / f"{original['id'].decode()}.png")))
+            with_mask["mask"][:, :, 0],
+            safe_io.read_mask(str(mask_dir / f"{original['id'].decode()}.png")))

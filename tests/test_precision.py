@@ -35,7 +35,7 @@ from pmm_jax.cams import seam
 from pmm_jax.data import builder_base, synthetic
 from pmm_jax.masks import cvs, ppmg
 from pmm_jax.stages import cam, cls, seg
-from pmm_jax.tools import scoring
+from pmm_jax import scoring
 from pmm_jax.training import precision, trainer
 from pmm_jax.training import sharding as shd
 

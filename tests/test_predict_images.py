@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from pmm_jax.constants import PALETTE
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.segmentation import predict_images
 
@@ -24,18 +24,18 @@ def fake_run(root: pathlib.Path, stages=("seg", "cycle"), seg_miou=None) -> Work
     """A workdir whose stages are marked complete with checkpoint folders for ce, pus, cycle1."""
     wd = Workdir(str(root))
     config = {"seg": {"runs": ["ce", "pus"]}, "cycle": {"num_cycles": 1}}
-    io.write_json(wd.config_json, config)
+    safe_io.write_json(wd.config_json, config)
     for stage in stages:
-        io.write_json(wd.stage_marker(stage), {})
+        safe_io.write_json(wd.stage_marker(stage), {})
     for run in ("ce", "pus", "cycle1"):
         os.makedirs(wd.ckpt_dir(f"seg/{run}"))
     if seg_miou is not None:
-        io.write_json(wd.results_json, {"seg_miou": seg_miou})
+        safe_io.write_json(wd.results_json, {"seg_miou": seg_miou})
     return wd
 
 
 def config_of(wd):
-    return ml_collections.ConfigDict(io.read_json(wd.config_json))
+    return ml_collections.ConfigDict(safe_io.read_json(wd.config_json))
 
 
 def test_the_best_run_by_val_miou_is_chosen_unless_one_is_named(tmp_path):

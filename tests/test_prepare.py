@@ -13,7 +13,7 @@ from test_coco import write_coco_tree
 from test_voc import VOC_TRAIN, write_voc_tree
 
 from pmm_jax.data import prepare
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 
 # pycocotools 2.0.x under numpy 2 warns about its own __array__ call.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -94,7 +94,7 @@ def test_skip_corrupt_leaves_the_image_out_and_counts_it(capsys, voc_tree):
 
 def test_mask_size_differing_from_the_image_names_the_id(capsys, voc_tree):
     image_id = VOC_TRAIN[2]
-    io.write_mask(str(voc_tree / "manual" / "VOCdevkit" / "VOC2012" / "SegmentationClass" /
+    safe_io.write_mask(str(voc_tree / "manual" / "VOCdevkit" / "VOC2012" / "SegmentationClass" /
                       f"{image_id}.png"), np.zeros((3, 4), np.uint8))
     status, _, err = run(capsys, *voc_args(voc_tree))
     assert status == 2 and f"id '{image_id}': mask size 3x4 differs from image size" in err

@@ -75,7 +75,7 @@ def test_a_resumed_segmenter_is_bit_identical_to_an_uninterrupted_one(tmp_path, 
                                 short_config)
 
     from pmm_jax.data import dataset, pipeline
-    from pmm_jax.files import io
+    from pmm_jax.files import safe_io
 
     config = short_config("seg")
     with config.unlocked():
@@ -86,7 +86,7 @@ def test_a_resumed_segmenter_is_bit_identical_to_an_uninterrupted_one(tmp_path, 
     masks = tmp_path / "masks"
     masks.mkdir()
     for ex in tfds.as_numpy(pipeline.load_split(data.name, "train", data.data_dir)):
-        io.write_mask(str(masks / f"{ex['id'].decode()}.png"), ex["mask"][:, :, 0])
+        safe_io.write_mask(str(masks / f"{ex['id'].decode()}.png"), ex["mask"][:, :, 0])
     seg.train_segmenter(config, whole, data, "ce", str(masks), "ce")
     with monkeypatch.context() as patch:
         interrupt_after(patch, dataset.Dataset, "train_batches", 6)

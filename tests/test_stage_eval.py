@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.stages import eval as eval_stage
 
@@ -17,7 +17,7 @@ def config(num_cycles: int) -> ml_collections.ConfigDict:
 
 def test_results_carry_the_pseudo_mask_split_and_the_cyclic_key(tmp_path):
     wd = Workdir(str(tmp_path))
-    io.write_json(wd.stage_marker("pseudo"), {"seconds": 3.0, "metrics": {
+    safe_io.write_json(wd.stage_marker("pseudo"), {"seconds": 3.0, "metrics": {
         "pseudo_mask_miou": {"ppmg": 0.5}, "pseudo_mask_eval": {"split": "train", "num_images": 1464}}})
     res = eval_stage.results(config(1), wd, {"ce": 0.1, "pus": 0.2, "cycle1": 0.3}, 1.0,
                              dataset="voc2012_wsss")

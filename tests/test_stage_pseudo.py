@@ -12,10 +12,10 @@ from test_voc import SBD_TRAIN, TRAIN_AUG, VOC_TRAIN, build, write_voc_tree
 
 import configs
 from pmm_jax.data.dataset import open_dataset
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.stages import pseudo
-from pmm_jax.tools import scoring
+from pmm_jax import scoring
 
 
 
@@ -37,7 +37,7 @@ def voc_run(tmp_path_factory):
     for image_id in TRAIN_AUG:
         mask = masks[image_id]
         present = [int(c) for c in np.unique(mask) if 0 < c < 255]
-        io.write_cams(os.path.join(wd.cams("train"), f"{image_id}.npy"),
+        safe_io.write_cams(os.path.join(wd.cams("train"), f"{image_id}.npy"),
                       {c - 1: np.clip((mask == c) * 0.9 + 0.05, 0, 1) for c in present})
     return wd, str(root / "tfds"), masks
 
@@ -56,7 +56,7 @@ def test_masks_are_scored_on_voc_train_with_voc_ground_truth(voc_run):
     assert "2007_000002" in SBD_TRAIN
     for variant in ("baseline", "ppmg"):
         cm = sum(scoring.confusion_matrix(
-            io.read_mask(os.path.join(wd.pseudo_masks(variant), f"{i}.png")), masks[i], 21)
+            safe_io.read_mask(os.path.join(wd.pseudo_masks(variant), f"{i}.png")), masks[i], 21)
             for i in VOC_TRAIN)
         expected = scoring.iou_from_confusion(cm, rule=config.eval.rule)[1]
         assert metrics["pseudo_mask_miou"][variant] == pytest.approx(float(expected))

@@ -9,7 +9,7 @@ import pytest
 
 import configs
 from pmm_jax import stages
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir
 
 pytestmark = pytest.mark.xdist_group("tiny_run")
@@ -33,7 +33,7 @@ def test_unchanged_or_no_effect_keys_skip_every_stage(finished):
 def test_changed_key_is_refused_naming_it_and_the_redo_list(finished):
     wd, config = finished
     config.pseudo.alpha = 8.0
-    before = {n: io.read_json(wd.stage_marker(n)) for n in stages.ORDER}
+    before = {n: safe_io.read_json(wd.stage_marker(n)) for n in stages.ORDER}
     with pytest.raises(stages.StaleStageError,
                        match=r"stage\(s\) pseudo, seg, cycle, eval made with other settings.*"
                              r"pseudo.alpha: 11.0 -> 8.0.*--redo=pseudo,seg,cycle,eval"):
@@ -43,15 +43,15 @@ def test_changed_key_is_refused_naming_it_and_the_redo_list(finished):
     assert stages.plan(list(stages.ORDER), ["pseudo", "seg", "cycle", "eval"], config, wd) == {
         "cls": "skip", "cam": "skip", "pseudo": "redo", "seg": "redo", "cycle": "redo",
         "eval": "redo"}
-    assert before == {n: io.read_json(wd.stage_marker(n)) for n in stages.ORDER}
+    assert before == {n: safe_io.read_json(wd.stage_marker(n)) for n in stages.ORDER}
 
 
 def test_an_upstream_stage_run_again_makes_later_ones_stale(finished):
     wd, config = finished
     with pytest.raises(stages.StaleStageError, match="stage cls runs again before cam"):
         stages.plan(["cls", "cam"], ["cls"], config, wd)
-    marker = io.read_json(wd.stage_marker("cls"))
-    io.write_json(wd.stage_marker("cls"), {**marker, "id": "another-run"})
+    marker = safe_io.read_json(wd.stage_marker("cls"))
+    safe_io.write_json(wd.stage_marker("cls"), {**marker, "id": "another-run"})
     with pytest.raises(stages.StaleStageError, match="stage cls was redone after cam.*--redo=cam"):
         stages.plan(["cam"], [], config, wd)
 
@@ -71,7 +71,7 @@ def test_missing_outputs_are_repaired_and_upstream_ones_too(finished):
 def test_half_done_stage_with_other_settings_is_refused(finished):
     wd, config = finished
     pathlib.Path(wd.stage_marker("eval")).unlink()
-    io.write_json(stages._started_path(wd, "eval"), {"config": {"eval.flip": False}})
+    safe_io.write_json(stages._started_path(wd, "eval"), {"config": {"eval.flip": False}})
     with pytest.raises(stages.StaleStageError, match=r"eval.flip: False -> True.*--redo=eval"):
         stages.plan(["eval"], [], config, wd)
     assert stages.plan(["eval"], ["eval"], config, wd) == {"eval": "redo"}
@@ -80,13 +80,13 @@ def test_half_done_stage_with_other_settings_is_refused(finished):
 def test_redo_deletes_the_stage_outputs_and_records_the_new_run(finished, monkeypatch):
     wd, config = finished
     config.eval.flip = False
-    old = io.read_json(wd.stage_marker("eval"))
-    first_config = io.read_json(wd.config_json)
+    old = safe_io.read_json(wd.stage_marker("eval"))
+    first_config = safe_io.read_json(wd.config_json)
     seen = []
 
     def fake_eval(config, wd, data):
         seen.append(sorted(os.listdir(wd.root)))
-        io.write_json(wd.results_json, {"seg_miou": {}})
+        safe_io.write_json(wd.results_json, {"seg_miou": {}})
         return {"seg_miou": {}}
 
     monkeypatch.setattr(stages, "_runner", lambda name: fake_eval)
@@ -94,8 +94,8 @@ def test_redo_deletes_the_stage_outputs_and_records_the_new_run(finished, monkey
     assert "predictions" not in seen[0] and "results.json" not in seen[0]
     assert new["config"]["eval.flip"] is False and old["config"]["eval.flip"] is True
     assert new["id"] != old["id"] and new["inputs"] == old["inputs"]
-    assert io.read_json(wd.stage_marker("eval")) == new
-    assert io.read_json(wd.config_json) == first_config
+    assert safe_io.read_json(wd.stage_marker("eval")) == new
+    assert safe_io.read_json(wd.config_json) == first_config
 
 
 def test_a_stage_without_its_checkpoint_is_not_marked_complete(finished, monkeypatch):
@@ -168,7 +168,7 @@ def test_a_truncated_cam_met_by_the_pseudo_stage_names_the_file_its_stage_and_th
     cam = sorted(pathlib.Path(wd.cams("train")).glob("*.npy"))[3]
     truncate(cam)
     with pytest.raises(ValueError) as read_error:
-        io.read_cams(str(cam))
+        safe_io.read_cams(str(cam))
     failure = generator.PseudoMaskError([(cam.stem, str(read_error.value))], {})
 
     def pseudo_stage(config, wd, data):

@@ -17,7 +17,7 @@ from fake_trees import random_mask, write_jpeg, write_sbd_mat
 from PIL import Image
 
 from pmm_jax.data import builder_base, voc
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 
 VOC_TRAIN = ("2007_000001", "2007_000002", "2007_000003")
 VOC_VAL = ("2007_000004", "2007_000005")
@@ -48,7 +48,8 @@ def write_voc_tree(root: pathlib.Path, *, sbd: bool = True, test: bool = False) 
         (lists / f"{name}.txt").write_text("".join(f"{i}\n" for i in ids))
         for image_id in ids:
             expected[image_id] = random_mask(image_size(image_id), seed=int(image_id[-3:]))
-            io.write_mask(str(vocdir / "SegmentationClass" / f"{image_id}.png"), expected[image_id])
+            safe_io.write_mask(str(vocdir / "SegmentationClass" / f"{image_id}.png"),
+                               expected[image_id])
     aug_ids = SBD_TRAIN + SBD_VAL
     for image_id in aug_ids:
         mask = random_mask(image_size(image_id), seed=1000 + int(image_id[-3:]))

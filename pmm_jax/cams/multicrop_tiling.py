@@ -136,7 +136,7 @@ def read_rough_masks(path: str, num_classes: int) -> dict[int, np.ndarray]:
     """``{0-based class: [H, W] bool}`` rough masks from a file of either format (module
     docstring); classes without a pixel are left out. Errors name the file."""
     if path.endswith(".png"):
-        from pmm_jax.files.io import read_mask
+        from pmm_jax.files.safe_io import read_mask
 
         labels = read_mask(path)
         values = np.unique(labels)
@@ -145,7 +145,7 @@ def read_rough_masks(path: str, num_classes: int) -> dict[int, np.ndarray]:
             raise ValueError(f"{path}: rough-mask values {bad.tolist()} are not classes 1.."
                              f"{num_classes} (class c+1), 0 or 255")
         return {int(v) - 1: labels == v for v in values if 1 <= v <= num_classes}
-    from pmm_jax.files.io import read_class_dict
+    from pmm_jax.files.safe_io import read_class_dict
 
     masks = {}
     for key, prob in read_class_dict(path).items():  # refuses non-dicts and non-int keys

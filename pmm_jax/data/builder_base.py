@@ -32,7 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from tensorflow_datasets.core.utils import gcs_utils
 
 from pmm_jax.constants import IGNORE_LABEL
-from pmm_jax.files.io import rgb_array
+from pmm_jax.files.safe_io import rgb_array
 from pmm_jax.files.locks import data_dir_lock
 
 
@@ -75,7 +75,7 @@ def load_image(path: pathlib.Path, image_id: str) -> tuple[bytes | np.ndarray, t
     """Reads and fully decodes an image; returns what to store and its ``(height, width)``.
 
     A JPEG in RGB or greyscale is stored as its original bytes (decoding it later with three
-    channels gives RGB); any other image is stored as a uint8 RGB array (``io.rgb_array``:
+    channels gives RGB); any other image is stored as a uint8 RGB array (``safe_io.rgb_array``:
     16-bit greyscale is rescaled, not clipped). Decoding here catches truncated or corrupt
     files at preparation time instead of during training.
     """

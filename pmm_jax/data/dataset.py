@@ -26,7 +26,7 @@ import numpy as np
 from pmm_jax.constants import CLASS_NAMES
 from pmm_jax.data import builder_base, folder, mmseg_augment, multicrop_batches, pipeline
 from pmm_jax.files.workdir import Workdir
-from pmm_jax.tools import scoring
+from pmm_jax import scoring
 
 LOGICAL_SPLITS = ("train", "val")
 

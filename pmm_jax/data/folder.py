@@ -45,7 +45,7 @@ from PIL import Image
 from pmm_jax.constants import IGNORE_LABEL
 from pmm_jax.data.builder_base import (InputError, check_mask, features, load_image,
                                        ordered_futures, png_bytes, read_png_mask)
-from pmm_jax.files import io as files_io
+from pmm_jax.files import safe_io
 from pmm_jax.files.locks import data_dir_lock
 
 NAME = "folder_wsss"
@@ -284,7 +284,8 @@ def decode_example(folder: Folder, image_id: str, max_side: int) -> dict:
         mask = np.full(size, IGNORE_LABEL, np.uint8)
     target = _shrunk_size(size, max_side)
     if target != size:
-        pixels = image if isinstance(image, np.ndarray) else files_io.read_image(str(folder.images[image_id]))
+        pixels = (image if isinstance(image, np.ndarray)
+                  else safe_io.read_image(str(folder.images[image_id])))
         image = np.asarray(Image.fromarray(pixels).resize(target[::-1], Image.BILINEAR))
         mask = np.asarray(Image.fromarray(mask).resize(target[::-1], Image.NEAREST))
     multi_hot = np.zeros(folder.num_classes - 1, np.float32)
@@ -366,11 +367,11 @@ def build(root: str | os.PathLike, data_dir: str, max_side: int = 0) -> Built:
             builder.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(try_download_gcs=False))
             sizes = [tuple(int(v) for v in size) for size in _image_sizes(builder)]
-            files_io.write_json(summary, {
+            safe_io.write_json(summary, {
                 "name": name, "source": str(folder.root), "class_names": list(folder.class_names),
                 "splits": {s: info.num_examples for s, info in builder.info.splits.items()},
                 "eval_pad_to": list(_canvas(sizes))})
-        record = files_io.read_json(summary)
+        record = safe_io.read_json(summary)
     return Built(name=name, data_dir=data_dir, class_names=tuple(record["class_names"]),
                  splits=dict(record["splits"]), eval_pad_to=tuple(record["eval_pad_to"]),
                  source=record["source"])

@@ -4,7 +4,7 @@
 it in its own process (jax backend, or one worker): read and check the record, normalise the
 CAMs, CVS, the CRF inputs, the dense CRFs, the labels, and the atomic PNG write all happen
 here, so the main process only schedules and a task carries file paths, not arrays. This
-module imports numpy, ``pmm_jax.files.io`` and ``pmm_jax.masks.dense_crf``, never JAX: a
+module imports numpy, ``pmm_jax.files.safe_io`` and ``pmm_jax.masks.dense_crf``, never JAX: a
 spawned worker starts in a fraction of a second.
 
 The numpy steps transcribe the jitted reference core (``masks/cvs.py``, ``masks/ppmg.py``,
@@ -31,7 +31,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.masks import dense_crf
 
 # The paper's pseudo-mask variants (Table 2), then the rough masks of multi-crop training.
@@ -95,8 +95,8 @@ def load(record, settings: Settings) -> tuple[np.ndarray, list[int], list[np.nda
     if image is None:
         raise ValueError(f"{image_id}: CAM{cam_source} has no image")
     image_source = f" ({image})" if isinstance(image, (str, os.PathLike)) else ""
-    image = io.read_image(os.fspath(image)) if image_source else np.asarray(image)
-    cams = io.read_cams(os.fspath(cams)) if cam_source else cams
+    image = safe_io.read_image(os.fspath(image)) if image_source else np.asarray(image)
+    cams = safe_io.read_cams(os.fspath(cams)) if cam_source else cams
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"{image_id}: image{image_source} must be uint8 [H, W, 3], "
                          f"got {image.dtype} {image.shape}")
@@ -218,7 +218,7 @@ def run(record, out_path: str, settings: Settings, crfs: CRFs = host_crfs) -> st
     failure, or None. Any error fails only this image."""
     try:
         image, classes, cams = load(record, settings)
-        io.write_mask(out_path, make_mask(image, classes, cams, settings, crfs))
+        safe_io.write_mask(out_path, make_mask(image, classes, cams, settings, crfs))
     except Exception as err:  # noqa: BLE001 - a bad file, CRF or write fails only its image
         return error_text(err)
     return None

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pmm_jax import drawing
 from pmm_jax.constants import PALETTE
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.segmentation import canvas
 
@@ -51,7 +51,7 @@ def dataset_facts(wd: Workdir) -> DatasetFacts:
         raise PredictError(f"{wd.root} has no {wd.dataset_json}: the run predates it; rerun "
                            "`python -m pmm_jax.main` with its config on this workdir (its "
                            "completed stages are skipped) to record it")
-    record = io.read_json(wd.dataset_json)
+    record = safe_io.read_json(wd.dataset_json)
     return DatasetFacts(name=record["name"], class_names=tuple(record["class_names"]),
                         canvas=tuple(int(v) for v in record["canvas"]))
 
@@ -64,7 +64,7 @@ def run_config(workdir: str):
     if not os.path.exists(wd.config_json):
         raise PredictError(f"--workdir={workdir} holds no run (no {wd.config_json}); train one "
                            "first with `python -m pmm_jax.main --config=... --workdir=...`")
-    return ml_collections.ConfigDict(io.read_json(wd.config_json))
+    return ml_collections.ConfigDict(safe_io.read_json(wd.config_json))
 
 
 def finished_runs(config, wd: Workdir) -> list[str]:
@@ -93,7 +93,7 @@ def choose_run(config, wd: Workdir, run: str | None = None) -> str:
         return run
     mious = {}
     if os.path.exists(wd.results_json):
-        mious = {r: v for r, v in io.read_json(wd.results_json).get("seg_miou", {}).items()
+        mious = {r: v for r, v in safe_io.read_json(wd.results_json).get("seg_miou", {}).items()
                  if r in finished and v is not None}
     if mious:
         return max(mious, key=mious.get)
@@ -185,11 +185,11 @@ def overlay_picture(image: np.ndarray, mask: np.ndarray, class_names: Sequence[s
 
 def write_jpeg(path: str, picture: np.ndarray) -> None:
     """Atomically writes an RGB picture as JPEG (quality 90)."""
-    import io as _io
+    import io
 
-    buffer = _io.BytesIO()
+    buffer = io.BytesIO()
     Image.fromarray(picture).save(buffer, format="JPEG", quality=90)
-    io.write_bytes(path, buffer.getvalue())
+    safe_io.write_bytes(path, buffer.getvalue())
 
 
 def pending(paths: dict[str, pathlib.Path], out_dir: str, overlay: bool) -> Iterator[str]:
@@ -217,7 +217,7 @@ def predict_images(workdir: str, images: str, out_dir: str, *, run: str | None =
     paths = image_paths(images)
     todo = list(pending(paths, out_dir, overlay))
     os.makedirs(out_dir, exist_ok=True)
-    io.remove_stale_temps(out_dir)
+    safe_io.remove_stale_temps(out_dir)
     result = {"run": name, "written": 0, "skipped": len(paths) - len(todo)}
     if not todo:
         return result
@@ -227,11 +227,11 @@ def predict_images(workdir: str, images: str, out_dir: str, *, run: str | None =
     for start in range(0, len(todo), chunk):
         ids = todo[start:start + chunk]
         try:
-            pictures = [io.read_image(str(paths[i])) for i in ids]
+            pictures = [safe_io.read_image(str(paths[i])) for i in ids]
         except ValueError as err:
             raise PredictError(str(err)) from None
         for image_id, image, mask in zip(ids, pictures, segment(pictures)):
-            io.write_mask(os.path.join(out_dir, f"{image_id}.png"), mask)
+            safe_io.write_mask(os.path.join(out_dir, f"{image_id}.png"), mask)
             if overlay:
                 write_jpeg(os.path.join(out_dir, f"{image_id}_overlay.jpg"),
                            overlay_picture(image, mask, segment.facts.class_names))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import jax
 
 from pmm_jax import stages
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.stages import common, cycle, seg
 
@@ -100,6 +100,6 @@ def run(config, wd: Workdir, data: Dataset) -> dict:
                                    rule=config.eval.rule)["miou"]
     res = results(config, wd, seg_mious, time.time() - start, dataset=data.name)
     if jax.process_index() == 0:
-        io.write_json(wd.results_json, res)
+        safe_io.write_json(wd.results_json, res)
         print(format_table(res), flush=True)
     return {"seg_miou": seg_mious}

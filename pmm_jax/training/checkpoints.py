@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.training import distributed
 from pmm_jax.training import sharding as shd
 
@@ -131,7 +131,7 @@ def _save(mgr: ocp.CheckpointManager, step: int, args: ocp.args.Composite) -> No
         mgr.wait_until_finished()
         if distributed.is_main():
             step_dir = _step_dir(mgr, step)
-            io.write_json(os.path.join(step_dir, DIGEST_FILE), _digest(step_dir))
+            safe_io.write_json(os.path.join(step_dir, DIGEST_FILE), _digest(step_dir))
     except Exception as err:  # orbax wraps the OSError in several exception types
         cause = " ".join(str(err).split())[:300]
         complete = [s for s in mgr.all_steps(read=True) if s != step]
@@ -177,7 +177,7 @@ def _damage(step_dir: str, items: tuple[str, ...]) -> str | None:
     if not os.path.exists(digest_path):
         return None
     try:
-        expected = io.read_json(digest_path)
+        expected = safe_io.read_json(digest_path)
     except (OSError, ValueError) as err:
         return f"unreadable {DIGEST_FILE}: {err}"
     for rel, want in sorted(expected.items()):

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 import numpy as np
 
 from pmm_jax.constants import CLASS_NAMES, COCO_UNUSED_IDS, IGNORE_LABEL
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 
 if TYPE_CHECKING:
     import jax
@@ -235,7 +235,7 @@ def evaluate_dirs(pred_dir: str, gt_dir: str, num_classes: int, rule: str = "mms
     for image_id in ids:
         pred_path = os.path.join(pred_dir, f"{image_id}.png")
         gt_path = os.path.join(gt_dir, f"{image_id}.png")
-        pred, gt = io.read_mask(pred_path), io.read_mask(gt_path)  # errors name the file
+        pred, gt = safe_io.read_mask(pred_path), safe_io.read_mask(gt_path)  # errors name the file
         try:
             image_cm = confusion_matrix(pred, gt, num_classes)
         except ValueError as err:

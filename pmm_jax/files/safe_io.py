@@ -13,7 +13,7 @@ kind is a ValueError naming it.
 from __future__ import annotations
 
 import contextlib
-import io as _io
+import io
 import json
 import os
 import pickle
@@ -128,7 +128,7 @@ def write_mask(path: str, mask: np.ndarray) -> None:
         raise ValueError(f"{path}: mask values must lie in 0..255")
     image = Image.fromarray(mask.astype(np.uint8), mode="P")
     image.putpalette(PALETTE.reshape(-1).tolist())
-    buffer = _io.BytesIO()
+    buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     write_bytes(path, buffer.getvalue())
 
@@ -190,7 +190,7 @@ def rgb_array(image: Image.Image) -> np.ndarray:
 
 def write_image(path: str, image: np.ndarray) -> None:
     """Atomically writes an ``[H, W, 3]`` uint8 image as PNG."""
-    buffer = _io.BytesIO()
+    buffer = io.BytesIO()
     Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG")
     write_bytes(path, buffer.getvalue())
 
@@ -203,7 +203,7 @@ def write_cams(path: str, cams: Mapping[int, np.ndarray]) -> None:
     the official PMM code read.
     """
     payload = {int(k): np.asarray(v, dtype=np.float16) for k, v in cams.items()}
-    buffer = _io.BytesIO()
+    buffer = io.BytesIO()
     np.save(buffer, payload, allow_pickle=True)
     write_bytes(path, buffer.getvalue())
 
