@@ -93,7 +93,7 @@ def main() -> None:
         def stream(start_step: int):
             return pipeline.train_batches(ds, batch_size=args.batch_size,
                                           crop_size=args.crop_size, seed=0,
-                                          num_classes_fg=voc.NUM_CLASSES, start_step=start_step)
+                                          num_foreground=voc.NUM_CLASSES, start_step=start_step)
 
         def first_batch_seconds(start_step: int) -> float:
             start = time.perf_counter()

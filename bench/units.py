@@ -127,13 +127,13 @@ def classifier(config, size: Size):
     rngs = models.init_rngs(0)
     backbone = models.build_backbone(shrunk_backbone(config.cls.model.backbone, size), rngs,
                                      remat=models.remat_option(config.cls.model))
-    num_fg = config.data.num_classes - 1
+    num_foreground = config.data.num_classes - 1
     options = {k: v for k, v in config.cls.model.items()
                if k not in ("backbone", "init_from", *models.BACKBONE_OPTIONS)}
     if config.cls.get("method", "plain") == "seam":
-        model = seam.SEAM(backbone, num_fg, **options, rngs=rngs)
+        model = seam.SEAM(backbone, num_foreground, **options, rngs=rngs)
     else:
-        model = CAMClassifier(backbone, num_fg, dropout=options.get("dropout", 0.5), rngs=rngs)
+        model = CAMClassifier(backbone, num_foreground, dropout=options.get("dropout", 0.5), rngs=rngs)
     return in_compute_dtype(config, model)
 
 

@@ -118,7 +118,7 @@ def test_train_batches_pass_the_seed_and_section_through(opened, monkeypatch):
     data.train_batches(config.cls, "config.cls.batch_size", seed=3, start_step=8)
     fn, kw = calls.pop()
     assert fn == "train_batches" and (kw["seed"], kw["start_step"]) == (3, 8)
-    assert kw["num_classes_fg"] == 5
+    assert kw["num_foreground"] == 5
     assert (kw["batch_size"], kw["crop_size"]) == (config.cls.batch_size, config.cls.crop_size)
     config.cls.multicrop.rough_masks = "/rough"
     data.train_batches(config.cls, "config.cls.batch_size", seed=3, start_step=0)

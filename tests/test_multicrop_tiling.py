@@ -182,7 +182,7 @@ def test_multicrop_train_batches(tmp_path):
 
     write_toy_rough_masks(tmp_path)
     kwargs = dict(rough_masks=str(tmp_path), batch_size=4, crop_size=16, seed=3,
-                  num_classes_fg=3, scales=(1.0, 2.0), tile=32, stride=20, shuffle_buffer=2)
+                  num_foreground=3, scales=(1.0, 2.0), tile=32, stride=20, shuffle_buffer=2)
     batches = multicrop_batches.multicrop_train_batches(toy_dataset(), **kwargs)
     seen = {"a": 0, "b": 0}
     for _ in range(6):
@@ -216,7 +216,7 @@ def test_multicrop_train_batches_name_missing_and_mismatched_rough_masks(tmp_pat
     write_toy_rough_masks(tmp_path)
     (tmp_path / "b.png").unlink()
     kwargs = dict(rough_masks=str(tmp_path), batch_size=2, crop_size=16, seed=0,
-                  num_classes_fg=3, scales=(1.0,), tile=32, stride=20)
+                  num_foreground=3, scales=(1.0,), tile=32, stride=20)
     with pytest.raises(FileNotFoundError, match=r"1 of 2 training images .*b\.png"):
         multicrop_batches.multicrop_train_batches(toy_dataset(), **kwargs)
     safe_io.write_mask(str(tmp_path / "b.png"), np.ones((40, 41), np.uint8))

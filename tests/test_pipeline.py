@@ -67,7 +67,7 @@ def test_train_batches_static_deterministic_and_epoch_complete(data_dir):
 
     def first(n, seed):
         batches = pipeline.train_batches(ds, batch_size=8, crop_size=40, seed=seed,
-                                         num_classes_fg=5)
+                                         num_foreground=5)
         return list(itertools.islice(batches, n))
 
     batches = first(NUM_TRAIN // 8 + 1, seed=0)
@@ -89,14 +89,14 @@ def test_train_batches_static_deterministic_and_epoch_complete(data_dir):
 
 def test_train_batches_drop_remainder(data_dir):
     ds = pipeline.load_split(NAME, "train", data_dir).take(10)
-    batches = pipeline.train_batches(ds, batch_size=4, crop_size=32, seed=0, num_classes_fg=5)
+    batches = pipeline.train_batches(ds, batch_size=4, crop_size=32, seed=0, num_foreground=5)
     assert all(next(batches)["image"].shape[0] == 4 for _ in range(6))
 
 
 def test_train_batches_checks_label_count(data_dir):
     ds = pipeline.load_split(NAME, "train", data_dir)
     with pytest.raises(ValueError, match="expected 20"):
-        pipeline.train_batches(ds, batch_size=4, crop_size=32, seed=0, num_classes_fg=20)
+        pipeline.train_batches(ds, batch_size=4, crop_size=32, seed=0, num_foreground=20)
 
 
 PALETTE = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255]], np.uint8)
@@ -118,7 +118,7 @@ def _colour_coded(num, height, width, block=8):
 @pytest.mark.parametrize("scale_range", [None, (0.7, 1.3)])
 def test_augmentation_keeps_image_and_mask_aligned(scale_range):
     ds = _colour_coded(6, 40, 48)
-    batches = pipeline.train_batches(ds, batch_size=6, crop_size=44, seed=3, num_classes_fg=5,
+    batches = pipeline.train_batches(ds, batch_size=6, crop_size=44, seed=3, num_foreground=5,
                                      scale_range=scale_range)
     checked = 0
     for batch in itertools.islice(batches, 4):
@@ -138,7 +138,7 @@ def test_augmentation_keeps_image_and_mask_aligned(scale_range):
 
 def test_augmentation_flips_and_crops():
     ds = _colour_coded(1, 40, 48).repeat(8)
-    batch = next(pipeline.train_batches(ds, batch_size=8, crop_size=32, seed=0, num_classes_fg=5,
+    batch = next(pipeline.train_batches(ds, batch_size=8, crop_size=32, seed=0, num_foreground=5,
                                         scale_range=None))
     original = np.asarray(next(iter(ds))["mask"])[:, :, 0]
     flipped = original[:, ::-1]
@@ -305,7 +305,7 @@ def _assert_same_batches(got, expected):
 def test_a_resumed_stream_is_exactly_the_rest_of_an_uninterrupted_one(data_dir, make):
     """Resuming at step 5 (one epoch is 8 batches; 14 steps cross two epoch boundaries) gives
     the batches 5.. of the stream from 0, for encoded and decoded datasets alike."""
-    make = {"train": functools.partial(pipeline.train_batches, crop_size=32, num_classes_fg=5),
+    make = {"train": functools.partial(pipeline.train_batches, crop_size=32, num_foreground=5),
             "mmseg": functools.partial(mmseg_augment.mmseg_train_batches, crop_size=32,
                                        img_scale=(64, 48))}[make]
     encoded = pipeline.load_split(NAME, "train", data_dir, decode=False)

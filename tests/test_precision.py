@@ -120,13 +120,13 @@ def test_bf16_step_of_each_backbone_family(family):
     assert param_dtypes(model) == {"float32"}
 
 
-def synthetic_batch(size: int = 48, n: int = 16, num_fg: int = 5) -> dict[str, np.ndarray]:
+def synthetic_batch(size: int = 48, n: int = 16, num_foreground: int = 5) -> dict[str, np.ndarray]:
     """``n`` synthetic_wsss images (ImageNet-normalised), masks, labels and eval fields."""
     rng = np.random.default_rng(0)
     images, masks = zip(*(synthetic.render_sample(rng, size) for _ in range(n)))
     image = (np.stack(images).astype(np.float32) / 255.0 - 0.45) / 0.225
     mask = np.stack(masks).astype(np.int32)
-    labels = np.stack([builder_base.labels_from_mask(m, num_fg) for m in mask])
+    labels = np.stack([builder_base.labels_from_mask(m, num_foreground) for m in mask])
     return {"image": image, "mask": mask, "labels": labels,
             "height": np.full(n, size, np.int32), "width": np.full(n, size, np.int32)}
 

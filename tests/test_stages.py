@@ -201,7 +201,7 @@ def test_a_truncated_pseudo_mask_read_through_tensorflow_names_the_file(finished
         producer="the 'pseudo' stage")
     with pytest.raises(tf.errors.OpError) as tf_error:
         list(itertools.islice(pipeline.train_batches(ds, batch_size=16, crop_size=32, seed=0,
-                                                     num_classes_fg=5), 4))
+                                                     num_foreground=5), 4))
     damaged = stages.damaged_input(tf_error.value, "seg", config, wd)
     assert damaged is not None, str(tf_error.value)[:500]
     message = str(damaged)

@@ -55,14 +55,14 @@ def tile_boxes(width: int, height: int, scale: float, crop: int = CROP, stride: 
 
 
 def crop_labels(rough_masks: Mapping[int, np.ndarray], box: tuple[int, int, int, int],
-                num_classes: int, threshold: float = LABEL_THRESHOLD) -> np.ndarray:
-    """The 10% rule: float32 ``[num_classes]`` multi-hot label of a tile.
+                num_foreground: int, threshold: float = LABEL_THRESHOLD) -> np.ndarray:
+    """The 10% rule: float32 ``[num_foreground]`` multi-hot label of a tile.
 
     ``rough_masks``: ``{0-based class: [H, W] probability}`` (the official files key classes
     1-based; convert before calling). Classes without a mask or with no pixel above 0.9 are 0.
     """
     x1, y1, x2, y2 = box
-    labels = np.zeros(num_classes, np.float32)
+    labels = np.zeros(num_foreground, np.float32)
     for c, prob in rough_masks.items():
         mask = prob > ROUGH_MASK_THRESHOLD
         total = mask.sum()
@@ -76,7 +76,7 @@ def crop_labels(rough_masks: Mapping[int, np.ndarray], box: tuple[int, int, int,
 
 
 def sample_training_crop(rough_masks: Mapping[int, np.ndarray], width: int, height: int,
-                         num_classes: int, rng: np.random.Generator,
+                         num_foreground: int, rng: np.random.Generator,
                          scales: Sequence[float] = SCALES, crop: int = CROP,
                          stride: int = STRIDE) -> tuple[tuple[int, int, int, int], np.ndarray]:
     """A random scale, then up to (number of tiles) random tiles until one has a positive
@@ -84,7 +84,7 @@ def sample_training_crop(rough_masks: Mapping[int, np.ndarray], width: int, heig
     boxes = tile_boxes(width, height, scales[int(rng.random() * len(scales))], crop, stride)
     for _ in range(len(boxes)):
         box = boxes[int(rng.random() * len(boxes))]
-        labels = crop_labels(rough_masks, box, num_classes)
+        labels = crop_labels(rough_masks, box, num_foreground)
         if labels.sum() > 0:
             break
     return box, labels
@@ -132,7 +132,7 @@ def rough_mask_paths(directory: str, ids: Iterable[str]) -> dict[str, str]:
     return paths
 
 
-def read_rough_masks(path: str, num_classes: int) -> dict[int, np.ndarray]:
+def read_rough_masks(path: str, num_foreground: int) -> dict[int, np.ndarray]:
     """``{0-based class: [H, W] bool}`` rough masks from a file of either format (module
     docstring); classes without a pixel are left out. Errors name the file."""
     if path.endswith(".png"):
@@ -140,17 +140,17 @@ def read_rough_masks(path: str, num_classes: int) -> dict[int, np.ndarray]:
 
         labels = read_mask(path)
         values = np.unique(labels)
-        bad = values[(values > num_classes) & (values != 255)]
+        bad = values[(values > num_foreground) & (values != 255)]
         if bad.size:
             raise ValueError(f"{path}: rough-mask values {bad.tolist()} are not classes 1.."
-                             f"{num_classes} (class c+1), 0 or 255")
-        return {int(v) - 1: labels == v for v in values if 1 <= v <= num_classes}
+                             f"{num_foreground} (class c+1), 0 or 255")
+        return {int(v) - 1: labels == v for v in values if 1 <= v <= num_foreground}
     from pmm_jax.files.safe_io import read_class_dict
 
     masks = {}
     for key, prob in read_class_dict(path).items():  # refuses non-dicts and non-int keys
-        if not 0 <= key <= num_classes:
-            raise ValueError(f"{path}: class key {key} is outside 0..{num_classes} (the keys "
+        if not 0 <= key <= num_foreground:
+            raise ValueError(f"{path}: class key {key} is outside 0..{num_foreground} (the keys "
                              "are 1-based: c+1 for class c, 0 for background)")
         if key > 0:
             masks[key - 1] = np.asarray(prob) > ROUGH_MASK_THRESHOLD

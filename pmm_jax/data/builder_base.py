@@ -36,11 +36,11 @@ from pmm_jax.files.safe_io import rgb_array
 from pmm_jax.files.locks import data_dir_lock
 
 
-def labels_from_mask(mask: np.ndarray, num_classes: int) -> np.ndarray:
-    """Multi-hot float32 ``[num_classes]`` (foreground classes): class c (mask value c+1) is
+def labels_from_mask(mask: np.ndarray, num_foreground: int) -> np.ndarray:
+    """Multi-hot float32 ``[num_foreground]`` (foreground classes): class c (mask value c+1) is
     present if any pixel shows it; 0 (background) and 255 (void) do not count."""
     counts = np.bincount(np.asarray(mask, dtype=np.uint8).ravel(), minlength=256)
-    return (counts[1:num_classes + 1] > 0).astype(np.float32)
+    return (counts[1:num_foreground + 1] > 0).astype(np.float32)
 
 
 class InputError(ValueError):
@@ -172,14 +172,14 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             yield image_id, example
 
 
-def features(num_classes: int) -> tfds.features.FeaturesDict:
-    """The features of every dataset here, with variable image sizes and ``num_classes``
+def features(num_foreground: int) -> tfds.features.FeaturesDict:
+    """The features of every dataset here, with variable image sizes and ``num_foreground``
     foreground labels (``synthetic_wsss`` has the same with a fixed image size)."""
     return tfds.features.FeaturesDict({
         "id": tfds.features.Text(),
         "image": tfds.features.Image(shape=(None, None, 3)),
         "mask": tfds.features.Image(shape=(None, None, 1)),
-        "labels": tfds.features.Tensor(shape=(num_classes,), dtype=np.float32),
+        "labels": tfds.features.Tensor(shape=(num_foreground,), dtype=np.float32),
     })
 
 

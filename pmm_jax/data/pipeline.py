@@ -299,7 +299,7 @@ def batched(ds: tf.data.Dataset, batch_size: int) -> Iterator[Batch]:
 
 
 def train_batches(ds: tf.data.Dataset, *, batch_size: int, crop_size: int, seed: int,
-                  num_classes_fg: int, flip: bool = True,
+                  num_foreground: int, flip: bool = True,
                   scale_range: tuple[float, float] | None = (0.9, 1.1),
                   shuffle_buffer: int | None = None, start_step: int = 0) -> Iterator[Batch]:
     """Endless, seeded, augmented training batches of this process's shard, from batch
@@ -314,8 +314,8 @@ def train_batches(ds: tf.data.Dataset, *, batch_size: int, crop_size: int, seed:
     is per process; the remainder is dropped. ``shuffle_buffer`` defaults to the whole shard.
     """
     num_labels = ds.element_spec["labels"].shape[-1]
-    if num_labels != num_classes_fg:
-        raise ValueError(f"dataset has {num_labels} image-level labels, expected {num_classes_fg}")
+    if num_labels != num_foreground:
+        raise ValueError(f"dataset has {num_labels} image-level labels, expected {num_foreground}")
 
     def augment(position, example):
         key = tf.stack([tf.constant(seed, tf.int64), position])
