@@ -16,12 +16,12 @@ _PAPER = configs.get_config("voc").pseudo  # the paper's t, s and alpha
 T, S, ALPHA = _PAPER.t, _PAPER.s, _PAPER.alpha
 
 
-def np_normalize(cams, present, valid, official_quirk):
+def np_normalize(cams, present, valid, official_minmax):
     out = np.zeros(cams.shape, np.float64)
     for c in np.flatnonzero(present):
         v = cams[c].astype(np.float64)
         lo, hi = v[valid].min(), v[valid].max()
-        if official_quirk:
+        if official_minmax:
             v = v.copy()
             v[v < lo + 1e-5] = 0
         out[c][valid] = ((v - lo) / (hi - lo + 1e-5))[valid]

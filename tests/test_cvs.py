@@ -13,13 +13,14 @@ from pmm_jax.masks import cvs
 
 # ----------------------------------------------------------------------------- normalisation
 
-@pytest.mark.parametrize("official_quirk", [False, True])
+@pytest.mark.parametrize("official_minmax", [False, True])
 @pytest.mark.parametrize("use_valid", [False, True])
-def test_normalize_matches_numpy(rng, present, valid, official_quirk, use_valid):
+def test_normalize_matches_numpy(rng, present, valid, official_minmax, use_valid):
     cams = random_cams(rng) - 0.3  # some negative values, min != 0
     mask = valid if use_valid else full_valid()
-    got = cvs.normalize(cams, present, mask if use_valid else None, official_quirk=official_quirk)
-    want = np_normalize(cams, present, mask, official_quirk)
+    got = cvs.normalize(cams, present, mask if use_valid else None,
+                        official_minmax=official_minmax)
+    want = np_normalize(cams, present, mask, official_minmax)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
     assert np.all(np.asarray(got)[~present] == 0)
     assert np.all(np.asarray(got)[:, ~mask] == 0)
@@ -30,17 +31,17 @@ def test_normalize_quirk_zeroes_before_shift(present):
     cams[:, 0, 0] = 1.0  # the minimum
     cams[:, 1, 1] = 3.0  # the maximum
     plain = np.asarray(cvs.normalize(cams, present))
-    quirk = np.asarray(cvs.normalize(cams, present, official_quirk=True))
-    assert plain[0, 0, 0] == 0 and quirk[0, 0, 0] == pytest.approx(-1.0 / (2.0 + 1e-5), rel=1e-6)
-    np.testing.assert_allclose(plain[0, 1:], quirk[0, 1:])
+    minmax = np.asarray(cvs.normalize(cams, present, official_minmax=True))
+    assert plain[0, 0, 0] == 0 and minmax[0, 0, 0] == pytest.approx(-1.0 / (2.0 + 1e-5), rel=1e-6)
+    np.testing.assert_allclose(plain[0, 1:], minmax[0, 1:])
 
 
 def test_normalize_constant_cam_and_empty_label(present):
     cams = np.full((C, H, W), 0.7, np.float32)
     assert np.all(np.asarray(cvs.normalize(cams, present)) == 0)
-    quirk = np.asarray(cvs.normalize(cams, present, official_quirk=True))
-    np.testing.assert_allclose(quirk, np_normalize(cams, present, full_valid(), True), rtol=1e-5)
-    assert np.all(np.isfinite(quirk))
+    minmax = np.asarray(cvs.normalize(cams, present, official_minmax=True))
+    np.testing.assert_allclose(minmax, np_normalize(cams, present, full_valid(), True), rtol=1e-5)
+    assert np.all(np.isfinite(minmax))
     empty = np.zeros(C, bool)
     assert np.all(np.asarray(cvs.normalize(cams, empty)) == 0)
     assert np.all(np.asarray(cvs.normalize(cams, present, np.zeros((H, W), bool))) == 0)

@@ -21,12 +21,12 @@ def random_cams(seed=0, k=3, shape=(24, 31)):
     return np.stack(cams).astype(np.float32)
 
 
-@pytest.mark.parametrize("quirk", [False, True])
-def test_numpy_core_matches_the_jitted_reference(quirk):
+@pytest.mark.parametrize("minmax", [False, True])
+def test_numpy_core_matches_the_jitted_reference(minmax):
     cams = random_cams()
     present = np.ones(len(cams), bool)
-    x = worker.normalize(cams, quirk)
-    np.testing.assert_allclose(x, cvs.normalize(cams, present, official_quirk=quirk), atol=1e-6)
+    x = worker.normalize(cams, minmax)
+    np.testing.assert_allclose(x, cvs.normalize(cams, present, official_minmax=minmax), atol=1e-6)
     x_s = worker.cvs(x, 0.05, 0.3)
     np.testing.assert_allclose(x_s, cvs.cvs(x, present, 0.05, 0.3), rtol=1e-5, atol=1e-6)
     assert np.any(x_s != x)  # CVS changed something

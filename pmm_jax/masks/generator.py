@@ -24,10 +24,9 @@ lattice, their number padded to a power of two; joint variants: one CRF over exa
 image's ``[background, classes]``), on the image padded to a ``PAD_MULTIPLE`` bucket, so the
 CRF compiles once per bucket and label-set shape.
 
-Where the time went before (issue #23: slower with two workers than the official loop in
-one process): the main process imported JAX and compiled the jitted core, ran it on padded
-arrays and pickled those arrays to a task per class and the posteriors back; now it only
-schedules (docs/benchmarks.md has the figures).
+With a pool the main process only schedules: it never runs the jitted core, and records
+given as paths reach the workers as paths, not arrays (docs/benchmarks.md has the figures
+against the official one-process loop).
 
 Why not ``Pool.imap``: its feeder thread drains the input iterator eagerly, which would hold
 every image of the split in memory; ``concurrent.futures.ProcessPoolExecutor`` with an

@@ -61,14 +61,14 @@ CRFs = Callable[[np.ndarray, Sequence[np.ndarray], dense_crf.CRFParams], Sequenc
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """The validated generator config (``num_fg`` = number of foreground classes)."""
+    """The validated generator config (``num_foreground`` = number of foreground classes)."""
 
     method: str
     alpha: float
     t: float
     s: float
     official_minmax: bool
-    num_fg: int
+    num_foreground: int
     crf: dense_crf.CRFParams
     backend: str                 # dense_crf.BACKENDS
 
@@ -88,7 +88,7 @@ def load(record, settings: Settings) -> tuple[np.ndarray, list[int], list[np.nda
 
     Classes ascending, 0-based; each CAM float32 ``[H, W]``. A ValueError names the id and the
     file at fault: no image, unreadable file, not a class dict, class index outside
-    ``0..num_fg-1`` or not an integer, CAM size != image size, NaN/inf values.
+    ``0..num_foreground-1`` or not an integer, CAM size != image size, NaN/inf values.
     """
     image_id, image, cams = record
     cam_source = f" ({cams})" if isinstance(cams, (str, os.PathLike)) else ""
@@ -107,9 +107,10 @@ def load(record, settings: Settings) -> tuple[np.ndarray, list[int], list[np.nda
     arrays = []
     for c in classes:
         if (isinstance(c, bool) or not isinstance(c, (int, np.integer))
-                or not 0 <= c < settings.num_fg):
+                or not 0 <= c < settings.num_foreground):
             raise ValueError(f"{image_id}: CAM{cam_source} has class index {c!r} outside "
-                             f"0..{settings.num_fg - 1} (num_classes={settings.num_fg + 1})")
+                             f"0..{settings.num_foreground - 1} "
+                             f"(num_classes={settings.num_foreground + 1})")
         cam = np.asarray(cams[c], np.float32)
         if cam.shape != shape:
             raise ValueError(f"{image_id}: CAM{cam_source} of class {c} has shape {cam.shape}, "
@@ -125,12 +126,12 @@ def load(record, settings: Settings) -> tuple[np.ndarray, list[int], list[np.nda
 # The numpy core (masks/cvs.py and masks/ppmg.py for one unpadded image)
 
 
-def normalize(cams: np.ndarray, official_quirk: bool = False) -> np.ndarray:
+def normalize(cams: np.ndarray, official_minmax: bool = False) -> np.ndarray:
     """``cvs.normalize``: per-class ``(x - min) / (max - min + 1e-5)`` of ``[K, H, W]``."""
     x = np.asarray(cams, np.float32)
     x_min = x.min(axis=(1, 2), keepdims=True)
     x_max = x.max(axis=(1, 2), keepdims=True)
-    if official_quirk:
+    if official_minmax:
         x = np.where(x < x_min + np.float32(NORM_EPS), np.float32(0), x)
     with np.errstate(over="ignore", invalid="ignore"):
         out = (x - x_min) / (x_max - x_min + np.float32(NORM_EPS))
