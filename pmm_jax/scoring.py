@@ -66,21 +66,28 @@ def ignored_classes(class_names: str | None) -> tuple[int, ...]:
     unnamed spaces and those without unused ids)."""
     return tuple(IGNORED_CLASSES.get(class_names, ()))
 
-# Background threshold for CAM-only masks that never looks at ground truth: the score m at
-# which the paper's own background, (1 - m) ** alpha with alpha = 11 (section 3.1, the value
-# used for every pseudo-mask), equals the strongest class score m. Below it the paper's
-# baseline calls a pixel background before any CRF. Root of (1 - m) ** 11 = m: 0.1556...;
-# it also lies inside the official 0.05-0.19 sweep.
+# Background threshold of CAM-only masks that never looks at ground truth: the root m of
+# (1 - m) ** 11 = m, where the paper's background (section 3.1, alpha = 11) equals the
+# strongest class score; 0.1556..., inside the official 0.05-0.19 sweep.
 DEFAULT_CAM_BG_THRESHOLD = 0.1556
 
 
 def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int,
                      ignore_label: int = IGNORE_LABEL) -> np.ndarray:
-    """``[K, K]`` int64 pixel counts, rows ground truth, columns prediction.
+    """Pixel counts of (ground truth, prediction) pairs.
 
-    Pixels where ``gt == ignore_label`` are skipped. Any other value outside ``0..K-1`` in
-    either array is an error (it means a wrong ``num_classes`` or a corrupt file), never
-    silently dropped.
+    Args:
+        pred: predicted labels, any shape.
+        gt: ground-truth labels, the shape of ``pred``.
+        num_classes: K, background included.
+        ignore_label: ground-truth value whose pixels are skipped.
+
+    Returns:
+        ``[K, K]`` int64 counts, rows ground truth, columns prediction.
+
+    Raises:
+        ValueError: on different shapes, or a value outside ``0..K-1`` (other than a skipped
+            pixel) in either array: a wrong ``num_classes`` or a corrupt file, never dropped.
     """
     pred = np.asarray(pred)
     gt = np.asarray(gt)
@@ -100,15 +107,24 @@ def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int,
 def confusion_matrix_jnp(pred: jax.Array, gt: jax.Array, num_classes: int,
                          valid: jax.Array | None = None,
                          ignore_label: int = IGNORE_LABEL) -> jax.Array:
-    """jit-able confusion matrix ``[K, K]`` int32 summed over every axis of ``pred``/``gt``.
+    """jit-able :func:`confusion_matrix` for on-device accumulation.
 
-    Meant for on-device accumulation: with a batch sharded over devices, jit sums the shards
-    and returns one replicated matrix. ``valid`` (broadcastable to ``gt``, e.g. ``[B, 1, 1]``
-    for padded batch rows) removes pixels. Unlike :func:`confusion_matrix` it cannot raise
-    under jit, so pixels with a label outside ``0..K-1`` (and ``gt == ignore_label``) are
-    simply not counted. int32 counts hold up to 2**31 pixels per call; accumulate across
-    calls on the host in int64. (JAX is imported here so the numpy paths and the CLI start
-    without it.)
+    With a batch sharded over devices, jit sums the shards and returns one replicated
+    matrix. Unlike :func:`confusion_matrix` it cannot raise under jit: pixels with a label
+    outside ``0..K-1`` (and ``gt == ignore_label``) are not counted. int32 counts hold up to
+    2**31 pixels per call; accumulate across calls on the host in int64. (JAX is imported
+    here so the numpy paths and the CLI start without it.)
+
+    Args:
+        pred: predicted labels, any shape.
+        gt: ground-truth labels, the shape of ``pred``.
+        num_classes: K, background included.
+        valid: broadcastable to ``gt`` (e.g. ``[B, 1, 1]`` for padded batch rows); False
+            removes pixels. None keeps all.
+        ignore_label: ground-truth value whose pixels are skipped.
+
+    Returns:
+        ``[K, K]`` int32 counts summed over every axis, rows ground truth.
     """
     import jax.numpy as jnp
 
@@ -125,12 +141,18 @@ def confusion_matrix_jnp(pred: jax.Array, gt: jax.Array, num_classes: int,
 
 def iou_from_confusion(cm: np.ndarray, rule: str = "mmseg",
                        ignore_classes: Iterable[int] = ()) -> tuple[np.ndarray, float]:
-    """Per-class IoU (NaN for classes left out of the mean) and the mean IoU.
+    """Per-class IoU and the mean IoU of a confusion matrix.
 
-    ``rule`` is ``"mmseg"`` (leave out classes with an empty union) or ``"pmm"`` (leave out
-    classes absent from the ground truth); ``ignore_classes`` are always left out (e.g. the
-    unused COCO ids; their predictions stay false negatives of the true classes, see the
-    module docstring). The mean is NaN when no class is left.
+    Args:
+        cm: ``[K, K]`` counts, rows ground truth (:func:`confusion_matrix`).
+        rule: ``"mmseg"`` (leave out classes with an empty union) or ``"pmm"`` (leave out
+            classes absent from the ground truth).
+        ignore_classes: always left out (e.g. the unused COCO ids; their predictions stay
+            false negatives of the true classes, see the module docstring).
+
+    Returns:
+        ``(iou, miou)``: ``[K]`` float64 with NaN for the classes left out, and their mean
+        (NaN when no class is left).
     """
     if rule not in RULES:
         raise ValueError(f"unknown IoU rule {rule!r}; expected one of {RULES}")
@@ -149,9 +171,16 @@ def iou_from_confusion(cm: np.ndarray, rule: str = "mmseg",
 def cam_labels(cams: Mapping[int, np.ndarray], shape: Sequence[int], bg_threshold: float) -> np.ndarray:
     """Label map from CAMs alone: background where the strongest CAM is <= ``bg_threshold``.
 
-    ``cams`` maps 0-based foreground classes to ``[H, W]`` scores; elsewhere the label is
-    the strongest class + 1. Ties go to background and to the lower class, as in the official
-    evaluation (argmax over ``[threshold, cams...]``). No CAM at all gives all background.
+    Ties go to background and to the lower class, as in the official evaluation (argmax over
+    ``[threshold, cams...]``). No CAM at all gives all background.
+
+    Args:
+        cams: 0-based foreground class -> ``[H, W]`` scores.
+        shape: ``(H, W)`` of the label map.
+        bg_threshold: the background score.
+
+    Returns:
+        ``[H, W]`` uint8: 0 background, else the strongest class + 1.
     """
     score, label = _strongest_class(cams, shape)
     return np.where(score > bg_threshold, label, 0).astype(np.uint8)
@@ -160,11 +189,19 @@ def cam_labels(cams: Mapping[int, np.ndarray], shape: Sequence[int], bg_threshol
 def cam_threshold_curve(pairs: Iterable[tuple[Mapping[int, np.ndarray], np.ndarray]],
                         thresholds: Sequence[float], num_classes: int,
                         rule: str = "mmseg") -> dict[float, float]:
-    """mIoU of :func:`cam_labels` for each background threshold over ``(cams, gt)`` pairs.
+    """mIoU of :func:`cam_labels` for each background threshold.
 
-    The pairs are read once (they may be a generator of files); each threshold keeps its own
-    confusion matrix. The official curve is ``thresholds = [0.05, 0.06, ..., 0.19]``; picking
-    its best point looks at ground truth, which :data:`DEFAULT_CAM_BG_THRESHOLD` does not.
+    The official curve is ``thresholds = [0.05, 0.06, ..., 0.19]``; picking its best point
+    looks at ground truth, which :data:`DEFAULT_CAM_BG_THRESHOLD` does not.
+
+    Args:
+        pairs: ``(cams, gt)`` per image, read once (may be a generator of files).
+        thresholds: background thresholds; each keeps its own confusion matrix.
+        num_classes: K, background included.
+        rule: the IoU rule (:func:`iou_from_confusion`).
+
+    Returns:
+        ``{threshold: mIoU}``.
     """
     thresholds = [float(t) for t in thresholds]
     totals = {t: np.zeros((num_classes, num_classes), np.int64) for t in thresholds}
@@ -206,12 +243,23 @@ def evaluate_dirs(pred_dir: str, gt_dir: str, num_classes: int, rule: str = "mms
                   ignore_classes: Iterable[int] = (), ids: Sequence[str] | None = None) -> dict:
     """Scores every ``<id>.png`` of ``gt_dir``, or only ``ids``, against ``pred_dir/<id>.png``.
 
-    ``ids`` lets ``gt_dir`` hold more than the scored images (VOC's ``SegmentationClass`` has
-    train and val); each listed id needs a ground-truth file and a prediction, files of other
-    ids are not read. Missing predictions are an error that lists them (a partial prediction
-    folder would otherwise give a plausible but wrong mIoU), and so is a ground-truth file
-    holding one of ``ignore_classes`` (a wrong label space or a corrupt mask). Returns
-    ``{"confusion", "iou", "miou", "num_images"}``.
+    Args:
+        pred_dir: folder of predicted label PNGs.
+        gt_dir: folder of ground-truth label PNGs.
+        num_classes: K, background included.
+        rule: the IoU rule (:func:`iou_from_confusion`).
+        ignore_classes: classes left out of the mean; ground truth must not hold them.
+        ids: the ids to score (None: every PNG of ``gt_dir``), so that ``gt_dir`` may hold
+            more than the scored images (VOC's ``SegmentationClass`` has train and val);
+            files of other ids are not read.
+
+    Returns:
+        ``{"confusion", "iou", "miou", "num_images"}``.
+
+    Raises:
+        ValueError: naming the folder or file: a missing folder, a listed id without ground
+            truth, missing predictions (listed: a partial folder would give a plausible but
+            wrong mIoU), an unreadable mask, or ground truth holding an ignored class.
     """
     ignore_classes = sorted({int(c) for c in ignore_classes})
     for flag, folder in (("gt_dir", gt_dir), ("pred_dir", pred_dir)):
@@ -265,7 +313,16 @@ def class_names_for(num_classes: int, names: str | None = None) -> tuple[str, ..
 
 
 def format_table(iou: np.ndarray, miou: float, names: Sequence[str]) -> str:
-    """Markdown table of per-class IoU in percent; left-out classes show as ``-``."""
+    """Markdown table of per-class IoU in percent.
+
+    Args:
+        iou: ``[K]`` per-class IoU, NaN for a class left out (shown as ``-``).
+        miou: the mean IoU, the last row.
+        names: ``K`` class names, the first column.
+
+    Returns:
+        The table's lines joined by newlines.
+    """
     lines = ["| class | IoU (%) |", "| --- | ---: |"]
     for name, value in zip(names, iou):
         lines.append(f"| {name} | {'-' if np.isnan(value) else f'{100 * value:.2f}'} |")

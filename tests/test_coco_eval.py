@@ -1,4 +1,4 @@
-"""COCO's 91-id label space in evaluation (issue #5): the 10 unused category ids are ignored.
+"""COCO's 91-id label space in evaluation: the 10 unused category ids are ignored.
 
 WSSS_MMSeg evaluates COCO over 91 classes (background + ids 1..90, "one background and 10
 invalid" in the paper). Here, on masks the tests make: with the unused ids ignored, mIoU over

@@ -120,7 +120,7 @@ def hostile_npy(path, marker, how="exec"):
     """Writes ``path``, a ``.npy`` that ``np.load(allow_pickle=True)`` would turn into code
     writing the file ``marker``: through ``builtins.exec``, ``os.system``,
     ``subprocess.call``, or (``"empty"``) ``builtins.eval`` of an expression that writes the
-    file and evaluates to ``{}``, so the old reader returned an empty CAM dict."""
+    file and evaluates to ``{}`` (an unpickling reader would return an empty CAM dict)."""
     marker = str(marker)
     payload = {
         "exec": _Payload(builtins.exec, f"open({marker!r}, 'w').write('pwned')"),

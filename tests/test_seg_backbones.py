@@ -1,4 +1,4 @@
-"""The paper-scale segmenter's training set-up (issue #5): synchronised BatchNorm over a
+"""The paper-scale segmenter's training set-up: synchronised BatchNorm over a
 sharded batch, mmseg's ``frozen_stages``, and the four segmentation backbones by name.
 
 * Sync BN: one step of the trainer's jitted train step (``trainer.make_step``, what

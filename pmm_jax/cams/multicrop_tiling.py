@@ -47,7 +47,18 @@ def axis_spans(length: int, crop: int = CROP, stride: int = STRIDE) -> list[tupl
 
 def tile_boxes(width: int, height: int, scale: float, crop: int = CROP, stride: int = STRIDE
                ) -> list[tuple[int, int, int, int]]:
-    """Tile boxes ``(x1, y1, x2, y2)`` in original-image pixels at one scale, x-major."""
+    """The tiles of an image at one scale, x-major.
+
+    Args:
+        width: the image's width (original pixels).
+        height: the image's height.
+        scale: the image is tiled at ``(width, height) * scale``.
+        crop: tile size in scaled pixels.
+        stride: tile step in scaled pixels.
+
+    Returns:
+        Tile boxes ``(x1, y1, x2, y2)`` in original-image pixels.
+    """
     xs = axis_spans(int(width * scale), crop, stride)
     ys = axis_spans(int(height * scale), crop, stride)
     back = lambda v: int(float(v) / scale)
@@ -56,10 +67,18 @@ def tile_boxes(width: int, height: int, scale: float, crop: int = CROP, stride: 
 
 def crop_labels(rough_masks: Mapping[int, np.ndarray], box: tuple[int, int, int, int],
                 num_foreground: int, threshold: float = LABEL_THRESHOLD) -> np.ndarray:
-    """The 10% rule: float32 ``[num_foreground]`` multi-hot label of a tile.
+    """The 10% rule: the multi-hot label of a tile.
 
-    ``rough_masks``: ``{0-based class: [H, W] probability}`` (the official files key classes
-    1-based; convert before calling). Classes without a mask or with no pixel above 0.9 are 0.
+    Args:
+        rough_masks: ``{0-based class: [H, W] probability}`` (the official files key classes
+            1-based; convert before calling).
+        box: the tile ``(x1, y1, x2, y2)`` in image pixels.
+        num_foreground: the label's length.
+        threshold: the share of a class's mask (or of the tile) that makes it present.
+
+    Returns:
+        float32 ``[num_foreground]``; classes without a mask or with no pixel above
+        ``ROUGH_MASK_THRESHOLD`` are 0.
     """
     x1, y1, x2, y2 = box
     labels = np.zeros(num_foreground, np.float32)
@@ -79,8 +98,22 @@ def sample_training_crop(rough_masks: Mapping[int, np.ndarray], width: int, heig
                          num_foreground: int, rng: np.random.Generator,
                          scales: Sequence[float] = SCALES, crop: int = CROP,
                          stride: int = STRIDE) -> tuple[tuple[int, int, int, int], np.ndarray]:
-    """A random scale, then up to (number of tiles) random tiles until one has a positive
-    label; returns ``(box, labels)`` of that tile, or of the last one tried (all-zero)."""
+    """A training tile: a random scale, then up to (number of tiles) random tiles until one
+    has a positive label.
+
+    Args:
+        rough_masks: as :func:`crop_labels`.
+        width: the image's width.
+        height: the image's height.
+        num_foreground: the label's length.
+        rng: the only source of randomness.
+        scales: the scales to draw from.
+        crop: tile size in scaled pixels.
+        stride: tile step in scaled pixels.
+
+    Returns:
+        ``(box, labels)`` of that tile, or of the last one tried (labels all zero).
+    """
     boxes = tile_boxes(width, height, scales[int(rng.random() * len(scales))], crop, stride)
     for _ in range(len(boxes)):
         box = boxes[int(rng.random() * len(boxes))]
@@ -92,11 +125,18 @@ def sample_training_crop(rough_masks: Mapping[int, np.ndarray], width: int, heig
 
 def accumulate(tile_cams: Sequence[np.ndarray], boxes: Sequence[tuple[int, int, int, int]],
                labels: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Full-image ``[C, H, W]`` CAM: the mean over the tiles covering each pixel.
+    """The full-image CAM: the mean over the tiles covering each pixel.
 
-    ``tile_cams[i]``: ``[C, y2-y1, x2-x1]``, tile i's CAM already resized to its box (and
-    un-flipped); ``labels``: ``[C]`` image-level label the CAMs are multiplied by. Pixels no
-    tile covers keep 0.
+    Args:
+        tile_cams: ``[C, y2-y1, x2-x1]`` per tile, its CAM already resized to its box (and
+            un-flipped).
+        boxes: each tile's ``(x1, y1, x2, y2)``.
+        labels: ``[C]`` image-level label the CAMs are multiplied by.
+        height: the image's height.
+        width: the image's width.
+
+    Returns:
+        float32 ``[C, H, W]``; pixels no tile covers are 0.
     """
     total = np.zeros((len(labels), height, width), np.float64)
     count = np.zeros((height, width), np.float64)

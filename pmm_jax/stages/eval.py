@@ -39,7 +39,7 @@ def results(config, wd: Workdir, seg_mious: dict, eval_seconds: float, *, datase
         out.update(cam_miou=m["cam_miou"], cam_bg_threshold=m["cam_bg_threshold"])
     if "pseudo" in done:
         out["pseudo_mask_miou"] = done["pseudo"]["metrics"]["pseudo_mask_miou"]
-        if "pseudo_mask_eval" in done["pseudo"]["metrics"]:  # absent from older workdirs
+        if "pseudo_mask_eval" in done["pseudo"]["metrics"]:  # a marker may lack it
             out["pseudo_mask_eval"] = done["pseudo"]["metrics"]["pseudo_mask_eval"]
     cycles = [r for r in cycle.cycle_runs(config) if r in seg_mious]
     out["seg_miou"] = dict(seg_mious)
