@@ -24,6 +24,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
+from tests.support.paths import ROOT, VOC_SAMPLES  # noqa: E402
+
 
 # The modules whose tests run whole pipelines in subprocesses (minutes each), slowest first.
 SLOW_MODULES = ("test_rehearsal.py", "test_multiprocess.py", "test_main.py",
@@ -39,7 +41,6 @@ def pytest_collection_modifyitems(items):
         return SLOW_MODULES.index(name) if name in SLOW_MODULES else len(SLOW_MODULES)
     items.sort(key=rank)
 
-VOC_SAMPLES = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "voc_samples"
 
 
 @pytest.fixture(scope="session")
@@ -61,12 +62,11 @@ def run_main_until(workdir, stop_when=None, extra=(), timeout=900):
     import sys
     import time
 
-    root = pathlib.Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "pmm_jax.main", "--config=configs/demo.py:tiny",
            f"--workdir={workdir}", *extra]
     log = pathlib.Path(workdir).with_suffix(".log")
     with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         killed = False
         while proc.poll() is None:
@@ -146,7 +146,7 @@ def rng():
 
 @pytest.fixture
 def present():
-    """Image-level labels of 4 classes with one absent (tests/test_cvs.py, test_ppmg.py)."""
+    """Image-level labels of 4 classes with one absent (tests/masks/test_cvs.py, test_ppmg.py)."""
     import numpy as np
 
     return np.array([True, False, True, True])
@@ -155,7 +155,7 @@ def present():
 @pytest.fixture
 def valid():
     """A 12 x 10 valid-pixel mask with bottom and right padding, the size of
-    ``tests/pseudo_mask_reference.py``'s maps."""
+    ``tests/support/pseudo_mask_reference.py``'s maps."""
     import numpy as np
 
     mask = np.ones((12, 10), bool)

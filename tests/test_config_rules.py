@@ -4,10 +4,10 @@ them in one paragraph, and ``main`` stops on them before any stage runs."""
 from __future__ import annotations
 
 import pytest
-from test_main import run_main
 
 import configs
 from pmm_jax import config_rules
+from tests.support.commands import run_main
 
 
 @pytest.mark.parametrize("name, variant", [

@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import VOC_SAMPLES
 from pmm_jax.constants import SYNTHETIC_CLASSES, VOC_CLASSES
 from pmm_jax.data.synthetic import render_sample
 from pmm_jax.files import safe_io
+from tests.support.paths import VOC_SAMPLES
 
 pytestmark = pytest.mark.xdist_group("folder_rehearsal")
 

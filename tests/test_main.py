@@ -1,6 +1,5 @@
 """Tests of the command line: clear errors for bad overrides, stages, workdirs and inputs."""
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -11,15 +10,9 @@ import configs
 from pmm_jax import config_rules, main, stages
 from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir
+from tests.support.commands import run_main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def run_main(*args, timeout=120):
-    """Runs ``python -m pmm_jax.main`` from the repo root; returns the completed process."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "pmm_jax.main", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -184,7 +177,7 @@ def test_killed_runs_resume_and_complete(tiny_run):
 def test_the_classifier_killed_in_the_pipeline_ends_as_an_uninterrupted_one(tiny_run, tmp_path):
     """The pipeline's cls stage, SIGKILLed after its step-4 checkpoint and resumed, ends with
     every array of its final checkpoint equal to a run that was never interrupted."""
-    from test_stage_cls import assert_identical_checkpoints
+    from tests.support.interrupted_runs import assert_identical_checkpoints
 
     from pmm_jax.data import dataset
     from pmm_jax.stages import cls

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 from scipy.ndimage import gaussian_filter
-from test_io import hostile_npy
 
 from pmm_jax import pseudo_masks
 from pmm_jax.cams import multicrop_tiling
 from pmm_jax.files import safe_io
 from pmm_jax.masks import dense_crf, worker
 from pmm_jax.masks import generator as pm
+from tests.support.hostile_files import hostile_npy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 21
@@ -422,7 +422,7 @@ def test_invalid_config_is_rejected(tmp_path):
 
 
 def test_rough_masks_resume_and_name_missing_and_mismatched_cams(tmp_path):
-    from test_worker import square_image_and_cam
+    from tests.support.crf_scenes import square_image_and_cam
 
     image, cam = square_image_and_cam()
     cam_dir, out_dir = tmp_path / "cams", str(tmp_path / "rough")
