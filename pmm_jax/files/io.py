@@ -23,7 +23,7 @@ import zipfile
 from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from pmm_jax.constants import PALETTE
 
@@ -119,8 +119,9 @@ def read_json(path: str) -> Any:
         return json.load(f)
 
 
-def write_mask(path: str, mask: np.ndarray) -> None:
-    """Atomically writes a ``[H, W]`` label mask (values 0..255) as a VOC-palette PNG."""
+def write_mask(path: str, mask: np.ndarray, text: Mapping[str, str] | None = None) -> None:
+    """Atomically writes a ``[H, W]`` label mask (values 0..255) as a VOC-palette PNG, with
+    ``text`` as its text chunks (``{key: value}``)."""
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"{path}: a mask must be 2-D, got shape {mask.shape}")
@@ -128,8 +129,11 @@ def write_mask(path: str, mask: np.ndarray) -> None:
         raise ValueError(f"{path}: mask values must lie in 0..255")
     image = Image.fromarray(mask.astype(np.uint8), mode="P")
     image.putpalette(PALETTE.reshape(-1).tolist())
+    info = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        info.add_itxt(key, value)
     buffer = _io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", pnginfo=info)
     write_bytes(path, buffer.getvalue())
 
 
@@ -168,8 +172,26 @@ def read_image(path: str) -> np.ndarray:
     try:
         with Image.open(path) as image:
             return rgb_array(image)
-    except (OSError, ValueError, SyntaxError) as err:
-        raise ValueError(f"{path}: cannot read image ({err})") from err
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise _unreadable(path, err) from err
+
+
+def check_image(path: str) -> None:
+    """Reads ``path``'s header only: a ValueError naming the file (as :func:`read_image`'s)
+    when it is no image Pillow reads, or one larger than Pillow's decompression-bomb limit."""
+    try:
+        with Image.open(path):
+            pass
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise _unreadable(path, err) from err
+
+
+def _unreadable(path: str, err: Exception) -> ValueError:
+    if isinstance(err, Image.DecompressionBombError):
+        return ValueError(f"{path}: refused to decode ({err}); a picture that large is more "
+                          "likely a decompression bomb than a photograph: shrink it or remove "
+                          "it")
+    return ValueError(f"{path}: cannot read image ({err})")
 
 
 def rgb_array(image: Image.Image) -> np.ndarray:
