@@ -192,7 +192,7 @@ def read_image(path: str) -> np.ndarray:
         with Image.open(path) as image:
             return rgb_array(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise _unreadable(path, err) from err
+        raise unreadable_image(path, err) from err
 
 
 def check_image(path: str) -> None:
@@ -202,10 +202,11 @@ def check_image(path: str) -> None:
         with Image.open(path):
             pass
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise _unreadable(path, err) from err
+        raise unreadable_image(path, err) from err
 
 
-def _unreadable(path: str, err: Exception) -> ValueError:
+def unreadable_image(path: str, err: Exception) -> ValueError:
+    """The error naming ``path`` for Pillow's ``err`` (a decompression bomb said as such)."""
     if isinstance(err, Image.DecompressionBombError):
         return ValueError(f"{path}: refused to decode ({err}); a picture that large is more "
                           "likely a decompression bomb than a photograph: shrink it or remove "
