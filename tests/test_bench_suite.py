@@ -9,7 +9,7 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # bench/ is not installed
-from bench import suite  # noqa: E402
+from bench import photo_predict, suite  # noqa: E402
 
 CPU = suite.Device("cpu", "cpu", 1, {"jax": "0"})
 
@@ -82,3 +82,25 @@ def test_suite_stand_ins_are_the_voc_config():
     assert suite.VOC_REMAT == config.cls.model.remat == config.seg.model.remat
     assert config.compute_dtype == "auto"
 
+
+
+def test_bad_arguments_are_refused_before_any_row(tmp_path, monkeypatch):
+    import pytest
+
+    ran = []
+    monkeypatch.setattr(suite, "ROWS", [suite.Row("a", "a", lambda d, q: ran.append(1) or {},
+                                                  (1, 1, 1))])
+    (tmp_path / "file").write_text("")
+    for argv, text in (([f"--out={tmp_path / 'file'}"], "is a file, not a folder"),
+                       (["--budget_s=-5"], "--budget_s=-5.0 must be a positive number"),
+                       (["--budget_s=nan"], "--budget_s=nan must be a positive number"),
+                       (["--only=,"], "--only=, names no row")):
+        argv = [f"--out={tmp_path / 'out'}", *argv]
+        with pytest.raises(SystemExit, match=text):
+            suite.main(argv)
+    assert not ran
+
+
+def test_the_photo_row_uses_the_voc_canvas():
+    assert tuple(suite.VOC_CAM["eval_pad_to"]) == photo_predict.CANVAS
+    assert photo_predict.PHOTO[0] * photo_predict.PHOTO[1] > 12e6

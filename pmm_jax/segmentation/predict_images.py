@@ -168,19 +168,32 @@ class ImageSegmenter:
 
     def __init__(self, config, wd: Workdir, run: str, crf: bool | None = None):
         from pmm_jax.masks import dense_crf
-        from pmm_jax.segmentation import inference
         from pmm_jax.stages import seg
 
-        self.facts = dataset_facts(wd)
-        self.run = run
-        model = seg.load_segmenter(config, wd, run, self.facts.num_classes)
+        facts = dataset_facts(wd)
         eval_cfg = dict(config.eval.to_dict())
         if crf is not None:
             eval_cfg["crf"] = crf
+        self._setup(seg.load_segmenter(config, wd, run, facts.num_classes), facts, eval_cfg,
+                    dense_crf.config_backend(config), f"segmenter '{run}' of {wd.root}")
+
+    @classmethod
+    def of_model(cls, model, facts: DatasetFacts, eval_cfg, crf_backend: str | None = None,
+                 source: str = "the segmenter") -> "ImageSegmenter":
+        """The same for a model in hand (``eval_cfg`` as ``config.eval``), e.g. a benchmark's."""
+        from pmm_jax.masks import dense_crf
+
+        self = cls.__new__(cls)
+        self._setup(model, facts, eval_cfg, crf_backend or dense_crf.DEFAULT_BACKEND, source)
+        return self
+
+    def _setup(self, model, facts: DatasetFacts, eval_cfg, crf_backend: str, source: str):
+        from pmm_jax.segmentation import inference
+
+        self.facts = facts
         self._rows = jax.local_device_count()
-        self._predict = inference.Predictor(
-            model, eval_cfg, crf_backend=dense_crf.config_backend(config),
-            source=f"segmenter '{run}' of {wd.root}")
+        self._predict = inference.Predictor(model, eval_cfg, crf_backend=crf_backend,
+                                            source=source)
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         out = []
