@@ -104,3 +104,19 @@ def test_bad_arguments_are_refused_before_any_row(tmp_path, monkeypatch):
 def test_the_photo_row_uses_the_voc_canvas():
     assert tuple(suite.VOC_CAM["eval_pad_to"]) == photo_predict.CANVAS
     assert photo_predict.PHOTO[0] * photo_predict.PHOTO[1] > 12e6
+
+
+def test_the_photo_row_is_tabled():
+    from bench.suite_report import photo_table
+
+    figures = {"photo": [3024, 4032], "canvas": [512, 512], "model": {"width_div": 4,
+               "blocks": "1,1,2,1"}, "eval": {"scales": [1.0], "flip": False},
+               "predict_s": 1.5, "predict_host_peak_mb": 80.0, "export_load_s": 1.6,
+               "export_load_host_peak_mb": 76.0, "baseline_s": 0.7, "baseline_host_peak_mb": 27.0,
+               "model_alone_s": 0.4, "shrink_s": 0.9, "pil_resize_s": 0.3,
+               "shrink_host_peak_mb": 75.5, "peak_rss_mb": 800.0,
+               "shrink_vs_pil": {"max": 1, "share_over_1": 0.0}, "predict_equals_export": True}
+    text = "\n".join(photo_table({"photo_predict": {"status": "ok", "figures": figures}}))
+    assert "One 4032x3024 photo on the 512x512 canvas" in text
+    assert "| pmm_jax.predict (no CRF) | 1.50 | 80.0 |" in text
+    assert "predict equals export: True" in text
