@@ -61,9 +61,12 @@ def _shrink_axis(values: np.ndarray, target: int, axis: int) -> np.ndarray:
     index, weights = _filter_band(values.shape[axis], target)
     shape = [1, 1, 1]
     shape[axis] = target
-    out = np.zeros([target if a == axis else n for a, n in enumerate(values.shape)], np.float64)
+    size = [target if a == axis else n for a, n in enumerate(values.shape)]
+    out, term = np.zeros(size, np.float64), np.empty(size, np.float64)
     for k in range(index.shape[1]):
-        out += weights[:, k].reshape(shape) * np.take(values, index[:, k], axis=axis)
+        np.multiply(weights[:, k].reshape(shape), np.take(values, index[:, k], axis=axis),
+                    out=term)
+        out += term
     return out
 
 
