@@ -245,3 +245,27 @@ def test_the_summary_says_what_was_built_and_which_images_are_unused(tmp_path):
     assert "train 2 images (0 with a mask), val 1" in text
     assert "unused: 2 images in neither train.txt nor val.txt: d, e" in text
     assert "warning: no train or val image is tagged bird" in text
+
+
+def test_main_shows_what_it_built_from_the_folder(tmp_path):
+    """The summary is logged where ``main`` shows it (absl INFO is silenced there); a split
+    name the built dataset lacks then stops the run before any stage."""
+    import subprocess
+    import sys
+
+    root = make_folder(tmp_path / "f", rows=["a,cat", "b,cat;dog", "c,"])
+    (root / "train.txt").write_text("a\nb\n")
+    (root / "val.txt").write_text("\n")
+    workdir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pmm_jax.main", "--config=configs/folder.py:tiny",
+         f"--config.data.folder={root}", f"--workdir={workdir}", "--config.data.train_split=nope"],
+        cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "2 classes (images tagged): cat 2, dog 1" in proc.stderr
+    assert "train 2 images (0 with a mask), val 0" in proc.stderr
+    assert "unused: 1 images in neither train.txt nor val.txt: c" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: config.data.train_split='nope' is not a split of dataset folder_wsss/")
+    assert not (workdir / "stages").exists()
