@@ -19,7 +19,7 @@ is a digest of the folder (:func:`fingerprint`: every file's name, size and modi
 time, the text files' contents and ``max_side``), so an edited folder is built afresh and an
 unchanged one is reused. Bad input raises :class:`InputError` naming the file (and line).
 
-(About 400 lines, one job: a folder in, a checked tfds build out.)
+(About 480 lines, one job: a folder in, a checked tfds build out.)
 
 Splits: ``train``, ``val`` (when any) and ``train_masked`` (the train images that have a
 mask, when any; the pseudo-masks are scored on them). Images without a mask get an all-255
