@@ -19,6 +19,9 @@ figure, with device, versions, date, load and command) and ``DIR/results.md`` (t
   mask agreement (``bench/pseudo_masks.py``; needs pydensecrf).
 * ``pseudo_masks_jax``: the generator's per-image path with the JAX dense CRF.
 * ``cam``: multi-crop CAMs of one 500x375 image at configs/voc.py's scales (``bench/units.py``).
+* ``photo_predict``: ``pmm_jax.predict``'s and ``pmm_jax.export.load``'s seconds and host peak
+  memory for one 12 MP photo at configs/voc.py's 512x512 canvas, against PIL's resize + the
+  model alone (``bench/photo_predict.py``).
 
 Sizes: on a GPU/TPU the paper's shapes (crop 448/512, batch 16, full networks); on a CPU
 reduced ones (``bench/classifier_step.py``'s CPU settings); ``--quick``: small shapes of every
@@ -206,6 +209,25 @@ def cam_row(device: Device, quick: bool) -> dict:
     return step_report.in_child(_cam_child, args)
 
 
+def photo_predict_row(device: Device, quick: bool) -> dict:
+    """``bench/photo_predict.py``: predict and export.load on one 12 MP photo (512x512 canvas)
+    against PIL's resize + the model alone; the network shrunk off an accelerator."""
+    from bench import step_report
+
+    settings = _settings(device, quick)
+    args = {"quick": {"width_div": 16, "blocks": "1,1,1,1", "repeats": 1},
+            "cpu": {"width_div": 4, "blocks": "1,1,2,1", "repeats": 2},
+            "accelerator": {"width_div": 1, "blocks": "3,4,23,3", "repeats": 3}}[settings]
+    args.update(scales=(1.0,), flip=False, sliding_window=None)
+    return step_report.in_child(_photo_predict_child, args)
+
+
+def _photo_predict_child(args: dict) -> dict:
+    from bench import photo_predict
+
+    return photo_predict.run(args)
+
+
 ROWS = [
     Row("seam", "SEAM classifier step as configured (precision, remat)",
         step_row("seam", "config"), (40, 300, 150)),
@@ -228,6 +250,8 @@ ROWS = [
         pseudo_masks_jax_row, (40, 120, 90), needs=("scipy", "PIL")),
     Row("cam", "multi-crop CAMs of one image at configs/voc.py's scales", cam_row,
         (30, 200, 120)),
+    Row("photo_predict", "predict and export.load of a 12 MP photo (512x512 canvas) vs PIL "
+        "resize + the model alone", photo_predict_row, (60, 120, 90), needs=("PIL",)),
 ]
 
 
@@ -294,6 +318,19 @@ def main(argv=None) -> dict:
     unknown = sorted(set(names) - {r.name for r in ROWS})
     if unknown:
         raise SystemExit(f"error: unknown row(s) {unknown}; rows: {[r.name for r in ROWS]}")
+    if args.only and not names:
+        raise SystemExit(f"error: --only={args.only} names no row; name one or more of "
+                         f"{','.join(r.name for r in ROWS)}, or leave --only out for all")
+    if args.budget_s is not None and not (math.isfinite(args.budget_s) and args.budget_s > 0):
+        raise SystemExit(f"error: --budget_s={args.budget_s} must be a positive number of "
+                         "seconds (or left out: no budget)")
+    if os.path.lexists(args.out) and not os.path.isdir(args.out):
+        raise SystemExit(f"error: --out={args.out} is a file, not a folder; name a folder "
+                         "(created when absent) for results.json and results.md")
+    try:
+        os.makedirs(args.out, exist_ok=True)  # before any row: its figures would be lost
+    except OSError as err:
+        raise SystemExit(f"error: --out={args.out}: cannot create the folder ({err})") from None
     rows = [r for r in ROWS if not names or r.name in names]
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = os.getloadavg()

@@ -62,9 +62,12 @@ def config_error(err: Exception, argv: list[str]) -> str:
     # ml_collections quotes a KeyError's message inside an AttributeError's: unwrap them.
     while len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
         try:
-            text = ast.literal_eval(text)
+            inner = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             break
+        if not (isinstance(inner, str) and inner[:1] in ("'", '"')):
+            break  # keep the quotes of a bare key: 'nope'
+        text = inner
     text = " ".join(str(text).split())
     if "[Errno" in text:  # a missing or unreadable config file: keep the OS's own words
         text = text[text.index("[Errno"):]
@@ -77,6 +80,30 @@ def config_error(err: Exception, argv: list[str]) -> str:
                 "existing key)")
     source = next((arg for arg in argv if arg.startswith("--config=")), "--config")
     return f"{source}: cannot load the config ({type(err).__name__}: {text})"
+
+
+def override_problems(argv: list[str]) -> list[str]:
+    """What is wrong with each ``--config.KEY=VALUE`` of ``argv`` applied alone to the config
+    file (an unknown key, a value of the wrong type), in order; [] when the file itself does
+    not load."""
+    config_args = [arg for arg in argv[1:] if arg.startswith("--config=")]
+    found = []
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        args = [argv[0], *config_args[-1:], arg]
+        alone = flags.FlagValues()
+        config = config_flags.DEFINE_config_file("config", None, "", flag_values=alone,
+                                                 lock_config=True, sys_argv=args)
+        try:
+            alone(args)
+            config.value.to_dict()
+        except flags.Error as err:
+            found.append(" ".join(str(err).split()).removeprefix("flag "))
+        except (AttributeError, ImportError, KeyError, OSError, SyntaxError, TypeError,
+                ValueError) as err:
+            found.append(config_error(err, args))
+    return found
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -94,6 +121,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     except (AttributeError, ImportError, KeyError, OSError, SyntaxError, TypeError,
             ValueError) as err:
         message = config_error(err, argv)
+    bad = override_problems(argv)
+    if len(bad) > 1:  # every malformed override at once, not the first alone
+        message = f"{len(bad)} overrides are wrong: " + "; ".join(bad)
     sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
                      "Pass --helpshort or --helpfull to see help on flags.\n")
     sys.exit(1)
@@ -140,7 +170,7 @@ def enable_compilation_cache(setting: str, workdir: str) -> str | None:
 def run(config, workdir: str, redo: list[str] = ()) -> dict:
     """Runs the configured stages in ``workdir`` (redoing those in ``redo``); returns
     ``{stage: marker}`` of those run. ``config.json`` keeps the first run's config."""
-    from pmm_jax import stages
+    from pmm_jax import config_rules, stages
     from pmm_jax.files import safe_io
     from pmm_jax.files.workdir import Workdir
     from pmm_jax.training import distributed
@@ -154,6 +184,7 @@ def run(config, workdir: str, redo: list[str] = ()) -> dict:
         # Opened before anything else: a folder of images is checked (bad input stops here)
         # and built.
         data = open_dataset(config, wd)
+        config_rules.check_dataset(config, data)  # its split names, before any stage
         if distributed.is_main():
             record_dataset(wd, data, names, redo)
         if distributed.is_main() and not os.path.exists(wd.config_json):
@@ -223,7 +254,7 @@ def main(argv):
         run(_CONFIG.value, _WORKDIR.value, _REDO.value)
     except (app.UsageError, stages.StageError, checkpoints.CheckpointError,
             trainer.DivergenceError, safe_io.NonFiniteError, workdir.WorkdirBusyError,
-            DatasetNotPreparedError, InputError) as err:
+            DatasetNotPreparedError, InputError, config_rules.ConfigError) as err:
         fail(str(err))  # each message says what to do; a traceback would bury it
     except KeyboardInterrupt:
         sys.stderr.write("interrupted; rerun the same command to resume\n")

@@ -88,3 +88,40 @@ def test_batches_that_do_not_split_over_the_devices_are_refused_at_start_up():
     with pytest.raises(config_rules.ConfigError, match=r"^2 config settings are wrong"):
         config_rules.check_devices(config, processes=2, local_devices=4)
 
+
+
+def test_a_negative_max_side_is_refused():
+    config = configs.get_config("folder", "tiny")
+    config.data.folder = "/somewhere"
+    config.data.max_side = -3
+    with pytest.raises(config_rules.ConfigError, match=r"config\.data\.max_side=-3 must be a "
+                                                       "non-negative integer"):
+        config_rules.check(config)
+    config.data.max_side = 0  # keep the images' own size
+    assert not [p for p in config_rules.problems(config) if "max_side" in p]
+
+
+def test_split_names_the_dataset_lacks_are_refused_before_any_stage(tmp_path):
+    proc = run_main("--config=configs/demo.py:tiny", f"--workdir={tmp_path / 'wd'}",
+                    "--config.data.train_split=nope", "--config.pseudo.eval_split=also",
+                    timeout=300)
+    assert proc.returncode == 1
+    err = proc.stderr.strip().splitlines()[-1]  # after tfds's progress bars (generating it)
+    assert err.startswith("error: 2 config settings are wrong"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "config.data.train_split='nope' is not a split of dataset synthetic_wsss/tiny" in err
+    assert "config.pseudo.eval_split='also'" in err
+    assert not (tmp_path / "wd" / "stages").exists() and not (tmp_path / "wd" / "cls").exists()
+
+
+def test_every_malformed_override_is_named_at_once(tmp_path):
+    proc = run_main("--config=configs/demo.py:tiny", f"--workdir={tmp_path / 'wd'}",
+                    "--config.cls.lr=abc", "--config.seg.lr=xyz", "--config.seg.nope=1",
+                    "--config.cls.num_steps=2")
+    assert proc.returncode == 1
+    assert "3 overrides are wrong" in proc.stderr, proc.stderr
+    for text in ("--config.cls.lr=abc: could not convert", "--config.seg.lr=xyz: could not "
+                 "convert", "--config.seg.nope: the config has no key 'nope'"):
+        assert text in proc.stderr, proc.stderr
+    assert "num_steps" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "wd").exists()

@@ -32,7 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from tensorflow_datasets.core.utils import gcs_utils
 
 from pmm_jax.constants import IGNORE_LABEL
-from pmm_jax.files.safe_io import rgb_array
+from pmm_jax.files.safe_io import rgb_array, unreadable_image
 from pmm_jax.files.locks import data_dir_lock
 
 
@@ -92,6 +92,8 @@ def load_image(path: pathlib.Path, image_id: str) -> tuple[bytes | np.ndarray, t
             return rgb_array(image), size
     except UnidentifiedImageError:
         raise CorruptImageError(path, "not a recognised image format") from None
+    except Image.DecompressionBombError as err:
+        raise InputError(str(unreadable_image(str(path), err))) from None
     except (OSError, ValueError, SyntaxError) as err:
         raise CorruptImageError(path, str(err)) from err
 

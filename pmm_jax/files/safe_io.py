@@ -23,7 +23,7 @@ import zipfile
 from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from pmm_jax.constants import PALETTE
 
@@ -52,18 +52,37 @@ def require_finite(arrays: Iterable[np.ndarray], what: str) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
-    """Yields a temporary path beside ``path``; renames it onto ``path`` on success."""
+    """Yields a temporary path beside ``path``; renames it onto ``path`` on success. The file
+    gets the mode any new file gets (0666 less the umask)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     suffix = os.path.splitext(path)[1]
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX, suffix=suffix)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 600, as ``open`` would create it
+    finally:
+        os.close(fd)
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask() -> int:
+    """This process's file mode creation mask (read from /proc without changing it, where
+    there is one; else set and restored at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def remove_stale_temps(directory: str) -> int:
@@ -119,8 +138,9 @@ def read_json(path: str) -> Any:
         return json.load(f)
 
 
-def write_mask(path: str, mask: np.ndarray) -> None:
-    """Atomically writes a ``[H, W]`` label mask (values 0..255) as a VOC-palette PNG."""
+def write_mask(path: str, mask: np.ndarray, text: Mapping[str, str] | None = None) -> None:
+    """Atomically writes a ``[H, W]`` label mask (values 0..255) as a VOC-palette PNG, with
+    ``text`` as its text chunks (``{key: value}``)."""
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"{path}: a mask must be 2-D, got shape {mask.shape}")
@@ -128,8 +148,11 @@ def write_mask(path: str, mask: np.ndarray) -> None:
         raise ValueError(f"{path}: mask values must lie in 0..255")
     image = Image.fromarray(mask.astype(np.uint8), mode="P")
     image.putpalette(PALETTE.reshape(-1).tolist())
+    info = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        info.add_itxt(key, value)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", pnginfo=info)
     write_bytes(path, buffer.getvalue())
 
 
@@ -168,8 +191,27 @@ def read_image(path: str) -> np.ndarray:
     try:
         with Image.open(path) as image:
             return rgb_array(image)
-    except (OSError, ValueError, SyntaxError) as err:
-        raise ValueError(f"{path}: cannot read image ({err})") from err
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise unreadable_image(path, err) from err
+
+
+def check_image(path: str) -> None:
+    """Reads ``path``'s header only: a ValueError naming the file (as :func:`read_image`'s)
+    when it is no image Pillow reads, or one larger than Pillow's decompression-bomb limit."""
+    try:
+        with Image.open(path):
+            pass
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise unreadable_image(path, err) from err
+
+
+def unreadable_image(path: str, err: Exception) -> ValueError:
+    """The error naming ``path`` for Pillow's ``err`` (a decompression bomb said as such)."""
+    if isinstance(err, Image.DecompressionBombError):
+        return ValueError(f"{path}: refused to decode ({err}); a picture that large is more "
+                          "likely a decompression bomb than a photograph: shrink it or remove "
+                          "it")
+    return ValueError(f"{path}: cannot read image ({err})")
 
 
 def rgb_array(image: Image.Image) -> np.ndarray:

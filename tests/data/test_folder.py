@@ -173,3 +173,99 @@ def test_a_folder_without_masks_opens_without_val_and_without_a_pseudo_mask_scor
     config.data.folder = ""
     with pytest.raises(InputError, match="config.data.folder is empty"):
         dataset.open_dataset(config, Workdir(str(tmp_path / "run")))
+
+
+def test_a_decompression_bomb_is_named_not_decoded(tmp_path):
+    root = make_folder(tmp_path / "f")
+    Image.new("1", (20000, 20000)).save(root / "images" / "b.png")
+    assert (root / "images" / "b.png").stat().st_size < 100_000
+    with pytest.raises(InputError, match=r"images/b\.png: refused to decode .*decompression bomb"):
+        folder.decode_example(folder.read_folder(root), "b", 0)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])
+def test_labels_csv_in_utf16_as_excel_saves_unicode_text_is_read(tmp_path, encoding):
+    root = make_folder(tmp_path / "f")
+    text = "id\tlabels\na\tcafé\nb\tcafé;dog\nc\t\n"
+    data = text.encode(encoding)
+    (root / "labels.csv").write_bytes(data if encoding == "utf-16" else b"\xfe\xff" + data)
+    f = folder.read_folder(root)
+    assert f.class_names == ("background", "café", "dog")
+    assert f.labels == {"a": (1,), "b": (1, 2), "c": ()}
+
+
+@pytest.mark.parametrize("name", ["labels.csv", "classes.txt", "train.txt"])
+def test_a_text_file_in_windows_1252_is_named_with_its_line(tmp_path, name):
+    root = make_folder(tmp_path / "f", rows=["a,cat", "b,caf\u00e9", "c,"],
+                       classes=["cat", "caf\u00e9"])
+    (root / "train.txt").write_text("a\nb\nc\n")
+    path = root / name
+    path.write_bytes(path.read_text().encode("cp1252"))
+    line = {"labels.csv": 3, "classes.txt": 2, "train.txt": None}[name]
+    if line is None:  # nothing but ASCII: cp1252 and UTF-8 agree
+        folder.read_folder(root)
+        path.write_bytes("a\nb\nr\u00e9sum\u00e9\n".encode("cp1252"))
+        line = 3
+    with pytest.raises(InputError, match=rf"{name} line {line}: byte 0xe9 is not UTF-8 .* save "
+                                         "it as UTF-8"):
+        folder.read_folder(root)
+
+
+@pytest.mark.parametrize("kind", ["folder", "dangling link"])
+def test_a_folder_or_dangling_link_named_like_an_image_is_named(tmp_path, kind):
+    root = make_folder(tmp_path / "f")
+    path = root / "images" / "album.jpg"
+    if kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to(tmp_path / "gone.jpg")
+    what = "a folder" if kind == "folder" else "a link to nothing"
+    with pytest.raises(InputError, match=rf"images/album\.jpg is {what} but is named like an image"):
+        folder.read_folder(root)
+
+
+def test_tags_that_differ_only_in_case_are_refused_unless_classes_txt_lists_both(tmp_path):
+    root = make_folder(tmp_path / "f", rows=["a,Spot", "b,spot;dog", "c,"])
+    with pytest.raises(InputError, match=r"labels\.csv line 3: class 'spot' differs from 'Spot' "
+                                         r"\(line 2\) only in case"):
+        folder.read_folder(root)
+    (root / "classes.txt").write_text("Spot\nspot\ndog\n")
+    assert folder.read_folder(root).class_names == ("background", "Spot", "spot", "dog")
+
+
+def test_the_summary_says_what_was_built_and_which_images_are_unused(tmp_path):
+    root = make_folder(tmp_path / "f", rows=["a,cat", "b,cat;dog", "c,", "d,dog", "e,"],
+                       sizes={f"{i}.png": (16, 16) for i in "abcde"},
+                       masks={"b": mask_of(16, 16, 2)}, classes=["cat", "dog", "bird"])
+    (root / "train.txt").write_text("a\nc\n")
+    (root / "val.txt").write_text("b\n")
+    built = folder.build(root, str(tmp_path / "data"))
+    text = folder.summary_text(built)
+    assert "3 classes (images tagged): cat 2, dog 1, bird 0" in text, text
+    assert "train 2 images (0 with a mask), val 1" in text
+    assert "unused: 2 images in neither train.txt nor val.txt: d, e" in text
+    assert "warning: no train or val image is tagged bird" in text
+
+
+def test_main_shows_what_it_built_from_the_folder(tmp_path):
+    """The summary is logged where ``main`` shows it (absl INFO is silenced there); a split
+    name the built dataset lacks then stops the run before any stage."""
+    import subprocess
+    import sys
+
+    root = make_folder(tmp_path / "f", rows=["a,cat", "b,cat;dog", "c,"])
+    (root / "train.txt").write_text("a\nb\n")
+    (root / "val.txt").write_text("\n")
+    workdir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pmm_jax.main", "--config=configs/folder.py:tiny",
+         f"--config.data.folder={root}", f"--workdir={workdir}", "--config.data.train_split=nope"],
+        cwd=pathlib.Path(__file__).resolve().parents[2], capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "2 classes (images tagged): cat 2, dog 1" in proc.stderr
+    assert "train 2 images (0 with a mask), val 0" in proc.stderr
+    assert "unused: 1 images in neither train.txt nor val.txt: c" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: config.data.train_split='nope' is not a split of dataset folder_wsss/")
+    assert not (workdir / "stages").exists()

@@ -208,3 +208,16 @@ def test_label_png_must_be_a_lossless_palette_or_greyscale_png(tmp_path):
                         ("deep.png", "got mode I;16"), ("cut.png", "")):
         with pytest.raises(ValueError, match=rf"{name}: .*{cause}"):
             safe_io.read_mask(str(tmp_path / name))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_follow_the_umask(tmp_path, umask):
+    before = os.umask(umask)
+    try:
+        safe_io.write_bytes(str(tmp_path / "a.bin"), b"x")
+        safe_io.write_mask(str(tmp_path / "m.png"), np.zeros((2, 2), np.uint8))
+        safe_io.write_json(str(tmp_path / "r.json"), {})
+    finally:
+        os.umask(before)
+    for name in ("a.bin", "m.png", "r.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

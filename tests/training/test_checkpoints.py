@@ -119,3 +119,43 @@ def test_a_failed_checkpoint_write_is_one_message_naming_the_step_and_the_resume
         run(tmp_path, 10)
     monkeypatch.undo()
     assert checkpoints.latest_step(str(tmp_path / "ckpt")) == 3
+
+
+DISK_FULL_SCRIPT = """
+import errno, pathlib, sys
+from orbax.checkpoint._src.path import async_path
+from tests.support.tiny_training import run
+from pmm_jax.command_line import fail
+from pmm_jax.training import checkpoints
+
+real = async_path.write_text
+
+async def write_text(path, text, *args, **kwargs):
+    if "/6.orbax-checkpoint-tmp" in str(path):  # the disk fills while step 6 is written
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    return await real(path, text, *args, **kwargs)
+
+async_path.write_text = write_text
+try:
+    run(pathlib.Path(sys.argv[1]), 10)
+except checkpoints.CheckpointError as err:
+    fail(str(err))
+"""
+
+
+def test_a_disk_full_in_orbaxs_writer_threads_prints_only_the_closing_paragraph(tmp_path):
+    """The writer threads of a failed save log errors with tracebacks (and tensorstore's
+    print more); the run's stderr holds only the one paragraph saying what happened."""
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", DISK_FULL_SCRIPT, str(tmp_path)], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.replace("\r", "\n").splitlines()
+             if line.strip() and not line.startswith(("train:", "WARNING:"))]  # progress, notes
+    assert len(lines) == 1 and lines[0].startswith("error: could not write checkpoint step 6"), \
+        proc.stderr[-3000:]
+    assert "No space left on device" in lines[0] and "resumes from step 3" in lines[0]
