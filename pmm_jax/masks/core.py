@@ -46,11 +46,11 @@ def _keep(present, valid):
     return present[:, None, None] if valid is None else present[:, None, None] & valid[None]
 
 
-def normalize(xp, cams, present=None, valid=None, official_quirk=False):
+def normalize(xp, cams, present=None, valid=None, official_minmax=False):
     """Per-class min-max normalisation of raw CAMs ``[K, H, W]``: ``(x - min) / (max - min +
     1e-5)``, min and max over the class's valid pixels; absent classes and invalid pixels 0.
 
-    ``official_quirk`` reproduces the official multi-crop inference: pixels below
+    ``official_minmax`` reproduces the official multi-crop inference: pixels below
     ``min + 1e-5`` are set to 0 BEFORE the shift, so they come out ``-min / (max - min +
     1e-5)`` instead of 0 (docs/fidelity.md). A range that overflows float32 (finite values
     near +-3e38) is normalised after an exact scaling by 2**-64, so such a class is not all 0.
@@ -67,7 +67,7 @@ def normalize(xp, cams, present=None, valid=None, official_quirk=False):
         finite = xp.isfinite(x_min)
         x_min, x_max = xp.where(finite, x_min, f32(0)), xp.where(finite, x_max, f32(0))
     eps = f32(CAM_NORM_EPS)
-    if official_quirk:
+    if official_minmax:
         x = xp.where(x < x_min + eps, f32(0), x)
     with _quiet(xp):
         out = (x - x_min) / (x_max - x_min + eps)

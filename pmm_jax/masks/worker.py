@@ -4,7 +4,7 @@
 it in its own process (one worker): read and check the record, the CRF inputs of the image's
 variant (``masks/core.py`` on numpy), the dense CRFs, the labels, and the atomic PNG write all
 happen here, so the main process only schedules and a task carries file paths, not arrays.
-This module imports numpy, ``pmm_jax.files.io``, ``pmm_jax.masks.core``/``variants`` and
+This module imports numpy, ``pmm_jax.files.safe_io``, ``pmm_jax.masks.core``/``variants`` and
 ``pmm_jax.masks.dense_crf``, never JAX: a spawned worker starts in a fraction of a second.
 """
 
@@ -17,14 +17,14 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from pmm_jax.constants import IGNORE_LABEL
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.masks import core, dense_crf
 from pmm_jax.masks.variants import Variant
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """The validated generator config: the variant's registered name (``method``) and record,
-    its background exponent, CVS's ``t`` and ``s``, the official min-max switch, ``num_fg``
+    its background exponent, CVS's ``t`` and ``s``, the official min-max switch, ``num_foreground``
     (number of foreground classes), the CRF parameters and backend."""
 
     method: str
@@ -33,7 +33,7 @@ class Settings:
     t: float
     s: float
     official_minmax: bool
-    num_fg: int
+    num_foreground: int
     crf: dense_crf.CRFParams
     backend: str                 # dense_crf.BACKENDS
 
@@ -53,15 +53,15 @@ def load(record, settings: Settings) -> tuple[np.ndarray, list[int], list[np.nda
 
     Classes ascending, 0-based; each CAM float32 ``[H, W]``. A ValueError names the id and the
     file at fault: no image, unreadable file, not a class dict, class index outside
-    ``0..num_fg-1`` or not an integer, CAM size != image size, NaN/inf values.
+    ``0..num_foreground-1`` or not an integer, CAM size != image size, NaN/inf values.
     """
     image_id, image, cams = record
     cam_source = f" ({cams})" if isinstance(cams, (str, os.PathLike)) else ""
     if image is None:
         raise ValueError(f"{image_id}: CAM{cam_source} has no image")
     image_source = f" ({image})" if isinstance(image, (str, os.PathLike)) else ""
-    image = io.read_image(os.fspath(image)) if image_source else np.asarray(image)
-    cams = io.read_cams(os.fspath(cams)) if cam_source else cams
+    image = safe_io.read_image(os.fspath(image)) if image_source else np.asarray(image)
+    cams = safe_io.read_cams(os.fspath(cams)) if cam_source else cams
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"{image_id}: image{image_source} must be uint8 [H, W, 3], "
                          f"got {image.dtype} {image.shape}")
@@ -72,9 +72,9 @@ def load(record, settings: Settings) -> tuple[np.ndarray, list[int], list[np.nda
     arrays = []
     for c in classes:
         if (isinstance(c, bool) or not isinstance(c, (int, np.integer))
-                or not 0 <= c < settings.num_fg):
+                or not 0 <= c < settings.num_foreground):
             raise ValueError(f"{image_id}: CAM{cam_source} has class index {c!r} outside "
-                             f"0..{settings.num_fg - 1} (num_classes={settings.num_fg + 1})")
+                             f"0..{settings.num_foreground - 1} (num_classes={settings.num_foreground + 1})")
         cam = np.asarray(cams[c], np.float32)
         if cam.shape != shape:
             raise ValueError(f"{image_id}: CAM{cam_source} of class {c} has shape {cam.shape}, "
@@ -123,7 +123,7 @@ def run(record, out_path: str, settings: Settings) -> str | None:
     cause of the failure, or None. Any error fails only this image."""
     try:
         image, classes, cams = load(record, settings)
-        io.write_mask(out_path, make_mask(image, classes, cams, settings))
+        safe_io.write_mask(out_path, make_mask(image, classes, cams, settings))
     except Exception as err:  # noqa: BLE001 - a bad file, CRF or write fails only its image
         return error_text(err)
     return None
@@ -132,7 +132,7 @@ def run(record, out_path: str, settings: Settings) -> str | None:
 def write(out_path: str, mask: np.ndarray) -> str | None:
     """Writes ``mask`` to ``out_path`` (atomically); the cause of the failure, or None."""
     try:
-        io.write_mask(out_path, mask)
+        safe_io.write_mask(out_path, mask)
     except Exception as err:  # noqa: BLE001 - a failed write fails only its image
         return error_text(err)
     return None

@@ -22,12 +22,12 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from pmm_jax import drawing, models
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.models.pspnet import upsample_logits
 from pmm_jax.segmentation import inference, pus
 from pmm_jax.stages import cls, common
-from pmm_jax.tools import scoring
+from pmm_jax import scoring
 from pmm_jax.training import checkpoints, distributed, precision, trainer
 
 if TYPE_CHECKING:  # TensorFlow: imported where data is read (the benchmarks import stages)
@@ -216,7 +216,7 @@ def keep_best(config, wd: Workdir, data: Dataset, run: str):
 
     def eval_fn(step: int, model) -> None:
         miou = val_miou(config, data, model)
-        best = io.read_json(record)["miou"] if os.path.exists(record) else -1.0
+        best = safe_io.read_json(record)["miou"] if os.path.exists(record) else -1.0
         if distributed.is_main():
             subset = config.seg.get("val_subset", 0)
             images = f"first {subset} val images" if subset else "val"
@@ -225,7 +225,7 @@ def keep_best(config, wd: Workdir, data: Dataset, run: str):
         if miou > best:
             checkpoints.save_model(model, directory, step)
             if distributed.is_main():
-                io.write_json(record, {"step": step, "miou": miou})
+                safe_io.write_json(record, {"step": step, "miou": miou})
         distributed.barrier(f"seg-{run}-best-{step}")
 
     return eval_fn
@@ -247,7 +247,7 @@ def segmenter_checkpoint(config, wd: Workdir, run: str) -> tuple[str, int]:
     (``config.seg.num_steps``)."""
     record = best_record(wd, run)
     if config.seg.get("eval_every", 0) and os.path.exists(record):
-        return best_dir(wd, run), int(io.read_json(record)["step"])
+        return best_dir(wd, run), int(safe_io.read_json(record)["step"])
     return wd.ckpt_dir(f"seg/{run}"), config.seg.num_steps
 
 
@@ -276,7 +276,7 @@ def predict_split(config, wd: Workdir, data: Dataset, run: str, split: str, out_
     key = "config.eval.batch_size"
     batches = data.eval_batches(split, config.eval.batch_size, key)
     total = data.num_eval_batches(split, config.eval.batch_size, key)
-    io.remove_stale_temps(out_dir)
+    safe_io.remove_stale_temps(out_dir)
     written = 0
     for batch in tqdm.tqdm(batches, desc=f"predict {run} {split}", unit="batch", total=total,
                            disable=not distributed.is_main()):
@@ -288,7 +288,8 @@ def predict_split(config, wd: Workdir, data: Dataset, run: str, split: str, out_
             continue
         labels = predict(batch)
         for i in todo:
-            io.write_mask(paths[i], labels[i, :int(batch["height"][i]), :int(batch["width"][i])])
+            height, width = int(batch["height"][i]), int(batch["width"][i])
+            safe_io.write_mask(paths[i], labels[i, :height, :width])
             written += 1
     distributed.barrier(f"predict-{run}-{split}-written")  # readers need every process's files
     return written
