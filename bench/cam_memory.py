@@ -37,7 +37,8 @@ def measure(args: argparse.Namespace) -> dict:
     import jax
     import numpy as np
 
-    from pmm_jax.stages import cam, cls
+    from pmm_jax.cams import classifier
+    from pmm_jax.stages import cam
 
     spec = importlib.util.spec_from_file_location("voc_config", args.config)
     module = importlib.util.module_from_spec(spec)
@@ -49,7 +50,7 @@ def measure(args: argparse.Namespace) -> dict:
     if args.scales:
         config.cam.scales = tuple(float(s) for s in args.scales.split(","))
         config.cam.multicrop.scales = config.cam.scales
-    model = cls.build_model(config)
+    model = classifier.build_model(config)
     predict = cam.make_predictor(config, model)
     b, (h, w) = args.batch_size, (512, 512)
     rng = np.random.default_rng(0)

@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from pmm_jax.training import checkpoints, trainer
+from pmm_jax.training import checkpoints, optimizers, trainer
 
 NUM_CLASSES = 3
 
@@ -58,7 +58,7 @@ def loss_fn(model, batch, rngs):
 
 def run(tmp_path, num_steps, *, model=None, batches=None, loss=loss_fn, **kwargs):
     """Trains TinyNet with the poly schedule of a 10-step run, logging every 2 steps."""
-    tx, schedule = trainer.sgd_poly(0.3, 10)
+    tx, schedule = optimizers.sgd_poly(0.3, 10)
     kwargs = dict(log_every=2, ckpt_every=3) | kwargs
     return trainer.train(model or TinyNet(nnx.Rngs(0)), loss, batches or batches_from(
         checkpoints.latest_step(str(tmp_path / "ckpt")) or 0), tx, num_steps=num_steps,
@@ -225,7 +225,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, l
 
 
 def test_sgd_poly_schedule_and_decay_mask():
-    tx, schedule = trainer.sgd_poly(0.2, 100, power=0.9, end_lr=0.01)
+    tx, schedule = optimizers.sgd_poly(0.2, 100, power=0.9, end_lr=0.01)
     np.testing.assert_allclose(schedule(0), 0.2)
     np.testing.assert_allclose(schedule(50), 0.19 * 0.5 ** 0.9 + 0.01, rtol=1e-6)
     np.testing.assert_allclose(schedule(100), 0.01)
@@ -234,7 +234,7 @@ def test_sgd_poly_schedule_and_decay_mask():
     updates, _ = jax.jit(tx.update)(zero, tx.init(params), params)
     np.testing.assert_allclose(updates["kernel"], -0.2 * 5e-4 * np.ones((2, 2)), rtol=1e-6)
     np.testing.assert_allclose(updates["bias"], 0.0)
-    tx, _ = trainer.sgd_poly(0.2, 100, decay_1d=True)  # mmseg's: every parameter decayed
+    tx, _ = optimizers.sgd_poly(0.2, 100, decay_1d=True)  # mmseg's: every parameter decayed
     updates, _ = jax.jit(tx.update)(zero, tx.init(params), params)
     np.testing.assert_allclose(updates["bias"], -0.2 * 5e-4 * np.ones(2), rtol=1e-6)
 

@@ -69,10 +69,9 @@ def run_config(workdir: str):
 
 def finished_runs(config, wd: Workdir) -> list[str]:
     """Segmenter runs whose training stage (seg, or cycle for cyclic runs) has completed."""
-    from pmm_jax.stages import cycle
+    from pmm_jax.segmentation import runs
 
-    runs = [(r, "seg") for r in config.seg.runs] + [(r, "cycle") for r in cycle.cycle_runs(config)]
-    return [r for r, stage in runs
+    return [r for r, stage in runs.all_runs(config)
             if os.path.exists(wd.stage_marker(stage)) and os.path.isdir(wd.ckpt_dir(f"seg/{r}"))]
 
 
@@ -126,11 +125,11 @@ class ImageSegmenter:
     def __init__(self, config, wd: Workdir, run: str, crf: bool | None = None):
         from pmm_jax.masks import dense_crf
         from pmm_jax.segmentation import inference
-        from pmm_jax.stages import seg
+        from pmm_jax.segmentation import best_checkpoint
 
         self.facts = dataset_facts(wd)
         self.run = run
-        model = seg.load_segmenter(config, wd, run, self.facts.num_classes)
+        model = best_checkpoint.load_segmenter(config, wd, run, self.facts.num_classes)
         eval_cfg = dict(config.eval.to_dict())
         if crf is not None:
             eval_cfg["crf"] = crf
