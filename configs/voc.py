@@ -43,6 +43,9 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
     # recurring programs (the cyclic round's train step, every segmenter's test-time program)
     # and resumed runs are not compiled again (pmm_jax.main.enable_compilation_cache).
     c.compilation_cache = "workdir"
+    # Modules imported before the config is checked, which register methods from outside
+    # the package (comma-separated; pmm_jax/registry.py).
+    c.plugins = ""
 
     c.data = ml_collections.ConfigDict(dict(
         name="voc2012_wsss",

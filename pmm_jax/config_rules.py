@@ -124,6 +124,7 @@ def _rules() -> dict[str, Check]:
     return {
         "seed": non_negative_int, "stages": _stages, "allow_random_init": boolean,
         "compute_dtype": one_of(*COMPUTE_DTYPES), "compilation_cache": text,
+        "plugins": text,
         "*.batch_size": positive_int, "*.num_steps": positive_int, "*.log_every": positive_int,
         "*.ckpt_every": positive_int, "*.tile_batch": positive_int, "*.crop_size": positive_int,
         "*.eval_every": non_negative_int, "*.eval_subset": non_negative_int,

@@ -200,7 +200,7 @@ def record_dataset(wd, data, names: list[str], redo: list[str]) -> None:
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {argv[1:]}")
-    from pmm_jax import config_rules, stages
+    from pmm_jax import config_rules, registry, stages
     from pmm_jax.data.builder_base import DatasetNotPreparedError, InputError
     from pmm_jax.files import io, workdir
     from pmm_jax.training import checkpoints, distributed, trainer
@@ -209,6 +209,9 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)
     std_logging.getLogger("pmm_jax").setLevel(std_logging.INFO)
     try:
+        # Modules that register methods from outside the package, before the rules read the
+        # registries.
+        registry.import_plugins(_CONFIG.value.get("plugins", ""))
         config_rules.check(_CONFIG.value)  # every setting, before any work starts
         if _REDO.value:
             stages.parse_stages(",".join(_REDO.value), "--redo")

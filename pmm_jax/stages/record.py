@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # ml_collections is not needed to import a stage (the benchma
 # rematerialisation recomputes the same activations, pmm_jax/models/remat.py.)
 NO_EFFECT = ("stages", "data.data_dir", "*.log_every", "*.ckpt_every", "*num_workers",
              "*crf_workers", "cam.batch_size", "eval.batch_size", "cam.multicrop.tile_batch",
-             "*.model.remat", "compilation_cache")
+             "*.model.remat", "compilation_cache", "plugins")
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
