@@ -32,7 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from pmm_jax import models
-from pmm_jax.models.resnet38 import FrozenBatchNorm
+from pmm_jax.models.backbone import FrozenBatchNorm
 from pmm_jax.models.resnet_v1c import max_pool_3x3_s2, run_sequence
 from pmm_jax.segmentation import losses, segmenter
 from pmm_jax.training import optimizers, trainer

@@ -44,12 +44,6 @@ def path_names(path: Sequence[Any]) -> tuple[str, ...]:
     return tuple(names[:-1] if names and names[-1] == "value" else names)
 
 
-def frozen_prefixes(model: nnx.Module) -> frozenset[str]:
-    """The backbone's ``frozen_prefixes`` (its frozen stages; empty when it has none)."""
-    backbone = getattr(model, "backbone", None)
-    return frozenset(backbone.frozen_prefixes) if backbone is not None else frozenset()
-
-
 def is_frozen(names: tuple[str, ...], prefixes: frozenset[str]) -> bool:
     """Whether parameter ``names`` lies under ``backbone.<prefix>`` for one of ``prefixes``."""
     return len(names) > 2 and names[0] == "backbone" and names[1] in prefixes
@@ -58,7 +52,7 @@ def is_frozen(names: tuple[str, ...], prefixes: frozenset[str]) -> bool:
 def frozen_param_labels(model: nnx.Module) -> dict[tuple[str, ...], bool]:
     """``{parameter path: frozen}``: True under one of ``model.backbone.frozen_prefixes`` (the
     backbone's ``frozen_stages``, mmseg's ``requires_grad=False`` parameters)."""
-    prefixes = frozen_prefixes(model)
+    prefixes = frozenset(model.backbone.frozen_prefixes)
     return {names: is_frozen(names, prefixes)
             for names in (path_names(path) for path, _ in
                           jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param)))}
