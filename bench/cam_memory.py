@@ -79,11 +79,13 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
+    from pmm_jax.cams.methods import CAM_METHODS
+
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "..", "configs", "voc.py"))
-    parser.add_argument("--method", choices=("multiscale", "multicrop"), default="multiscale")
+    parser.add_argument("--method", choices=CAM_METHODS.names(), default="multiscale")
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--width_div", type=int, default=1)
     parser.add_argument("--scales", default="", help="comma-separated; default: the config's")
