@@ -37,8 +37,7 @@ def measure(args: argparse.Namespace) -> dict:
     import jax
     import numpy as np
 
-    from pmm_jax.cams import classifier
-    from pmm_jax.stages import cam
+    from pmm_jax.cams import classifier, methods
 
     spec = importlib.util.spec_from_file_location("voc_config", args.config)
     module = importlib.util.module_from_spec(spec)
@@ -51,7 +50,7 @@ def measure(args: argparse.Namespace) -> dict:
         config.cam.scales = tuple(float(s) for s in args.scales.split(","))
         config.cam.multicrop.scales = config.cam.scales
     model = classifier.build_model(config)
-    predict = cam.make_predictor(config, model)
+    predict = methods.make_predictor(config, model, classifier.method(config).cam)
     b, (h, w) = args.batch_size, (512, 512)
     rng = np.random.default_rng(0)
     raw = np.zeros((b, h, w, 3), np.uint8)

@@ -10,8 +10,7 @@ from pmm_jax import config_rules
 from pmm_jax.data.dataset import open_dataset
 from pmm_jax.files import io
 from pmm_jax.files.workdir import Workdir
-from pmm_jax.segmentation import best_checkpoint, inference
-from pmm_jax.stages import seg
+from pmm_jax.segmentation import best_checkpoint, inference, segmenter
 from pmm_jax.training import checkpoints
 from tests.test_trainer import TinyNet, assert_trees_close, params_of, run
 
@@ -28,8 +27,8 @@ def test_eval_fn_runs_every_n_steps_and_after_the_last(tmp_path):
 
 def test_keep_best_saves_the_best_model_and_load_segmenter_prefers_it(tmp_path, monkeypatch):
     scores = iter([0.3, 0.5, 0.4])
-    monkeypatch.setattr(seg, "val_miou", lambda config, data, model: next(scores))
-    monkeypatch.setattr(seg, "build_model",
+    monkeypatch.setattr(best_checkpoint, "val_miou", lambda config, data, model: next(scores))
+    monkeypatch.setattr(segmenter, "build_model",
                         lambda config, seed=0, num_classes=None: TinyNet(nnx.Rngs(7)))
     wd = Workdir(str(tmp_path))
     config = ml_collections.ConfigDict(dict(seg=dict(eval_every=2)))
