@@ -38,12 +38,17 @@ from __future__ import annotations
 
 import argparse
 
-from bench import step_report
+from bench import config_values, step_report
 
 # Poly schedules are built for this many steps, so the learning rate never reaches 0 here.
 SCHEDULE_STEPS = 10_000
-GPU_SETTINGS = {"crop": 448, "batch": 16, "warmup": 3, "steps": 10}
 CPU_SETTINGS = {"crop": 128, "batch": 2, "warmup": 1, "steps": 3}
+
+
+def gpu_settings() -> dict:
+    """``--gpu``'s defaults: configs/voc.py's classifier crop and batch, 3 + 10 steps."""
+    cls = config_values.get_config("voc").cls
+    return {"crop": cls.crop_size, "batch": cls.batch_size, "warmup": 3, "steps": 10}
 
 
 def _blocks(args):
@@ -235,23 +240,26 @@ def check_same_work(args) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    voc, gpu = config_values.get_config("voc"), gpu_settings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", choices=("seam", "plain"), default="seam")
     parser.add_argument("--width_div", type=int, default=1)
-    parser.add_argument("--blocks", default="3,3,6,3", help="basic blocks of b2..b5")
+    parser.add_argument("--blocks", default=",".join(map(str, voc.cls.model.backbone.blocks)),
+                        help="basic blocks of b2..b5")
     parser.add_argument("--gpu", action="store_true",
-                        help=f"full-size defaults {GPU_SETTINGS} (else {CPU_SETTINGS})")
+                        help=f"full-size defaults {gpu} (else {CPU_SETTINGS})")
     parser.add_argument("--crop", type=int)
     parser.add_argument("--batch", type=int)
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--steps", type=int)
-    parser.add_argument("--num_classes", type=int, default=20, help="foreground classes")
-    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--num_classes", type=int, default=voc.data.num_classes - 1,
+                        help="foreground classes")
+    parser.add_argument("--lr", type=float, default=voc.cls.lr)
     parser.add_argument("--official_momentum", action="store_true",
                         help="SEAM: momentum 5e-4 as the official optimiser (default 0.9)")
     step_report.add_common_args(parser)
     args = parser.parse_args(argv)
-    for key, value in (GPU_SETTINGS if args.gpu else CPU_SETTINGS).items():
+    for key, value in (gpu if args.gpu else CPU_SETTINGS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args

@@ -29,12 +29,14 @@ import time
 
 import numpy as np
 
-from pmm_jax.files import io
+from bench import config_values
+from pmm_jax.files import safe_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOC_SAMPLES = os.path.join(os.path.dirname(REPO), "shared", "data", "voc_samples")
-# The paper's settings (generator.default_config): alpha, t, s.
-ALPHA, T, S = 11.0, 0.05, 0.3
+# The paper's settings (configs/voc.py's pseudo section): alpha, t, s.
+_PSEUDO = config_values.get_config("voc").pseudo
+ALPHA, T, S = _PSEUDO.alpha, _PSEUDO.t, _PSEUDO.s
 
 
 def cams_from_labels(labels: np.ndarray, rng: np.random.Generator) -> dict[int, np.ndarray]:
@@ -78,8 +80,8 @@ def write_inputs(folder: str, count: int) -> str:
     rng = np.random.default_rng(0)
     if os.path.isdir(VOC_SAMPLES):
         ids = sorted(f[:-10] for f in os.listdir(VOC_SAMPLES) if f.endswith("_label.png"))
-        samples = [(io.read_image(os.path.join(VOC_SAMPLES, f"{i}.png")),
-                    io.read_mask(os.path.join(VOC_SAMPLES, f"{i}_label.png"))) for i in ids]
+        samples = [(safe_io.read_image(os.path.join(VOC_SAMPLES, f"{i}.png")),
+                    safe_io.read_mask(os.path.join(VOC_SAMPLES, f"{i}_label.png"))) for i in ids]
         source = f"{count} VOC photographs ({len(ids)} distinct, ../shared/data/voc_samples)"
     else:
         samples = [synthetic_sample(rng) for _ in range(7)]
@@ -89,7 +91,8 @@ def write_inputs(folder: str, count: int) -> str:
     for n in range(count):
         image, labels = samples[n % len(samples)]
         Image.fromarray(image).save(os.path.join(folder, "images", f"im{n:03d}.jpg"), quality=95)
-        io.write_cams(os.path.join(folder, "cams", f"im{n:03d}.npy"), cams_from_labels(labels, rng))
+        safe_io.write_cams(os.path.join(folder, "cams", f"im{n:03d}.npy"),
+                           cams_from_labels(labels, rng))
     return source
 
 
@@ -151,7 +154,8 @@ def agreement(dir_a: str, dir_b: str) -> float:
     """Share of pixels on which the PNG masks of two folders agree."""
     same = total = 0
     for name in sorted(os.listdir(dir_a)):
-        a, b = io.read_mask(os.path.join(dir_a, name)), io.read_mask(os.path.join(dir_b, name))
+        a = safe_io.read_mask(os.path.join(dir_a, name))
+        b = safe_io.read_mask(os.path.join(dir_b, name))
         same += np.count_nonzero(a == b)
         total += a.size
     return same / total

@@ -5,10 +5,10 @@ classifier train step, the CAMs of one image (multi-crop or multi-scale, as the 
 runs them), the PPMG pseudo-mask of one image per CRF backend, a segmenter train step, and
 test-time inference of one image. Models are built as their stages build them, computing in
 the config's ``compute_dtype``, optionally shrunk (:class:`Size`). A config is anything with
-the attribute access of an ``ml_collections.ConfigDict`` (the suite passes plain dicts, as
-the GPU image has no ml_collections). Every unit is timed after one untimed call
-(compilation), as the best of ``repeats``. Imports jax, flax and numpy at load; TensorFlow
-never (no input pipeline runs).
+the attribute access of an ``ml_collections.ConfigDict`` (``bench/config_values.py`` builds
+the configs as plain attribute dicts where ml_collections is missing, as on the GPU image).
+Every unit is timed after one untimed call (compilation), as the best of ``repeats``. Imports
+jax, flax and numpy at load; TensorFlow never (no input pipeline runs).
 """
 
 from __future__ import annotations
@@ -127,13 +127,13 @@ def classifier(config, size: Size):
     rngs = models.init_rngs(0)
     backbone = models.build_backbone(shrunk_backbone(config.cls.model.backbone, size), rngs,
                                      remat=models.remat_option(config.cls.model))
-    num_fg = config.data.num_classes - 1
+    num_foreground = config.data.num_classes - 1
     options = {k: v for k, v in config.cls.model.items()
                if k not in ("backbone", "init_from", *models.BACKBONE_OPTIONS)}
     if config.cls.get("method", "plain") == "seam":
-        model = seam.SEAM(backbone, num_fg, **options, rngs=rngs)
+        model = seam.SEAM(backbone, num_foreground, **options, rngs=rngs)
     else:
-        model = CAMClassifier(backbone, num_fg, dropout=options.get("dropout", 0.5), rngs=rngs)
+        model = CAMClassifier(backbone, num_foreground, dropout=options.get("dropout", 0.5), rngs=rngs)
     return in_compute_dtype(config, model)
 
 

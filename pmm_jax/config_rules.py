@@ -116,7 +116,7 @@ def _rules() -> dict[str, Check]:
     from pmm_jax.masks.generator import METHODS as MASK_METHODS
     from pmm_jax.segmentation.losses import SEG_LOSSES
     from pmm_jax.segmentation.pus import PUS_MODES, PUS_REDUCTIONS
-    from pmm_jax.tools.scoring import RULES as IOU_RULES
+    from pmm_jax.scoring import RULES as IOU_RULES
     from pmm_jax.training.precision import COMPUTE_DTYPES
 
     positive_int, non_negative_int = integer(1), integer(0)
@@ -140,6 +140,7 @@ def _rules() -> dict[str, Check]:
         "data.train_split": text,
         "data.val_split": optional(text), "data.eval_pad_to": optional(pair),
         "data.shuffle_buffer": optional(positive_int),
+        "data.max_side": non_negative_int,  # 0: a folder's images kept at their size
         "cls.method": one_of(*CLASSIFIERS.names()), "cls.official_momentum": boolean,
         "cls.multicrop.rough_masks": text,
         "cam.method": one_of(*CAM_METHODS.names()), "cam.scales": sequence(POSITIVE),
@@ -379,6 +380,26 @@ def device_problems(config, *, processes: int, local_devices: int) -> list[str]:
                      "validates on its share of these images, so use at least one per process "
                      "(or 0: all of val)")
     return found
+
+
+def dataset_problems(config, data) -> list[str]:
+    """The split names of ``config`` that the opened dataset ``data`` (``data.dataset``)
+    lacks: its train and val splits and ``pseudo.eval_split`` (unless optional for it).
+    Checked by ``main`` once the dataset is open, before any stage."""
+    splits = data.dataset_splits
+    found = []
+    for key, value in (("data.train_split", data.train_split), ("data.val_split", data.val_split),
+                       ("pseudo.eval_split", _get(config, "pseudo.eval_split", None))):
+        if (isinstance(value, str) and value.split("[", 1)[0] not in splits
+                and value not in data.optional_splits):
+            found.append(f"config.{key}={value!r} is not a split of dataset {data.name} (its "
+                         f"splits: {', '.join(splits)})")
+    return found
+
+
+def check_dataset(config, data) -> None:
+    """Raises :class:`ConfigError` listing every :func:`dataset_problems` in one paragraph."""
+    _raise(dataset_problems(config, data))
 
 
 def check_devices(config, *, processes: int, local_devices: int) -> None:

@@ -43,7 +43,7 @@ COCO_CLASSES = ("background",) + tuple(name for _, name in COCO_CATEGORIES)
 # COCO's 91-id label space (WSSS_MMSeg's COCODataset and PSPNet heads: 91 classes; the
 # ``coco2014_wsss/original`` masks): 0 background, ids 1..90, of which these 10 are used by no
 # annotation ("one background and 10 invalid", PMM paper section 4.1) and are ignored in
-# evaluation (pmm_jax.tools.scoring.IGNORED_CLASSES). Removing them and renumbering the rest gives
+# evaluation (pmm_jax.scoring.IGNORED_CLASSES). Removing them and renumbering the rest gives
 # COCO_CLASSES, so mIoU over the 81 contiguous classes is the 91-id mIoU with them ignored.
 COCO_UNUSED_IDS = tuple(i for i in range(1, max(COCO_CATEGORY_IDS) + 1)
                         if i not in COCO_CATEGORY_IDS)

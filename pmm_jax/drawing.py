@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from pmm_jax.constants import IMAGENET_MEAN, IMAGENET_STD, PALETTE
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir
 
 # Pseudo-mask variants shown side by side: the paper's baseline (CRF) and PPMG.
@@ -122,7 +122,7 @@ def mask_pictures(workdir: str, image_id: str, gt_mask: np.ndarray | None = None
              for v in variants}
     paths.update({f"prediction/{r}": os.path.join(wd.predictions(r, split), f"{image_id}.png")
                   for r in runs})
-    out = {name: colorize_mask(io.read_mask(path))
+    out = {name: colorize_mask(safe_io.read_mask(path))
            for name, path in paths.items() if os.path.exists(path)}
     if gt_mask is not None:
         out["ground truth"] = colorize_mask(gt_mask)

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from pmm_jax import drawing
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir
 
 if TYPE_CHECKING:  # TensorFlow: imported where data is read
@@ -28,7 +28,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     path = Workdir(workdir).config_json
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir} the workdir of a pmm_jax run?")
-    return ml_collections.ConfigDict(io.read_json(path))
+    return ml_collections.ConfigDict(safe_io.read_json(path))
 
 
 def dataset(config, workdir: str) -> Dataset:
@@ -92,7 +92,7 @@ def image_views(config, workdir: str, example: dict, split: str = "train",
     names = dataset(config, workdir).class_names
     image = example["image"]
     cam_file = os.path.join(wd.cams(split), f"{example['id']}.npy")
-    cams = io.read_cams(cam_file) if os.path.exists(cam_file) else {}
+    cams = safe_io.read_cams(cam_file) if os.path.exists(cam_file) else {}
     masks = drawing.mask_pictures(
         workdir, example["id"], variants=drawing.SHOWN_VARIANTS if split == "train" else (),
         split=split, runs=predicted_runs(workdir, split))
@@ -115,7 +115,7 @@ def results_rows(workdir: str) -> list[dict]:
     from pmm_jax.tools import results_table
 
     return [{"result": name, "miou_percent": 100 * value}
-            for name, value in results_table.result_rows(io.read_json(path))]
+            for name, value in results_table.result_rows(safe_io.read_json(path))]
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -175,7 +175,7 @@ class SEAM(nnx.Module):
 
     Args:
       backbone: returns per-stage features; its last one feeds the CAM head.
-      num_classes: foreground classes C.
+      num_foreground: foreground classes C.
       dropout: Dropout2d rate before the head (SEAM/ResNet38 0.5, PMM/ScaleNet 0).
       pcm_features: feature indices for the PCM's two 1x1 convs (default
         :func:`default_pcm_features`); resized to the CAM size when their stride differs.
@@ -189,7 +189,7 @@ class SEAM(nnx.Module):
     new_layers = ("classifier", "f8_3", "f8_4", "f9")
     float32_layers = ("classifier",)
 
-    def __init__(self, backbone: nnx.Module, num_classes: int, dropout: float = 0.5,
+    def __init__(self, backbone: nnx.Module, num_foreground: int, dropout: float = 0.5,
                  pcm_features: Sequence[int] | None = None, pcm_widths: Sequence[int] = (64, 128),
                  *, rngs: nnx.Rngs):
         self.backbone = backbone
@@ -197,7 +197,7 @@ class SEAM(nnx.Module):
         ch = backbone.out_channels
         kaiming = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
         self.dropout = nnx.Dropout(dropout, broadcast_dims=(1, 2), rngs=rngs)
-        self.classifier = nnx.Conv(ch[-1], num_classes, (1, 1), use_bias=False,
+        self.classifier = nnx.Conv(ch[-1], num_foreground, (1, 1), use_bias=False,
                                    kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
         self.f8_3 = nnx.Conv(ch[self.pcm_features[0]], pcm_widths[0], (1, 1), use_bias=False,
                              kernel_init=kaiming, rngs=rngs)

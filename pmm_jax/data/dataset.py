@@ -21,7 +21,7 @@ import numpy as np
 
 from pmm_jax.data import builder_base, kinds, mmseg_augment, multicrop_batches, pipeline
 from pmm_jax.files.workdir import Workdir
-from pmm_jax.tools import scoring
+from pmm_jax import scoring
 
 LOGICAL_SPLITS = ("train", "val")
 
@@ -184,7 +184,7 @@ class Dataset:
         multicrop = section.get("multicrop")
         if multicrop is not None and multicrop.get("rough_masks"):
             return multicrop_batches.multicrop_train_batches(
-                ds, rough_masks=multicrop.rough_masks, num_classes_fg=self.num_foreground,
+                ds, rough_masks=multicrop.rough_masks, num_foreground=self.num_foreground,
                 scales=tuple(multicrop.scales), tile=multicrop.crop, stride=multicrop.stride,
                 **shared)
         if section.get("augment") == "mmseg":
@@ -192,7 +192,7 @@ class Dataset:
                 ds, img_scale=tuple(section.img_scale), ratio_range=tuple(section.scale_range),
                 cat_max_ratio=section.cat_max_ratio, **shared)
         return pipeline.train_batches(
-            ds, num_classes_fg=self.num_foreground,
+            ds, num_foreground=self.num_foreground,
             scale_range=tuple(section.scale_range) if section.scale_range else None, **shared)
 
     def miou(self, split: str, read_pred: Callable[[str], np.ndarray],

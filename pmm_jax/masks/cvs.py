@@ -15,7 +15,7 @@ Pseudo-mask generation (``pmm_jax.masks.generator``) chains :func:`normalize` ->
 -> the CRF inputs of ``masks/ppmg.py``, runs the dense CRF (``masks/dense_crf*.py``), then
 PPMG's label rule (``masks/ppmg.py``). Semantics follow the official code (Eli-YiLi/PMM
 ``refine_cam.py`` and ``infer_multi_crop.py``) as summarised in ``shared/pmm-reference.md``;
-the one deliberate difference (the official min-max quirk, ``official_quirk``) is in
+the one deliberate difference (the official min-max quirk, ``official_minmax``) is in
 docs/fidelity.md.
 """
 
@@ -38,15 +38,15 @@ def valid_mask(valid, shape):
     return jnp.asarray(valid, dtype=bool)
 
 
-@functools.partial(jax.jit, static_argnames=("official_quirk",))
-def normalize(cams, present, valid=None, official_quirk=False):
+@functools.partial(jax.jit, static_argnames=("official_minmax",))
+def normalize(cams, present, valid=None, official_minmax=False):
     """Per-class min-max normalisation of raw CAMs: ``(x - min) / (max - min + 1e-5)``.
 
     Why: CVS, the background exponent and PPMG all assume CAMs on a common [0, 1) scale
     (paper eq. 1). min and max are taken per class over the valid pixels of this image.
     Absent classes and invalid pixels give 0.
 
-    ``official_quirk=True`` reproduces the official multi-crop inference exactly: pixels
+    ``official_minmax=True`` reproduces the official multi-crop inference exactly: pixels
     below ``min + 1e-5`` are set to 0 BEFORE the shift, so they come out as
     ``-min / (max - min + 1e-5)`` (negative when min > 0) instead of 0. PPMG later maps
     foreground pixels with a value <= 0 to background, so the quirk changes masks slightly.
@@ -59,7 +59,7 @@ def normalize(cams, present, valid=None, official_quirk=False):
     finite = jnp.isfinite(x_min)
     x_min = jnp.where(finite, x_min, 0.0)
     x_max = jnp.where(finite, x_max, 0.0)
-    if official_quirk:
+    if official_minmax:
         x = jnp.where(x < x_min + NORM_EPS, 0.0, x)
     out = (x - x_min) / (x_max - x_min + NORM_EPS)
     # CAMs whose range overflows float32 (finite values near +-3e38) would come out all 0 (an

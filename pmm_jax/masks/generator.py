@@ -10,7 +10,7 @@ processes (pydensecrf backend, ``num_workers`` > 1), at most 2 images per pool p
 flight; whenever that queue is full it makes the next image itself, so it is the N-th
 worker and works while the others start. A worker reads the image and CAM files itself (pass
 paths: a task then pickles a few bytes), computes the mask in numpy, runs the image's dense
-CRFs one after the other and writes the PNG atomically (``io.write_mask``), so a killed run leaves only complete PNGs and a rerun
+CRFs one after the other and writes the PNG atomically (``safe_io.write_mask``), so a killed run leaves only complete PNGs and a rerun
 skips them. Workers import numpy, pydensecrf and ``pmm_jax.masks.worker``, never JAX, and
 start in a fraction of a second. A ``spawn`` child also re-imports the parent's ``__main__``
 module, so this module imports JAX lazily (it is imported by ``__main__`` under the CLI); a
@@ -24,10 +24,9 @@ lattice, their number padded to a power of two; joint variants: one CRF over exa
 image's ``[background, classes]``), on the image padded to a ``PAD_MULTIPLE`` bucket, so the
 CRF compiles once per bucket and label-set shape.
 
-Where the time went before (issue #23: slower with two workers than the official loop in
-one process): the main process imported JAX and compiled the jitted core, ran it on padded
-arrays and pickled those arrays to a task per class and the posteriors back; now it only
-schedules (docs/benchmarks.md has the figures).
+With a pool the main process only schedules: it never runs the jitted core, and records
+given as paths reach the workers as paths, not arrays (docs/benchmarks.md has the figures
+against the official one-process loop).
 
 Why not ``Pool.imap``: its feeder thread drains the input iterator eagerly, which would hold
 every image of the split in memory; ``concurrent.futures.ProcessPoolExecutor`` with an
@@ -40,7 +39,7 @@ raises or a mask that cannot be written fails only that image: the run goes on, 
 the pool has drained ``generate`` raises :class:`PseudoMaskError` listing every failed id
 with its cause (``err.stats`` holds the counts); the CLI prints the counts and exits with
 status 1. An ``out_dir`` that cannot be created or written is a ValueError before any work.
-CAM files are read by ``io.read_cams``, which never runs code from a file. An image whose
+CAM files are read by ``safe_io.read_cams``, which never runs code from a file. An image whose
 CAM dict is empty (no foreground class) gets an all-background mask; that is documented
 behaviour, not an error. The CLI is ``python -m pmm_jax.pseudo_masks``.
 """
@@ -60,7 +59,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.masks import worker
 from pmm_jax.masks.dense_crf import (DEFAULT_BACKEND, PSEUDO_MASK_CRF, backend_and_params,
                                       process_pool)
@@ -113,7 +112,7 @@ def generate(records: Iterable[tuple[str, Any, Any]], out_dir: str, cfg, *,
 
     ``cfg``: a ``default_config()`` ConfigDict. ``records`` yields ``(image_id, image,
     cams)``: ``image`` is a uint8 ``[H, W, 3]`` array or an image file path; ``cams`` is
-    ``{0-based class: [H, W] float}`` or a CAM file path (``io.read_cams``). Files are read
+    ``{0-based class: [H, W] float}`` or a CAM file path (``safe_io.read_cams``). Files are read
     by the worker that makes the mask, so pass paths to make resuming, sharding and the pool
     cheap. Process ``i`` of ``n`` (defaults: JAX's process index and count) handles records
     ``i, i + n, ...``; ids whose PNG exists are skipped. ``num_workers`` (else
@@ -130,7 +129,7 @@ def generate(records: Iterable[tuple[str, Any, Any]], out_dir: str, cfg, *,
 
     settings = settings_of(cfg)
     _check_out_dir(out_dir)
-    io.remove_stale_temps(out_dir)
+    safe_io.remove_stale_temps(out_dir)
     workers = num_workers if num_workers is not None else cfg.get("num_workers")
     workers = workers if workers is not None else _available_cores()
     if workers < 1:

@@ -4,7 +4,7 @@
 it in its own process (jax backend, or one worker): read and check the record, normalise the
 CAMs, CVS, the CRF inputs, the dense CRFs, the labels, and the atomic PNG write all happen
 here, so the main process only schedules and a task carries file paths, not arrays. This
-module imports numpy, ``pmm_jax.files.io`` and ``pmm_jax.masks.dense_crf``, never JAX: a
+module imports numpy, ``pmm_jax.files.safe_io`` and ``pmm_jax.masks.dense_crf``, never JAX: a
 spawned worker starts in a fraction of a second.
 
 The numpy steps transcribe the jitted reference core (``masks/cvs.py``, ``masks/ppmg.py``,
@@ -31,7 +31,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.masks import dense_crf
 
 # The paper's pseudo-mask variants (Table 2), then the rough masks of multi-crop training.
@@ -61,14 +61,14 @@ CRFs = Callable[[np.ndarray, Sequence[np.ndarray], dense_crf.CRFParams], Sequenc
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """The validated generator config (``num_fg`` = number of foreground classes)."""
+    """The validated generator config (``num_foreground`` = number of foreground classes)."""
 
     method: str
     alpha: float
     t: float
     s: float
     official_minmax: bool
-    num_fg: int
+    num_foreground: int
     crf: dense_crf.CRFParams
     backend: str                 # dense_crf.BACKENDS
 
@@ -88,15 +88,15 @@ def load(record, settings: Settings) -> tuple[np.ndarray, list[int], list[np.nda
 
     Classes ascending, 0-based; each CAM float32 ``[H, W]``. A ValueError names the id and the
     file at fault: no image, unreadable file, not a class dict, class index outside
-    ``0..num_fg-1`` or not an integer, CAM size != image size, NaN/inf values.
+    ``0..num_foreground-1`` or not an integer, CAM size != image size, NaN/inf values.
     """
     image_id, image, cams = record
     cam_source = f" ({cams})" if isinstance(cams, (str, os.PathLike)) else ""
     if image is None:
         raise ValueError(f"{image_id}: CAM{cam_source} has no image")
     image_source = f" ({image})" if isinstance(image, (str, os.PathLike)) else ""
-    image = io.read_image(os.fspath(image)) if image_source else np.asarray(image)
-    cams = io.read_cams(os.fspath(cams)) if cam_source else cams
+    image = safe_io.read_image(os.fspath(image)) if image_source else np.asarray(image)
+    cams = safe_io.read_cams(os.fspath(cams)) if cam_source else cams
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"{image_id}: image{image_source} must be uint8 [H, W, 3], "
                          f"got {image.dtype} {image.shape}")
@@ -107,9 +107,10 @@ def load(record, settings: Settings) -> tuple[np.ndarray, list[int], list[np.nda
     arrays = []
     for c in classes:
         if (isinstance(c, bool) or not isinstance(c, (int, np.integer))
-                or not 0 <= c < settings.num_fg):
+                or not 0 <= c < settings.num_foreground):
             raise ValueError(f"{image_id}: CAM{cam_source} has class index {c!r} outside "
-                             f"0..{settings.num_fg - 1} (num_classes={settings.num_fg + 1})")
+                             f"0..{settings.num_foreground - 1} "
+                             f"(num_classes={settings.num_foreground + 1})")
         cam = np.asarray(cams[c], np.float32)
         if cam.shape != shape:
             raise ValueError(f"{image_id}: CAM{cam_source} of class {c} has shape {cam.shape}, "
@@ -125,12 +126,12 @@ def load(record, settings: Settings) -> tuple[np.ndarray, list[int], list[np.nda
 # The numpy core (masks/cvs.py and masks/ppmg.py for one unpadded image)
 
 
-def normalize(cams: np.ndarray, official_quirk: bool = False) -> np.ndarray:
+def normalize(cams: np.ndarray, official_minmax: bool = False) -> np.ndarray:
     """``cvs.normalize``: per-class ``(x - min) / (max - min + 1e-5)`` of ``[K, H, W]``."""
     x = np.asarray(cams, np.float32)
     x_min = x.min(axis=(1, 2), keepdims=True)
     x_max = x.max(axis=(1, 2), keepdims=True)
-    if official_quirk:
+    if official_minmax:
         x = np.where(x < x_min + np.float32(NORM_EPS), np.float32(0), x)
     with np.errstate(over="ignore", invalid="ignore"):
         out = (x - x_min) / (x_max - x_min + np.float32(NORM_EPS))
@@ -218,7 +219,7 @@ def run(record, out_path: str, settings: Settings, crfs: CRFs = host_crfs) -> st
     failure, or None. Any error fails only this image."""
     try:
         image, classes, cams = load(record, settings)
-        io.write_mask(out_path, make_mask(image, classes, cams, settings, crfs))
+        safe_io.write_mask(out_path, make_mask(image, classes, cams, settings, crfs))
     except Exception as err:  # noqa: BLE001 - a bad file, CRF or write fails only its image
         return error_text(err)
     return None

@@ -148,11 +148,11 @@ def _head_options(cfg: Mapping[str, Any], allowed: tuple[str, ...]) -> dict[str,
     return options
 
 
-def build_classifier(cfg: Mapping[str, Any], num_classes: int, rngs: nnx.Rngs) -> CAMClassifier:
-    """CAM classifier over ``num_classes`` foreground classes from a model config."""
+def build_classifier(cfg: Mapping[str, Any], num_foreground: int, rngs: nnx.Rngs) -> CAMClassifier:
+    """CAM classifier over ``num_foreground`` foreground classes from a model config."""
     options = _head_options(cfg, _CLASSIFIER_OPTIONS)
     return CAMClassifier(build_backbone(cfg["backbone"], rngs, remat=remat_option(cfg)),
-                         num_classes, **options, rngs=rngs)
+                         num_foreground, **options, rngs=rngs)
 
 
 def segmenter_backbone_config(cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -18,10 +18,10 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir, made_by
 from pmm_jax.segmentation import inference, runs, segmenter
-from pmm_jax.tools import scoring
+from pmm_jax import scoring
 from pmm_jax.training import checkpoints, distributed
 
 if TYPE_CHECKING:  # TensorFlow: imported where data is read
@@ -65,7 +65,7 @@ def keep_best(config, wd: Workdir, data: Dataset, run: str):
 
     def eval_fn(step: int, model) -> None:
         miou = val_miou(config, data, model)
-        best = io.read_json(record)["miou"] if os.path.exists(record) else -1.0
+        best = safe_io.read_json(record)["miou"] if os.path.exists(record) else -1.0
         if distributed.is_main():
             subset = config.seg.get("val_subset", 0)
             images = f"first {subset} val images" if subset else "val"
@@ -74,7 +74,7 @@ def keep_best(config, wd: Workdir, data: Dataset, run: str):
         if miou > best:
             checkpoints.save_model(model, directory, step)
             if distributed.is_main():
-                io.write_json(record, {"step": step, "miou": miou})
+                safe_io.write_json(record, {"step": step, "miou": miou})
         distributed.barrier(f"seg-{run}-best-{step}")
 
     return eval_fn
@@ -86,7 +86,7 @@ def segmenter_checkpoint(config, wd: Workdir, run: str) -> tuple[str, int]:
     (``config.seg.num_steps``)."""
     record = best_record(wd, run)
     if config.seg.get("eval_every", 0) and os.path.exists(record):
-        return best_dir(wd, run), int(io.read_json(record)["step"])
+        return best_dir(wd, run), int(safe_io.read_json(record)["step"])
     return wd.ckpt_dir(f"seg/{run}"), config.seg.num_steps
 
 

@@ -19,11 +19,11 @@ import tqdm
 
 from pmm_jax import drawing
 from pmm_jax.cams import classifier, methods
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir, made_by
 from pmm_jax.stages import common
 from pmm_jax.stages.stage import Stage
-from pmm_jax.tools import scoring
+from pmm_jax import scoring
 from pmm_jax.training import checkpoints, distributed
 
 
@@ -52,7 +52,7 @@ def write_split(config, wd: Workdir, data: Dataset, model, split: str, predict=N
     key = "config.cam.batch_size"
     batches = data.eval_batches(split, config.cam.batch_size, key)
     total = data.num_eval_batches(split, config.cam.batch_size, key)
-    io.remove_stale_temps(wd.cams(split))
+    safe_io.remove_stale_temps(wd.cams(split))
     written = 0
     for batch in tqdm.tqdm(batches, desc=f"cam {split}", unit="batch", total=total,
                            disable=not distributed.is_main()):
@@ -68,10 +68,10 @@ def write_split(config, wd: Workdir, data: Dataset, model, split: str, predict=N
             present = np.flatnonzero(batch["labels"][i] > 0.5)
             image_cams = {int(c): cams[i, :h, :w, c] for c in present}
             image_id = batch["id"][i].decode()
-            io.require_finite(image_cams.values(), (
+            safe_io.require_finite(image_cams.values(), (
                 f"stage 'cam' ({methods.method_name(config)}): the CAMs of {split} image {image_id} from "
                 f"the classifier in {wd.ckpt_dir('cls')} (trained by stage 'cls')"))
-            io.write_cams(cam_path(wd, split, image_id), image_cams)
+            safe_io.write_cams(cam_path(wd, split, image_id), image_cams)
             written += 1
     distributed.barrier(f"cams-{split}-written")  # later readers need every process's files
     return written
@@ -83,7 +83,7 @@ def cam_metrics(wd: Workdir, data: Dataset) -> dict:
     if not data.has_split("val"):
         return {"cam_miou": None, "cam_bg_threshold": scoring.DEFAULT_CAM_BG_THRESHOLD,
                 "cam_miou_curve": {}}
-    pairs = [(io.read_cams(cam_path(wd, "val", ex["id"])), ex["mask"])
+    pairs = [(safe_io.read_cams(cam_path(wd, "val", ex["id"])), ex["mask"])
              for ex in data.examples("val", all_processes=True)]
     curve = scoring.cam_threshold_curve(pairs, CURVE_THRESHOLDS, data.num_classes)
     fixed = scoring.cam_threshold_curve(pairs, (scoring.DEFAULT_CAM_BG_THRESHOLD,),
@@ -98,7 +98,7 @@ def summary_images(wd: Workdir, data: Dataset, split: str = "val") -> dict[str, 
     image, then each present class's CAM as a heat map (tag ``cam_<split>/<id>``)."""
     pictures = {}
     for ex in data.select(split, limit=common.NUM_SUMMARY_IMAGES):
-        cams = io.read_cams(cam_path(wd, split, ex["id"]))
+        cams = safe_io.read_cams(cam_path(wd, split, ex["id"]))
         views = drawing.cam_pictures(ex["image"], cams, data.class_names)
         pictures[f"cam_{split}/{ex['id']}"] = drawing.strip([ex["image"], *views.values()])
     return pictures

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from pmm_jax import config_rules
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.training import distributed
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def write_images(log_dir: str, images: dict[str, np.ndarray], step: int = 0) -> 
 
 def mask_reader(directory: str) -> Callable[[str], np.ndarray]:
     """``id -> mask`` reading ``directory/<id>.png``."""
-    return lambda image_id: io.read_mask(os.path.join(directory, f"{image_id}.png"))
+    return lambda image_id: safe_io.read_mask(os.path.join(directory, f"{image_id}.png"))
 
 
 def warn_random_init(config, model: str) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import jax
 
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.segmentation import runs
 from pmm_jax.stages import common, planner, seg
@@ -41,7 +41,7 @@ def results(config, wd: Workdir, seg_mious: dict, eval_seconds: float, *, datase
         out.update(cam_miou=m["cam_miou"], cam_bg_threshold=m["cam_bg_threshold"])
     if "pseudo" in done:
         out["pseudo_mask_miou"] = done["pseudo"]["metrics"]["pseudo_mask_miou"]
-        if "pseudo_mask_eval" in done["pseudo"]["metrics"]:  # absent from older workdirs
+        if "pseudo_mask_eval" in done["pseudo"]["metrics"]:  # a marker may lack it
             out["pseudo_mask_eval"] = done["pseudo"]["metrics"]["pseudo_mask_eval"]
     cycles = [r for r in runs.cycle_runs(config) if r in seg_mious]
     out["seg_miou"] = dict(seg_mious)
@@ -65,7 +65,7 @@ def run(config, wd: Workdir, data: Dataset) -> dict:
                                    rule=config.eval.rule)["miou"]
     res = results(config, wd, seg_mious, time.time() - start, dataset=data.name)
     if jax.process_index() == 0:
-        io.write_json(wd.results_json, res)
+        safe_io.write_json(wd.results_json, res)
         print(results_table.format_table(res), flush=True)
     return {"seg_miou": seg_mious}
 

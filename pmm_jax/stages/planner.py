@@ -25,7 +25,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Mapping
 
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import STAGES, Workdir, parse_stages
 from pmm_jax.stages import record
 from pmm_jax.stages.stage import declared
@@ -89,7 +89,7 @@ def _read_record(path: str, name: str, what: str) -> dict | None:
     if not os.path.exists(path):
         return None
     try:
-        value = io.read_json(path)
+        value = safe_io.read_json(path)
     except (OSError, ValueError) as err:
         problem = f"is not readable JSON ({' '.join(str(err).split())})"
     else:
@@ -211,7 +211,7 @@ def run_stage(name: str, config: ml_collections.ConfigDict, wd: Workdir, data: D
     check_inputs(name, wd)
     current = record.relevant_config(config, name, ORDER)
     if distributed.is_main() and not previous:
-        io.write_json(_started_path(wd, name), {"config": current})
+        safe_io.write_json(_started_path(wd, name), {"config": current})
     log.info("stage %s: %s", name, "redoing missing outputs" if previous else "starting")
     start = time.time()
     try:
@@ -238,7 +238,7 @@ def run_stage(name: str, config: ml_collections.ConfigDict, wd: Workdir, data: D
                      else uuid.uuid4().hex),
               "outputs": written}
     if distributed.is_main():
-        io.write_json(marker, result)
+        safe_io.write_json(marker, result)
         record.remove([_started_path(wd, name)])
     distributed.barrier(f"stage-{name}-marked")
     log.info("stage %s: done in %.1f s%s", name, result["seconds"],

@@ -16,7 +16,7 @@ import numpy as np
 import tqdm
 
 from pmm_jax import drawing
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.segmentation import best_checkpoint, inference, losses, runs, segmenter
 from pmm_jax.stages import common
@@ -79,7 +79,7 @@ def predict_split(config, wd: Workdir, data: Dataset, run: str, split: str, out_
     key = "config.eval.batch_size"
     batches = data.eval_batches(split, config.eval.batch_size, key)
     total = data.num_eval_batches(split, config.eval.batch_size, key)
-    io.remove_stale_temps(out_dir)
+    safe_io.remove_stale_temps(out_dir)
     written = 0
     for batch in tqdm.tqdm(batches, desc=f"predict {run} {split}", unit="batch", total=total,
                            disable=not distributed.is_main()):
@@ -91,7 +91,8 @@ def predict_split(config, wd: Workdir, data: Dataset, run: str, split: str, out_
             continue
         labels = predict(batch)
         for i in todo:
-            io.write_mask(paths[i], labels[i, :int(batch["height"][i]), :int(batch["width"][i])])
+            height, width = int(batch["height"][i]), int(batch["width"][i])
+            safe_io.write_mask(paths[i], labels[i, :height, :width])
             written += 1
     distributed.barrier(f"predict-{run}-{split}-written")  # readers need every process's files
     return written
