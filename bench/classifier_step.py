@@ -16,7 +16,7 @@ AMP (``torch.autocast(device, torch.bfloat16)`` around forward and loss) on the 
   runs). PyTorch side: ``bench/classifier_torch.py`` (official layout, ``TorchSEAM``,
   the official loop body, parameter groups with ``requires_grad=False`` on frozen layers).
 * ``--method=plain``: the ``plain`` classifier (Dropout2d + 1x1 CAM head, multilabel
-  soft-margin on GAP) with ``trainer.sgd_poly`` (one lr for every parameter, BN affine
+  soft-margin on GAP) with ``optimizers.sgd_poly`` (one lr for every parameter, BN affine
   parameters included; weight decay on kernels only) on both sides.
 
 The batch (random images, random multi-hot labels with at least one class) is fixed and
@@ -66,26 +66,13 @@ def make_batch(args):
     return image, labels
 
 
-def plain_loss(model, batch, rngs):
-    """``pmm_jax.stages.cls.loss_fn`` (repeated so the benchmark does not import TensorFlow):
-    multilabel soft-margin on the GAP logits, with the exact-match accuracy."""
-    import jax.numpy as jnp
-
-    from pmm_jax.models.cam_classifier import multilabel_soft_margin_loss
-
-    out = model(batch["image"], rngs=rngs)
-    loss = multilabel_soft_margin_loss(out["logits"], batch["labels"])
-    correct = jnp.all((out["logits"] > 0) == (batch["labels"] > 0.5), axis=-1)
-    return loss, {"exact_match": jnp.mean(correct)}
-
-
 def jax_model(args):
     """``(model, tx, loss_fn)`` of the configured classifier, as the ``cls`` stage builds them."""
-    from pmm_jax.cams import seam
+    from pmm_jax.cams import classifier, seam
     from pmm_jax.models import init_rngs
     from pmm_jax.models.cam_classifier import CAMClassifier
     from pmm_jax.models.resnet38 import ResNet38
-    from pmm_jax.training import precision, trainer
+    from pmm_jax.training import optimizers, precision
 
     rngs = init_rngs(0)
     backbone = ResNet38(width_div=args.width_div, blocks=_blocks(args),
@@ -97,8 +84,8 @@ def jax_model(args):
         loss_fn = seam.seam_loss
     else:
         model = CAMClassifier(backbone, args.num_classes, dropout=0.5, rngs=rngs)
-        tx, _ = trainer.sgd_poly(args.lr, SCHEDULE_STEPS)
-        loss_fn = plain_loss
+        tx, _ = optimizers.sgd_poly(args.lr, SCHEDULE_STEPS)
+        loss_fn = classifier.plain_loss
     return precision.set_compute_dtype(model, getattr(args, "dtype", "float32")), tx, loss_fn
 
 
@@ -226,12 +213,12 @@ def check_same_work(args) -> dict:
     import numpy as np
     from flax import nnx
 
-    from pmm_jax.cams import seam
+    from pmm_jax.cams import classifier, seam
     from pmm_jax.tools import weight_conversion
 
     torch_model, _, torch_loss, _ = build_torch(args)
     model = jax_twin(args, torch_model)
-    loss_fn = seam.seam_loss if args.method == "seam" else plain_loss
+    loss_fn = seam.seam_loss if args.method == "seam" else classifier.plain_loss
     torch_model.eval()
     model.eval()
     loss = torch_loss()

@@ -53,12 +53,12 @@ def run(args: dict) -> dict:
     from bench import segmenter_step
     from pmm_jax.export import load
     from pmm_jax.segmentation import canvas, exporting, predict_images
-    from pmm_jax.stages import seg
+    from pmm_jax.segmentation import segmenter
 
     step_args = argparse.Namespace(width_div=args["width_div"], blocks=args["blocks"],
                                    dtype="float32", num_classes=21, remat=False)
     config = segmenter_step.seg_config(step_args)
-    model = seg.build_model(config, config.seed)
+    model = segmenter.build_model(config, config.seed)
     model.eval()
     eval_cfg = {"scales": list(args["scales"]), "flip": args["flip"],
                 "sliding_window": args["sliding_window"], "crf": False}

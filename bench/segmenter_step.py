@@ -2,9 +2,9 @@
 in PyTorch; what ``bench.suite``'s ``pspnet`` rows time.
 
 JAX side: exactly what ``pmm_jax.stages.seg.train_segmenter`` hands ``trainer.train``: the
-model from ``seg.build_model`` (PSPNet + FCN auxiliary head on mmseg's ResNetV1c, the
-config's ``compute_dtype``), ``seg.make_optimizer`` (mmseg's poly SGD, frozen stages
-masked), the ``ce`` run's ``seg.run_loss`` (decode + 0.4 x auxiliary cross-entropy on logits
+model from ``segmenter.build_model`` (PSPNet + FCN auxiliary head on mmseg's ResNetV1c, the
+config's ``compute_dtype``), ``segmenter.make_optimizer`` (mmseg's poly SGD, frozen stages
+masked), the ``ce`` run's ``losses.run_loss`` (decode + 0.4 x auxiliary cross-entropy on logits
 upsampled to the crop) and ``trainer.make_step`` (the jitted, donated step, state replicated
 and batch sharded over every device), with configs/voc.py's ``seg`` settings
 (read through ``bench/config_values.py``). PyTorch side:
@@ -76,18 +76,18 @@ def build_jax(args):
     and the sharded batch."""
     from flax import nnx
 
-    from pmm_jax.stages import seg
+    from pmm_jax.segmentation import losses, segmenter
     from pmm_jax.training import sharding as shd
     from pmm_jax.training import trainer
 
     config = seg_config(args)
-    model = seg.build_model(config, config.seed)
-    tx, _ = seg.make_optimizer(config, model)
+    model = segmenter.build_model(config, config.seed)
+    tx, _ = segmenter.make_optimizer(config, model)
     model.train()
     graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
     mesh = shd.make_mesh()
     state = shd.replicate(state, mesh)
-    step = trainer.make_step(graphdef, seg.run_loss(config, "ce"), config.seed, mesh)
+    step = trainer.make_step(graphdef, losses.run_loss(config, "ce"), config.seed, mesh)
     image, mask = make_batch(args)
     return step, state, shd.shard_batch({"image": image, "mask": mask}, mesh)
 

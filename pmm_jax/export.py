@@ -64,7 +64,7 @@ def export(workdir: str, out: str, run: str | None = None) -> dict:
     ``out``; returns its meta."""
     from pmm_jax.files.workdir import Workdir
     from pmm_jax.segmentation import exporting, predict_images
-    from pmm_jax.stages import seg
+    from pmm_jax.segmentation.best_checkpoint import load_segmenter
 
     workdir, out = os.path.expanduser(workdir), os.path.expanduser(out)
     if os.path.lexists(out) and not os.path.isdir(out):  # checked before the model is lowered
@@ -74,7 +74,7 @@ def export(workdir: str, out: str, run: str | None = None) -> dict:
     config = predict_images.run_config(workdir)
     name = predict_images.choose_run(config, wd, run)
     facts = predict_images.dataset_facts(wd)
-    model = seg.load_segmenter(config, wd, name, facts.num_classes)
+    model = load_segmenter(config, wd, name, facts.num_classes)
     return exporting.export_segmenter(model, config.eval.to_dict(), facts.class_names,
                                       facts.canvas, name, out)
 

@@ -29,7 +29,8 @@ from tests.support.paths import ROOT, VOC_SAMPLES  # noqa: E402
 
 # The modules whose tests run whole pipelines in subprocesses (minutes each), slowest first.
 SLOW_MODULES = ("test_rehearsal.py", "test_multiprocess.py", "test_main.py",
-                "test_folder_rehearsal.py", "test_multicrop_e2e.py", "test_precision.py")
+                "test_folder_rehearsal.py", "test_multicrop_e2e.py", "test_precision.py",
+                "test_plugins.py")
 
 
 def pytest_collection_modifyitems(items):

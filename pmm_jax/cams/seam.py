@@ -64,7 +64,8 @@ import optax
 from flax import nnx
 
 from pmm_jax.models.cam_classifier import multilabel_soft_margin_loss
-from pmm_jax.models.resnet38 import FrozenBatchNorm, ResNet38
+from pmm_jax.models.backbone import FrozenBatchNorm
+from pmm_jax.models.resnet38 import ResNet38
 from pmm_jax.models.scalenet import ScaleNet
 
 VIEW_SCALE = 0.3
@@ -324,7 +325,7 @@ def param_labels(model: nnx.Module) -> dict[tuple[str, ...], str]:
     component after ``backbone``) or inside a BatchNorm, else weight (2+ dims) or bias.
     Everything outside ``backbone`` is a new layer.
     """
-    frozen_prefixes = set(getattr(model.backbone, "frozen_prefixes", ()))
+    frozen_prefixes = set(model.backbone.frozen_prefixes)
     norm_paths = {tuple(map(str, path)) for path, module in nnx.iter_modules(model)
                   if isinstance(module, (FrozenBatchNorm, nnx.BatchNorm))}
     labels = {}

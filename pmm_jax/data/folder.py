@@ -439,7 +439,7 @@ def _image_sizes(builder: tfds.core.DatasetBuilder):
 
 
 def open_folder(data_config, data_dir: str) -> dict:
-    """The ``dataset.KINDS`` opener of ``config.data.name == "folder_wsss"``: checks and
+    """The ``kinds.DATASET_KINDS`` opener of ``config.data.name == "folder_wsss"``: checks and
     builds ``config.data.folder`` (shrunk to ``config.data.max_side``) in ``data_dir``; its
     fields: the build's name, the folder's class names, the eval canvas, no val split when
     the folder has none, and ``train_masked`` as an optional split (absent when no train

@@ -104,10 +104,9 @@ def run_config(workdir: str):
 
 def finished_runs(config, wd: Workdir) -> list[str]:
     """Segmenter runs whose training stage (seg, or cycle for cyclic runs) has completed."""
-    from pmm_jax.stages import cycle
+    from pmm_jax.segmentation import runs
 
-    runs = [(r, "seg") for r in config.seg.runs] + [(r, "cycle") for r in cycle.cycle_runs(config)]
-    return [r for r, stage in runs
+    return [r for r, stage in runs.all_runs(config)
             if os.path.exists(wd.stage_marker(stage)) and os.path.isdir(wd.ckpt_dir(f"seg/{r}"))]
 
 
@@ -168,14 +167,14 @@ class ImageSegmenter:
 
     def __init__(self, config, wd: Workdir, run: str, crf: bool | None = None):
         from pmm_jax.masks import dense_crf
-        from pmm_jax.stages import seg
+        from pmm_jax.segmentation import best_checkpoint
 
         facts = dataset_facts(wd)
         eval_cfg = dict(config.eval.to_dict())
         if crf is not None:
             eval_cfg["crf"] = crf
-        self._setup(seg.load_segmenter(config, wd, run, facts.num_classes), facts, eval_cfg,
-                    dense_crf.config_backend(config), f"segmenter '{run}' of {wd.root}")
+        self._setup(best_checkpoint.load_segmenter(config, wd, run, facts.num_classes), facts,
+                    eval_cfg, dense_crf.config_backend(config), f"segmenter '{run}' of {wd.root}")
 
     @classmethod
     def of_model(cls, model, facts: DatasetFacts, eval_cfg, crf_backend: str | None = None,
@@ -272,9 +271,9 @@ def output_record(config, wd: Workdir, run: str, crf: bool | None) -> dict:
     """What made this call's outputs (every output carries it, plus its image's sha256):
     the tool and version, run, checkpoint folder, step and weights, test-time settings."""
     import pmm_jax
-    from pmm_jax.stages import seg
+    from pmm_jax.segmentation import best_checkpoint
 
-    directory, step = seg.segmenter_checkpoint(config, wd, run)
+    directory, step = best_checkpoint.segmenter_checkpoint(config, wd, run)
     settings = dict(config.eval.to_dict())
     if crf is not None:
         settings["crf"] = crf

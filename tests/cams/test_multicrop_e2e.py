@@ -12,6 +12,7 @@ from flax import nnx
 
 import configs
 from pmm_jax import main
+from pmm_jax.cams import classifier
 from pmm_jax.data import multicrop_batches
 from pmm_jax.data.dataset import open_dataset
 from pmm_jax.files import safe_io
@@ -74,7 +75,7 @@ def test_tiny_multicrop_recipe(tmp_path, monkeypatch):
 
     # The configured model, built shape-only and filled from numpy (eager initialisation
     # compiles one program per parameter shape: ~10 s of this test's budget).
-    build_model = cls.build_model
+    build_model = classifier.build_model
     fast_build = lambda config, seed=0, **kw: materialize(
         nnx.eval_shape(lambda: build_model(config, seed, **kw)))
     monkeypatch.setattr(cls, "build_model", fast_build)

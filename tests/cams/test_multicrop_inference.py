@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pmm_jax.cams import multicrop_inference, multicrop_tiling, seam
+from pmm_jax.cams import classifier, multicrop_inference, multicrop_tiling, seam
 from pmm_jax.constants import IMAGENET_MEAN_UNIT as IMAGENET_MEAN
 from pmm_jax.constants import IMAGENET_STD_UNIT as IMAGENET_STD
 from pmm_jax.models.scalenet import ScaleNet
-from pmm_jax.stages.cam import model_cam
+
+# The CAM a SEAM classifier gives inference (its PCM-refined CAM).
+model_cam = classifier.CLASSIFIERS.get("seam").cam
 from tests.support.nnx_values import materialize
 
 CROP, STRIDE, SCALES = 32, 20, (0.75, 1.0, 1.6)

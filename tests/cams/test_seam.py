@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 from pmm_jax.cams import seam
-from pmm_jax.models.resnet38 import FrozenBatchNorm, ResNet38
+from pmm_jax.models.backbone import FrozenBatchNorm
+from pmm_jax.models.resnet38 import ResNet38
 from pmm_jax.models.scalenet import ScaleNet
 
 torch = pytest.importorskip("torch")

@@ -47,8 +47,8 @@ def test_a_dataset_without_val_says_so(opened):
 def test_unknown_kinds_and_unprepared_datasets_are_errors_naming_what_to_do(tmp_path):
     config = configs.get_config("demo", "tiny")
     config.data.name = "nosuch_wsss"
-    with pytest.raises(ValueError, match=r"config\.data\.name='nosuch_wsss'.*known: "
-                                         r"synthetic_wsss, voc2012_wsss, coco2014_wsss"):
+    with pytest.raises(ValueError, match=r"config\.data\.name='nosuch_wsss'.*registered: "
+                                         r"'synthetic_wsss', 'voc2012_wsss', 'coco2014_wsss'"):
         dataset.open_dataset(config, Workdir(str(tmp_path)))
     voc = configs.get_config("voc")
     voc.data.data_dir = str(tmp_path / "tfds")

@@ -12,8 +12,10 @@ import pytest
 from flax import nnx
 
 from pmm_jax import models, stages
+from pmm_jax.cams import classifier
 from pmm_jax.models import remat as remat_lib
-from pmm_jax.stages import cls, record, seg
+from pmm_jax.segmentation import segmenter
+from pmm_jax.stages import record
 
 FAST_COMPILE = dict(xla_backend_optimization_level=0)  # remat and plain alike
 TINY_STRUCTURE = [[4, 3, 2, 0, 56], [6, 3, 2, 1, 28], [8, 4, 3, 2, 14], [10, 6, 2, 1, 7]]
@@ -134,13 +136,13 @@ def built(build, config) -> nnx.Module:
 def test_config_key_reaches_every_backbone_built_by_the_stages():
     config = stage_config()
     assert config.cls.model.remat is False and config.seg.model.remat is False
-    assert built(cls.build_model, config).backbone.remat is False
+    assert built(classifier.build_model, config).backbone.remat is False
     config.cls.model.remat = True
     config.seg.model.remat = True
-    assert built(cls.build_model, config).backbone.remat is True
-    assert built(seg.build_model, config).backbone.remat is True
+    assert built(classifier.build_model, config).backbone.remat is True
+    assert built(segmenter.build_model, config).backbone.remat is True
     config.cls.method = "seam"
-    assert built(cls.build_model, config).backbone.remat is True
+    assert built(classifier.build_model, config).backbone.remat is True
 
 
 def test_remat_is_a_model_key_not_a_backbone_key():

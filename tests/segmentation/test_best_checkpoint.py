@@ -10,8 +10,7 @@ from pmm_jax import config_rules
 from pmm_jax.data.dataset import open_dataset
 from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir
-from pmm_jax.segmentation import inference
-from pmm_jax.stages import seg
+from pmm_jax.segmentation import best_checkpoint, inference, segmenter
 from pmm_jax.training import checkpoints
 from tests.support.tiny_training import TinyNet, assert_trees_close, params_of, run
 
@@ -28,18 +27,18 @@ def test_eval_fn_runs_every_n_steps_and_after_the_last(tmp_path):
 
 def test_keep_best_saves_the_best_model_and_load_segmenter_prefers_it(tmp_path, monkeypatch):
     scores = iter([0.3, 0.5, 0.4])
-    monkeypatch.setattr(seg, "val_miou", lambda config, data, model: next(scores))
-    monkeypatch.setattr(seg, "build_model",
+    monkeypatch.setattr(best_checkpoint, "val_miou", lambda config, data, model: next(scores))
+    monkeypatch.setattr(segmenter, "build_model",
                         lambda config, seed=0, num_classes=None: TinyNet(nnx.Rngs(7)))
     wd = Workdir(str(tmp_path))
     config = ml_collections.ConfigDict(dict(seg=dict(eval_every=2)))
     models_seen = []
-    keep = seg.keep_best(config, wd, None, "pus")  # val_miou (stubbed) reads no data
+    keep = best_checkpoint.keep_best(config, wd, None, "pus")  # val_miou (stubbed) reads no data
     run(tmp_path, 6, eval_fn=lambda step, model: (models_seen.append(params_of(model)),
                                                   keep(step, model)), eval_every=2)
     assert safe_io.read_json(str(tmp_path / "seg/pus/best/best.json")) == {"step": 4, "miou": 0.5}
     # load_segmenter reads seg/<run>/best when eval_every is on (the last checkpoint otherwise).
-    loaded = seg.load_segmenter(config, wd, "pus", num_classes=6)
+    loaded = best_checkpoint.load_segmenter(config, wd, "pus", num_classes=6)
     assert_trees_close(params_of(loaded), models_seen[1])
 
 
@@ -59,12 +58,12 @@ def test_val_subset_validates_on_the_first_val_images(tmp_path, monkeypatch):
     data = open_dataset(config, Workdir(str(tmp_path)))
     seen = []
     monkeypatch.setattr(inference, "predictor", perfect_predictor(seen))
-    assert seg.val_miou(config, data, model=None) == pytest.approx(1.0)
+    assert best_checkpoint.val_miou(config, data, model=None) == pytest.approx(1.0)
     every = list(seen)
     assert len(every) == len(set(every)) > 5
     config.seg.val_subset = 5
     seen.clear()
-    assert seg.val_miou(config, data, model=None) == pytest.approx(1.0)
+    assert best_checkpoint.val_miou(config, data, model=None) == pytest.approx(1.0)
     assert seen == every[:5]
 
 

@@ -10,8 +10,8 @@ from flax import nnx
 from pmm_jax import models
 from pmm_jax.files import safe_io
 from pmm_jax.masks import dense_crf
+from pmm_jax.segmentation import segmenter
 from pmm_jax.segmentation import inference as si
-from pmm_jax.stages import seg
 from pmm_jax.training import trainer
 
 
@@ -91,7 +91,7 @@ def test_predictor_options_off_equals_argmax_and_crf_matches_host_loop():
     model = _tiny_segmenter()
     batch = _batch(np.random.default_rng(3))
     plain = si.Predictor(model, ml_collections.ConfigDict(dict(batch_size=4)))(batch)
-    expected = trainer.make_predict_fn(model, seg.predict_labels)(batch)
+    expected = trainer.make_predict_fn(model, segmenter.predict_labels)(batch)
     np.testing.assert_array_equal(plain, expected)
 
     predictor = si.Predictor(model, ml_collections.ConfigDict(dict(

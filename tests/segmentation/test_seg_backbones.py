@@ -31,11 +31,11 @@ from jax.sharding import Mesh
 
 import configs
 from pmm_jax import models
-from pmm_jax.models.resnet38 import FrozenBatchNorm
+from pmm_jax.models.backbone import FrozenBatchNorm
 from pmm_jax.models.resnet_v1c import max_pool_3x3_s2, run_sequence
-from pmm_jax.stages import seg
+from pmm_jax.segmentation import losses, segmenter
+from pmm_jax.training import optimizers, trainer
 from pmm_jax.training import sharding as shd
-from pmm_jax.training import trainer
 
 TINY_V1C = dict(name="resnet101", blocks=(1, 1, 1, 1), base_width=4, stem_width=8)
 BATCH, SIZE, NUM_CLASSES = 8, 16, 3
@@ -64,9 +64,9 @@ def host_batch():
 
 
 def initial_state(config):
-    """``seg.build_model``'s graph and a state filled on the host (He-normal kernels, BN
+    """``segmenter.build_model``'s graph and a state filled on the host (He-normal kernels, BN
     identity): initialising eagerly compiles one kernel per shape, far slower on CPU."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: seg.build_model(config, config.seed)))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: segmenter.build_model(config, config.seed)))
     rng = np.random.default_rng(1)
 
     def fill(path, leaf):
@@ -97,14 +97,14 @@ def one_step(config, graphdef, state, mesh):
     model = fresh_model(graphdef, state)
     before = jax.tree.map(lambda x: x if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
                           else np.array(x), nnx.to_pure_dict(nnx.state(model)))
-    tx, _ = seg.make_optimizer(config, model)
+    tx, _ = segmenter.make_optimizer(config, model)
     model.train()
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     step_graph, step_state = nnx.split((model, optimizer))
     step_state = shd.replicate(step_state, mesh)
     batch = shd.shard_batch(host_batch(), mesh, config_key="config.seg.batch_size")
     assert len(batch["image"].sharding.device_set) == mesh.size
-    step = trainer.make_step(step_graph, seg.run_loss(config, "pus"), config.seed, mesh)
+    step = trainer.make_step(step_graph, losses.run_loss(config, "pus"), config.seed, mesh)
     compiled = step.lower(step_state, batch).compile({"xla_backend_optimization_level": 0})
     new_state, metrics = compiled(step_state, batch)
     after = jax.device_get(nnx.to_pure_dict(new_state[0]))
@@ -185,18 +185,18 @@ def test_frozen_stages_get_no_update_and_frozen_bn(steps):
     for path, kind in norms.items():
         in_frozen = path.split("/")[0] in ("stem", "layer1")
         assert kind is (FrozenBatchNorm if in_frozen else nnx.BatchNorm), path
-    labels = seg.frozen_param_labels(model)
+    labels = optimizers.frozen_param_labels(model)
     assert any(labels.values()) and not all(labels.values())
 
 
 def test_nothing_frozen_keeps_the_plain_optimizer():
     """Default / demo: no mask at all, so the optimiser (and every demo figure) is unchanged."""
     for config in (tiny_seg_config(frozen_stages=-1), configs.get_config("demo")):
-        model = nnx.eval_shape(lambda: seg.build_model(config))
+        model = nnx.eval_shape(lambda: segmenter.build_model(config))
         assert getattr(model.backbone, "frozen_prefixes", ()) == ()
-        assert not any(seg.frozen_param_labels(model).values())
-        tx, _ = seg.make_optimizer(config, model)
-        plain, _ = trainer.sgd_poly(config.seg.lr, config.seg.num_steps,
+        assert not any(optimizers.frozen_param_labels(model).values())
+        tx, _ = segmenter.make_optimizer(config, model)
+        plain, _ = optimizers.sgd_poly(config.seg.lr, config.seg.num_steps,
                                     decay_1d=config.seg.decay_1d)
         params = nnx.state(model, nnx.Param)
         assert jax.tree.structure(jax.eval_shape(tx.init, params)) == \

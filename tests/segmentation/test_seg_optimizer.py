@@ -1,4 +1,4 @@
-"""The segmenter's optimiser (``pmm_jax.stages.seg.make_optimizer``) against a transcription of
+"""The segmenter's optimiser (``pmm_jax.stages.segmenter.make_optimizer``) against a transcription of
 mmseg's: WSSS_MMSeg trains its PSPNets with ``torch.optim.SGD(model.parameters(), lr,
 momentum=0.9, weight_decay=5e-4)`` (mmcv's default optimizer constructor: one group, every
 parameter, weight decay added to the gradient before momentum) and mmcv's
@@ -22,7 +22,8 @@ import pytest
 from flax import nnx
 
 import configs
-from pmm_jax.stages import seg
+from pmm_jax.segmentation import segmenter
+from pmm_jax.training import optimizers
 
 torch = pytest.importorskip("torch")
 
@@ -54,15 +55,15 @@ def param_kind(path: tuple[str, ...], names: set[tuple[str, ...]], frozen: bool)
 
 def flat_params(model, paths, rng):
     """``{path: float32 array}`` of random values for every parameter of ``model`` (``paths``:
-    the parameter paths in leaf order, as ``seg.frozen_param_labels`` lists them)."""
+    the parameter paths in leaf order, as ``optimizers.frozen_param_labels`` lists them)."""
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
     return {path: rng.normal(size=leaf.shape).astype(np.float32)
             for path, leaf in zip(paths, leaves, strict=True)}
 
 
 def jax_steps(config, model, params, grads):
-    """``params`` after ``seg.make_optimizer``'s updates for each gradient in ``grads``."""
-    tx, _ = seg.make_optimizer(config, model)
+    """``params`` after ``segmenter.make_optimizer``'s updates for each gradient in ``grads``."""
+    tx, _ = segmenter.make_optimizer(config, model)
     state = nnx.state(model, nnx.Param)
     paths = list(params)
     treedef = jax.tree.structure(state)
@@ -98,8 +99,8 @@ def mmseg_steps(seg_cfg, params, grads, frozen):
 
 def run_both(config):
     """``(initial, jax result, mmseg result, kind of each path)`` after 3 steps."""
-    model = nnx.eval_shape(lambda: seg.build_model(config))
-    frozen = seg.frozen_param_labels(model)
+    model = nnx.eval_shape(lambda: segmenter.build_model(config))
+    frozen = optimizers.frozen_param_labels(model)
     rng = np.random.default_rng(0)
     params = flat_params(model, list(frozen), rng)
     grads = [{k: 0.01 * rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}

@@ -9,9 +9,10 @@ import pytest
 from flax import nnx
 
 import configs
+from pmm_jax.cams import classifier
 from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir
-from pmm_jax.stages import cam, cls
+from pmm_jax.stages import cam
 
 
 def tiny_config(method: str):
@@ -39,7 +40,7 @@ def eval_batch() -> dict:
 @pytest.mark.parametrize("method", ["multiscale", "multicrop"])
 def test_cam_stage_refuses_non_finite_cams_from_nan_weights(tmp_path, method):
     config = tiny_config(method)
-    model = cls.build_model(config)
+    model = classifier.build_model(config)
     nnx.update(model, jax.tree_util.tree_map(lambda p: jnp.full_like(p, jnp.nan),
                                              nnx.state(model, nnx.Param)))
     model.eval()

@@ -6,9 +6,11 @@ import pytest
 from flax import nnx
 
 import configs
+from pmm_jax.cams import classifier
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.models.pretrained import flat_weights
-from pmm_jax.stages import cls, seg
+from pmm_jax.segmentation import segmenter
+from pmm_jax.stages import seg
 from pmm_jax.training import checkpoints
 
 NUM_CLASSES = 6  # the tiny synthetic dataset's, background included
@@ -17,11 +19,11 @@ NUM_CLASSES = 6  # the tiny synthetic dataset's, background included
 def save_trained_classifier(config, wd: Workdir) -> nnx.Module:
     """A stand-in for stage cls's checkpoint: a classifier whose backbone weights and BN
     statistics differ from any fresh initialisation (seed 5, then shifted)."""
-    classifier = cls.build_model(config, seed=5)
-    for i, var in enumerate(flat_weights(classifier.backbone).values()):
+    trained = classifier.build_model(config, seed=5)
+    for i, var in enumerate(flat_weights(trained.backbone).values()):
         var.set_value(var.get_value() + 0.01 * (i + 1))
-    checkpoints.save_model(classifier, wd.ckpt_dir("cls"), step=12)
-    return classifier
+    checkpoints.save_model(trained, wd.ckpt_dir("cls"), step=12)
+    return trained
 
 
 def backbone_arrays(module) -> dict[str, np.ndarray]:
@@ -33,18 +35,18 @@ def test_init_from_cls_starts_the_segmenter_backbone_from_the_cls_checkpoint(tmp
     assert config.seg.model.init_from_cls
     wd = Workdir(str(tmp_path))
     expected = backbone_arrays(save_trained_classifier(config, wd))
-    model = seg.initial_model(config, wd, NUM_CLASSES)
+    model = segmenter.initial_model(config, wd, NUM_CLASSES)
     got = backbone_arrays(model)
     assert set(got) == set(expected) and "stem.bn.mean" in got
     for key, value in expected.items():
         np.testing.assert_array_equal(got[key], value, err_msg=key)
     # The heads keep the seeded initialisation of a segmenter built without the copy.
-    fresh = seg.build_model(config, config.seed)
+    fresh = segmenter.build_model(config, config.seed)
     np.testing.assert_array_equal(np.asarray(model.decode_head.classifier.kernel.get_value()),
                                   np.asarray(fresh.decode_head.classifier.kernel.get_value()))
     with config.unlocked():
         config.seg.model.init_from_cls = False
-    assert not np.array_equal(backbone_arrays(seg.initial_model(config, wd, NUM_CLASSES))["stem.conv.kernel"],
+    assert not np.array_equal(backbone_arrays(segmenter.initial_model(config, wd, NUM_CLASSES))["stem.conv.kernel"],
                               expected["stem.conv.kernel"])
 
 
@@ -52,18 +54,18 @@ def test_init_from_cls_refuses_a_different_backbone_and_a_missing_checkpoint(tmp
     config = configs.get_config("demo", "tiny")
     wd = Workdir(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="made by stage 'cls': include cls in"):
-        seg.initial_model(config, wd, NUM_CLASSES)
+        segmenter.initial_model(config, wd, NUM_CLASSES)
     save_trained_classifier(config, wd)
     with config.unlocked():
         config.seg.model.backbone = dict(config.seg.model.backbone.to_dict(),
                                          widths=(8, 16, 16, 64))
     with pytest.raises(ValueError, match=r"config\.seg\.model\.backbone(.|\n)*shape mismatch"):
-        seg.initial_model(config, wd, NUM_CLASSES)
+        segmenter.initial_model(config, wd, NUM_CLASSES)
     with config.unlocked():
         config.seg.model.backbone = config.cls.model.backbone
         config.seg.model.init_from = "/some/imagenet/ckpt"
     with pytest.raises(ValueError, match="init_from and config.seg.model.init_from_cls"):
-        seg.initial_model(config, wd, NUM_CLASSES)
+        segmenter.initial_model(config, wd, NUM_CLASSES)
 
 
 def test_a_resumed_segmenter_is_bit_identical_to_an_uninterrupted_one(tmp_path, monkeypatch):

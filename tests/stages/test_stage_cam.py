@@ -1,5 +1,5 @@
-"""Stage ``cam``'s multi-scale inference: streamed one view per jitted call, it gives the CAMs
-of the single function over all views it replaced."""
+"""The multi-scale CAM inference: streamed one view per jitted call, it gives the CAMs of the
+single function over all views it replaced."""
 
 from __future__ import annotations
 
@@ -10,17 +10,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pmm_jax.cams import seam
+from pmm_jax.cams import classifier, seam
+from pmm_jax.cams.multiscale_inference import MultiScaleCAM
 from pmm_jax.models.resnet38 import ResNet38
 from pmm_jax.stages import cam
 from pmm_jax.training import trainer
 from tests.support.nnx_values import materialize
 
 SCALES = (0.5, 1.0, 1.5)
+SEAM_CAM = classifier.CLASSIFIERS.get("seam").cam
 
 
 def previous_multi_scale_cam(model, batch, *, scales, flip):
-    """The former ``stages.cam.multi_scale_cam``: every view in one jitted function."""
+    """The former single-function multi-scale CAM: every view in one jitted function."""
     images = batch["image"]
     b, h, w, _ = images.shape
     total = 0.0
@@ -29,7 +31,7 @@ def previous_multi_scale_cam(model, batch, *, scales, flip):
         scaled = jax.image.resize(images, (b, *size, 3), "bilinear") if scale != 1 else images
         for mirrored in ((False, True) if flip else (False,)):
             view = scaled[:, :, ::-1] if mirrored else scaled
-            c = jax.nn.relu(cam.model_cam(model, view))
+            c = jax.nn.relu(SEAM_CAM(model, view))
             if mirrored:
                 c = c[:, :, ::-1]
             total = total + jax.image.resize(c, (b, h, w, c.shape[-1]), "bilinear")
@@ -57,7 +59,7 @@ def test_streamed_multi_scale_cams_equal_the_single_function(monkeypatch):
     previous = trainer.make_predict_fn(model, functools.partial(
         previous_multi_scale_cam, scales=SCALES, flip=True))(batch)
     monkeypatch.setattr(seam, "PCM_BLOCK", 32)
-    streamed = cam.MultiScaleCAM(model, scales=SCALES, flip=True)(batch)
+    streamed = MultiScaleCAM(model, SEAM_CAM, scales=SCALES, flip=True)(batch)
     assert streamed.shape == (4, 48, 48, 3) and streamed.dtype == np.float32
     assert np.max(streamed) > 0.9
     np.testing.assert_allclose(streamed, previous, rtol=1e-5, atol=1e-6)

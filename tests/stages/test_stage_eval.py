@@ -7,6 +7,7 @@ import ml_collections
 from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.stages import eval as eval_stage
+from pmm_jax.tools import results_table
 
 
 def config(num_cycles: int) -> ml_collections.ConfigDict:
@@ -27,7 +28,7 @@ def test_results_carry_the_pseudo_mask_split_and_the_cyclic_key(tmp_path):
 
 
 def test_table_prints_the_last_cycle_once_and_where_masks_were_scored():
-    table = eval_stage.format_table({
+    table = results_table.format_table({
         "pseudo_mask_miou": {"ppmg": 0.5}, "pseudo_mask_eval": {"split": "train", "num_images": 1464},
         "seg_miou": {"ce": 0.1, "cycle1": 0.25, "cycle2": 0.3, "cyclic": 0.3}, "seconds": {}})
     rows = [line for line in table.splitlines() if line.startswith("| ") and "%" not in line]
@@ -38,13 +39,13 @@ def test_table_prints_the_last_cycle_once_and_where_masks_were_scored():
 
 
 def test_table_of_a_run_without_cycles_lists_every_segmenter():
-    table = eval_stage.format_table({"seg_miou": {"ce": 0.1, "pus": 0.2}})
+    table = results_table.format_table({"seg_miou": {"ce": 0.1, "pus": 0.2}})
     assert "| segmenter ce (val) | 10.00 |" in table and "| segmenter pus (val) | 20.00 |" in table
 
 
 def test_table_prints_n_a_for_mious_not_available():
     """A folder dataset without masks has no val: its mIoUs are None (null), printed n/a."""
-    table = eval_stage.format_table({
+    table = results_table.format_table({
         "cam_miou": None, "cam_bg_threshold": 0.1, "pseudo_mask_miou": {"ppmg": None},
         "seg_miou": {"pus": None, "cycle1": None, "cyclic": None}})
     assert "| CAM (bg threshold 0.1) | n/a |" in table

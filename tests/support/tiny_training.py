@@ -9,6 +9,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from pmm_jax.training import optimizers
 from pmm_jax.training import checkpoints, trainer
 
 
@@ -56,7 +57,7 @@ def loss_fn(model, batch, rngs):
 
 def run(tmp_path, num_steps, *, model=None, batches=None, loss=loss_fn, **kwargs):
     """Trains TinyNet with the poly schedule of a 10-step run, logging every 2 steps."""
-    tx, schedule = trainer.sgd_poly(0.3, 10)
+    tx, schedule = optimizers.sgd_poly(0.3, 10)
     kwargs = dict(log_every=2, ckpt_every=3) | kwargs
     return trainer.train(model or TinyNet(nnx.Rngs(0)), loss, batches or batches_from(
         checkpoints.latest_step(str(tmp_path / "ckpt")) or 0), tx, num_steps=num_steps,

@@ -31,12 +31,13 @@ from flax import nnx
 
 import configs
 from pmm_jax import models
-from pmm_jax.cams import seam
+from pmm_jax.cams import classifier, seam
 from pmm_jax.data import builder_base, synthetic
 from pmm_jax.masks import core
-from pmm_jax.stages import cam, cls, seg
 from pmm_jax import scoring
-from pmm_jax.training import precision, trainer
+from pmm_jax.segmentation import losses, segmenter
+from pmm_jax.stages import cam
+from pmm_jax.training import optimizers, precision, trainer
 from pmm_jax.training import sharding as shd
 
 STEPS = 30
@@ -76,7 +77,7 @@ def param_dtypes(model) -> set[str]:
 
 
 def seg_loss(config):
-    return seg.run_loss(config, "pus")
+    return losses.run_loss(config, "pus")
 
 
 def step_and_state(model, tx, loss_fn):
@@ -110,7 +111,7 @@ def test_bf16_step_of_each_backbone_family(family):
         config = tiny_config("bfloat16")
         model = models.build_segmenter(dict(backbone=backbone, channels=8, aux_channels=4), 3,
                                        rngs)
-        tx, _ = seg.make_optimizer(config, model)
+        tx, _ = segmenter.make_optimizer(config, model)
         loss_fn = seg_loss(config)
         batch = {"image": image, "mask": rng.integers(0, 3, (4, 32, 32)).astype(np.int32)}
     precision.set_compute_dtype(model, jnp.bfloat16)
@@ -154,14 +155,14 @@ def trained():
         for dtype in ("float32", "bfloat16"):
             config = tiny_config(dtype)
             if stage == "cls":
-                model = cls.build_model(config)
+                model = classifier.build_model(config)
                 c = config.cls
-                tx, _ = trainer.sgd_poly(c.lr, c.num_steps, momentum=c.momentum,
+                tx, _ = optimizers.sgd_poly(c.lr, c.num_steps, momentum=c.momentum,
                                          weight_decay=c.weight_decay)
-                loss_fn, data = cls.loss_fn, {k: batch[k] for k in ("image", "labels")}
+                loss_fn, data = classifier.plain_loss, {k: batch[k] for k in ("image", "labels")}
             else:
-                model = seg.build_model(config)
-                tx, _ = seg.make_optimizer(config, model)
+                model = segmenter.build_model(config)
+                tx, _ = segmenter.make_optimizer(config, model)
                 loss_fn = seg_loss(config)
                 data = {k: batch[k] for k in ("image", "mask")}
             out[stage][dtype] = (model, train(model, tx, loss_fn, data))
@@ -215,6 +216,6 @@ def test_bf16_segmentation_predictions_agree_with_float32(trained):
     labels = {}
     for dtype in (jnp.float32, jnp.bfloat16):
         precision.set_compute_dtype(model, dtype)
-        labels[dtype] = np.asarray(nnx.jit(seg.predict_labels)(model, image))
+        labels[dtype] = np.asarray(nnx.jit(segmenter.predict_labels)(model, image))
     precision.set_compute_dtype(model, jnp.float32)
     assert agreement(labels[jnp.float32], labels[jnp.bfloat16]) >= 0.99

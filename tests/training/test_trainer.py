@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pmm_jax.training import checkpoints, trainer
+from pmm_jax.training import checkpoints, optimizers, trainer
 from tests.support.tiny_training import (NUM_CLASSES, TinyNet, assert_trees_close, batches_from,
                                           loss_fn, make_batch, params_of, run)
 
@@ -163,7 +163,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, l
 
 
 def test_sgd_poly_schedule_and_decay_mask():
-    tx, schedule = trainer.sgd_poly(0.2, 100, power=0.9, end_lr=0.01)
+    tx, schedule = optimizers.sgd_poly(0.2, 100, power=0.9, end_lr=0.01)
     np.testing.assert_allclose(schedule(0), 0.2)
     np.testing.assert_allclose(schedule(50), 0.19 * 0.5 ** 0.9 + 0.01, rtol=1e-6)
     np.testing.assert_allclose(schedule(100), 0.01)
@@ -172,7 +172,7 @@ def test_sgd_poly_schedule_and_decay_mask():
     updates, _ = jax.jit(tx.update)(zero, tx.init(params), params)
     np.testing.assert_allclose(updates["kernel"], -0.2 * 5e-4 * np.ones((2, 2)), rtol=1e-6)
     np.testing.assert_allclose(updates["bias"], 0.0)
-    tx, _ = trainer.sgd_poly(0.2, 100, decay_1d=True)  # mmseg's: every parameter decayed
+    tx, _ = optimizers.sgd_poly(0.2, 100, decay_1d=True)  # mmseg's: every parameter decayed
     updates, _ = jax.jit(tx.update)(zero, tx.init(params), params)
     np.testing.assert_allclose(updates["bias"], -0.2 * 5e-4 * np.ones(2), rtol=1e-6)
 
