@@ -37,7 +37,7 @@ def measure(args: argparse.Namespace) -> dict:
     import jax
     import numpy as np
 
-    from pmm_jax.stages import cam, cls
+    from pmm_jax.cams import classifier, methods
 
     spec = importlib.util.spec_from_file_location("voc_config", args.config)
     module = importlib.util.module_from_spec(spec)
@@ -49,8 +49,8 @@ def measure(args: argparse.Namespace) -> dict:
     if args.scales:
         config.cam.scales = tuple(float(s) for s in args.scales.split(","))
         config.cam.multicrop.scales = config.cam.scales
-    model = cls.build_model(config)
-    predict = cam.make_predictor(config, model)
+    model = classifier.build_model(config)
+    predict = methods.make_predictor(config, model, classifier.method(config).cam)
     b, (h, w) = args.batch_size, (512, 512)
     rng = np.random.default_rng(0)
     raw = np.zeros((b, h, w, 3), np.uint8)
@@ -78,11 +78,13 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
+    from pmm_jax.cams.methods import CAM_METHODS
+
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "..", "configs", "voc.py"))
-    parser.add_argument("--method", choices=("multiscale", "multicrop"), default="multiscale")
+    parser.add_argument("--method", choices=CAM_METHODS.names(), default="multiscale")
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--width_div", type=int, default=1)
     parser.add_argument("--scales", default="", help="comma-separated; default: the config's")

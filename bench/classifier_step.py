@@ -16,7 +16,7 @@ AMP (``torch.autocast(device, torch.bfloat16)`` around forward and loss) on the 
   runs). PyTorch side: ``bench/classifier_torch.py`` (official layout, ``TorchSEAM``,
   the official loop body, parameter groups with ``requires_grad=False`` on frozen layers).
 * ``--method=plain``: the ``plain`` classifier (Dropout2d + 1x1 CAM head, multilabel
-  soft-margin on GAP) with ``trainer.sgd_poly`` (one lr for every parameter, BN affine
+  soft-margin on GAP) with ``optimizers.sgd_poly`` (one lr for every parameter, BN affine
   parameters included; weight decay on kernels only) on both sides.
 
 The batch (random images, random multi-hot labels with at least one class) is fixed and
@@ -38,12 +38,17 @@ from __future__ import annotations
 
 import argparse
 
-from bench import step_report
+from bench import config_values, step_report
 
 # Poly schedules are built for this many steps, so the learning rate never reaches 0 here.
 SCHEDULE_STEPS = 10_000
-GPU_SETTINGS = {"crop": 448, "batch": 16, "warmup": 3, "steps": 10}
 CPU_SETTINGS = {"crop": 128, "batch": 2, "warmup": 1, "steps": 3}
+
+
+def gpu_settings() -> dict:
+    """``--gpu``'s defaults: configs/voc.py's classifier crop and batch, 3 + 10 steps."""
+    cls = config_values.get_config("voc").cls
+    return {"crop": cls.crop_size, "batch": cls.batch_size, "warmup": 3, "steps": 10}
 
 
 def _blocks(args):
@@ -61,26 +66,13 @@ def make_batch(args):
     return image, labels
 
 
-def plain_loss(model, batch, rngs):
-    """``pmm_jax.stages.cls.loss_fn`` (repeated so the benchmark does not import TensorFlow):
-    multilabel soft-margin on the GAP logits, with the exact-match accuracy."""
-    import jax.numpy as jnp
-
-    from pmm_jax.models.cam_classifier import multilabel_soft_margin_loss
-
-    out = model(batch["image"], rngs=rngs)
-    loss = multilabel_soft_margin_loss(out["logits"], batch["labels"])
-    correct = jnp.all((out["logits"] > 0) == (batch["labels"] > 0.5), axis=-1)
-    return loss, {"exact_match": jnp.mean(correct)}
-
-
 def jax_model(args):
     """``(model, tx, loss_fn)`` of the configured classifier, as the ``cls`` stage builds them."""
-    from pmm_jax.cams import seam
+    from pmm_jax.cams import classifier, seam
     from pmm_jax.models import init_rngs
     from pmm_jax.models.cam_classifier import CAMClassifier
     from pmm_jax.models.resnet38 import ResNet38
-    from pmm_jax.training import precision, trainer
+    from pmm_jax.training import optimizers, precision
 
     rngs = init_rngs(0)
     backbone = ResNet38(width_div=args.width_div, blocks=_blocks(args),
@@ -92,8 +84,8 @@ def jax_model(args):
         loss_fn = seam.seam_loss
     else:
         model = CAMClassifier(backbone, args.num_classes, dropout=0.5, rngs=rngs)
-        tx, _ = trainer.sgd_poly(args.lr, SCHEDULE_STEPS)
-        loss_fn = plain_loss
+        tx, _ = optimizers.sgd_poly(args.lr, SCHEDULE_STEPS)
+        loss_fn = classifier.plain_loss
     return precision.set_compute_dtype(model, getattr(args, "dtype", "float32")), tx, loss_fn
 
 
@@ -221,12 +213,12 @@ def check_same_work(args) -> dict:
     import numpy as np
     from flax import nnx
 
-    from pmm_jax.cams import seam
+    from pmm_jax.cams import classifier, seam
     from pmm_jax.tools import weight_conversion
 
     torch_model, _, torch_loss, _ = build_torch(args)
     model = jax_twin(args, torch_model)
-    loss_fn = seam.seam_loss if args.method == "seam" else plain_loss
+    loss_fn = seam.seam_loss if args.method == "seam" else classifier.plain_loss
     torch_model.eval()
     model.eval()
     loss = torch_loss()
@@ -248,23 +240,26 @@ def check_same_work(args) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    voc, gpu = config_values.get_config("voc"), gpu_settings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", choices=("seam", "plain"), default="seam")
     parser.add_argument("--width_div", type=int, default=1)
-    parser.add_argument("--blocks", default="3,3,6,3", help="basic blocks of b2..b5")
+    parser.add_argument("--blocks", default=",".join(map(str, voc.cls.model.backbone.blocks)),
+                        help="basic blocks of b2..b5")
     parser.add_argument("--gpu", action="store_true",
-                        help=f"full-size defaults {GPU_SETTINGS} (else {CPU_SETTINGS})")
+                        help=f"full-size defaults {gpu} (else {CPU_SETTINGS})")
     parser.add_argument("--crop", type=int)
     parser.add_argument("--batch", type=int)
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--steps", type=int)
-    parser.add_argument("--num_classes", type=int, default=20, help="foreground classes")
-    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--num_classes", type=int, default=voc.data.num_classes - 1,
+                        help="foreground classes")
+    parser.add_argument("--lr", type=float, default=voc.cls.lr)
     parser.add_argument("--official_momentum", action="store_true",
                         help="SEAM: momentum 5e-4 as the official optimiser (default 0.9)")
     step_report.add_common_args(parser)
     args = parser.parse_args(argv)
-    for key, value in (GPU_SETTINGS if args.gpu else CPU_SETTINGS).items():
+    for key, value in (gpu if args.gpu else CPU_SETTINGS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args

@@ -1,7 +1,7 @@
 """PyTorch wide ResNet38-d, SEAM head and losses, written from the official PSA/SEAM/PMM code
 (``network/resnet38d.py``, ``network/resnet38_SEAM.py``, ``train_SEAM.py``): the reference side
 of ``bench/classifier_step.py`` and the oracle of ``tests/test_convert.py`` and
-``tests/test_seam.py``.
+``tests/cams/test_seam.py``.
 
 Module names are the official state-dict keys (``conv1a``, ``b2``, ``b2_1``, ..., ``bn7``,
 ``fc8``, ``f8_3``, ``f8_4``, ``f9``), NCHW. Only the benchmark and the tests import it (torch is

@@ -29,11 +29,12 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+from bench import config_values
 from pmm_jax.masks import dense_crf, dense_crf_jax
 
 DEFAULT_SAMPLES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "voc_samples"
 PARAMS = {"pseudo": dense_crf.PSEUDO_MASK_CRF, "test": dense_crf.SEGMENTATION_TEST_CRF}
-ALPHA = 11.0
+ALPHA = config_values.get_config("voc").pseudo.alpha  # the background power of the masks
 
 
 def load_samples(directory):

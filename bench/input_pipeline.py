@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pmm_jax.data import pipeline, prepare, voc  # noqa: E402
-from pmm_jax.files import io  # noqa: E402
+from pmm_jax.files import safe_io  # noqa: E402
 
 
 def fake_photo(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +60,7 @@ def write_fake_voc(root: pathlib.Path, num_images: int, seed: int = 0) -> None:
         height, width = rng.choice([333, 375, 500]), rng.choice([375, 500])
         image, mask = fake_photo(rng, int(height), int(width))
         Image.fromarray(image).save(vocdir / "JPEGImages" / f"{image_id}.jpg", quality=90)
-        io.write_mask(str(vocdir / "SegmentationClass" / f"{image_id}.png"), mask)
+        safe_io.write_mask(str(vocdir / "SegmentationClass" / f"{image_id}.png"), mask)
     lists = vocdir / "ImageSets" / "Segmentation"
     (lists / "train.txt").write_text("\n".join(ids[:num_images]) + "\n")
     (lists / "val.txt").write_text("\n".join(ids[num_images:]) + "\n")
@@ -93,7 +93,7 @@ def main() -> None:
         def stream(start_step: int):
             return pipeline.train_batches(ds, batch_size=args.batch_size,
                                           crop_size=args.crop_size, seed=0,
-                                          num_classes_fg=voc.NUM_CLASSES, start_step=start_step)
+                                          num_foreground=voc.NUM_CLASSES, start_step=start_step)
 
         def first_batch_seconds(start_step: int) -> float:
             start = time.perf_counter()

@@ -12,9 +12,9 @@ their labels (blurred, uneven, non-negative, as a classifier's), in a temporary 
   CPU seconds per image of every process of each command (start-up included; unlike wall
   time it barely moves with other load), the pixel agreement of the two sets of masks and
   the load average.
-* ``jax``: ``generator.generate`` with the JAX dense CRF in this process, seconds per image
-  after a first pass (compilation, reported too), and agreement with the official loop's
-  masks when pydensecrf is there.
+* ``jax``: ``generator.generate`` with ``crf.backend=jax`` in this process (the whole
+  per-image path jitted), seconds per image after a first pass (compilation, reported too),
+  and agreement with the official loop's masks when pydensecrf is there.
 """
 
 from __future__ import annotations
@@ -29,12 +29,14 @@ import time
 
 import numpy as np
 
-from pmm_jax.files import io
+from bench import config_values
+from pmm_jax.files import safe_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOC_SAMPLES = os.path.join(os.path.dirname(REPO), "shared", "data", "voc_samples")
-# The paper's settings (generator.default_config): alpha, t, s.
-ALPHA, T, S = 11.0, 0.05, 0.3
+# The paper's settings (configs/voc.py's pseudo section): alpha, t, s.
+_PSEUDO = config_values.get_config("voc").pseudo
+ALPHA, T, S = _PSEUDO.alpha, _PSEUDO.t, _PSEUDO.s
 
 
 def cams_from_labels(labels: np.ndarray, rng: np.random.Generator) -> dict[int, np.ndarray]:
@@ -78,8 +80,8 @@ def write_inputs(folder: str, count: int) -> str:
     rng = np.random.default_rng(0)
     if os.path.isdir(VOC_SAMPLES):
         ids = sorted(f[:-10] for f in os.listdir(VOC_SAMPLES) if f.endswith("_label.png"))
-        samples = [(io.read_image(os.path.join(VOC_SAMPLES, f"{i}.png")),
-                    io.read_mask(os.path.join(VOC_SAMPLES, f"{i}_label.png"))) for i in ids]
+        samples = [(safe_io.read_image(os.path.join(VOC_SAMPLES, f"{i}.png")),
+                    safe_io.read_mask(os.path.join(VOC_SAMPLES, f"{i}_label.png"))) for i in ids]
         source = f"{count} VOC photographs ({len(ids)} distinct, ../shared/data/voc_samples)"
     else:
         samples = [synthetic_sample(rng) for _ in range(7)]
@@ -89,7 +91,8 @@ def write_inputs(folder: str, count: int) -> str:
     for n in range(count):
         image, labels = samples[n % len(samples)]
         Image.fromarray(image).save(os.path.join(folder, "images", f"im{n:03d}.jpg"), quality=95)
-        io.write_cams(os.path.join(folder, "cams", f"im{n:03d}.npy"), cams_from_labels(labels, rng))
+        safe_io.write_cams(os.path.join(folder, "cams", f"im{n:03d}.npy"),
+                           cams_from_labels(labels, rng))
     return source
 
 
@@ -151,7 +154,8 @@ def agreement(dir_a: str, dir_b: str) -> float:
     """Share of pixels on which the PNG masks of two folders agree."""
     same = total = 0
     for name in sorted(os.listdir(dir_a)):
-        a, b = io.read_mask(os.path.join(dir_a, name)), io.read_mask(os.path.join(dir_b, name))
+        a = safe_io.read_mask(os.path.join(dir_a, name))
+        b = safe_io.read_mask(os.path.join(dir_b, name))
         same += np.count_nonzero(a == b)
         total += a.size
     return same / total
@@ -193,13 +197,15 @@ def pool_row(count: int, rounds: int) -> dict:
 
 
 def jax_row(count: int, have_official: bool) -> dict:
-    """The ``jax`` figures: per-image seconds of what the generator runs per image with the
-    JAX CRF (``worker.run`` with ``generator.jax_crfs``: files in, PNG out; no ml_collections
-    needed), after a first pass whose time includes compilation; agreement with the official
+    """The ``jax`` figures: per-image seconds of ``generator.generate`` with
+    ``crf.backend=jax`` in this process (files in, PNG out: the whole per-image path on the
+    device), after a first pass whose time includes compilation; agreement with the official
     loop."""
-    from pmm_jax.masks import dense_crf, generator, worker
+    from pmm_jax.masks import generator
 
-    settings = worker.Settings("ppmg", ALPHA, T, S, False, 20, dense_crf.PSEUDO_MASK_CRF, "jax")
+    cfg = generator.default_config("ppmg")
+    cfg.alpha, cfg.t, cfg.s, cfg.num_classes = ALPHA, T, S, 21
+    cfg.crf.backend = "jax"
     with tempfile.TemporaryDirectory() as root:
         source = write_inputs(root, count)
         images, cams = os.path.join(root, "images"), os.path.join(root, "cams")
@@ -207,13 +213,8 @@ def jax_row(count: int, have_official: bool) -> dict:
                    for n in sorted(os.listdir(cams))]
 
         def run(out_dir: str) -> float:
-            os.makedirs(out_dir)
             start = time.perf_counter()
-            for record in records:
-                failure = worker.run(record, os.path.join(out_dir, f"{record[0]}.png"), settings,
-                                     generator.jax_crfs)
-                if failure:
-                    raise RuntimeError(f"{record[0]}: {failure}")
+            generator.generate(records, out_dir, cfg, process_index=0, process_count=1)
             return time.perf_counter() - start
 
         first, second = run(os.path.join(root, "first")), run(os.path.join(root, "ours"))

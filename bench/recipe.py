@@ -46,7 +46,7 @@ pydensecrf its backend is skipped with a note.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import math
 import os
 import platform
@@ -67,18 +67,13 @@ from bench.units import (
     time_test,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNITS = ("cls", "cam", "pseudo", "seg", "test")
 SHRINK = {"width_div": 8, "res_div": 4, "shallow": True}
 
 
 def load_config(dataset: str):
     """``configs/<dataset>.py``'s ``get_config()`` (imports ml_collections)."""
-    path = os.path.join(REPO, "configs", f"{dataset}.py")
-    spec = importlib.util.spec_from_file_location(f"recipe_{dataset}_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return importlib.import_module(f"configs.{dataset}").get_config()
 
 
 # Split sizes of the datasets the configs name (images).

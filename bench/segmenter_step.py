@@ -2,12 +2,12 @@
 in PyTorch; what ``bench.suite``'s ``pspnet`` rows time.
 
 JAX side: exactly what ``pmm_jax.stages.seg.train_segmenter`` hands ``trainer.train``: the
-model from ``seg.build_model`` (PSPNet + FCN auxiliary head on mmseg's ResNetV1c, the
-config's ``compute_dtype``), ``seg.make_optimizer`` (mmseg's poly SGD, frozen stages
-masked), the ``ce`` run's ``seg.run_loss`` (decode + 0.4 x auxiliary cross-entropy on logits
+model from ``segmenter.build_model`` (PSPNet + FCN auxiliary head on mmseg's ResNetV1c, the
+config's ``compute_dtype``), ``segmenter.make_optimizer`` (mmseg's poly SGD, frozen stages
+masked), the ``ce`` run's ``losses.run_loss`` (decode + 0.4 x auxiliary cross-entropy on logits
 upsampled to the crop) and ``trainer.make_step`` (the jitted, donated step, state replicated
 and batch sharded over every device), with configs/voc.py's ``seg`` settings
-(:data:`VOC_SEG`; tests/test_bench_segmenter.py keeps them equal). PyTorch side:
+(read through ``bench/config_values.py``). PyTorch side:
 ``bench/segmenter_torch.py``, same layout, BatchNorm in training mode, SGD momentum 0.9 with
 weight decay on every parameter (mmseg's), the same loss.
 
@@ -27,19 +27,13 @@ from __future__ import annotations
 
 import argparse
 
-from bench import step_report
-
-# configs/voc.py's seg optimiser and loss settings (the bench cannot import the config file:
-# it needs ml_collections).
-VOC_SEG = dict(lr=0.005, min_lr=1e-4, momentum=0.9, weight_decay=5e-4, decay_1d=True,
-               num_steps=20000, aux_weight=0.4, bins=(1, 2, 3, 6), dropout=0.1)
+from bench import config_values, step_report
+from bench.config_values import AttrDict as Section
 
 
-class Section(dict):
-    """A dict with attribute access: enough of ``ml_collections.ConfigDict`` for the seg
-    stage's build/optimiser/loss functions."""
-
-    __getattr__ = dict.__getitem__
+def voc_seg():
+    """configs/voc.py's ``seg`` section (its optimiser, loss and head settings)."""
+    return config_values.get_config("voc").seg
 
 
 def _widths(args):
@@ -54,14 +48,14 @@ def _blocks(args):
 def seg_config(args) -> Section:
     """The slice of a pmm_jax config the seg stage's step reads: configs/voc.py's ``seg``
     settings on ResNetV1c (``args.blocks``, widths / ``args.width_div``, nothing frozen)."""
-    w = _widths(args)
+    w, voc = _widths(args), voc_seg()
     backbone = Section(name="resnet101", blocks=_blocks(args), base_width=w["base_width"],
                        stem_width=w["stem_width"], frozen_stages=-1)
-    model = Section(backbone=backbone, init_from="", bins=VOC_SEG["bins"],
-                    channels=w["channels"], dropout=VOC_SEG["dropout"],
+    model = Section(backbone=backbone, init_from="", bins=tuple(voc.model.bins),
+                    channels=w["channels"], dropout=voc.model.dropout,
                     aux_channels=w["aux_channels"], remat=getattr(args, "remat", False))
     seg = Section(model=model, pus=Section(mode="none", beta=0.5, kappa=0.5, reduction="all"),
-                  **{k: VOC_SEG[k] for k in ("lr", "min_lr", "momentum", "weight_decay",
+                  **{k: voc[k] for k in ("lr", "min_lr", "momentum", "weight_decay",
                                              "decay_1d", "num_steps", "aux_weight")})
     return Section(seed=0, compute_dtype=args.dtype, seg=seg,
                    data=Section(num_classes=args.num_classes))
@@ -82,18 +76,18 @@ def build_jax(args):
     and the sharded batch."""
     from flax import nnx
 
-    from pmm_jax.stages import seg
+    from pmm_jax.segmentation import losses, segmenter
     from pmm_jax.training import sharding as shd
     from pmm_jax.training import trainer
 
     config = seg_config(args)
-    model = seg.build_model(config, config.seed)
-    tx, _ = seg.make_optimizer(config, model)
+    model = segmenter.build_model(config, config.seed)
+    tx, _ = segmenter.make_optimizer(config, model)
     model.train()
     graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
     mesh = shd.make_mesh()
     state = shd.replicate(state, mesh)
-    step = trainer.make_step(graphdef, seg.run_loss(config, "ce"), config.seed, mesh)
+    step = trainer.make_step(graphdef, losses.run_loss(config, "ce"), config.seed, mesh)
     image, mask = make_batch(args)
     return step, state, shd.shard_batch({"image": image, "mask": mask}, mesh)
 
@@ -110,12 +104,12 @@ def run_torch(args) -> dict:
     from bench.segmenter_torch import TorchPSPNet
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    w = _widths(args)
+    w, voc = _widths(args), voc_seg()
     torch.manual_seed(0)
     model = TorchPSPNet(_blocks(args), w["base_width"], w["stem_width"], w["channels"],
                         w["aux_channels"], args.num_classes).to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=VOC_SEG["lr"], momentum=VOC_SEG["momentum"],
-                          weight_decay=VOC_SEG["weight_decay"])
+    opt = torch.optim.SGD(model.parameters(), lr=voc.lr, momentum=voc.momentum,
+                          weight_decay=voc.weight_decay)
     image, mask = make_batch(args)
     image = torch.from_numpy(image.transpose(0, 3, 1, 2).copy()).to(device)
     mask = torch.from_numpy(mask).long().to(device)
@@ -126,7 +120,7 @@ def run_torch(args) -> dict:
         with step_report.torch_autocast(args.dtype, device):
             logits, aux = model(image)
             loss = (ce(logits, mask, ignore_index=255)
-                    + VOC_SEG["aux_weight"] * ce(aux, mask, ignore_index=255))
+                    + voc.aux_weight * ce(aux, mask, ignore_index=255))
         loss.backward()
         opt.step()
         return loss
@@ -135,12 +129,13 @@ def run_torch(args) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    voc = config_values.get_config("voc")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--width_div", type=int, default=1)
-    parser.add_argument("--blocks", default="3,4,23,3")
-    parser.add_argument("--crop", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--num_classes", type=int, default=21)
+    parser.add_argument("--blocks", default=",".join(map(str, voc.seg.model.backbone.blocks)))
+    parser.add_argument("--crop", type=int, default=voc.seg.crop_size)
+    parser.add_argument("--batch", type=int, default=voc.seg.batch_size)
+    parser.add_argument("--num_classes", type=int, default=voc.data.num_classes)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     step_report.add_common_args(parser)

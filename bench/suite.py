@@ -17,11 +17,14 @@ figure, with device, versions, date, load and command) and ``DIR/results.md`` (t
 * ``pseudo_masks``: ``python -m pmm_jax.pseudo_masks`` with a worker per core against a
   one-process official loop, seconds per image, speed-up against its target (0.9 x cores),
   mask agreement (``bench/pseudo_masks.py``; needs pydensecrf).
-* ``pseudo_masks_jax``: the generator's per-image path with the JAX dense CRF.
+* ``pseudo_masks_jax``: the generator with ``crf.backend=jax`` (the whole path jitted).
 * ``cam``: multi-crop CAMs of one 500x375 image at configs/voc.py's scales (``bench/units.py``).
 * ``compile:<program>@<target>``: a program of the configs compiled, without the device, for a
   TPU slice or an NVIDIA GPU: per-chip memory against the chip's, FLOPs, roofline and the
   recipe's hours (``bench/compile_table.py``; compiled, not run; minutes each at full size).
+* ``photo_predict``: ``pmm_jax.predict``'s and ``pmm_jax.export.load``'s seconds and host peak
+  memory for one 12 MP photo at configs/voc.py's 512x512 canvas, against PIL's resize + the
+  model alone (``bench/photo_predict.py``).
 
 Sizes: on a GPU/TPU the paper's shapes (crop 448/512, batch 16, full networks); on a CPU
 reduced ones (``bench/classifier_step.py``'s CPU settings); ``--quick``: small shapes of every
@@ -48,15 +51,6 @@ import time
 import traceback
 from typing import Callable
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# configs/voc.py's multi-crop CAM settings and classifier (the suite cannot import the config
-# file: it needs ml_collections; tests/test_bench_suite.py keeps them equal).
-VOC_CAM = {"scales": (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0), "crop": 448,
-           "stride": 300, "flip": True, "tile_batch": 16, "eval_pad_to": (512, 512)}
-VOC_CLS_MODEL = {"backbone": {"name": "resnet38", "width_div": 1, "blocks": (3, 3, 6, 3)},
-                 "dropout": 0.5, "remat": True}
-# configs/voc.py's REMAT: cls.model.remat and seg.model.remat.
-VOC_REMAT = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,32 +106,18 @@ def device_info(_=None) -> dict:
 
 def _cam_child(args: dict) -> dict:
     """Seconds of multi-crop CAMs of one image (``units.time_cam``) and the first call's."""
-    from bench import units
+    from bench import config_values, units
 
     size = units.Size(**args["size"])
-    config = _Section.of({
-        "compute_dtype": args["dtype"],
-        "data": {"num_classes": 21, "eval_pad_to": VOC_CAM["eval_pad_to"]},
-        "cls": {"method": "seam", "model": {**VOC_CLS_MODEL, "backbone": dict(
-            VOC_CLS_MODEL["backbone"], **args.get("backbone", {}))}},
-        "cam": {"flip": VOC_CAM["flip"], "multicrop": {
-            k: args["scales"] if k == "scales" else VOC_CAM[k]
-            for k in ("scales", "crop", "stride", "tile_batch")}}})
+    config = config_values.get_config("voc")
+    config.compute_dtype = args["dtype"]
+    config.cls.model.backbone.update(args.get("backbone", {}))
+    config.cam.multicrop.scales = tuple(args["scales"])
     start = time.perf_counter()
     seconds = units.time_cam(config, size, args["repeats"])
     return {"s_per_image": seconds, "first_and_timed_s": time.perf_counter() - start,
             "scales": list(args["scales"]), "dtype": args["dtype"],
-            "image": [size.px(375), size.px(500)], "crop": size.px(VOC_CAM["crop"])}
-
-
-class _Section(dict):
-    """A dict with attribute access (what ``bench/units.py`` reads of a config)."""
-
-    __getattr__ = dict.__getitem__
-
-    @classmethod
-    def of(cls, tree):
-        return cls({k: cls.of(v) if isinstance(v, dict) else v for k, v in tree.items()})
+            "image": [size.px(375), size.px(500)], "crop": size.px(config.cam.multicrop.crop)}
 
 
 def _pseudo_jax_child(args: dict) -> dict:
@@ -169,12 +149,14 @@ STEP_SIZES = {
 }
 
 
-def step_row(model: str, dtype: str, remat: bool = VOC_REMAT) -> Callable[[Device, bool], dict]:
+def step_row(model: str, dtype: str, remat: bool | None = None) -> Callable[[Device, bool], dict]:
     """A train-step row: ``model`` "seam", "plain" or "pspnet"; ``dtype`` "config" (the
-    configs' precision on the device) or "float32"; ``remat`` (default: the configs')."""
+    configs' precision on the device) or "float32"; ``remat`` (None: configs/voc.py's)."""
     def run(device: Device, quick: bool) -> dict:
-        from bench import classifier_step, segmenter_step, step_report
+        from bench import classifier_step, config_values, segmenter_step, step_report
 
+        configured = config_values.get_config("voc").cls.model.remat
+        remat_on = configured if remat is None else remat
         precision = device.config_dtype if dtype == "config" else dtype
         if model == "pspnet":
             bench, argv = segmenter_step, []
@@ -182,13 +164,13 @@ def step_row(model: str, dtype: str, remat: bool = VOC_REMAT) -> Callable[[Devic
             bench, argv = classifier_step, [f"--method={model}"]
         kind = "segmenter" if model == "pspnet" else "classifier"
         argv += STEP_SIZES[kind][_settings(device, quick)] + [f"--dtype={precision}"]
-        args = bench.parse_args(argv + (["--remat"] if remat else []))
+        args = bench.parse_args(argv + (["--remat"] if remat_on else []))
         figures = {"jax": step_report.in_child(bench.run_jax, args),
                    "settings": {k: getattr(args, k) for k in ("crop", "batch", "warmup", "steps",
                                                              "width_div", "blocks", "dtype",
                                                              "remat")}}
         figures["jax"]["loss_finite"] = math.isfinite(figures["jax"]["last_loss"])
-        if remat != VOC_REMAT:  # PyTorch has no remat: the base row's figures are its comparator
+        if remat_on != configured:  # PyTorch has no remat: the base row's figures are its comparator
             figures["torch_from"] = model
         elif importlib.util.find_spec("torch") is None:
             figures["torch_skipped"] = "torch is not installed"
@@ -217,11 +199,12 @@ def pseudo_masks_jax_row(device: Device, quick: bool) -> dict:
 
 
 def cam_row(device: Device, quick: bool) -> dict:
-    from bench import step_report
+    from bench import config_values, step_report
 
     settings = _settings(device, quick)
+    scales = tuple(config_values.get_config("voc").cam.multicrop.scales)
     args = {"dtype": device.config_dtype, "repeats": 1 if quick else 2,
-            "scales": VOC_CAM["scales"][:2] if quick else VOC_CAM["scales"],
+            "scales": scales[:2] if quick else scales,
             "size": {"width_div": 1, "res_div": 1, "shallow": False}}
     if settings != "accelerator":  # a CPU: the network and image shrunk
         args["size"] = ({"width_div": 32, "res_div": 8, "shallow": True} if quick
@@ -232,11 +215,11 @@ def cam_row(device: Device, quick: bool) -> dict:
 def compile_row(program: str, target: str, dtype: str = "bfloat16",
                 pod: bool = False) -> Callable[[Device, bool], dict]:
     """A compile-table row (``bench/compile_table.py``): ``program`` compiled for ``target``
-    (no such device needed), the configs' remat; ``--quick``: tiny widths."""
+    (no such device needed), remat on (configs/voc.py's); ``--quick``: tiny widths."""
     def run(device: Device, quick: bool) -> dict:
         from bench import compile_table
 
-        result = compile_table.run_row(program, target, dtype=dtype, remat=VOC_REMAT,
+        result = compile_table.run_row(program, target, dtype=dtype, remat=True,
                                        quick=quick, pod=pod)
         if result["status"] != "ok":
             raise RuntimeError(result.get("reason") or result.get("error"))
@@ -260,11 +243,28 @@ def compile_rows() -> list[Row]:
     rows = []
     for program, target, dtype, pod in plan:
         needs = ("jax_cuda12_plugin",) if target in ct.GPU_TARGETS else ("libtpu",)
-        rows.append(Row("compile:" + ct.row_name(program, target, dtype, VOC_REMAT, pod),
+        rows.append(Row("compile:" + ct.row_name(program, target, dtype, True, pod),
                         f"{ct.PROGRAMS[program]['what']}, compiled for {target} ({dtype})",
                         compile_row(program, target, dtype, pod), (60, 900, 900),
                         needs=needs + ("ml_collections",)))
     return rows
+def photo_predict_row(device: Device, quick: bool) -> dict:
+    """``bench/photo_predict.py``: predict and export.load on one 12 MP photo (512x512 canvas)
+    against PIL's resize + the model alone; the network shrunk off an accelerator."""
+    from bench import step_report
+
+    settings = _settings(device, quick)
+    args = {"quick": {"width_div": 16, "blocks": "1,1,1,1", "repeats": 1},
+            "cpu": {"width_div": 4, "blocks": "1,1,2,1", "repeats": 2},
+            "accelerator": {"width_div": 1, "blocks": "3,4,23,3", "repeats": 3}}[settings]
+    args.update(scales=(1.0,), flip=False, sliding_window=None)
+    return step_report.in_child(_photo_predict_child, args)
+
+
+def _photo_predict_child(args: dict) -> dict:
+    from bench import photo_predict
+
+    return photo_predict.run(args)
 
 
 ROWS = [
@@ -286,10 +286,12 @@ ROWS = [
     Row("pseudo_masks", "pseudo-mask generator (pydensecrf pool) vs the official loop",
         pseudo_masks_row, (15, 120, 120), needs=("pydensecrf", "ml_collections", "absl", "tqdm")),
     Row("pseudo_masks_jax", "pseudo-masks with the JAX dense CRF, per image",
-        pseudo_masks_jax_row, (40, 120, 90), needs=("scipy", "PIL")),
+        pseudo_masks_jax_row, (40, 120, 90), needs=("scipy", "PIL", "ml_collections", "tqdm")),
     Row("cam", "multi-crop CAMs of one image at configs/voc.py's scales", cam_row,
         (30, 200, 120)),
     *compile_rows(),
+    Row("photo_predict", "predict and export.load of a 12 MP photo (512x512 canvas) vs PIL "
+        "resize + the model alone", photo_predict_row, (60, 120, 90), needs=("PIL",)),
 ]
 
 
@@ -356,6 +358,19 @@ def main(argv=None) -> dict:
     unknown = sorted(set(names) - {r.name for r in ROWS})
     if unknown:
         raise SystemExit(f"error: unknown row(s) {unknown}; rows: {[r.name for r in ROWS]}")
+    if args.only and not names:
+        raise SystemExit(f"error: --only={args.only} names no row; name one or more of "
+                         f"{','.join(r.name for r in ROWS)}, or leave --only out for all")
+    if args.budget_s is not None and not (math.isfinite(args.budget_s) and args.budget_s > 0):
+        raise SystemExit(f"error: --budget_s={args.budget_s} must be a positive number of "
+                         "seconds (or left out: no budget)")
+    if os.path.lexists(args.out) and not os.path.isdir(args.out):
+        raise SystemExit(f"error: --out={args.out} is a file, not a folder; name a folder "
+                         "(created when absent) for results.json and results.md")
+    try:
+        os.makedirs(args.out, exist_ok=True)  # before any row: its figures would be lost
+    except OSError as err:
+        raise SystemExit(f"error: --out={args.out}: cannot create the folder ({err})") from None
     rows = [r for r in ROWS if not names or r.name in names]
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = os.getloadavg()

@@ -110,6 +110,29 @@ def compile_table(rows: dict) -> list[str]:
         return []
     return ["## Compiled for TPU slices and GPUs (compiled, not run)", "",
             *ct.markdown_rows(done), "", *ct.chips_note(), ""]
+def photo_table(rows: dict) -> list[str]:
+    row = rows.get("photo_predict", {})
+    if row.get("status") != "ok":
+        return []
+    f = row["figures"]
+    model = f"PSPNet width/{f['model']['width_div']}, blocks {f['model']['blocks']}"
+    return ["## A 12 MP photo at the VOC canvas", "",
+            f"One {f['photo'][1]}x{f['photo'][0]} photo on the {f['canvas'][0]}x{f['canvas'][1]} "
+            f"canvas ({model}, scales {f['eval']['scales']}, flip {f['eval']['flip']}, no CRF); "
+            "seconds per photo (compiled), host peak (tracemalloc):", "",
+            "| path | s / photo | host peak MB |", "| --- | --- | --- |",
+            f"| pmm_jax.predict (no CRF) | {f['predict_s']:.2f} | {f['predict_host_peak_mb']} |",
+            f"| pmm_jax.export.load | {f['export_load_s']:.2f} | "
+            f"{f['export_load_host_peak_mb']} |",
+            f"| PIL resize + model alone + PIL resize back | {f['baseline_s']:.2f} | "
+            f"{f['baseline_host_peak_mb']} |",
+            f"| model alone | {f['model_alone_s']:.2f} | |",
+            f"| canvas.shrink / PIL resize alone | {f['shrink_s']:.2f} / {f['pil_resize_s']:.2f} "
+            f"| {f['shrink_host_peak_mb']} |", "",
+            f"Peak RSS {f['peak_rss_mb']} MB; shrink vs PIL: max difference "
+            f"{f['shrink_vs_pil']['max']}, share off by more than 1: "
+            f"{f['shrink_vs_pil']['share_over_1']:.2%}; predict equals export: "
+            f"{f['predict_equals_export']}.", ""]
 
 
 def other_rows(rows: dict) -> list[str]:
@@ -124,5 +147,5 @@ def other_rows(rows: dict) -> list[str]:
 
 def markdown(report: dict) -> str:
     rows = report["rows"]
-    return "\n".join(header(report) + step_table(rows) + pseudo_table(rows) + cam_table(rows) + compile_table(rows)
-                     + other_rows(rows))
+    return "\n".join(header(report) + step_table(rows) + pseudo_table(rows) + cam_table(rows)
+                     + photo_table(rows) + compile_table(rows) + other_rows(rows))

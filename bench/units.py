@@ -5,10 +5,10 @@ classifier train step, the CAMs of one image (multi-crop or multi-scale, as the 
 runs them), the PPMG pseudo-mask of one image per CRF backend, a segmenter train step, and
 test-time inference of one image. Models are built as their stages build them, computing in
 the config's ``compute_dtype``, optionally shrunk (:class:`Size`). A config is anything with
-the attribute access of an ``ml_collections.ConfigDict`` (the suite passes plain dicts, as
-the GPU image has no ml_collections). Every unit is timed after one untimed call
-(compilation), as the best of ``repeats``. Imports jax, flax and numpy at load; TensorFlow
-never (no input pipeline runs).
+the attribute access of an ``ml_collections.ConfigDict`` (``bench/config_values.py`` builds
+the configs as plain attribute dicts where ml_collections is missing, as on the GPU image).
+Every unit is timed after one untimed call (compilation), as the best of ``repeats``. Imports
+jax, flax and numpy at load; TensorFlow never (no input pipeline runs).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def train_step_seconds(model, tx, loss_fn, batch: dict, repeats: int) -> float:
 
 
 def classifier(config, size: Size):
-    """The configured CAM classifier (as ``stages.cls.build_model``, shrunk by ``size``)."""
+    """The configured CAM classifier (as ``cams.classifier.build_model``, shrunk by ``size``)."""
     from pmm_jax import models
     from pmm_jax.cams import seam
     from pmm_jax.models.cam_classifier import CAMClassifier
@@ -127,28 +127,21 @@ def classifier(config, size: Size):
     rngs = models.init_rngs(0)
     backbone = models.build_backbone(shrunk_backbone(config.cls.model.backbone, size), rngs,
                                      remat=models.remat_option(config.cls.model))
-    num_fg = config.data.num_classes - 1
+    num_foreground = config.data.num_classes - 1
     options = {k: v for k, v in config.cls.model.items()
                if k not in ("backbone", "init_from", *models.BACKBONE_OPTIONS)}
     if config.cls.get("method", "plain") == "seam":
-        model = seam.SEAM(backbone, num_fg, **options, rngs=rngs)
+        model = seam.SEAM(backbone, num_foreground, **options, rngs=rngs)
     else:
-        model = CAMClassifier(backbone, num_fg, dropout=options.get("dropout", 0.5), rngs=rngs)
+        model = CAMClassifier(backbone, num_foreground, dropout=options.get("dropout", 0.5), rngs=rngs)
     return in_compute_dtype(config, model)
-
-
-def plain_loss(model, batch, rngs):
-    """Multilabel soft-margin on the GAP logits (``stages.cls.loss_fn``, without TensorFlow)."""
-    from pmm_jax.models.cam_classifier import multilabel_soft_margin_loss
-
-    out = model(batch["image"], rngs=rngs)
-    return multilabel_soft_margin_loss(out["logits"], batch["labels"]), {}
 
 
 def time_cls(config, size: Size, repeats: int) -> float:
     """Seconds per classifier train step at the configured crop and batch."""
     from pmm_jax.cams import seam
-    from pmm_jax.training import trainer
+    from pmm_jax.cams.classifier import plain_loss
+    from pmm_jax.training import optimizers
 
     model = classifier(config, size)
     cfg, crop = config.cls, size.px(config.cls.crop_size)
@@ -156,7 +149,7 @@ def time_cls(config, size: Size, repeats: int) -> float:
         tx, _ = seam.make_optimizer(model, cfg.lr, cfg.num_steps)
         loss_fn = seam.seam_loss
     else:
-        tx, _ = trainer.sgd_poly(cfg.lr, cfg.num_steps)
+        tx, _ = optimizers.sgd_poly(cfg.lr, cfg.num_steps)
         loss_fn = plain_loss
     rng = np.random.default_rng(0)
     labels = np.zeros((cfg.batch_size, config.data.num_classes - 1), np.float32)
@@ -191,6 +184,7 @@ def test_image(size: Size, seed: int = 0) -> np.ndarray:
 
 def time_cam(config, size: Size, repeats: int) -> float:
     """Seconds of multi-crop (or multi-scale) CAMs of one image, as the cam stage runs them."""
+    from pmm_jax.cams import classifier as cams_classifier
     from pmm_jax.cams import multicrop_inference
 
     model = classifier(config, size)
@@ -201,12 +195,8 @@ def time_cam(config, size: Size, repeats: int) -> float:
     devices = jax.device_count()
     tile_batch = max(devices, mc.tile_batch // devices * devices)
 
-    def model_cam(model, images):  # stages.cam.model_cam, without TensorFlow
-        out = model(images)
-        return out["cam_rv"][..., 1:] if "cam_rv" in out else out["cam"]
-
     predict = multicrop_inference.MultiCropCAM(
-        model, model_cam, scales=tuple(mc.scales), crop=size.px(mc.crop),
+        model, cams_classifier.method(config).cam, scales=tuple(mc.scales), crop=size.px(mc.crop),
         stride=size.px(mc.stride), flip=bool(config.cam.flip), tile_batch=tile_batch)
     return best_time(lambda: predict(batch, [0]), repeats)
 
@@ -290,35 +280,22 @@ def segmenter(config, size: Size):
 
 
 def seg_loss(config):
-    """The seg stage's loss (``stages.seg.loss_fn`` with ``config.seg.pus``), without TensorFlow."""
-    from pmm_jax.models.pspnet import upsample_logits
-    from pmm_jax.segmentation import pus
+    """The seg stage's ``pus`` run loss (``config.seg.pus``)."""
+    from pmm_jax.segmentation import losses
 
-    settings, aux_weight = config.seg.pus, config.seg.aux_weight
-
-    def loss_fn(model, batch, rngs):
-        out = model(batch["image"], rngs=rngs)
-        size = batch["mask"].shape[1:3]
-        def head(logits):
-            return pus.pus_loss(upsample_logits(logits, size), batch["mask"], mode=settings.mode,
-                                beta=settings.beta, kappa=settings.kappa,
-                                reduction=settings.reduction)
-
-        return head(out["logits"]) + aux_weight * head(out["aux_logits"]), {}
-
-    return loss_fn
+    return losses.run_loss(config, "pus")
 
 
 def time_seg(config, size: Size, repeats: int, max_batch: int) -> tuple[float, int]:
     """``(seconds per step, timed batch)`` of the segmenter train step at the configured crop."""
-    from pmm_jax.stages import seg
+    from pmm_jax.segmentation import segmenter as seg_model
 
     cfg = config.seg
     batch_size = min(cfg.batch_size, max_batch)
     batch_size = max(jax.device_count(), batch_size // jax.device_count() * jax.device_count())
     crop = size.px(cfg.crop_size)
     model = segmenter(config, size)
-    tx, _ = seg.make_optimizer(config, model)
+    tx, _ = seg_model.make_optimizer(config, model)
     rng = np.random.default_rng(0)
     batch = {"image": rng.normal(size=(batch_size, crop, crop, 3)).astype(np.float32),
              "mask": rng.integers(0, config.data.num_classes,

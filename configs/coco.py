@@ -7,7 +7,7 @@ Label space: the paper and WSSS_MMSeg use COCO's 91 ids (background + category i
 "one background and 10 invalid"; num_classes=91 in its PSPNet configs) and ignore the 10
 unused ids in test. The 81 contiguous classes here are those 91 ids without the unused ones,
 renumbered, so their mIoU is exactly the 91-id mIoU with the unused ids ignored
-(pmm_jax/tools/scoring.py, tests/test_coco_eval.py); score 91-id masks directly with
+(pmm_jax/scoring.py, tests/test_coco_eval.py); score 91-id masks directly with
 `python -m pmm_jax.evaluate --num_classes=91 --class_names=coco91`.
 
 ImageNet weights are those of configs/voc.py (same backbones, same keys

@@ -34,6 +34,9 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     # (tiny: off; the test suite sets JAX_COMPILATION_CACHE_DIR, and its two-process run must
     # compile in step: a cached process reaches gloo's collectives far ahead of its peer.)
     c.compilation_cache = "" if tiny else "workdir"
+    # Modules imported before the config is checked, which register methods from outside
+    # the package (comma-separated; pmm_jax/registry.py).
+    c.plugins = ""
 
     c.data = ml_collections.ConfigDict(dict(
         name=f"synthetic_wsss/{variant}",

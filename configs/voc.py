@@ -23,8 +23,8 @@ MULTICROP_SCALES = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0)
 # recomputed in the backward pass; same results, pmm_jax/models/remat.py). On by default: it
 # halves XLA's temp memory of the full-size train steps (CPU compile, bench/step_memory.py,
 # docs/models.md "Memory": ResNet38-d SEAM step 1.21 -> 0.58 GiB, PSPNet ResNetV1c-101 step
-# 1.37 -> 0.50 GiB, both at crop 224, batch 2), the memory issue 12 is about, for about one
-# extra backbone forward pass per step. --config.cls.model.remat=False to trade back.
+# 1.37 -> 0.50 GiB, both at crop 224, batch 2), for about one extra backbone forward pass
+# per step. --config.cls.model.remat=False to trade back.
 REMAT = True
 
 
@@ -51,6 +51,9 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
     # recurring programs (the cyclic round's train step, every segmenter's test-time program)
     # and resumed runs are not compiled again (pmm_jax.main.enable_compilation_cache).
     c.compilation_cache = "workdir"
+    # Modules imported before the config is checked, which register methods from outside
+    # the package (comma-separated; pmm_jax/registry.py).
+    c.plugins = ""
 
     c.data = ml_collections.ConfigDict(dict(
         name="voc2012_wsss",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import io as _io
+import io
 import json
 import os
 import shlex
@@ -85,7 +85,7 @@ def collect(root: str, runs: dict[str, dict]) -> list[dict]:
 
 def to_csv(rows: list[dict]) -> str:
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    buffer = _io.StringIO()
+    buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)

@@ -15,9 +15,12 @@ run's processes and devices, checked by ``main`` as soon as they are known (befo
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from pmm_jax.constants import CLASS_NAMES
+from pmm_jax.files.workdir import parse_stages
+
+if TYPE_CHECKING:
+    import ml_collections
 
 Check = Callable[[Any], str | None]  # a value -> None when fine, else what it must be
 
@@ -97,10 +100,8 @@ def scale_range(v) -> str | None:
 
 
 def _stages(v) -> str | None:
-    from pmm_jax import stages
-
     try:
-        stages.parse_stages(v) if isinstance(v, str) else None
+        parse_stages(v) if isinstance(v, str) else None
     except ValueError as err:
         return f"is not a stage list ({err})"
     return None if isinstance(v, str) else "must be a comma-separated string of stages"
@@ -108,10 +109,14 @@ def _stages(v) -> str | None:
 
 def _rules() -> dict[str, Check]:
     """``{key: check}``; ``*.name`` applies to ``name`` in every section."""
+    from pmm_jax.cams.classifier import CLASSIFIERS
+    from pmm_jax.cams.methods import CAM_METHODS
+    from pmm_jax.data.kinds import class_name_lists
     from pmm_jax.masks.dense_crf import BACKENDS
-    from pmm_jax.masks.generator import METHODS as MASK_METHODS
+    from pmm_jax.masks.variants import VARIANTS
+    from pmm_jax.segmentation.losses import SEG_LOSSES
     from pmm_jax.segmentation.pus import PUS_MODES, PUS_REDUCTIONS
-    from pmm_jax.tools.scoring import RULES as IOU_RULES
+    from pmm_jax.scoring import RULES as IOU_RULES
     from pmm_jax.training.precision import COMPUTE_DTYPES
 
     positive_int, non_negative_int = integer(1), integer(0)
@@ -119,6 +124,7 @@ def _rules() -> dict[str, Check]:
     return {
         "seed": non_negative_int, "stages": _stages, "allow_random_init": boolean,
         "compute_dtype": one_of(*COMPUTE_DTYPES), "compilation_cache": text,
+        "plugins": text,
         "*.batch_size": positive_int, "*.num_steps": positive_int, "*.log_every": positive_int,
         "*.ckpt_every": positive_int, "*.tile_batch": positive_int, "*.crop_size": positive_int,
         "*.eval_every": non_negative_int, "*.eval_subset": non_negative_int,
@@ -130,23 +136,24 @@ def _rules() -> dict[str, Check]:
         "*.multicrop.stride": positive_int,
         "data.name": text, "data.data_dir": text,
         # "" and 0: the dataset declares its classes (a folder); _num_classes checks the rest
-        "data.class_names": one_of(*CLASS_NAMES, ""), "data.num_classes": integer(0),
+        "data.class_names": one_of(*class_name_lists(), ""), "data.num_classes": integer(0),
         "data.train_split": text,
         "data.val_split": optional(text), "data.eval_pad_to": optional(pair),
         "data.shuffle_buffer": optional(positive_int),
-        "cls.method": one_of("plain", "seam"), "cls.official_momentum": boolean,
+        "data.max_side": non_negative_int,  # 0: a folder's images kept at their size
+        "cls.method": one_of(*CLASSIFIERS.names()), "cls.official_momentum": boolean,
         "cls.multicrop.rough_masks": text,
-        "cam.method": one_of("multiscale", "multicrop"), "cam.scales": sequence(POSITIVE),
+        "cam.method": one_of(*CAM_METHODS.names()), "cam.scales": sequence(POSITIVE),
         "cam.flip": boolean,
         "crf.backend": one_of(*BACKENDS),
-        "pseudo.variants": sequence(one_of(*MASK_METHODS)),
-        "pseudo.train_on": one_of(*MASK_METHODS), "pseudo.eval_split": text,
+        "pseudo.variants": sequence(VARIANTS.check),
+        "pseudo.train_on": VARIANTS.check, "pseudo.eval_split": text,
         "pseudo.alpha": POSITIVE, "pseudo.t": NON_NEGATIVE, "pseudo.s": NON_NEGATIVE,
         "pseudo.official_minmax": boolean, "pseudo.num_workers": non_negative_int,
         "pseudo.crf.gauss_sxy": POSITIVE, "pseudo.crf.gauss_compat": POSITIVE,
         "pseudo.crf.bilateral_sxy": POSITIVE, "pseudo.crf.bilateral_srgb": POSITIVE,
         "pseudo.crf.bilateral_compat": POSITIVE, "pseudo.crf.iterations": non_negative_int,
-        "seg.runs": sequence(one_of("ce", "pus")), "seg.aux_weight": NON_NEGATIVE,
+        "seg.runs": sequence(one_of(*SEG_LOSSES.names())), "seg.aux_weight": NON_NEGATIVE,
         "seg.pus.mode": one_of(*PUS_MODES), "seg.pus.reduction": one_of(*PUS_REDUCTIONS),
         "seg.pus.beta": POSITIVE, "seg.pus.kappa": POSITIVE,
         "seg.augment": one_of("light", "mmseg"), "seg.img_scale": pair,
@@ -154,7 +161,7 @@ def _rules() -> dict[str, Check]:
         "seg.model.init_from_cls": boolean, "seg.model.channels": positive_int,
         "seg.model.aux_channels": positive_int, "seg.model.bins": sequence(positive_int),
         "cycle.num_cycles": non_negative_int, "cycle.source": text,
-        "cycle.loss": one_of("ce", "pus"),
+        "cycle.loss": one_of(*SEG_LOSSES.names()),
         "eval.rule": one_of(*IOU_RULES), "eval.crf": boolean, "eval.flip": boolean,
         "eval.scales": sequence(POSITIVE), "eval.sliding_window": optional(pair),
     }
@@ -194,14 +201,13 @@ def _get(config, key: str, default=_MISSING):
 # --- rules relating several keys -------------------------------------------------------------
 
 def dataset_labels(name: str) -> int | None:
-    """The image-level label count of tfds dataset ``name`` from its builder's declared
-    features (nothing is read or prepared: the builder looks into an empty folder); None
-    when it has no ``labels`` feature. ``LookupError`` for a name tfds does not know."""
+    """The image-level label count of tfds dataset ``name`` (its builder registered with tfds:
+    a ``pmm_jax.data.kinds`` entry's) from its declared features (nothing is read or
+    prepared: the builder looks into an empty folder); None when it has no ``labels``
+    feature. ``LookupError`` for a name tfds does not know."""
     import tempfile
 
     import tensorflow_datasets as tfds
-
-    from pmm_jax.data import coco, synthetic, voc  # noqa: F401  (register the builders)
 
     with tempfile.TemporaryDirectory() as empty:
         try:
@@ -214,30 +220,31 @@ def dataset_labels(name: str) -> int | None:
 
 def _num_classes(config) -> list[str]:
     num, names = _get(config, "data.num_classes"), _get(config, "data.class_names")
-    problems = []
-    if _is_int(num) and names in CLASS_NAMES and len(CLASS_NAMES[names]) != num:
-        problems.append(f"config.data.num_classes={num} but config.data.class_names={names!r} "
-                        f"names {len(CLASS_NAMES[names])} classes (background included)")
     name = _get(config, "data.name")
     if not isinstance(name, str):
-        return problems
-    from pmm_jax.data import dataset
+        return []
+    from pmm_jax.data import kinds
 
+    lists = kinds.class_name_lists()
+    problems = []
+    if _is_int(num) and names in lists and len(lists[names]) != num:
+        problems.append(f"config.data.num_classes={num} but config.data.class_names={names!r} "
+                        f"names {len(lists[names])} classes (background included)")
     try:
-        kind = dataset.kind(config.data)
+        entry = kinds.kind_of(config.data)
     except ValueError as err:
         return [*problems, str(err)]
-    if dataset.KINDS[kind] is not dataset.open_tfds or not _is_int(num):
+    if entry.builder is None or not _is_int(num):
         return problems  # other kinds declare their classes when opened
     if names == "" or num < 2:
         return [*problems, f"config.data.name={name!r} takes its classes from the config: set "
-                f"config.data.class_names (one of {', '.join(map(repr, CLASS_NAMES))}) and "
-                "config.data.num_classes (2 or more, background included)"]
+                f"config.data.class_names (one of {', '.join(map(repr, entry.class_names))}) "
+                "and config.data.num_classes (2 or more, background included)"]
     try:
         labels = dataset_labels(name)
     except LookupError:
-        problems.append(f"config.data.name={name!r} is not a dataset of kind {kind} "
-                        "(synthetic_wsss/<config>, voc2012_wsss, coco2014_wsss/<config>)")
+        problems.append(f"config.data.name={name!r} is not a dataset of kind "
+                        f"{kinds.kind_name(config.data)} ({entry.names})")
     else:
         if labels is not None and labels + 1 != num:
             problems.append(f"config.data.num_classes={num} but dataset {name} has "
@@ -300,13 +307,51 @@ def _cycle_source(config) -> list[str]:
 
 
 def _initial_weights(config) -> list[str]:
-    from pmm_jax import stages
-
     try:
-        stages.check_random_init(config)
+        check_random_init(config)
     except ValueError as err:
         return [str(err)]
     return []
+
+
+# The model config that each training stage initialises from ``<key>.model.init_from``.
+TRAINS_FROM = {"cls": "cls", "seg": "seg", "cycle": "seg"}
+MODEL_NAMES = {"cls": "classifier", "seg": "segmenter"}
+
+
+def has_initial_weights(section: ml_collections.ConfigDict) -> bool:
+    """Whether a model section starts from trained weights: converted ImageNet weights
+    (``model.init_from``) or, for the segmenter, the cls stage's backbone (``init_from_cls``)."""
+    return bool(section.model.get("init_from") or section.model.get("init_from_cls"))
+
+
+def check_random_init(config: ml_collections.ConfigDict) -> None:
+    """Refuses (ValueError) to train the classifier or the segmenter from random weights.
+
+    A selected stage of ``TRAINS_FROM`` whose ``config.<cls|seg>.model.init_from`` is empty
+    would train from random weights, which the paper never does and which is far from its
+    results; that is allowed only with ``config.allow_random_init = True`` (the demo configs).
+    The error names the keys and says how to get and convert ImageNet weights.
+    """
+    if config.get("allow_random_init", False):
+        return
+    keys = sorted({TRAINS_FROM[name] for name in parse_stages(config.stages)
+                   if name in TRAINS_FROM and not has_initial_weights(config[TRAINS_FROM[name]])})
+    if not keys:
+        return
+    steps = []
+    for key in keys:
+        arch = config[key].model.backbone.name
+        structure = f" --structure=PATH/{arch}.json" if arch.startswith("scalenet") else ""
+        steps.append(f"python -m pmm_jax.convert --arch={arch} --src=IMAGENET_WEIGHTS.pth"
+                     f"{structure} --out=DIR, then --config.{key}.model.init_from=DIR")
+    raise ValueError(
+        f"{' and '.join(f'config.{k}.model.init_from' for k in keys)} "
+        f"{'is' if len(keys) == 1 else 'are'} empty: the "
+        f"{' and the '.join(MODEL_NAMES[k] for k in keys)} would train from random weights, "
+        "which the paper never does. Get the ImageNet weights and convert them: "
+        + "; ".join(steps) + ". See README.md, section 'ImageNet weights'. To train from "
+        "random weights anyway, set --config.allow_random_init=True.")
 
 
 CROSS_RULES: tuple[Callable[[Any], list[str]], ...] = (
@@ -337,6 +382,26 @@ def device_problems(config, *, processes: int, local_devices: int) -> list[str]:
                      "validates on its share of these images, so use at least one per process "
                      "(or 0: all of val)")
     return found
+
+
+def dataset_problems(config, data) -> list[str]:
+    """The split names of ``config`` that the opened dataset ``data`` (``data.dataset``)
+    lacks: its train and val splits and ``pseudo.eval_split`` (unless optional for it).
+    Checked by ``main`` once the dataset is open, before any stage."""
+    splits = data.dataset_splits
+    found = []
+    for key, value in (("data.train_split", data.train_split), ("data.val_split", data.val_split),
+                       ("pseudo.eval_split", _get(config, "pseudo.eval_split", None))):
+        if (isinstance(value, str) and value.split("[", 1)[0] not in splits
+                and value not in data.optional_splits):
+            found.append(f"config.{key}={value!r} is not a split of dataset {data.name} (its "
+                         f"splits: {', '.join(splits)})")
+    return found
+
+
+def check_dataset(config, data) -> None:
+    """Raises :class:`ConfigError` listing every :func:`dataset_problems` in one paragraph."""
+    _raise(dataset_problems(config, data))
 
 
 def check_devices(config, *, processes: int, local_devices: int) -> None:

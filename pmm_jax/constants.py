@@ -1,4 +1,5 @@
-"""Shared constants: ignore label, class names and colour palettes.
+"""Shared constants: ignore label, class names, colour palettes, image statistics and the
+pseudo-mask core's official thresholds and epsilons.
 
 Every module that needs a class list or a palette imports it from here, so a dataset's
 classes are defined exactly once.
@@ -43,7 +44,7 @@ COCO_CLASSES = ("background",) + tuple(name for _, name in COCO_CATEGORIES)
 # COCO's 91-id label space (WSSS_MMSeg's COCODataset and PSPNet heads: 91 classes; the
 # ``coco2014_wsss/original`` masks): 0 background, ids 1..90, of which these 10 are used by no
 # annotation ("one background and 10 invalid", PMM paper section 4.1) and are ignored in
-# evaluation (pmm_jax.tools.scoring.IGNORED_CLASSES). Removing them and renumbering the rest gives
+# evaluation (pmm_jax.scoring.IGNORED_CLASSES). Removing them and renumbering the rest gives
 # COCO_CLASSES, so mIoU over the 81 contiguous classes is the 91-id mIoU with them ignored.
 COCO_UNUSED_IDS = tuple(i for i in range(1, max(COCO_CATEGORY_IDS) + 1)
                         if i not in COCO_CATEGORY_IDS)
@@ -85,3 +86,12 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 # ``normalize``; segmentation/canvas.py does the same in numpy for predict and the export).
 IMAGENET_MEAN_UNIT = (0.485, 0.456, 0.406)
 IMAGENET_STD_UNIT = (0.229, 0.224, 0.225)
+
+# The pseudo-mask core (pmm_jax/masks/core.py), official values: added to the range in
+# min-max normalisation; added to the mean in the coefficient of variation; posterior above
+# which a binary CRF's pixel is foreground (crf_k > 0.5); posterior above which a rough
+# mask's pixel is labelled (infer_multi_scale.py --out_crf; others are IGNORE_LABEL).
+CAM_NORM_EPS = 1e-5
+COV_EPS = 1e-8
+CRF_FG_THRESHOLD = 0.5
+ROUGH_MASK_THRESHOLD = 0.9

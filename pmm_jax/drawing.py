@@ -14,8 +14,9 @@ import numpy as np
 from PIL import Image
 
 from pmm_jax.constants import IMAGENET_MEAN, IMAGENET_STD, PALETTE
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir
+from pmm_jax.masks import core
 
 # Pseudo-mask variants shown side by side: the paper's baseline (CRF) and PPMG.
 SHOWN_VARIANTS = ("baseline", "ppmg")
@@ -94,15 +95,11 @@ def cvs_pictures(image: np.ndarray, cams: dict[int, np.ndarray], names, *, t: fl
     "before" is the min-max normalised CAM ``x``, "after" is ``cvs(x)`` with the run's ``t``
     and ``s`` (paper eq. 6), both drawn on one [0, 1] colour scale so the flattening shows.
     """
-    from pmm_jax.masks import cvs
-
     if not cams:
         return {}
     classes = sorted(cams)
-    stack = np.stack([np.asarray(cams[c], np.float32) for c in classes])
-    present = np.ones(len(classes), bool)
-    x = np.asarray(cvs.normalize(stack, present))
-    x_s = np.asarray(cvs.cvs(x, present, t, s))
+    x = core.normalize(np, np.stack([np.asarray(cams[c], np.float32) for c in classes]))
+    x_s = core.cvs(np, x, t, s)
     return {names[c + 1]: {"before": overlay(image, heatmap(x[k])),
                            "after": overlay(image, heatmap(x_s[k]))}
             for k, c in enumerate(classes)}
@@ -122,7 +119,7 @@ def mask_pictures(workdir: str, image_id: str, gt_mask: np.ndarray | None = None
              for v in variants}
     paths.update({f"prediction/{r}": os.path.join(wd.predictions(r, split), f"{image_id}.png")
                   for r in runs})
-    out = {name: colorize_mask(io.read_mask(path))
+    out = {name: colorize_mask(safe_io.read_mask(path))
            for name, path in paths.items() if os.path.exists(path)}
     if gt_mask is not None:
         out["ground truth"] = colorize_mask(gt_mask)

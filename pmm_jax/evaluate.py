@@ -1,5 +1,5 @@
 """`python -m pmm_jax.evaluate`: the command-line layer (flags, messages, exit codes) over
-``pmm_jax.tools.scoring``.
+``pmm_jax.scoring``.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Sequence
 import numpy as np
 
 from pmm_jax.constants import CLASS_NAMES
-from pmm_jax.files import io
-from pmm_jax.tools.scoring import (
+from pmm_jax.files import safe_io
+from pmm_jax.scoring import (
     RULES,
     class_names_for,
     evaluate_dirs,
@@ -84,7 +84,7 @@ def _parse_ignore_classes(values: Sequence[str], num_classes: int) -> list[int]:
 def _write_report(path: str, report: dict) -> None:
     """Writes the JSON report; exits with an error naming ``--out_json`` if it cannot."""
     try:
-        io.write_json(path, report)
+        safe_io.write_json(path, report)
     except OSError as err:
         sys.exit(f"error: --out_json={path}: cannot write the report "
                  f"({type(err).__name__}: {err.strerror or err}); the table above is complete")

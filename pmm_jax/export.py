@@ -36,7 +36,9 @@ def load(directory: str) -> Callable[[np.ndarray], np.ndarray]:
     """The exported segmenter in ``directory`` as ``segment(image) -> labels``: ``image``
     uint8 ``[H, W, 3]`` (or ``[H, W]`` greyscale) of any size, ``labels`` uint8 ``[H, W]``
     class indices (``segment.meta["class_names"]``). Runs on this process's default jax
-    device (CPU, or a GPU/TPU the artifact was lowered for: ``meta["platforms"]``)."""
+    device (CPU, or a GPU/TPU the artifact was lowered for: ``meta["platforms"]``).
+    ``segment.program(x)`` is the program alone: ``x`` float32 ``[1, canvas_h, canvas_w, 3]``
+    as ``meta["input"]`` describes -> uint8 ``[canvas_h, canvas_w]``."""
     with open(os.path.join(directory, META)) as f:
         meta = json.load(f)
     with open(os.path.join(directory, PROGRAM), "rb") as f:
@@ -53,6 +55,7 @@ def load(directory: str) -> Callable[[np.ndarray], np.ndarray]:
         return canvas.restore(labels, inner, image.shape[:2])
 
     segment.meta = meta
+    segment.program = lambda x: np.asarray(call(weights, x))  # float32 [1, *canvas, 3] -> labels
     return segment
 
 
@@ -61,14 +64,17 @@ def export(workdir: str, out: str, run: str | None = None) -> dict:
     ``out``; returns its meta."""
     from pmm_jax.files.workdir import Workdir
     from pmm_jax.segmentation import exporting, predict_images
-    from pmm_jax.stages import seg
+    from pmm_jax.segmentation.best_checkpoint import load_segmenter
 
     workdir, out = os.path.expanduser(workdir), os.path.expanduser(out)
+    if os.path.lexists(out) and not os.path.isdir(out):  # checked before the model is lowered
+        raise predict_images.PredictError(f"--out={out} is a file, not a folder; name a folder "
+                                          "(created when absent) for the export")
     wd = Workdir(workdir)
     config = predict_images.run_config(workdir)
     name = predict_images.choose_run(config, wd, run)
     facts = predict_images.dataset_facts(wd)
-    model = seg.load_segmenter(config, wd, name, facts.num_classes)
+    model = load_segmenter(config, wd, name, facts.num_classes)
     return exporting.export_segmenter(model, config.eval.to_dict(), facts.class_names,
                                       facts.canvas, name, out)
 

@@ -62,9 +62,12 @@ def config_error(err: Exception, argv: list[str]) -> str:
     # ml_collections quotes a KeyError's message inside an AttributeError's: unwrap them.
     while len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
         try:
-            text = ast.literal_eval(text)
+            inner = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             break
+        if not (isinstance(inner, str) and inner[:1] in ("'", '"')):
+            break  # keep the quotes of a bare key: 'nope'
+        text = inner
     text = " ".join(str(text).split())
     if "[Errno" in text:  # a missing or unreadable config file: keep the OS's own words
         text = text[text.index("[Errno"):]
@@ -77,6 +80,30 @@ def config_error(err: Exception, argv: list[str]) -> str:
                 "existing key)")
     source = next((arg for arg in argv if arg.startswith("--config=")), "--config")
     return f"{source}: cannot load the config ({type(err).__name__}: {text})"
+
+
+def override_problems(argv: list[str]) -> list[str]:
+    """What is wrong with each ``--config.KEY=VALUE`` of ``argv`` applied alone to the config
+    file (an unknown key, a value of the wrong type), in order; [] when the file itself does
+    not load."""
+    config_args = [arg for arg in argv[1:] if arg.startswith("--config=")]
+    found = []
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        args = [argv[0], *config_args[-1:], arg]
+        alone = flags.FlagValues()
+        config = config_flags.DEFINE_config_file("config", None, "", flag_values=alone,
+                                                 lock_config=True, sys_argv=args)
+        try:
+            alone(args)
+            config.value.to_dict()
+        except flags.Error as err:
+            found.append(" ".join(str(err).split()).removeprefix("flag "))
+        except (AttributeError, ImportError, KeyError, OSError, SyntaxError, TypeError,
+                ValueError) as err:
+            found.append(config_error(err, args))
+    return found
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -94,6 +121,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     except (AttributeError, ImportError, KeyError, OSError, SyntaxError, TypeError,
             ValueError) as err:
         message = config_error(err, argv)
+    bad = override_problems(argv)
+    if len(bad) > 1:  # every malformed override at once, not the first alone
+        message = f"{len(bad)} overrides are wrong: " + "; ".join(bad)
     sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
                      "Pass --helpshort or --helpfull to see help on flags.\n")
     sys.exit(1)
@@ -140,8 +170,8 @@ def enable_compilation_cache(setting: str, workdir: str) -> str | None:
 def run(config, workdir: str, redo: list[str] = ()) -> dict:
     """Runs the configured stages in ``workdir`` (redoing those in ``redo``); returns
     ``{stage: marker}`` of those run. ``config.json`` keeps the first run's config."""
-    from pmm_jax import stages
-    from pmm_jax.files import io
+    from pmm_jax import config_rules, stages
+    from pmm_jax.files import safe_io
     from pmm_jax.files.workdir import Workdir
     from pmm_jax.training import distributed
 
@@ -154,10 +184,11 @@ def run(config, workdir: str, redo: list[str] = ()) -> dict:
         # Opened before anything else: a folder of images is checked (bad input stops here)
         # and built.
         data = open_dataset(config, wd)
+        config_rules.check_dataset(config, data)  # its split names, before any stage
         if distributed.is_main():
             record_dataset(wd, data, names, redo)
         if distributed.is_main() and not os.path.exists(wd.config_json):
-            io.write_json(wd.config_json, config.to_dict())
+            safe_io.write_json(wd.config_json, config.to_dict())
         actions = stages.plan(names, redo, config, wd)
         distributed.barrier("planned")  # nothing is deleted before every process has planned
         return {name: stages.run_stage(name, config, wd, data, action)
@@ -182,10 +213,10 @@ def record_dataset(wd, data, names: list[str], redo: list[str]) -> None:
     dataset other than the one the workdir's completed stages were made from, e.g. a folder
     edited since (its build key changed), unless every completed stage is redone."""
     from pmm_jax import stages
-    from pmm_jax.files import io
+    from pmm_jax.files import safe_io
 
     if os.path.exists(wd.dataset_json):
-        before = io.read_json(wd.dataset_json)["name"]
+        before = safe_io.read_json(wd.dataset_json)["name"]
         kept = [n for n in stages.completed(wd) if n not in redo]
         if before != data.name and kept:
             raise stages.StageError(
@@ -193,22 +224,25 @@ def record_dataset(wd, data, names: list[str], redo: list[str]) -> None:
                 f"dataset is now {data.name} (for a folder: it changed since); use another "
                 f"--workdir, or redo them: --redo={','.join(kept)}"
                 + ("" if set(kept) <= set(names) else f" --config.stages={','.join(kept)}"))
-    io.write_json(wd.dataset_json, {"name": data.name, "class_names": list(data.class_names),
+    safe_io.write_json(wd.dataset_json, {"name": data.name, "class_names": list(data.class_names),
                                     "canvas": list(data.canvas)})
 
 
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {argv[1:]}")
-    from pmm_jax import config_rules, stages
+    from pmm_jax import config_rules, registry, stages
     from pmm_jax.data.builder_base import DatasetNotPreparedError, InputError
-    from pmm_jax.files import io, workdir
+    from pmm_jax.files import safe_io, workdir
     from pmm_jax.training import checkpoints, distributed, trainer
     # Library chatter (orbax's read-only notices, tfds) only on errors; this package's
     # progress messages at INFO.
     logging.set_verbosity(logging.ERROR)
     std_logging.getLogger("pmm_jax").setLevel(std_logging.INFO)
     try:
+        # Modules that register methods from outside the package, before the rules read the
+        # registries.
+        registry.import_plugins(_CONFIG.value.get("plugins", ""))
         config_rules.check(_CONFIG.value)  # every setting, before any work starts
         if _REDO.value:
             stages.parse_stages(",".join(_REDO.value), "--redo")
@@ -222,8 +256,8 @@ def main(argv):
     try:
         run(_CONFIG.value, _WORKDIR.value, _REDO.value)
     except (app.UsageError, stages.StageError, checkpoints.CheckpointError,
-            trainer.DivergenceError, io.NonFiniteError, workdir.WorkdirBusyError,
-            DatasetNotPreparedError, InputError) as err:
+            trainer.DivergenceError, safe_io.NonFiniteError, workdir.WorkdirBusyError,
+            DatasetNotPreparedError, InputError, config_rules.ConfigError) as err:
         fail(str(err))  # each message says what to do; a traceback would bury it
     except KeyboardInterrupt:
         sys.stderr.write("interrupted; rerun the same command to resume\n")

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from pmm_jax import drawing
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir
 
 if TYPE_CHECKING:  # TensorFlow: imported where data is read
@@ -28,7 +28,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     path = Workdir(workdir).config_json
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir} the workdir of a pmm_jax run?")
-    return ml_collections.ConfigDict(io.read_json(path))
+    return ml_collections.ConfigDict(safe_io.read_json(path))
 
 
 def dataset(config, workdir: str) -> Dataset:
@@ -69,10 +69,11 @@ def predict(config, workdir: str, run: str, images: list[np.ndarray]) -> list[np
     checkpoint and runs the model under ``nnx.jit`` on the default device.
     """
     from pmm_jax.constants import IMAGENET_MEAN, IMAGENET_STD
-    from pmm_jax.stages import seg
+    from pmm_jax.segmentation import best_checkpoint, segmenter
 
-    model = seg.load_segmenter(config, Workdir(workdir), run, dataset(config, workdir).num_classes)
-    labels = seg.jitted_predict_labels
+    model = best_checkpoint.load_segmenter(config, Workdir(workdir), run,
+                                           dataset(config, workdir).num_classes)
+    labels = segmenter.jitted_predict_labels
     mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
     return [np.asarray(labels(model, {"image": ((image - mean) / std)[None]})[0])
             for image in images]
@@ -91,7 +92,7 @@ def image_views(config, workdir: str, example: dict, split: str = "train",
     names = dataset(config, workdir).class_names
     image = example["image"]
     cam_file = os.path.join(wd.cams(split), f"{example['id']}.npy")
-    cams = io.read_cams(cam_file) if os.path.exists(cam_file) else {}
+    cams = safe_io.read_cams(cam_file) if os.path.exists(cam_file) else {}
     masks = drawing.mask_pictures(
         workdir, example["id"], variants=drawing.SHOWN_VARIANTS if split == "train" else (),
         split=split, runs=predicted_runs(workdir, split))
@@ -111,10 +112,10 @@ def results_rows(workdir: str) -> list[dict]:
     path = Workdir(workdir).results_json
     if not os.path.exists(path):
         return []
-    from pmm_jax.stages import eval as eval_stage
+    from pmm_jax.tools import results_table
 
     return [{"result": name, "miou_percent": 100 * value}
-            for name, value in eval_stage.result_rows(io.read_json(path))]
+            for name, value in results_table.result_rows(safe_io.read_json(path))]
 
 
 def markdown_table(rows: list[dict]) -> str:

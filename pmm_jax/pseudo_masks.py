@@ -6,7 +6,7 @@ From folders (images ``<id>.jpg``/``.png`` and CAM files ``<id>.npy``/``.npz``):
 
     python -m pmm_jax.pseudo_masks --cam_dir=CAMS --image_dir=IMAGES --out_dir=OUT \
         [--method=ppmg|baseline|crf_cvs|ppmg_no_cvs|rough] [--num_workers=N] \
-        [--config.crf.backend=pydensecrf|jax] \
+        [--plugins=MODULES] [--config.crf.backend=pydensecrf|jax] \
         [--config.alpha=11 --config.t=0.05 --config.crf.bilateral_srgb=13 ...]
 
 From a run: the train split of its config's dataset and ``WORKDIR/cams/train`` (the rough
@@ -23,13 +23,9 @@ import os
 import sys
 from typing import Sequence
 
-from pmm_jax.masks.generator import (
-    METHODS,
-    PseudoMaskError,
-    dataset_records,
-    default_config,
-    generate,
-)
+from pmm_jax import registry
+from pmm_jax.masks.generator import PseudoMaskError, dataset_records, default_config, generate
+from pmm_jax.masks.variants import VARIANTS
 
 IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg")
 CAM_SUFFIXES = (".npy", ".npz")
@@ -89,7 +85,10 @@ def _define_flags() -> None:
     flags.DEFINE_string("image_dir", None, "Folder of <id>.jpg / <id>.png images.")
     flags.DEFINE_string("out_dir", None, "Output folder for <id>.png masks (default with "
                         "--run_config: WORKDIR/rough_masks/train or WORKDIR/pseudo/METHOD/train).")
-    flags.DEFINE_enum("method", None, METHODS, "Variant; overrides --config.method.")
+    flags.DEFINE_string("method", None, f"Variant ({', '.join(VARIANTS.names())}, or one a "
+                        "--plugins module registers); overrides --config.method.")
+    flags.DEFINE_string("plugins", "", "Comma-separated modules to import first, which register "
+                        "more variants (pmm_jax/registry.py).")
     flags.DEFINE_integer("num_workers", None, "CRF processes; overrides --config.num_workers.")
     config_flags.DEFINE_config_dict("config", default_config(), lock_config=True)
     config_flags.DEFINE_config_file("run_config", None, "A run's config file: images from its "
@@ -121,6 +120,7 @@ def main(argv: Sequence[str]) -> None:
     if f.method is not None:
         cfg.method = f.method
     try:
+        registry.import_plugins(f.plugins)
         if f.run_config is None:
             out_dir, records = f.out_dir, list_records(f.cam_dir, f.image_dir)
         else:

@@ -24,10 +24,13 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
+from tests.support.paths import ROOT, VOC_SAMPLES  # noqa: E402
+
 
 # The modules whose tests run whole pipelines in subprocesses (minutes each), slowest first.
 SLOW_MODULES = ("test_rehearsal.py", "test_multiprocess.py", "test_main.py",
-                "test_folder_rehearsal.py", "test_multicrop_e2e.py", "test_precision.py")
+                "test_folder_rehearsal.py", "test_multicrop_e2e.py", "test_precision.py",
+                "test_plugins.py")
 
 
 def pytest_collection_modifyitems(items):
@@ -39,7 +42,6 @@ def pytest_collection_modifyitems(items):
         return SLOW_MODULES.index(name) if name in SLOW_MODULES else len(SLOW_MODULES)
     items.sort(key=rank)
 
-VOC_SAMPLES = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "voc_samples"
 
 
 @pytest.fixture(scope="session")
@@ -61,12 +63,11 @@ def run_main_until(workdir, stop_when=None, extra=(), timeout=900):
     import sys
     import time
 
-    root = pathlib.Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "pmm_jax.main", "--config=configs/demo.py:tiny",
            f"--workdir={workdir}", *extra]
     log = pathlib.Path(workdir).with_suffix(".log")
     with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         killed = False
         while proc.poll() is None:
@@ -136,19 +137,6 @@ def _kill_and_resume(workdir):
     return kills, log
 
 
-def load_config(path: str, variant: str | None = None):
-    """``get_config(variant)`` of the config file at ``path`` (relative to the repository
-    root, e.g. ``"configs/demo.py"``; ``variant=None``: the file's default), a fresh unlocked
-    ConfigDict per call. Test modules import it with ``from conftest import load_config``."""
-    import importlib.util
-
-    file = pathlib.Path(__file__).resolve().parents[1] / path
-    spec = importlib.util.spec_from_file_location(f"config_{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config() if variant is None else module.get_config(variant)
-
-
 @pytest.fixture
 def rng():
     """A fresh numpy generator, seed 0."""
@@ -159,7 +147,7 @@ def rng():
 
 @pytest.fixture
 def present():
-    """Image-level labels of 4 classes with one absent (tests/test_cvs.py, test_ppmg.py)."""
+    """Image-level labels of 4 classes with one absent (tests/masks/test_cvs.py, test_ppmg.py)."""
     import numpy as np
 
     return np.array([True, False, True, True])
@@ -168,10 +156,36 @@ def present():
 @pytest.fixture
 def valid():
     """A 12 x 10 valid-pixel mask with bottom and right padding, the size of
-    ``tests/pseudo_mask_reference.py``'s maps."""
+    ``tests/support/pseudo_mask_reference.py``'s maps."""
     import numpy as np
 
     mask = np.ones((12, 10), bool)
     mask[9:, :] = False  # bottom padding
     mask[:, 8:] = False  # right padding
     return mask
+
+
+@pytest.fixture(params=["numpy", "jax"])
+def core_xp(request):
+    """``pmm_jax.masks.core``'s functions bound to one array module: numpy as the CPU workers
+    call them, or jax.numpy jitted as the device does (tests/test_cvs.py, test_ppmg.py)."""
+    import functools
+    import types
+
+    from pmm_jax.masks import core
+
+    names = ("normalize", "coefficient_of_variation", "cvs", "joint_probs", "binary_probs",
+             "argmax_labels", "confident_labels", "ppmg_labels")
+    if request.param == "numpy":
+        import numpy as np
+
+        return types.SimpleNamespace(
+            **{n: functools.partial(getattr(core, n), np) for n in names})
+    import jax
+    import jax.numpy as jnp
+
+    static = {"normalize": ("official_minmax",), "joint_probs": ("alpha",),
+              "binary_probs": ("alpha",)}
+    return types.SimpleNamespace(**{n: jax.jit(functools.partial(getattr(core, n), jnp),
+                                               static_argnames=static.get(n, ()))
+                                    for n in names})

@@ -6,7 +6,7 @@ import numpy as np
 
 from pmm_jax import drawing
 from pmm_jax.constants import IMAGENET_MEAN, IMAGENET_STD, PALETTE, SYNTHETIC_CLASSES
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir
 
 
@@ -64,8 +64,9 @@ def test_cam_and_cvs_pictures_per_class():
 
 def test_mask_pictures_show_the_masks_that_exist(tmp_path):
     wd = Workdir(str(tmp_path))
-    io.write_mask(os.path.join(wd.pseudo_masks("ppmg"), "a.png"), np.full((3, 4), 2, np.uint8))
-    io.write_mask(os.path.join(wd.predictions("ce", "val"), "a.png"), np.ones((3, 4), np.uint8))
+    safe_io.write_mask(os.path.join(wd.pseudo_masks("ppmg"), "a.png"), np.full((3, 4), 2, np.uint8))
+    safe_io.write_mask(os.path.join(wd.predictions("ce", "val"), "a.png"),
+                       np.ones((3, 4), np.uint8))
     gt = np.zeros((3, 4), np.uint8)
     out = drawing.mask_pictures(wd.root, "a", gt, split="val", runs=("ce", "pus"))
     assert list(out) == ["pseudo/ppmg", "prediction/ce", "ground truth"]  # no baseline, no pus

@@ -12,8 +12,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
-from pmm_jax.files import io
-from pmm_jax.tools import scoring as ev
+from pmm_jax.files import safe_io
+from pmm_jax import scoring as ev
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -131,8 +131,8 @@ def test_cli_prints_table_writes_json_and_lists_missing_predictions(tmp_path):
     cm = np.zeros((6, 6), np.int64)
     for i in range(3):
         pred, gt = random_pair(rng, (10, 14), 6)
-        io.write_mask(str(pred_dir / f"im{i}.png"), pred)
-        io.write_mask(str(gt_dir / f"im{i}.png"), gt)
+        safe_io.write_mask(str(pred_dir / f"im{i}.png"), pred)
+        safe_io.write_mask(str(gt_dir / f"im{i}.png"), gt)
         cm += ev.confusion_matrix(pred, gt, 6)
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
@@ -157,14 +157,14 @@ def test_cli_bad_files_and_flags_are_one_paragraph_errors(tmp_path):
     pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
     labels = np.zeros((8, 10), np.uint8)
     labels[2:6, 3:8] = 2
-    io.write_mask(str(pred_dir / "a.png"), labels)
-    io.write_mask(str(gt_dir / "a.png"), labels)
+    safe_io.write_mask(str(pred_dir / "a.png"), labels)
+    safe_io.write_mask(str(gt_dir / "a.png"), labels)
     Image.fromarray(labels).save(tmp_path / "lossy.png", format="JPEG")
     Image.fromarray(np.stack([labels * 40] * 3, -1)).save(tmp_path / "rgb.png")
     noisy = np.random.default_rng(0).integers(0, 6, (16, 16)).astype(np.uint8)
-    io.write_mask(str(tmp_path / "noisy.png"), noisy)
+    safe_io.write_mask(str(tmp_path / "noisy.png"), noisy)
     (tmp_path / "cut.png").write_bytes((tmp_path / "noisy.png").read_bytes()[:-40])
-    io.write_mask(str(tmp_path / "wrong.png"), np.full((8, 10), 30, np.uint8))
+    safe_io.write_mask(str(tmp_path / "wrong.png"), np.full((8, 10), 30, np.uint8))
     (tmp_path / "report.json").mkdir()
     gt_file = str(gt_dir / "a.png")
     base = [f"--pred_dir={pred_dir}", f"--gt_dir={gt_dir}", "--num_classes=6"]
@@ -217,9 +217,9 @@ def test_id_list_scores_only_listed_ids_of_a_voc_folder(tmp_path):
         (lists / f"{split}.txt").write_text("\n".join(ids) + "\n")
         for image_id in ids:
             pred, gt = random_pair(rng, (12, 9), 21)
-            io.write_mask(str(voc / "SegmentationClass" / f"{image_id}.png"), gt)
+            safe_io.write_mask(str(voc / "SegmentationClass" / f"{image_id}.png"), gt)
             if split == "val":  # predictions of val only
-                io.write_mask(str(tmp_path / "masks" / f"{image_id}.png"), pred)
+                safe_io.write_mask(str(tmp_path / "masks" / f"{image_id}.png"), pred)
                 cm += ev.confusion_matrix(pred, gt, 21)
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)

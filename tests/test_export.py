@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import load_config
+import configs
 from pmm_jax import models
 from pmm_jax.segmentation import canvas, exporting, inference
 
@@ -26,7 +26,7 @@ EVAL = {"rule": "mmseg", "scales": (1.0,), "flip": False, "sliding_window": None
 def exported(tmp_path_factory):
     """A random tiny segmenter of configs/folder.py:tiny (its classifier scaled up so that
     its labels vary over an image), exported; returns (dir, model, eval config)."""
-    config = load_config("configs/folder.py", "tiny")
+    config = configs.get_config("folder", "tiny")
     model = models.build_segmenter(config.seg.model, len(CLASSES), models.init_rngs(1))
     model.decode_head.classifier.kernel[...] *= 300.0
     model.eval()
@@ -82,3 +82,37 @@ print(segment(np.zeros((50, 20, 3), np.uint8)).shape, segment.meta["class_names"
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(50, 20) ['background', 'rust', 'mildew']" in proc.stdout
+
+
+def test_load_gives_the_program_alone_for_a_server_that_fits_images_itself(exported):
+    from pmm_jax.export import load
+
+    out, _, _ = exported
+    segment = load(str(out))
+    image = np.random.default_rng(2).integers(0, 255, (40, 32, 3), dtype=np.uint8)
+    x, _, _ = canvas.fit(image, (40, 32))
+    np.testing.assert_array_equal(segment.program(x[None]), segment(image))
+
+
+def test_export_files_are_readable_by_others_under_the_usual_umask(exported):
+    out, _, _ = exported
+    for path in out.iterdir():  # not mkstemp's 600: a server of another user reads them
+        assert path.stat().st_mode & 0o777 == 0o666 & ~_umask(), path
+
+
+def _umask():
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_an_out_that_is_a_file_is_refused_before_the_model_is_loaded(tmp_path):
+    (tmp_path / "model").write_text("")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pmm_jax.export", f"--workdir={tmp_path / 'nowhere'}",
+         f"--out={tmp_path / 'model'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: --out=") and "is a file, not a folder" in proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr

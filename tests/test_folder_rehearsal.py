@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import VOC_SAMPLES
 from pmm_jax.constants import SYNTHETIC_CLASSES, VOC_CLASSES
 from pmm_jax.data.synthetic import render_sample
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
+from tests.support.paths import VOC_SAMPLES
 
 pytestmark = pytest.mark.xdist_group("folder_rehearsal")
 
@@ -123,12 +123,12 @@ def test_every_stage_ran_and_scores_are_reported(folder_run):
     workdir = folder_run["workdir"]
     for stage in ("cls", "cam", "pseudo", "seg", "cycle", "eval"):
         assert (workdir / "stages" / f"{stage}.json").exists(), stage
-    results = io.read_json(workdir / "results.json")
+    results = safe_io.read_json(workdir / "results.json")
     assert all(isinstance(v, float) for v in results["pseudo_mask_miou"].values()), results
     assert results["pseudo_mask_eval"] == {"split": "train_masked", "num_images": 4}
     assert set(results["seg_miou"]) == {"pus", "cycle1", "cyclic"}
     assert all(isinstance(v, float) for v in results["seg_miou"].values())
-    facts = io.read_json(workdir / "dataset.json")
+    facts = safe_io.read_json(workdir / "dataset.json")
     assert facts["class_names"] == ["background", *folder_run["names"]]
 
 
@@ -139,7 +139,7 @@ def test_predict_writes_masks_at_each_images_size_with_overlays(folder_run):
         with Image.open(path) as image:
             size = (image.height, image.width)
         for masks in ("masks", "masks_nocrf"):
-            mask = io.read_mask(str(base / masks / f"{path.stem}.png"))
+            mask = safe_io.read_mask(str(base / masks / f"{path.stem}.png"))
             assert mask.shape == size and mask.max() < num_classes, (masks, path.name)
         with Image.open(base / "masks" / f"{path.stem}_overlay.jpg") as overlay:
             assert overlay.width >= size[1] and overlay.height > size[0]
@@ -170,7 +170,7 @@ print(json.dumps(out))
     exported = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(exported) == {"wide", "big", "grey"}
     for image_id, labels in exported.items():
-        expected = io.read_mask(str(base / "masks_nocrf" / f"{image_id}.png"))
+        expected = safe_io.read_mask(str(base / "masks_nocrf" / f"{image_id}.png"))
         np.testing.assert_array_equal(np.asarray(labels, np.uint8), expected, err_msg=image_id)
     meta = json.loads((base / "model" / "meta.json").read_text())
     assert meta["class_names"] == ["background", *folder_run["names"]]

@@ -1,25 +1,18 @@
 """Tests of the command line: clear errors for bad overrides, stages, workdirs and inputs."""
 
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
-from conftest import load_config as load_config_file
 
+import configs
 from pmm_jax import config_rules, main, stages
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir
+from tests.support.commands import run_main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def run_main(*args, timeout=120):
-    """Runs ``python -m pmm_jax.main`` from the repo root; returns the completed process."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "pmm_jax.main", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -43,19 +36,19 @@ def test_config_errors_are_one_paragraph(tmp_path, args, message):
 
 
 def test_non_positive_steps_and_batch_sizes_are_refused_by_key():
-    config = load_config_file("configs/demo.py", "tiny")
+    config = configs.get_config("demo", "tiny")
     config_rules.check(config)
     for key in ("cls.num_steps", "seg.num_steps", "cam.batch_size", "eval.batch_size"):
         section, name = key.split(".")
         for bad in (0, -2):
-            changed = load_config_file("configs/demo.py", "tiny")
+            changed = configs.get_config("demo", "tiny")
             changed[section][name] = bad
             with pytest.raises(ValueError, match=rf"config\.{key}={bad} must be a positive"):
                 config_rules.check(changed)
 
 
 def test_an_unknown_dataset_kind_is_refused_by_key():
-    config = load_config_file("configs/demo.py", "tiny")
+    config = configs.get_config("demo", "tiny")
     config.data.name = "cityscapes"
     with pytest.raises(ValueError, match=r"config\.data\.name='cityscapes': unknown dataset kind"):
         config_rules.check(config)
@@ -65,7 +58,7 @@ def test_negative_intervals_and_subsets_are_refused_by_key():
     """0 turns ``eval_every`` off and means "all" for a subset; a negative value is refused."""
     for key in ("seg.eval_every", "seg.val_subset", "pseudo.eval_subset"):
         section, name = key.split(".")
-        changed = load_config_file("configs/voc.py", "rehearsal")  # random init allowed
+        changed = configs.get_config("voc", "rehearsal")  # random init allowed
         config_rules.check(changed)
         changed[section][name] = 0
         config_rules.check(changed)
@@ -84,14 +77,8 @@ def test_unknown_stage_is_an_error(tmp_path):
 def test_every_config_carries_the_crf_backend_and_a_bad_one_is_refused_early():
     """``--config.crf.backend`` exists in every config (they are locked), pydensecrf by default;
     ``config_rules.check`` (run by main) refuses an unknown value by key before any stage runs."""
-    import importlib.util
-
     for name, args in (("demo", ()), ("demo", ("tiny",)), ("voc", ()), ("coco", ())):
-        spec = importlib.util.spec_from_file_location(f"cfg_{name}",
-                                                      ROOT / "configs" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        config = module.get_config(*args)
+        config = configs.get_config(name, *args)
         assert config.crf.backend == "pydensecrf", name
         config.allow_random_init = True  # voc/coco refuse random weights (tested below)
         config_rules.check(config)
@@ -102,19 +89,9 @@ def test_every_config_carries_the_crf_backend_and_a_bad_one_is_refused_early():
         config_rules.check(config)
 
 
-def load_config(name: str, *args):
-    """``configs/<name>.py``'s ``get_config(*args)``."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(*args)
-
-
 @pytest.mark.parametrize("name", ["voc", "coco"])
 def test_paper_configs_refuse_random_init_naming_the_keys(name):
-    config = load_config(name)
+    config = configs.get_config(name)
     assert config.allow_random_init is False
     with pytest.raises(ValueError) as err:
         config_rules.check(config)
@@ -138,7 +115,7 @@ def test_paper_configs_refuse_random_init_naming_the_keys(name):
     config.cls.model.init_from, config.allow_random_init = "", True
     config_rules.check(config)
     for args in ((), ("tiny",)):
-        assert load_config("demo", *args).allow_random_init is True
+        assert configs.get_config("demo", *args).allow_random_init is True
 
 
 def test_random_init_is_refused_before_any_stage_runs(tmp_path):
@@ -200,13 +177,13 @@ def test_killed_runs_resume_and_complete(tiny_run):
 def test_the_classifier_killed_in_the_pipeline_ends_as_an_uninterrupted_one(tiny_run, tmp_path):
     """The pipeline's cls stage, SIGKILLed after its step-4 checkpoint and resumed, ends with
     every array of its final checkpoint equal to a run that was never interrupted."""
-    from test_stage_cls import assert_identical_checkpoints
+    from tests.support.interrupted_runs import assert_identical_checkpoints
 
     from pmm_jax.data import dataset
     from pmm_jax.stages import cls
 
     workdir = tiny_run[0]
-    config = load_config_file("configs/demo.py", "tiny")
+    config = configs.get_config("demo", "tiny")
     config.data.data_dir = str(workdir / "tfds")
     whole = Workdir(str(tmp_path / "whole"))
     cls.run(config, whole, dataset.open_dataset(config, whole))
@@ -217,7 +194,7 @@ def test_the_classifier_killed_in_the_pipeline_ends_as_an_uninterrupted_one(tiny
 @pytest.mark.xdist_group("tiny_run")
 def test_results_json_has_every_key(tiny_run):
     workdir = tiny_run[0]
-    results = io.read_json(str(workdir / "results.json"))
+    results = safe_io.read_json(str(workdir / "results.json"))
     assert 0 <= results["cam_miou"] <= 1 and results["cam_bg_threshold"] > 0
     assert set(results["pseudo_mask_miou"]) == {"baseline", "crf_cvs", "ppmg_no_cvs", "ppmg"}
     assert results["pseudo_mask_eval"] == {"split": "train", "num_images": 16}
@@ -227,7 +204,7 @@ def test_results_json_has_every_key(tiny_run):
     assert set(results["seconds"]) == {"cls", "cam", "pseudo", "seg", "cycle", "eval"}
     # Masks and predictions are palette PNGs with values in 0..C.
     pred = next((workdir / "predictions" / "pus" / "val").glob("*.png"))
-    assert io.read_mask(str(pred)).max() < 6
+    assert safe_io.read_mask(str(pred)).max() < 6
 
 
 def test_ci_runs_the_readme_test_command():
@@ -251,14 +228,14 @@ def test_deleted_cam_and_mask_are_redone_by_rerunning_the_later_stage(tiny_run, 
     mask = pathlib.Path(wd.pseudo_masks("ppmg")) / f"{cam.stem}.png"
     cam.unlink()
     mask.unlink()
-    before = {n: io.read_json(wd.stage_marker(n)) for n in ("cam", "pseudo")}
+    before = {n: safe_io.read_json(wd.stage_marker(n)) for n in ("cam", "pseudo")}
     proc = run_main("--config=configs/demo.py:tiny", f"--workdir={wd.root}",
                     "--config.stages=pseudo", "--config.pseudo.num_workers=1", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stage cam: complete but cams/train holds 63 of its 64 files" in proc.stderr
     assert cam.exists() and mask.exists()
     for name, old in before.items():
-        new = io.read_json(wd.stage_marker(name))
+        new = safe_io.read_json(wd.stage_marker(name))
         assert new["id"] == old["id"] and new["outputs"] == old["outputs"]
         for key in ("cam_miou", "pseudo_mask_miou"):  # the redone files are the same
             assert new["metrics"].get(key) == old["metrics"].get(key)
@@ -295,12 +272,12 @@ def test_a_changed_dataset_is_refused_unless_its_stages_are_redone(tmp_path):
     data = lambda name: types.SimpleNamespace(name=name, class_names=("background", "a"),
                                              canvas=(8, 8))
     main.record_dataset(wd, data("folder_wsss/aaa"), ["cls"], [])
-    io.write_json(wd.stage_marker("cls"), {})
+    safe_io.write_json(wd.stage_marker("cls"), {})
     main.record_dataset(wd, data("folder_wsss/aaa"), ["cls", "cam"], [])  # the same: fine
     with pytest.raises(stages.StageError, match=r"stage\(s\) cls made from dataset folder_wsss/aaa"
                                                 r", but the dataset is now folder_wsss/bbb.*"
                                                 r"--redo=cls"):
         main.record_dataset(wd, data("folder_wsss/bbb"), ["cam"], [])
     main.record_dataset(wd, data("folder_wsss/bbb"), ["cls"], ["cls"])
-    assert io.read_json(wd.dataset_json) == {"name": "folder_wsss/bbb",
+    assert safe_io.read_json(wd.dataset_json) == {"name": "folder_wsss/bbb",
                                              "class_names": ["background", "a"], "canvas": [8, 8]}

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -121,7 +121,7 @@ def test_both_processes_succeed(two_process_run):
     wd = Workdir(str(two_process_run[0]))
     for stage in ("cls", "cam", "pseudo", "seg"):
         assert os.path.exists(wd.stage_marker(stage))
-    assert io.read_json(wd.config_json)["stages"] == "cls,cam,pseudo,seg"
+    assert safe_io.read_json(wd.config_json)["stages"] == "cls,cam,pseudo,seg"
 
 
 def test_resumed_run_skips_completed_stages(two_process_run):
@@ -152,7 +152,7 @@ def test_every_mask_and_cam_is_computed_once(two_process_run):
     workdir, codes, _, left = two_process_run
     assert codes == [0, 0]
     wd = Workdir(str(workdir))
-    generation = io.read_json(wd.stage_marker("pseudo"))["metrics"]["generation"]
+    generation = safe_io.read_json(wd.stage_marker("pseudo"))["metrics"]["generation"]
     ppmg = generation["ppmg"]["per_process"]
     assert sum(ppmg["skipped"]) == left and sum(ppmg["written"]) == NUM_TRAIN - left, ppmg
     assert min(ppmg["written"]) > 0
@@ -161,7 +161,7 @@ def test_every_mask_and_cam_is_computed_once(two_process_run):
     assert min(baseline["written"]) > 0
     for method, images in (("ppmg", NUM_TRAIN), ("baseline", SUBSET)):
         assert len(finished_masks(wd.pseudo_masks(method))) == images
-    written = io.read_json(wd.stage_marker("cam"))["metrics"]["written_per_process"]
+    written = safe_io.read_json(wd.stage_marker("cam"))["metrics"]["written_per_process"]
     assert [sum(written["train"]), sum(written["val"])] == [NUM_TRAIN, NUM_VAL]
     assert min(written["train"]) > 0
 

@@ -4,11 +4,11 @@ import os
 
 import numpy as np
 import pytest
-from conftest import load_config
 
+import configs
 from pmm_jax import notebook_utils as nu
 from pmm_jax.constants import PALETTE
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir
 
 
@@ -19,18 +19,18 @@ def workdir(tmp_path_factory):
 
     root = str(tmp_path_factory.mktemp("workdir"))
     wd = Workdir(root)
-    config = load_config("configs/demo.py", "tiny")
-    io.write_json(wd.config_json, config.to_dict())
+    config = configs.get_config("demo", "tiny")
+    safe_io.write_json(wd.config_json, config.to_dict())
     config = nu.load_config(root)
     rng = np.random.default_rng(0)
     for ex in nu.examples(config, root, "train", limit=2):
         present = np.flatnonzero(ex["labels"] > 0.5)
-        io.write_cams(os.path.join(wd.cams("train"), f"{ex['id']}.npy"),
+        safe_io.write_cams(os.path.join(wd.cams("train"), f"{ex['id']}.npy"),
                       {int(c): rng.random(ex["mask"].shape).astype(np.float32) for c in present})
         for variant in ("baseline", "ppmg"):
-            io.write_mask(os.path.join(wd.pseudo_masks(variant), f"{ex['id']}.png"),
+            safe_io.write_mask(os.path.join(wd.pseudo_masks(variant), f"{ex['id']}.png"),
                           np.where(ex["mask"] == 255, 0, ex["mask"]))
-    io.write_json(wd.results_json, {"cam_miou": 0.4, "cam_bg_threshold": 0.15,
+    safe_io.write_json(wd.results_json, {"cam_miou": 0.4, "cam_bg_threshold": 0.15,
                                      "pseudo_mask_miou": {"ppmg": 0.5}, "seg_miou": {"pus": 0.6}})
     writer = metric_writers.SummaryWriter(wd.log_dir("cls"))
     for step, loss in ((2, 1.0), (4, 0.5), (4, 0.25)):  # step 4 again: a resumed run

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 from scipy.ndimage import gaussian_filter
-from test_io import hostile_npy
 
 from pmm_jax import pseudo_masks
 from pmm_jax.cams import multicrop_tiling
-from pmm_jax.files import io
-from pmm_jax.masks import dense_crf, worker
+from pmm_jax.files import safe_io
+from pmm_jax.masks import dense_crf
 from pmm_jax.masks import generator as pm
+from tests.support.hostile_files import hostile_npy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 21
@@ -129,7 +129,7 @@ def config(method, **overrides):
 def agreement(out_dir, records, cfg):
     same = total = 0
     for image_id, image, cams in records:
-        ours = io.read_mask(os.path.join(out_dir, f"{image_id}.png"))
+        ours = safe_io.read_mask(os.path.join(out_dir, f"{image_id}.png"))
         official = official_mask(image, cams, cfg)
         same += np.count_nonzero(ours == official)
         total += ours.size
@@ -140,7 +140,7 @@ def agreement(out_dir, records, cfg):
 # Agreement with the official loop
 
 
-@pytest.mark.parametrize("method", worker.PSEUDO_MASK_METHODS)
+@pytest.mark.parametrize("method", ["ppmg", "baseline", "crf_cvs", "ppmg_no_cvs"])
 def test_pool_matches_official_loop_on_synthetic_images(tmp_path, synthetic_records, method):
     cfg = config(method)
     stats = pm.generate(synthetic_records, str(tmp_path), cfg, num_workers=2,
@@ -150,7 +150,7 @@ def test_pool_matches_official_loop_on_synthetic_images(tmp_path, synthetic_reco
     # The masks are not trivial: every present class wins some pixels somewhere.
     values = set()
     for image_id, _, _ in synthetic_records:
-        values |= set(np.unique(io.read_mask(str(tmp_path / f"{image_id}.png"))).tolist())
+        values |= set(np.unique(safe_io.read_mask(str(tmp_path / f"{image_id}.png"))).tolist())
     assert values > {0, 4, 12}
 
 
@@ -158,8 +158,8 @@ def voc_records(voc_samples_dir, image_ids, rng):
     """``(id, image, cams)`` records of real VOC photographs, with CAMs made from their labels."""
     records = []
     for image_id in image_ids:
-        image = io.read_image(str(voc_samples_dir / f"{image_id}.png"))
-        labels = io.read_mask(str(voc_samples_dir / f"{image_id}_label.png"))
+        image = safe_io.read_image(str(voc_samples_dir / f"{image_id}.png"))
+        labels = safe_io.read_mask(str(voc_samples_dir / f"{image_id}_label.png"))
         records.append((image_id, image, cams_from_labels(labels, rng, sigma=12)))
     return records
 
@@ -190,7 +190,7 @@ def mask_agreement(dir_a, dir_b, records):
     """``{id: share of pixels where the two folders' masks agree}``."""
     shares = {}
     for image_id, _, _ in records:
-        a, b = (io.read_mask(os.path.join(d, f"{image_id}.png")) for d in (dir_a, dir_b))
+        a, b = (safe_io.read_mask(os.path.join(d, f"{image_id}.png")) for d in (dir_a, dir_b))
         assert a.shape == b.shape
         shares[image_id] = np.count_nonzero(a == b) / a.size
     return shares
@@ -213,13 +213,14 @@ def test_jax_backend_agrees_with_pydensecrf_on_voc_photographs(tmp_path, voc_sam
         print(f"{method}: jax vs pydensecrf pixel agreement {shares}")
         assert min(shares.values()) >= BACKEND_AGREEMENT, (method, shares)
         for image_id, _, _ in records:  # non-trivial masks: some foreground in each
-            assert io.read_mask(str(tmp_path / method / "jax" / f"{image_id}.png")).any()
+            assert safe_io.read_mask(str(tmp_path / method / "jax" / f"{image_id}.png")).any()
 
 
 def test_pseudo_stage_honours_config_crf_backend_override(tmp_path, synthetic_records,
                                                          monkeypatch):
     """``--config.crf.backend=jax`` on the (locked) demo config reaches the stage's generate
-    config, which then runs crf_jax in this process and no process pool."""
+    config, which then runs the device path in this process (the two images of one shape
+    bucket in one batch) and no process pool."""
     from absl import flags
     from ml_collections import config_flags
 
@@ -241,24 +242,25 @@ def test_pseudo_stage_honours_config_crf_backend_override(tmp_path, synthetic_re
         pseudo.variant_config(config, "ppmg", 6)
 
     calls = []
-    real = dense_crf_jax.dense_crf_padded
+    real = dense_crf_jax.sized_batch_lattices
 
     def counting(*args, **kwargs):
-        calls.append(args[1].shape)
+        calls.append(args[0].shape)
         return real(*args, **kwargs)
 
     def no_pool(*args, **kwargs):
         raise AssertionError("the jax backend must not start a CRF process pool")
 
-    monkeypatch.setattr(dense_crf_jax, "dense_crf_padded", counting)
+    monkeypatch.setattr(dense_crf_jax, "sized_batch_lattices", counting)
     monkeypatch.setattr(pm, "process_pool", no_pool)
     # The demo data set has 5 foreground classes: renumber each image's two classes 0, 1.
     records = [(image_id, image, dict(enumerate(cams[c] for c in sorted(cams))))
                for image_id, image, cams in synthetic_records[:2]]
+    cfg.device_batch = 2
     stats = pm.generate(records, str(tmp_path), cfg, process_index=0, process_count=1)
     assert stats["written"] == 2
-    # One batched call per image: both binary CRFs of its two classes as label sets.
-    assert calls == [(2, 2, 64, 64), (2, 2, 56, 60)]
+    # One device call: both images (64 x 64 and 56 x 60) padded to one 64 x 64 batch.
+    assert calls == [(2, 64, 64, 3)]
     assert agreement(str(tmp_path), records, cfg) >= AGREEMENT  # the official loop's masks
 
 
@@ -274,11 +276,11 @@ def test_unknown_crf_backend_is_rejected(tmp_path):
 
 def test_existing_masks_are_skipped_and_kept(tmp_path, synthetic_records):
     marker = np.full(synthetic_records[1][1].shape[:2], 7, np.uint8)
-    io.write_mask(str(tmp_path / "syn1.png"), marker)
+    safe_io.write_mask(str(tmp_path / "syn1.png"), marker)
     stats = pm.generate(synthetic_records[:2], str(tmp_path), config("ppmg"), num_workers=1,
                         process_index=0, process_count=1)
     assert (stats["written"], stats["skipped"]) == (1, 1)
-    np.testing.assert_array_equal(io.read_mask(str(tmp_path / "syn1.png")), marker)
+    np.testing.assert_array_equal(safe_io.read_mask(str(tmp_path / "syn1.png")), marker)
 
 
 def test_interrupted_run_completes_on_rerun(tmp_path, synthetic_records):
@@ -326,7 +328,7 @@ def test_empty_cam_dict_gives_all_background(tmp_path):
     stats = pm.generate([("empty", np.zeros((9, 13, 3), np.uint8), {})], str(tmp_path),
                         config("baseline"), num_workers=1, process_index=0, process_count=1)
     assert stats["written"] == 1
-    mask = io.read_mask(str(tmp_path / "empty.png"))
+    mask = safe_io.read_mask(str(tmp_path / "empty.png"))
     assert mask.shape == (9, 13) and not mask.any()
 
 
@@ -340,7 +342,7 @@ def test_bad_inputs_are_reported_by_file_and_the_rest_is_written(tmp_path, synth
     images, cam_dir = tmp_path / "images", tmp_path / "cams"
     images.mkdir()
     cam_dir.mkdir()
-    io.write_image(str(images / "good.png"), image)
+    safe_io.write_image(str(images / "good.png"), image)
     (images / "broken.png").write_bytes(b"not a png")
     (cam_dir / "garbled.npy").write_bytes(b"\x93NUMPY garbage")
     cam_files = {
@@ -352,7 +354,7 @@ def test_bad_inputs_are_reported_by_file_and_the_rest_is_written(tmp_path, synth
         "broken": {3: np.ones(shape)},
     }
     for name, value in cam_files.items():
-        io.write_cams(str(cam_dir / f"{name}.npy"), value)
+        safe_io.write_cams(str(cam_dir / f"{name}.npy"), value)
     records = [(name, str(images / ("broken.png" if name == "broken" else "good.png")),
                 str(cam_dir / f"{name}.npy")) for name in cam_files]
     records.append(("garbled", str(images / "good.png"), str(cam_dir / "garbled.npy")))
@@ -408,7 +410,7 @@ def test_unwritable_out_dir_is_an_error_before_any_work(tmp_path, monkeypatch):
 
 
 def test_invalid_config_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="unknown pseudo-mask method"):
+    with pytest.raises(ValueError, match="unknown pseudo-mask variant 'crf'; registered: 'ppmg', "):
         pm.generate([], str(tmp_path), config("crf"))
     cfg = config("ppmg")
     with cfg.unlocked():
@@ -422,12 +424,12 @@ def test_invalid_config_is_rejected(tmp_path):
 
 
 def test_rough_masks_resume_and_name_missing_and_mismatched_cams(tmp_path):
-    from test_worker import square_image_and_cam
+    from tests.support.crf_scenes import square_image_and_cam
 
     image, cam = square_image_and_cam()
     cam_dir, out_dir = tmp_path / "cams", str(tmp_path / "rough")
-    io.write_cams(str(cam_dir / "a.npy"), {2: cam})
-    io.write_cams(str(cam_dir / "b.npy"), {0: cam[::-1]})
+    safe_io.write_cams(str(cam_dir / "a.npy"), {2: cam})
+    safe_io.write_cams(str(cam_dir / "b.npy"), {0: cam[::-1]})
     examples = [{"id": "a", "image": image}, {"id": "b", "image": image[::-1]}]
     cfg = pm.default_config("rough")
     assert pm.settings_of(cfg).alpha == 24.0 and pm.settings_of(config("ppmg")).alpha == 11.0
@@ -439,7 +441,7 @@ def test_rough_masks_resume_and_name_missing_and_mismatched_cams(tmp_path):
     assert run(examples)["skipped"] == 2
     with pytest.raises(FileNotFoundError, match=r"cams/c\.npy for training image 'c'"):
         run(examples + [{"id": "c", "image": image}])
-    io.write_cams(str(cam_dir / "d.npy"), {1: cam[:30]})
+    safe_io.write_cams(str(cam_dir / "d.npy"), {1: cam[:30]})
     with pytest.raises(pm.PseudoMaskError, match=r"d\.npy\) of class 1 has shape \(30, 40\), "
                        r"image is \(40, 40\)"):
         run([{"id": "d", "image": image}])
@@ -475,13 +477,13 @@ def cli_inputs(tmp_path_factory, synthetic_records):
         if n == 0:
             Image.fromarray(image).save(root / "images" / f"{image_id}.jpg", quality=95)
         else:
-            io.write_image(str(root / "images" / f"{image_id}.png"), image)
+            safe_io.write_image(str(root / "images" / f"{image_id}.png"), image)
         if n == 2:
             classes = sorted(cams)
             np.savez(root / "cams" / f"{image_id}.npz", cams=np.stack([cams[c] for c in classes]),
                      classes=np.asarray(classes))
         else:
-            io.write_cams(str(root / "cams" / f"{image_id}.npy"), cams)
+            safe_io.write_cams(str(root / "cams" / f"{image_id}.npy"), cams)
     return root
 
 
@@ -501,8 +503,9 @@ def test_cli_end_to_end_matches_generate(tmp_path, cli_inputs):
     for image_id, _, _ in records:
         with Image.open(out / f"{image_id}.png") as png:
             assert png.mode == "P"
-        np.testing.assert_array_equal(io.read_mask(str(out / f"{image_id}.png")),
-                                      io.read_mask(str(tmp_path / "direct" / f"{image_id}.png")))
+        np.testing.assert_array_equal(
+            safe_io.read_mask(str(out / f"{image_id}.png")),
+            safe_io.read_mask(str(tmp_path / "direct" / f"{image_id}.png")))
 
 
 def test_cli_takes_the_crf_backend_as_a_config_override(tmp_path, cli_inputs):
@@ -526,7 +529,7 @@ def test_cli_refuses_hostile_and_malformed_cams_per_image_and_exits_1(tmp_path, 
     good = sorted(os.listdir(cli_inputs / "cams"))[0]
     (cam_dir / good).write_bytes((cli_inputs / "cams" / good).read_bytes())
     good_id = os.path.splitext(good)[0]
-    cams = io.read_cams(str(cam_dir / good))
+    cams = safe_io.read_cams(str(cam_dir / good))
     hostile_npy(cam_dir / "evil.npy", marker, "system")
     hostile_npy(cam_dir / "empty.npy", marker, "empty")
     np.savez(cam_dir / "long.npz", cams=np.stack([cams[min(cams)]]), classes=np.array([0, 1]))
@@ -567,7 +570,7 @@ def test_cli_rejects_unknown_overrides_and_orphan_cams(tmp_path, cli_inputs):
             f"--image_dir={cli_inputs / 'images'}", f"--out_dir={tmp_path / 'out'}"]
     result = run_python(*base, "--config.alfa=3")
     assert result.returncode != 0 and "alfa" in result.stderr
-    io.write_cams(str(tmp_path / "lonely.npy"), {0: np.ones((4, 4))})
+    safe_io.write_cams(str(tmp_path / "lonely.npy"), {0: np.ones((4, 4))})
     result = run_python(*base[:2], f"--cam_dir={tmp_path}", *base[3:])
     assert result.returncode != 0
     assert str(tmp_path / "lonely.npy") in result.stderr and "no image" in result.stderr
@@ -589,6 +592,6 @@ def test_cli_takes_folders_or_a_run_and_rough_masks_through_folders(tmp_path, cl
     assert result.returncode == 0 and "written=3" in result.stdout, result.stderr
     records = pseudo_masks.list_records(str(cli_inputs / "cams"), str(cli_inputs / "images"))
     for image_id, _, cam_path in records:
-        values = set(np.unique(io.read_mask(str(out / f"{image_id}.png"))).tolist())
-        classes = {c + 1 for c in io.read_cams(cam_path)}
+        values = set(np.unique(safe_io.read_mask(str(out / f"{image_id}.png"))).tolist())
+        classes = {c + 1 for c in safe_io.read_cams(cam_path)}
         assert values <= {0, 255} | classes and values & classes, (image_id, values)

@@ -23,7 +23,7 @@ import sys
 import numpy as np
 import pytest
 
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 
 # pycocotools 2.0.x under numpy 2 warns about its own __array__ call.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -122,7 +122,7 @@ def check_masks(mask_dir: pathlib.Path, sizes: dict, ids: list[str], num_classes
     """One PNG per image at its JPEG's size, values in 0..num_classes-1."""
     assert sorted(p.stem for p in mask_dir.glob("*.png")) == sorted(ids), mask_dir
     for image_id in ids:
-        mask = io.read_mask(str(mask_dir / f"{image_id}.png"))
+        mask = safe_io.read_mask(str(mask_dir / f"{image_id}.png"))
         assert mask.shape == sizes[image_id], (mask_dir, image_id, mask.shape)
         assert mask.max() < num_classes, (mask_dir, image_id, mask.max())
 
@@ -130,7 +130,7 @@ def check_masks(mask_dir: pathlib.Path, sizes: dict, ids: list[str], num_classes
 def check_results(workdir: pathlib.Path, seg_runs: set[str], stages: set[str]) -> None:
     """results.json has the CAM, every pseudo-mask variant's and every segmenter's mIoU
     (``cyclic`` may repeat the last cycle) and every stage's time."""
-    results = io.read_json(str(workdir / "results.json"))
+    results = safe_io.read_json(str(workdir / "results.json"))
     assert 0 <= results["cam_miou"] <= 1 and results["cam_bg_threshold"] > 0
     assert set(results["pseudo_mask_miou"]) == set(PSEUDO_VARIANTS)
     assert set(results["seg_miou"]) - {"cyclic"} == seg_runs
@@ -164,7 +164,7 @@ def test_voc_rehearsal_outputs(voc_home):
     # for the images they are scored on, pseudo.eval_split (VOC's train split, VOC ground truth).
     scored = split_ids(tfds_dir, "voc2012_wsss", "train")
     assert 0 < len(scored) < len(train) and set(scored) <= set(train)
-    assert io.read_json(str(workdir / "results.json"))["pseudo_mask_eval"] == {
+    assert safe_io.read_json(str(workdir / "results.json"))["pseudo_mask_eval"] == {
         "split": "train", "num_images": len(scored)}
     for variant in PSEUDO_VARIANTS + ("cycle1",):
         ids = train if variant in ("ppmg", "cycle1") else scored
@@ -174,7 +174,7 @@ def test_voc_rehearsal_outputs(voc_home):
     check_results(workdir, {"pus", "cycle1"}, {"cls", "cam", "pseudo", "seg", "cycle", "eval"})
     rough = workdir / "rough_masks" / "train"
     assert sorted(p.stem for p in rough.glob("*.png")) == train
-    config = io.read_json(str(workdir / "config.json"))
+    config = safe_io.read_json(str(workdir / "config.json"))
     assert config["cls"]["method"] == "seam" and config["cam"]["method"] == "multicrop"
     assert config["seg"]["model"]["backbone"]["name"] == "res2net101"
     assert config["eval"]["crf"] and config["eval"]["flip"] and config["eval"]["sliding_window"]

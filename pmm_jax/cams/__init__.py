@@ -1,1 +1,2 @@
-"""Class activation maps: the SEAM classifier losses, multi-crop tiling and multi-crop CAM inference."""
+"""Class activation maps: the classifier methods (model, loss, optimiser), the CAM inference
+methods (multi-scale, multi-crop) and PMM's multi-crop tiling."""

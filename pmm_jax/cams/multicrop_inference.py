@@ -7,7 +7,7 @@ like PIL's ``BILINEAR``) and run through the classifier, also mirrored; each vie
 is mirrored back, resized to its box (bilinear, half-pixel centres: torch's
 ``align_corners=False``), multiplied by the image-level label and summed into the full map,
 which is divided by the per-pixel view count. The result is then divided by its per-class
-maximum, as the multi-scale path of ``stages/cam.py`` does.
+maximum, as ``multiscale_inference`` does.
 
 Static shapes and sharding: the host lists the tiles of every image of an eval batch
 (``plan``), keeps them on the device that holds the image's row (the batch is sharded over
@@ -30,12 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
 from pmm_jax.cams import multicrop_tiling
 from pmm_jax.training import distributed
 from pmm_jax.training import sharding as shd
+from pmm_jax.training.sharded_apply import ReplicatedModel
 from pmm_jax.constants import IMAGENET_MEAN, IMAGENET_STD
 
 # The ImageNet statistics on the 0..1 scale of the tiles, from the 0..255 ones in constants (the
@@ -126,7 +126,7 @@ def add_tiles(total: jax.Array, count: jax.Array, cams: jax.Array, tiles: jax.Ar
 
 def finish(total: jax.Array, count: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean over the views covering each pixel, times the label, divided by the per-class
-    maximum: ``[B, H, W, C]`` like ``stages.cam.normalise_cam``."""
+    maximum: ``[B, H, W, C]`` like ``multiscale_inference.normalise_cam``."""
     cams = total / jnp.maximum(count, 1.0)[..., None] * labels[:, None, None, :]
     return cams / (jnp.max(cams, axis=(1, 2), keepdims=True) + 1e-5)
 
@@ -192,7 +192,7 @@ class MultiCropCAM:
 
     Args:
       model: the classifier (run in eval mode, replicated).
-      model_cam: ``(model, images) -> [N, h, w, C]`` raw CAM (``stages.cam.model_cam``).
+      model_cam: ``(model, images) -> [N, h, w, C]`` raw CAM (``classifier.ClassifierMethod.cam``).
       scales, crop, stride: the tiling (``multicrop_tiling.tile_boxes``).
       flip: also run every tile mirrored.
       tile_batch: tiles per step over all devices of all processes (each also mirrored);
@@ -212,19 +212,29 @@ class MultiCropCAM:
         self.scales, self.crop, self.stride = tuple(scales), int(crop), int(stride)
         self.per_device = tile_batch // devices
         self.batch_size_key = batch_size_key
-        self.mesh = shd.make_mesh()
-        graphdef, state = nnx.split(model)
-        # The trainer's replication (every process contributes its copy when several).
-        self.state = shd.replicate(state, self.mesh)
-        self._step = chunk_step(graphdef, model_cam, self.crop, flip, self.mesh)
-        self._finish = jax.jit(finish, out_shardings=shd.data_sharding(self.mesh))
+        self.model = ReplicatedModel(model)
+        self.mesh = self.model.mesh
+        views = 2 if flip else 1
+        spec = PartitionSpec(shd.DATA_AXIS)
+
+        def local_step(state, images, total, count, tiles):
+            cams = tile_cams(model_cam, self.model.eval_model(state),
+                             cut_tiles(images, tiles, self.crop), flip)
+            return add_tiles(total, count, cams, tiles, views)
+
+        self._step = jax.jit(
+            jax.shard_map(local_step, mesh=self.mesh, in_specs=(PartitionSpec(), spec, spec,
+                                                                spec, spec),
+                          out_specs=(spec, spec), check_vma=False),
+            donate_argnums=(2, 3))
+        self._finish = jax.jit(finish, out_shardings=self.model.data)
         # float32 zeros sharded over "data", made on the devices (compiled once per shape).
         self._zeros = jax.jit(lambda shape: jnp.zeros(shape, jnp.float32), static_argnums=0,
-                              out_shardings=shd.data_sharding(self.mesh))
+                              out_shardings=self.model.data)
 
     def __call__(self, batch: Mapping[str, np.ndarray], rows: Sequence[int]) -> np.ndarray:
         local = {k: np.asarray(batch[k]) for k in ("raw", "labels")}
-        device_batch = shd.shard_batch(local, self.mesh, config_key=self.batch_size_key)
+        device_batch = self.model.shard(local, self.batch_size_key)
         b, h, w = device_batch["raw"].shape[:3]
         total, count = self._zeros((b, h, w, local["labels"].shape[-1])), self._zeros((b, h, w))
         chunks = plan(batch, rows, scales=self.scales, crop=self.crop, stride=self.stride,
@@ -234,9 +244,6 @@ class MultiCropCAM:
         empty = padding_tiles(jax.local_device_count() * self.per_device)
         for k in range(steps):
             tiles = chunks[k] if k < len(chunks) else empty
-            tiles = shd.shard_batch({"tiles": tiles}, self.mesh)["tiles"]
-            total, count = self._step(self.state, device_batch["raw"], total, count, tiles)
-        out = self._finish(total, count, device_batch["labels"])
-        local_out = multihost_utils.global_array_to_host_local_array(
-            out, self.mesh, PartitionSpec(shd.DATA_AXIS))
-        return np.asarray(jax.device_get(local_out))
+            tiles = self.model.shard({"tiles": tiles}, "tile_batch")["tiles"]
+            total, count = self._step(self.model.state, device_batch["raw"], total, count, tiles)
+        return np.asarray(self.model.local_rows(self._finish(total, count, device_batch["labels"])))

@@ -31,11 +31,12 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from pmm_jax.constants import ROUGH_MASK_THRESHOLD
+
 SCALES = tuple(0.75 + 0.25 * i for i in range(10))  # 0.75, 1.0, ..., 3.0
 CROP = 448
 STRIDE = 300
 LABEL_THRESHOLD = 0.1
-ROUGH_MASK_THRESHOLD = 0.9
 
 
 def axis_spans(length: int, crop: int = CROP, stride: int = STRIDE) -> list[tuple[int, int]]:
@@ -47,7 +48,18 @@ def axis_spans(length: int, crop: int = CROP, stride: int = STRIDE) -> list[tupl
 
 def tile_boxes(width: int, height: int, scale: float, crop: int = CROP, stride: int = STRIDE
                ) -> list[tuple[int, int, int, int]]:
-    """Tile boxes ``(x1, y1, x2, y2)`` in original-image pixels at one scale, x-major."""
+    """The tiles of an image at one scale, x-major.
+
+    Args:
+        width: the image's width (original pixels).
+        height: the image's height.
+        scale: the image is tiled at ``(width, height) * scale``.
+        crop: tile size in scaled pixels.
+        stride: tile step in scaled pixels.
+
+    Returns:
+        Tile boxes ``(x1, y1, x2, y2)`` in original-image pixels.
+    """
     xs = axis_spans(int(width * scale), crop, stride)
     ys = axis_spans(int(height * scale), crop, stride)
     back = lambda v: int(float(v) / scale)
@@ -55,14 +67,22 @@ def tile_boxes(width: int, height: int, scale: float, crop: int = CROP, stride: 
 
 
 def crop_labels(rough_masks: Mapping[int, np.ndarray], box: tuple[int, int, int, int],
-                num_classes: int, threshold: float = LABEL_THRESHOLD) -> np.ndarray:
-    """The 10% rule: float32 ``[num_classes]`` multi-hot label of a tile.
+                num_foreground: int, threshold: float = LABEL_THRESHOLD) -> np.ndarray:
+    """The 10% rule: the multi-hot label of a tile.
 
-    ``rough_masks``: ``{0-based class: [H, W] probability}`` (the official files key classes
-    1-based; convert before calling). Classes without a mask or with no pixel above 0.9 are 0.
+    Args:
+        rough_masks: ``{0-based class: [H, W] probability}`` (the official files key classes
+            1-based; convert before calling).
+        box: the tile ``(x1, y1, x2, y2)`` in image pixels.
+        num_foreground: the label's length.
+        threshold: the share of a class's mask (or of the tile) that makes it present.
+
+    Returns:
+        float32 ``[num_foreground]``; classes without a mask or with no pixel above
+        ``ROUGH_MASK_THRESHOLD`` are 0.
     """
     x1, y1, x2, y2 = box
-    labels = np.zeros(num_classes, np.float32)
+    labels = np.zeros(num_foreground, np.float32)
     for c, prob in rough_masks.items():
         mask = prob > ROUGH_MASK_THRESHOLD
         total = mask.sum()
@@ -76,15 +96,29 @@ def crop_labels(rough_masks: Mapping[int, np.ndarray], box: tuple[int, int, int,
 
 
 def sample_training_crop(rough_masks: Mapping[int, np.ndarray], width: int, height: int,
-                         num_classes: int, rng: np.random.Generator,
+                         num_foreground: int, rng: np.random.Generator,
                          scales: Sequence[float] = SCALES, crop: int = CROP,
                          stride: int = STRIDE) -> tuple[tuple[int, int, int, int], np.ndarray]:
-    """A random scale, then up to (number of tiles) random tiles until one has a positive
-    label; returns ``(box, labels)`` of that tile, or of the last one tried (all-zero)."""
+    """A training tile: a random scale, then up to (number of tiles) random tiles until one
+    has a positive label.
+
+    Args:
+        rough_masks: as :func:`crop_labels`.
+        width: the image's width.
+        height: the image's height.
+        num_foreground: the label's length.
+        rng: the only source of randomness.
+        scales: the scales to draw from.
+        crop: tile size in scaled pixels.
+        stride: tile step in scaled pixels.
+
+    Returns:
+        ``(box, labels)`` of that tile, or of the last one tried (labels all zero).
+    """
     boxes = tile_boxes(width, height, scales[int(rng.random() * len(scales))], crop, stride)
     for _ in range(len(boxes)):
         box = boxes[int(rng.random() * len(boxes))]
-        labels = crop_labels(rough_masks, box, num_classes)
+        labels = crop_labels(rough_masks, box, num_foreground)
         if labels.sum() > 0:
             break
     return box, labels
@@ -92,11 +126,18 @@ def sample_training_crop(rough_masks: Mapping[int, np.ndarray], width: int, heig
 
 def accumulate(tile_cams: Sequence[np.ndarray], boxes: Sequence[tuple[int, int, int, int]],
                labels: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Full-image ``[C, H, W]`` CAM: the mean over the tiles covering each pixel.
+    """The full-image CAM: the mean over the tiles covering each pixel.
 
-    ``tile_cams[i]``: ``[C, y2-y1, x2-x1]``, tile i's CAM already resized to its box (and
-    un-flipped); ``labels``: ``[C]`` image-level label the CAMs are multiplied by. Pixels no
-    tile covers keep 0.
+    Args:
+        tile_cams: ``[C, y2-y1, x2-x1]`` per tile, its CAM already resized to its box (and
+            un-flipped).
+        boxes: each tile's ``(x1, y1, x2, y2)``.
+        labels: ``[C]`` image-level label the CAMs are multiplied by.
+        height: the image's height.
+        width: the image's width.
+
+    Returns:
+        float32 ``[C, H, W]``; pixels no tile covers are 0.
     """
     total = np.zeros((len(labels), height, width), np.float64)
     count = np.zeros((height, width), np.float64)
@@ -132,25 +173,25 @@ def rough_mask_paths(directory: str, ids: Iterable[str]) -> dict[str, str]:
     return paths
 
 
-def read_rough_masks(path: str, num_classes: int) -> dict[int, np.ndarray]:
+def read_rough_masks(path: str, num_foreground: int) -> dict[int, np.ndarray]:
     """``{0-based class: [H, W] bool}`` rough masks from a file of either format (module
     docstring); classes without a pixel are left out. Errors name the file."""
     if path.endswith(".png"):
-        from pmm_jax.files.io import read_mask
+        from pmm_jax.files.safe_io import read_mask
 
         labels = read_mask(path)
         values = np.unique(labels)
-        bad = values[(values > num_classes) & (values != 255)]
+        bad = values[(values > num_foreground) & (values != 255)]
         if bad.size:
             raise ValueError(f"{path}: rough-mask values {bad.tolist()} are not classes 1.."
-                             f"{num_classes} (class c+1), 0 or 255")
-        return {int(v) - 1: labels == v for v in values if 1 <= v <= num_classes}
-    from pmm_jax.files.io import read_class_dict
+                             f"{num_foreground} (class c+1), 0 or 255")
+        return {int(v) - 1: labels == v for v in values if 1 <= v <= num_foreground}
+    from pmm_jax.files.safe_io import read_class_dict
 
     masks = {}
     for key, prob in read_class_dict(path).items():  # refuses non-dicts and non-int keys
-        if not 0 <= key <= num_classes:
-            raise ValueError(f"{path}: class key {key} is outside 0..{num_classes} (the keys "
+        if not 0 <= key <= num_foreground:
+            raise ValueError(f"{path}: class key {key} is outside 0..{num_foreground} (the keys "
                              "are 1-based: c+1 for class c, 0 for background)")
         if key > 0:
             masks[key - 1] = np.asarray(prob) > ROUGH_MASK_THRESHOLD

@@ -64,7 +64,8 @@ import optax
 from flax import nnx
 
 from pmm_jax.models.cam_classifier import multilabel_soft_margin_loss
-from pmm_jax.models.resnet38 import FrozenBatchNorm, ResNet38
+from pmm_jax.models.backbone import FrozenBatchNorm
+from pmm_jax.models.resnet38 import ResNet38
 from pmm_jax.models.scalenet import ScaleNet
 
 VIEW_SCALE = 0.3
@@ -174,7 +175,7 @@ class SEAM(nnx.Module):
 
     Args:
       backbone: returns per-stage features; its last one feeds the CAM head.
-      num_classes: foreground classes C.
+      num_foreground: foreground classes C.
       dropout: Dropout2d rate before the head (SEAM/ResNet38 0.5, PMM/ScaleNet 0).
       pcm_features: feature indices for the PCM's two 1x1 convs (default
         :func:`default_pcm_features`); resized to the CAM size when their stride differs.
@@ -188,7 +189,7 @@ class SEAM(nnx.Module):
     new_layers = ("classifier", "f8_3", "f8_4", "f9")
     float32_layers = ("classifier",)
 
-    def __init__(self, backbone: nnx.Module, num_classes: int, dropout: float = 0.5,
+    def __init__(self, backbone: nnx.Module, num_foreground: int, dropout: float = 0.5,
                  pcm_features: Sequence[int] | None = None, pcm_widths: Sequence[int] = (64, 128),
                  *, rngs: nnx.Rngs):
         self.backbone = backbone
@@ -196,7 +197,7 @@ class SEAM(nnx.Module):
         ch = backbone.out_channels
         kaiming = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
         self.dropout = nnx.Dropout(dropout, broadcast_dims=(1, 2), rngs=rngs)
-        self.classifier = nnx.Conv(ch[-1], num_classes, (1, 1), use_bias=False,
+        self.classifier = nnx.Conv(ch[-1], num_foreground, (1, 1), use_bias=False,
                                    kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
         self.f8_3 = nnx.Conv(ch[self.pcm_features[0]], pcm_widths[0], (1, 1), use_bias=False,
                              kernel_init=kaiming, rngs=rngs)
@@ -324,7 +325,7 @@ def param_labels(model: nnx.Module) -> dict[tuple[str, ...], str]:
     component after ``backbone``) or inside a BatchNorm, else weight (2+ dims) or bias.
     Everything outside ``backbone`` is a new layer.
     """
-    frozen_prefixes = set(getattr(model.backbone, "frozen_prefixes", ()))
+    frozen_prefixes = set(model.backbone.frozen_prefixes)
     norm_paths = {tuple(map(str, path)) for path, module in nnx.iter_modules(model)
                   if isinstance(module, (FrozenBatchNorm, nnx.BatchNorm))}
     labels = {}

@@ -32,15 +32,15 @@ from PIL import Image, UnidentifiedImageError
 from tensorflow_datasets.core.utils import gcs_utils
 
 from pmm_jax.constants import IGNORE_LABEL
-from pmm_jax.files.io import rgb_array
+from pmm_jax.files.safe_io import rgb_array, unreadable_image
 from pmm_jax.files.locks import data_dir_lock
 
 
-def labels_from_mask(mask: np.ndarray, num_classes: int) -> np.ndarray:
-    """Multi-hot float32 ``[num_classes]`` (foreground classes): class c (mask value c+1) is
+def labels_from_mask(mask: np.ndarray, num_foreground: int) -> np.ndarray:
+    """Multi-hot float32 ``[num_foreground]`` (foreground classes): class c (mask value c+1) is
     present if any pixel shows it; 0 (background) and 255 (void) do not count."""
     counts = np.bincount(np.asarray(mask, dtype=np.uint8).ravel(), minlength=256)
-    return (counts[1:num_classes + 1] > 0).astype(np.float32)
+    return (counts[1:num_foreground + 1] > 0).astype(np.float32)
 
 
 class InputError(ValueError):
@@ -75,7 +75,7 @@ def load_image(path: pathlib.Path, image_id: str) -> tuple[bytes | np.ndarray, t
     """Reads and fully decodes an image; returns what to store and its ``(height, width)``.
 
     A JPEG in RGB or greyscale is stored as its original bytes (decoding it later with three
-    channels gives RGB); any other image is stored as a uint8 RGB array (``io.rgb_array``:
+    channels gives RGB); any other image is stored as a uint8 RGB array (``safe_io.rgb_array``:
     16-bit greyscale is rescaled, not clipped). Decoding here catches truncated or corrupt
     files at preparation time instead of during training.
     """
@@ -92,6 +92,8 @@ def load_image(path: pathlib.Path, image_id: str) -> tuple[bytes | np.ndarray, t
             return rgb_array(image), size
     except UnidentifiedImageError:
         raise CorruptImageError(path, "not a recognised image format") from None
+    except Image.DecompressionBombError as err:
+        raise InputError(str(unreadable_image(str(path), err))) from None
     except (OSError, ValueError, SyntaxError) as err:
         raise CorruptImageError(path, str(err)) from err
 
@@ -172,14 +174,14 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             yield image_id, example
 
 
-def features(num_classes: int) -> tfds.features.FeaturesDict:
-    """The features of every dataset here, with variable image sizes and ``num_classes``
+def features(num_foreground: int) -> tfds.features.FeaturesDict:
+    """The features of every dataset here, with variable image sizes and ``num_foreground``
     foreground labels (``synthetic_wsss`` has the same with a fixed image size)."""
     return tfds.features.FeaturesDict({
         "id": tfds.features.Text(),
         "image": tfds.features.Image(shape=(None, None, 3)),
         "mask": tfds.features.Image(shape=(None, None, 1)),
-        "labels": tfds.features.Tensor(shape=(num_classes,), dtype=np.float32),
+        "labels": tfds.features.Tensor(shape=(num_foreground,), dtype=np.float32),
     })
 
 

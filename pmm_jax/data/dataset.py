@@ -6,13 +6,9 @@ splits and how to read them: tf.data shards, numpy examples, ids, padded eval ba
 augmented training batches, and the mIoU of predictions against a split's ground truth.
 Stages take this object and never read ``config.data`` themselves.
 
-Dataset kinds. ``KINDS`` maps a kind, the part of ``config.data.name`` before ``/``, to its
-opener ``opener(data_config, data_dir) -> dict``: it makes the dataset ready in ``data_dir``
-(the tfds data_dir, ``WORKDIR/tfds`` unless ``config.data.data_dir`` says otherwise) and
-returns at least ``name`` (the tfds name to read) and ``class_names`` (index 0 background);
-any other :class:`Dataset` field it returns (e.g. ``val_split=None`` for a dataset without a
-val split) replaces the value taken from ``config.data``. To add a kind, write its tfds
-builder (on ``builder_base``), an opener, and one ``KINDS`` entry.
+Dataset kinds: the part of ``config.data.name`` before ``/`` names an entry of
+``pmm_jax.data.kinds.DATASET_KINDS``, whose ``open`` makes the dataset ready in the tfds
+data_dir (``WORKDIR/tfds`` unless ``config.data.data_dir`` says otherwise).
 """
 
 from __future__ import annotations
@@ -23,10 +19,9 @@ from typing import Callable, Iterable, Iterator
 import jax
 import numpy as np
 
-from pmm_jax.constants import CLASS_NAMES
-from pmm_jax.data import builder_base, folder, mmseg_augment, multicrop_batches, pipeline
+from pmm_jax.data import builder_base, kinds, mmseg_augment, multicrop_batches, pipeline
 from pmm_jax.files.workdir import Workdir
-from pmm_jax.tools import scoring
+from pmm_jax import scoring
 
 LOGICAL_SPLITS = ("train", "val")
 
@@ -189,7 +184,7 @@ class Dataset:
         multicrop = section.get("multicrop")
         if multicrop is not None and multicrop.get("rough_masks"):
             return multicrop_batches.multicrop_train_batches(
-                ds, rough_masks=multicrop.rough_masks, num_classes_fg=self.num_foreground,
+                ds, rough_masks=multicrop.rough_masks, num_foreground=self.num_foreground,
                 scales=tuple(multicrop.scales), tile=multicrop.crop, stride=multicrop.stride,
                 **shared)
         if section.get("augment") == "mmseg":
@@ -197,7 +192,7 @@ class Dataset:
                 ds, img_scale=tuple(section.img_scale), ratio_range=tuple(section.scale_range),
                 cat_max_ratio=section.cat_max_ratio, **shared)
         return pipeline.train_batches(
-            ds, num_classes_fg=self.num_foreground,
+            ds, num_foreground=self.num_foreground,
             scale_range=tuple(section.scale_range) if section.scale_range else None, **shared)
 
     def miou(self, split: str, read_pred: Callable[[str], np.ndarray],
@@ -226,34 +221,6 @@ class Dataset:
                               for i, v in enumerate(per_class)}}
 
 
-def open_tfds(data_config, data_dir: str) -> dict:
-    """A tfds dataset of this project, ``config.data.name``: ``synthetic_wsss/<config>`` is
-    generated into ``data_dir`` on first use; ``voc2012_wsss`` and ``coco2014_wsss/<config>``
-    must have been built there by ``python -m pmm_jax.data.prepare``
-    (``builder_base.DatasetNotPreparedError`` otherwise). Class names:
-    ``constants.CLASS_NAMES[config.data.class_names]``."""
-    builder_base.prepare(data_config.name, data_dir)
-    return {"name": data_config.name, "class_names": CLASS_NAMES[data_config.class_names]}
-
-
-# Dataset kind (``config.data.name`` before any "/") -> opener; see the module docstring.
-KINDS: dict[str, Callable[..., dict]] = {
-    "synthetic_wsss": open_tfds,
-    "voc2012_wsss": open_tfds,
-    "coco2014_wsss": open_tfds,
-    "folder_wsss": folder.open_folder,  # a folder of the user's images (data/folder.py)
-}
-
-
-def kind(data_config) -> str:
-    """The dataset kind of ``config.data``; ValueError naming the key when unknown."""
-    name = data_config.name.split("/", 1)[0]
-    if name not in KINDS:
-        raise ValueError(f"config.data.name={data_config.name!r}: unknown dataset kind "
-                         f"{name!r}; known: {', '.join(KINDS)}")
-    return name
-
-
 def open_dataset(config, wd: Workdir) -> Dataset:
     """The dataset of ``config.data``, prepared in its data_dir (``config.data.data_dir``,
     else ``WORKDIR/tfds``). Several processes: let one open it first (it may be built)."""
@@ -262,6 +229,6 @@ def open_dataset(config, wd: Workdir) -> Dataset:
     fields = dict(train_split=data.train_split, val_split=data.val_split or None,
                   eval_pad_to=tuple(data.eval_pad_to) if data.eval_pad_to else None,
                   shuffle_buffer=data.shuffle_buffer)
-    fields.update(KINDS[kind(data)](data, data_dir))
+    fields.update(kinds.kind_of(data).open(data, data_dir))
     fields["class_names"] = tuple(fields["class_names"])
     return Dataset(data_dir=data_dir, **fields)

@@ -19,7 +19,7 @@ is a digest of the folder (:func:`fingerprint`: every file's name, size and modi
 time, the text files' contents and ``max_side``), so an edited folder is built afresh and an
 unchanged one is reused. Bad input raises :class:`InputError` naming the file (and line).
 
-(About 400 lines, one job: a folder in, a checked tfds build out.)
+(About 480 lines, one job: a folder in, a checked tfds build out.)
 
 Splits: ``train``, ``val`` (when any) and ``train_masked`` (the train images that have a
 mask, when any; the pseudo-masks are scored on them). Images without a mask get an all-255
@@ -33,19 +33,19 @@ import dataclasses
 import hashlib
 import inspect
 import io
+import logging
 import os
 import pathlib
 
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import logging
 from etils import epath
 from PIL import Image
 
 from pmm_jax.constants import IGNORE_LABEL
 from pmm_jax.data.builder_base import (InputError, check_mask, features, load_image,
                                        ordered_futures, png_bytes, read_png_mask)
-from pmm_jax.files import io as files_io
+from pmm_jax.files import safe_io
 from pmm_jax.files.locks import data_dir_lock
 
 NAME = "folder_wsss"
@@ -53,6 +53,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # Canvas sides are rounded up to a multiple of this (the segmenter's output stride).
 CANVAS_MULTIPLE = 8
 SUMMARY = "folder.json"
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +69,7 @@ class Folder:
     labels: dict[str, tuple[int, ...]]
     train: tuple[str, ...]
     val: tuple[str, ...]
+    unused: dict[str, str] = dataclasses.field(default_factory=dict)  # id -> why
 
     @property
     def num_classes(self) -> int:
@@ -77,9 +80,30 @@ class Folder:
         return tuple(i for i in self.train if i in self.masks)
 
 
+def read_text(path: pathlib.Path) -> str:
+    """A text file of the folder: UTF-8 (with or without BOM), or UTF-16 with its BOM (Excel's
+    "Unicode text"). Anything else (e.g. Windows-1252, Excel's plain "CSV") is an InputError
+    naming the line, since its accented letters would read as other class names."""
+    data = path.read_bytes()
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError as err:
+            raise InputError(f"{path}: starts as UTF-16 but is not ({err.reason}); save it "
+                             "again as UTF-8") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise InputError(
+            f"{path} line {line}: byte 0x{data[err.start]:02x} is not UTF-8 (the file is in "
+            "another encoding, e.g. Windows-1252 from Excel's plain 'CSV'); save it as UTF-8 "
+            "(Excel: 'CSV UTF-8'; an editor: encoding UTF-8)") from None
+
+
 def _lines(path: pathlib.Path) -> list[tuple[int, str]]:
     """``(line number, stripped text)`` of the non-blank lines of a text file."""
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path)
     return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
@@ -92,6 +116,11 @@ def _files(folder: pathlib.Path, suffixes: tuple[str, ...], what: str) -> dict[s
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() not in suffixes or path.name.startswith("."):
             continue
+        if not path.is_file():
+            kind = ("a folder" if path.is_dir() else "a link to nothing" if path.is_symlink()
+                    else "not a regular file")
+            raise InputError(f"{what}: {path} is {kind} but is named like an image; move it "
+                             "out of the folder (or fix the link)")
         if path.stem in found:
             raise InputError(f"{what}: {found[path.stem]} and {path} have the same id "
                              f"{path.stem!r}; keep one file per id")
@@ -129,8 +158,11 @@ def read_labels(path: pathlib.Path) -> dict[str, tuple[int, list[str]]]:
         raise InputError(f"{path} not found: the folder needs a labels.csv with the header "
                          "'id,labels' and one row per image (docs/datasets.md)")
     rows: dict[str, tuple[int, list[str]]] = {}
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
+    text = read_text(path)
+    # Excel's "Unicode text" (UTF-16) separates fields by tabs.
+    delimiter = "\t" if text.split("\n", 1)[0].strip() == "id\tlabels" else ","
+    with io.StringIO(text, newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
         header = next(reader, None)
         if [h.strip() for h in header or []] != ["id", "labels"]:
             raise InputError(f"{path} line 1: the header must be 'id,labels', found "
@@ -153,6 +185,22 @@ def read_labels(path: pathlib.Path) -> dict[str, tuple[int, list[str]]]:
     if not rows:
         raise InputError(f"{path} has no rows: the folder is empty; add one row per image")
     return rows
+
+
+def _names_of(rows: dict[str, tuple[int, list[str]]], path: pathlib.Path) -> list[str]:
+    """The sorted class names of ``labels.csv`` (no ``classes.txt``). Two spellings of one
+    name that differ only in case (``Spot``, ``spot``) are refused, naming both lines: one
+    class or two is for the user to say (one spelling, or both listed in classes.txt)."""
+    first: dict[str, tuple[str, int]] = {}
+    for number, names in sorted(rows.values()):
+        for name in names:
+            seen = first.setdefault(name.casefold(), (name, number))
+            if seen[0] != name:
+                raise InputError(
+                    f"{path} line {number}: class {name!r} differs from {seen[0]!r} (line "
+                    f"{seen[1]}) only in case; use one spelling for one class, or list both in "
+                    "classes.txt if they are two classes")
+    return sorted({n for _, ns in rows.values() for n in ns})
 
 
 def _split_list(root: pathlib.Path, name: str, known: dict[str, pathlib.Path]) -> list[str] | None:
@@ -187,7 +235,7 @@ def read_folder(root: str | os.PathLike) -> Folder:
         raise InputError(f"{root / 'images'} holds no .jpg, .jpeg or .png image: the folder is empty")
     rows = read_labels(labels_csv)
     declared = read_classes(root)
-    names = declared if declared is not None else sorted({n for _, ns in rows.values() for n in ns})
+    names = declared if declared is not None else _names_of(rows, labels_csv)
     index = {name: i for i, name in enumerate(names, 1)}
     labels = {}
     for image_id, (number, row_names) in rows.items():
@@ -211,8 +259,10 @@ def read_folder(root: str | os.PathLike) -> Folder:
         raise InputError(f"{stray[0]} has no image in {root / 'images'}; masks are named after "
                          "their image's id")
     train, val = _splits(root, images, masks)
+    listed = set(train) | set(val)
+    unused = {i: "in neither train.txt nor val.txt" for i in sorted(images) if i not in listed}
     return Folder(root=root, class_names=("background", *names), images=images, masks=masks,
-                  labels=labels, train=tuple(train), val=tuple(val))
+                  labels=labels, train=tuple(train), val=tuple(val), unused=unused)
 
 
 def _splits(root: pathlib.Path, images, masks) -> tuple[list[str], list[str]]:
@@ -284,7 +334,8 @@ def decode_example(folder: Folder, image_id: str, max_side: int) -> dict:
         mask = np.full(size, IGNORE_LABEL, np.uint8)
     target = _shrunk_size(size, max_side)
     if target != size:
-        pixels = image if isinstance(image, np.ndarray) else files_io.read_image(str(folder.images[image_id]))
+        pixels = (image if isinstance(image, np.ndarray)
+                  else safe_io.read_image(str(folder.images[image_id])))
         image = np.asarray(Image.fromarray(pixels).resize(target[::-1], Image.BILINEAR))
         mask = np.asarray(Image.fromarray(mask).resize(target[::-1], Image.NEAREST))
     multi_hot = np.zeros(folder.num_classes - 1, np.float32)
@@ -343,6 +394,7 @@ class Built:
     splits: dict[str, int]
     eval_pad_to: tuple[int, int]
     source: str
+    folder: Folder | None = None
 
 
 def _canvas(sizes: list[tuple[int, int]]) -> tuple[int, int]:
@@ -366,14 +418,14 @@ def build(root: str | os.PathLike, data_dir: str, max_side: int = 0) -> Built:
             builder.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(try_download_gcs=False))
             sizes = [tuple(int(v) for v in size) for size in _image_sizes(builder)]
-            files_io.write_json(summary, {
+            safe_io.write_json(summary, {
                 "name": name, "source": str(folder.root), "class_names": list(folder.class_names),
                 "splits": {s: info.num_examples for s, info in builder.info.splits.items()},
                 "eval_pad_to": list(_canvas(sizes))})
-        record = files_io.read_json(summary)
+        record = safe_io.read_json(summary)
     return Built(name=name, data_dir=data_dir, class_names=tuple(record["class_names"]),
                  splits=dict(record["splits"]), eval_pad_to=tuple(record["eval_pad_to"]),
-                 source=record["source"])
+                 source=record["source"], folder=folder)
 
 
 def _image_sizes(builder: tfds.core.DatasetBuilder):
@@ -387,7 +439,7 @@ def _image_sizes(builder: tfds.core.DatasetBuilder):
 
 
 def open_folder(data_config, data_dir: str) -> dict:
-    """The ``dataset.KINDS`` opener of ``config.data.name == "folder_wsss"``: checks and
+    """The ``kinds.DATASET_KINDS`` opener of ``config.data.name == "folder_wsss"``: checks and
     builds ``config.data.folder`` (shrunk to ``config.data.max_side``) in ``data_dir``; its
     fields: the build's name, the folder's class names, the eval canvas, no val split when
     the folder has none, and ``train_masked`` as an optional split (absent when no train
@@ -396,7 +448,7 @@ def open_folder(data_config, data_dir: str) -> dict:
         raise InputError("config.data.folder is empty: name the folder of your images with "
                          "--config.data.folder=DIR (layout: docs/datasets.md)")
     built = build(data_config.folder, data_dir, int(data_config.get("max_side", 0)))
-    logging.info("%s", summary_text(built))
+    log.info("%s", summary_text(built))
     return {"name": built.name, "class_names": built.class_names,
             "eval_pad_to": built.eval_pad_to,
             "val_split": "val" if "val" in built.splits else None,
@@ -404,9 +456,27 @@ def open_folder(data_config, data_dir: str) -> dict:
 
 
 def summary_text(built: Built) -> str:
-    """One line for the log: where the dataset is and its split sizes."""
-    splits = ", ".join(f"{n} {c}" for n, c in sorted(built.splits.items()))
-    return (f"folder dataset {built.source}: {len(built.class_names) - 1} classes "
-            f"({', '.join(built.class_names[1:])}); {splits}; built as {built.name} in "
-            f"{built.data_dir}")
-
+    """What the run uses of the folder, for the log (``main`` shows it): where it is built,
+    each class with its count of images (train and val), the split sizes, and the images
+    left unused and why."""
+    folder = built.folder
+    lines = [f"folder dataset {built.source}: built as {built.name} in {built.data_dir}"]
+    counts = {c: 0 for c in range(1, len(built.class_names))}
+    for image_id in (*folder.train, *folder.val):
+        for c in folder.labels[image_id]:
+            counts[c] += 1
+    lines.append(f"  {len(counts)} classes (images tagged): "
+                 + ", ".join(f"{built.class_names[c]} {n}" for c, n in counts.items()))
+    lines.append(f"  train {len(folder.train)} images ({len(folder.train_masked)} with a mask), "
+                 f"val {len(folder.val)}")
+    if folder.unused:
+        reasons: dict[str, list[str]] = {}
+        for image_id, why in folder.unused.items():
+            reasons.setdefault(why, []).append(image_id)
+        for why, ids in reasons.items():
+            shown = ", ".join(ids[:10]) + (f", ... ({len(ids) - 10} more)" if len(ids) > 10 else "")
+            lines.append(f"  unused: {len(ids)} images {why}: {shown}")
+    empty = [built.class_names[c] for c, n in counts.items() if not n]
+    if empty:
+        lines.append(f"  warning: no train or val image is tagged {', '.join(empty)}")
+    return "\n".join(lines)

@@ -24,7 +24,7 @@ from pmm_jax.data.pipeline import (
 
 
 def multicrop_train_batches(ds: tf.data.Dataset, *, rough_masks: str, batch_size: int,
-                            crop_size: int, seed: int, num_classes_fg: int,
+                            crop_size: int, seed: int, num_foreground: int,
                             scales: tuple[float, ...], tile: int, stride: int,
                             flip: bool = True, shuffle_buffer: int | None = None,
                             start_step: int = 0) -> Iterator[Batch]:
@@ -45,15 +45,15 @@ def multicrop_train_batches(ds: tf.data.Dataset, *, rough_masks: str, batch_size
     from pmm_jax.cams import multicrop_tiling
 
     num_labels = ds.element_spec["labels"].shape[-1]
-    if num_labels != num_classes_fg:
-        raise ValueError(f"dataset has {num_labels} image-level labels, expected {num_classes_fg}")
+    if num_labels != num_foreground:
+        raise ValueError(f"dataset has {num_labels} image-level labels, expected {num_foreground}")
     paths = multicrop_tiling.rough_mask_paths(rough_masks, dataset_ids(ds))
     scales = tuple(float(s) for s in scales)
 
     def sample(image_id: bytes, image_shape: np.ndarray, labels: np.ndarray,
                position: np.int64) -> tuple[np.ndarray, np.ndarray]:
         path = paths[image_id.decode()]
-        masks = multicrop_tiling.read_rough_masks(path, num_classes_fg)
+        masks = multicrop_tiling.read_rough_masks(path, num_foreground)
         height, width = int(image_shape[0]), int(image_shape[1])
         for mask in masks.values():
             if mask.shape != (height, width):
@@ -61,7 +61,7 @@ def multicrop_train_batches(ds: tf.data.Dataset, *, rough_masks: str, batch_size
                                  f"its image is {height}x{width}")
         rng = np.random.default_rng((seed, int(position)))
         box, crop_labels = multicrop_tiling.sample_training_crop(
-            masks, width, height, num_classes_fg, rng, scales, tile, stride)
+            masks, width, height, num_foreground, rng, scales, tile, stride)
         return np.asarray(box, np.int32), (crop_labels * (labels > 0.5)).astype(np.float32)
 
     def crop(position, example):
@@ -69,7 +69,7 @@ def multicrop_train_batches(ds: tf.data.Dataset, *, rough_masks: str, batch_size
             sample, [example["id"], tf.shape(example["image"]), example["labels"], position],
             [tf.int32, tf.float32], stateful=False)
         box.set_shape((4,))
-        labels.set_shape((num_classes_fg,))
+        labels.set_shape((num_foreground,))
         x1, y1, x2, y2 = tf.unstack(box)
         image = tf.image.resize(example["image"][y1:y2, x1:x2], (crop_size, crop_size),
                                 method="bilinear", antialias=True)

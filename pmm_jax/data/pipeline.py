@@ -38,7 +38,7 @@ from jax.experimental import multihost_utils
 from pmm_jax.constants import IGNORE_LABEL, IMAGENET_MEAN_UNIT, IMAGENET_STD_UNIT
 from pmm_jax.data import coco, synthetic, voc  # noqa: F401  (registers the datasets)
 from pmm_jax.data.builder_base import prepare
-from pmm_jax.files.io import read_mask
+from pmm_jax.files.safe_io import read_mask
 
 try:
     # TensorFlow only feeds the host; the accelerators belong to JAX.
@@ -81,7 +81,7 @@ def load_split(name: str, split: str, data_dir: str, *, process_index: int | Non
 
 @tfds.decode.make_decoder(output_dtype=tf.uint8)
 def decode_image_as_pil(serialized: tf.Tensor, feature: tfds.features.Image) -> tf.Tensor:
-    """Decodes a stored image to uint8 RGB exactly as PIL (``io.read_image``) does.
+    """Decodes a stored image to uint8 RGB exactly as PIL (``safe_io.read_image``) does.
 
     JPEGs (VOC and COCO keep their original bytes) use libjpeg's accurate integer DCT,
     PIL's and libjpeg's default; TensorFlow's default (tfds's decoder), the fast integer DCT,
@@ -299,7 +299,7 @@ def batched(ds: tf.data.Dataset, batch_size: int) -> Iterator[Batch]:
 
 
 def train_batches(ds: tf.data.Dataset, *, batch_size: int, crop_size: int, seed: int,
-                  num_classes_fg: int, flip: bool = True,
+                  num_foreground: int, flip: bool = True,
                   scale_range: tuple[float, float] | None = (0.9, 1.1),
                   shuffle_buffer: int | None = None, start_step: int = 0) -> Iterator[Batch]:
     """Endless, seeded, augmented training batches of this process's shard, from batch
@@ -314,8 +314,8 @@ def train_batches(ds: tf.data.Dataset, *, batch_size: int, crop_size: int, seed:
     is per process; the remainder is dropped. ``shuffle_buffer`` defaults to the whole shard.
     """
     num_labels = ds.element_spec["labels"].shape[-1]
-    if num_labels != num_classes_fg:
-        raise ValueError(f"dataset has {num_labels} image-level labels, expected {num_classes_fg}")
+    if num_labels != num_foreground:
+        raise ValueError(f"dataset has {num_labels} image-level labels, expected {num_foreground}")
 
     def augment(position, example):
         key = tf.stack([tf.constant(seed, tf.int64), position])

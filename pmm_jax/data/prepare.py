@@ -20,11 +20,14 @@ import sys
 
 import tensorflow_datasets as tfds
 
-from pmm_jax.data import coco, voc
 from pmm_jax.data.builder_base import InputError, ManualBuilder
+from pmm_jax.data.kinds import DATASET_KINDS
 from pmm_jax.files.locks import data_dir_lock
 
-BUILDERS = {"voc": voc.Voc2012Wsss, "coco": coco.Coco2014Wsss}
+
+def builders() -> dict[str, type[ManualBuilder]]:
+    """``{--dataset name: builder}`` of every dataset kind with a preparation step."""
+    return {entry.prepare: entry.builder for _, entry in DATASET_KINDS.items() if entry.prepare}
 
 
 def prepare(dataset: str, manual_dir: str, data_dir: str, *, config: str | None = None,
@@ -34,7 +37,7 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, *, config: str | None 
     Returns the builder; its ``skipped_corrupt`` lists the images left out this run.
     Raises :class:`builder_base.InputError` (with the expected folder tree when a folder is missing).
     """
-    builder_cls = BUILDERS[dataset]
+    builder_cls = builders()[dataset]
     if not pathlib.Path(manual_dir).is_dir():
         raise InputError(f"--manual_dir={manual_dir} is not a folder.\n\nExpected layout:\n"
                              f"{builder_cls.MANUAL_DOWNLOAD_INSTRUCTIONS}")
@@ -71,7 +74,7 @@ def summary(builder: ManualBuilder) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pmm_jax.data.prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True, choices=sorted(BUILDERS))
+    parser.add_argument("--dataset", required=True, choices=sorted(builders()))
     parser.add_argument("--manual_dir", required=True, type=os.path.expanduser,
                         help="folder holding the extracted archives (see docs/datasets.md)")
     parser.add_argument("--data_dir", required=True, type=os.path.expanduser,

@@ -13,6 +13,23 @@ import os
 import socket
 from typing import Iterator
 
+# The pipeline's stages in order: each leaves its marker ``stages/<name>.json`` and its
+# outputs in this layout; ``pmm_jax.stages`` declares what each reads and writes.
+STAGES = ("cls", "cam", "pseudo", "seg", "cycle", "eval")
+
+
+def parse_stages(spec: str, flag: str = "--config.stages") -> list[str]:
+    """Parses ``"cls,cam"`` into stage names in pipeline order; unknown names are an error
+    naming ``flag``."""
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in names if name not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown} in {flag}={spec!r}; "
+                         f"known stages in order: {','.join(STAGES)}")
+    if not names:
+        raise ValueError(f"{flag} is empty; choose from " + ",".join(STAGES))
+    return sorted(set(names), key=STAGES.index)
+
 
 @dataclasses.dataclass(frozen=True)
 class Workdir:
@@ -102,3 +119,10 @@ def lock(wd: Workdir) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def made_by(stage: str) -> str:
+    """What to do when a checkpoint that stage ``stage`` writes is missing or damaged."""
+    return (f"it is made by stage '{stage}': include {stage} in --config.stages and rerun (it "
+            "trains again from its newest intact step; the stages made from the old model are "
+            "then refused until redone with --redo)")

@@ -1,8 +1,8 @@
 """Pseudo-mask generation from CAMs (PMM section 3.1-3.3) and rough masks: scheduling.
 
-Every method (``worker.METHODS``: the paper's four variants and the rough masks of multi-crop
-training, described in ``pmm_jax.masks.worker``) goes through ``generate``: one pool, one
-skip/resume logic, one error report.
+Every variant (``masks/variants.py``: the paper's four variants, the rough masks of multi-crop
+training and any registered one) goes through ``generate``: one pool, one skip/resume logic,
+one error report.
 
 Pipeline. The main process walks the records, skips ids whose PNG exists, and hands each
 remaining image whole to ``worker.run`` in a pool of ``num_workers - 1`` ``spawn``-ed
@@ -10,24 +10,19 @@ processes (pydensecrf backend, ``num_workers`` > 1), at most 2 images per pool p
 flight; whenever that queue is full it makes the next image itself, so it is the N-th
 worker and works while the others start. A worker reads the image and CAM files itself (pass
 paths: a task then pickles a few bytes), computes the mask in numpy, runs the image's dense
-CRFs one after the other and writes the PNG atomically (``io.write_mask``), so a killed run leaves only complete PNGs and a rerun
+CRFs one after the other and writes the PNG atomically (``safe_io.write_mask``), so a killed run leaves only complete PNGs and a rerun
 skips them. Workers import numpy, pydensecrf and ``pmm_jax.masks.worker``, never JAX, and
 start in a fraction of a second. A ``spawn`` child also re-imports the parent's ``__main__``
 module, so this module imports JAX lazily (it is imported by ``__main__`` under the CLI); a
 script calling ``generate`` should do the same, or its workers load JAX too, and needs the
 usual ``if __name__ == "__main__"`` guard.
 
-With one worker, or the jax CRF backend (``cfg.crf.backend = "jax"``), there is no pool: the
-main process runs ``worker.run`` itself, with ``dense_crf_jax.dense_crf_padded`` as the CRF
-for the jax backend (PPMG: all per-class binary CRFs of the image as label sets of one
-lattice, their number padded to a power of two; joint variants: one CRF over exactly the
-image's ``[background, classes]``), on the image padded to a ``PAD_MULTIPLE`` bucket, so the
-CRF compiles once per bucket and label-set shape.
-
-Where the time went before (issue #23: slower with two workers than the official loop in
-one process): the main process imported JAX and compiled the jitted core, ran it on padded
-arrays and pickled those arrays to a task per class and the posteriors back; now it only
-schedules (docs/benchmarks.md has the figures).
+With one worker there is no pool: the main process runs ``worker.run`` itself. With the jax
+CRF backend (``cfg.crf.backend = "jax"``) the main process reads and checks the records
+(``worker.load``), groups them by shape bucket (``device.bucket``), and runs each group's
+whole path, normalisation to labels, jitted on the device
+(``device.run_batch``, up to ``device_batch`` images per call); it decodes the label
+indices and writes the PNGs.
 
 Why not ``Pool.imap``: its feeder thread drains the input iterator eagerly, which would hold
 every image of the split in memory; ``concurrent.futures.ProcessPoolExecutor`` with an
@@ -40,7 +35,7 @@ raises or a mask that cannot be written fails only that image: the run goes on, 
 the pool has drained ``generate`` raises :class:`PseudoMaskError` listing every failed id
 with its cause (``err.stats`` holds the counts); the CLI prints the counts and exits with
 status 1. An ``out_dir`` that cannot be created or written is a ValueError before any work.
-CAM files are read by ``io.read_cams``, which never runs code from a file. An image whose
+CAM files are read by ``safe_io.read_cams``, which never runs code from a file. An image whose
 CAM dict is empty (no foreground class) gets an all-background mask; that is documented
 behaviour, not an error. The CLI is ``python -m pmm_jax.pseudo_masks``.
 """
@@ -60,15 +55,15 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.masks import worker
 from pmm_jax.masks.dense_crf import (DEFAULT_BACKEND, PSEUDO_MASK_CRF, backend_and_params,
                                       process_pool)
-from pmm_jax.masks.worker import METHODS
+from pmm_jax.masks.variants import VARIANTS
 
-# Height and width are padded up to a multiple of this for the jax CRF; most VOC images fall
-# in three buckets (384 x 512, 512 x 384, 512 x 512).
-PAD_MULTIPLE = 64
+# Loaded images the jax backend holds at most while it waits for full device batches, as a
+# multiple of the batch size.
+HELD_BATCHES = 4
 
 
 class PseudoMaskError(ValueError):
@@ -102,6 +97,9 @@ def default_config(method: str = "ppmg"):
     cfg.crf = config_dict.ConfigDict(dict(backend=DEFAULT_BACKEND,
                                           **dataclasses.asdict(PSEUDO_MASK_CRF)))
     cfg.num_workers = config_dict.placeholder(int)
+    # jax backend: images per device call; None = 4 on an accelerator, 1 on a CPU (where XLA
+    # already spreads one image over every core and padding a batch only adds work).
+    cfg.device_batch = config_dict.placeholder(int)
     return cfg
 
 
@@ -113,7 +111,7 @@ def generate(records: Iterable[tuple[str, Any, Any]], out_dir: str, cfg, *,
 
     ``cfg``: a ``default_config()`` ConfigDict. ``records`` yields ``(image_id, image,
     cams)``: ``image`` is a uint8 ``[H, W, 3]`` array or an image file path; ``cams`` is
-    ``{0-based class: [H, W] float}`` or a CAM file path (``io.read_cams``). Files are read
+    ``{0-based class: [H, W] float}`` or a CAM file path (``safe_io.read_cams``). Files are read
     by the worker that makes the mask, so pass paths to make resuming, sharding and the pool
     cheap. Process ``i`` of ``n`` (defaults: JAX's process index and count) handles records
     ``i, i + n, ...``; ids whose PNG exists are skipped. ``num_workers`` (else
@@ -130,13 +128,12 @@ def generate(records: Iterable[tuple[str, Any, Any]], out_dir: str, cfg, *,
 
     settings = settings_of(cfg)
     _check_out_dir(out_dir)
-    io.remove_stale_temps(out_dir)
+    safe_io.remove_stale_temps(out_dir)
     workers = num_workers if num_workers is not None else cfg.get("num_workers")
     workers = workers if workers is not None else _available_cores()
     if workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {workers}")
     use_pool = settings.backend == "pydensecrf" and workers > 1
-    crfs = worker.host_crfs if settings.backend == "pydensecrf" else jax_crfs
     index, count = _process_shard(process_index, process_count)
     if total is None and hasattr(records, "__len__"):
         total = len(records)
@@ -177,14 +174,18 @@ def generate(records: Iterable[tuple[str, Any, Any]], out_dir: str, cfg, *,
             done(in_flight.pop(future), cause)
 
     try:
-        for record, out_path in _todo(records, out_dir, index, count, done, counts):
-            image_id = str(record[0])
-            if pool is not None:
-                collect(block=False)
-                if len(in_flight) < window:
-                    in_flight[pool.submit(worker.run, record, out_path, settings)] = image_id
-                    continue
-            done(image_id, worker.run(record, out_path, settings, crfs))
+        todo = _todo(records, out_dir, index, count, done, counts)
+        if settings.backend == "jax":
+            _device_masks(todo, settings, done, cfg.get("device_batch"))
+        else:
+            for record, out_path in todo:
+                image_id = str(record[0])
+                if pool is not None:
+                    collect(block=False)
+                    if len(in_flight) < window:
+                        in_flight[pool.submit(worker.run, record, out_path, settings)] = image_id
+                        continue
+                done(image_id, worker.run(record, out_path, settings))
         while in_flight:
             collect(block=True)
     finally:
@@ -236,18 +237,19 @@ def dataset_records(examples: Iterable[dict], cam_dir: str) -> Iterator[tuple[st
 
 
 def settings_of(cfg) -> worker.Settings:
-    """The validated ``worker.Settings`` of a generator config; a ValueError names the key."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"unknown pseudo-mask method {cfg.method!r}; expected one of {METHODS}")
+    """The validated ``worker.Settings`` of a generator config; a ValueError names the key
+    (an unknown method lists the registered variants)."""
+    variant = VARIANTS.get(cfg.method)
     if cfg.num_classes < 2:
         raise ValueError(f"num_classes counts background and must be >= 2, got {cfg.num_classes}")
-    alpha = cfg.alpha if cfg.alpha is not None else worker.DEFAULT_ALPHA.get(
-        cfg.method, worker.PAPER_ALPHA)
+    alpha = cfg.alpha if cfg.alpha is not None else variant.alpha
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
     backend, params = backend_and_params(cfg.crf)
-    return worker.Settings(cfg.method, float(alpha), float(cfg.t), float(cfg.s),
-                           bool(cfg.official_minmax), int(cfg.num_classes) - 1, params, backend)
+    return worker.Settings(method=cfg.method, variant=variant, alpha=float(alpha),
+                           t=float(cfg.t), s=float(cfg.s),
+                           official_minmax=bool(cfg.official_minmax),
+                           num_foreground=int(cfg.num_classes) - 1, crf=params, backend=backend)
 
 
 def _check_out_dir(out_dir: str) -> None:
@@ -278,18 +280,49 @@ def _process_shard(index: int | None, count: int | None) -> tuple[int, int]:
     return index, count
 
 
-def jax_crfs(image: np.ndarray, label_sets: Sequence[np.ndarray], params) -> list[np.ndarray]:
-    """The image's CRFs through ``dense_crf_jax`` in this process, as ``worker.host_crfs``
-    returns them: the label sets (all of one size) as one lattice's batch, their number
-    padded to a power of two with all-background sets (each set is an independent CRF), the
-    image padded to the ``PAD_MULTIPLE`` bucket."""
-    from pmm_jax.masks import dense_crf_jax
+def _device_masks(todo, settings: worker.Settings, done, batch_size: int | None) -> None:
+    """The jax backend: every record of ``todo`` loaded here, grouped by ``device.bucket``,
+    each group's labels computed by ``device.run_batch`` (``batch_size`` images per call,
+    else 4 on an accelerator and 1 on a CPU), decoded and written. A bad record fails alone;
+    a failed device call fails its group's images."""
+    import jax
 
-    count = len(label_sets)
-    sets = np.stack(label_sets)
-    bucket = 1 << (count - 1).bit_length()
-    if bucket > count:
-        filler = np.zeros((bucket - count, *sets.shape[1:]), np.float32)
-        filler[:, 0] = 1.0
-        sets = np.concatenate([sets, filler])
-    return list(dense_crf_jax.dense_crf_padded(image, sets, params, multiple=PAD_MULTIPLE)[:count])
+    from pmm_jax.masks import device
+
+    if batch_size is None:
+        batch_size = 1 if jax.default_backend() == "cpu" else 4
+    if batch_size < 1:
+        raise ValueError(f"device_batch must be >= 1, got {batch_size}")
+    groups: dict[tuple, list] = {}
+
+    def flush(key) -> None:
+        group = groups.pop(key)
+        try:
+            labels = device.run_batch([g[2] for g in group], [g[3] for g in group], settings,
+                                      batch_size)
+        except Exception as err:  # noqa: BLE001 - e.g. a lattice overflow fails its images
+            for image_id, *_ in group:
+                done(image_id, worker.error_text(err))
+            return
+        for (image_id, out_path, _, _, lookup), indices in zip(group, labels):
+            done(image_id, worker.write(out_path, lookup[indices]))
+
+    for record, out_path in todo:
+        image_id = str(record[0])
+        try:
+            image, classes, cams = worker.load(record, settings)
+        except Exception as err:  # noqa: BLE001 - a bad file fails only its image
+            done(image_id, worker.error_text(err))
+            continue
+        if not classes:
+            done(image_id, worker.write(out_path, np.zeros(image.shape[:2], np.uint8)))
+            continue
+        key = device.bucket(*image.shape[:2], len(classes), settings.variant)
+        groups.setdefault(key, []).append(
+            (image_id, out_path, image, np.stack(cams), worker.lookup(classes)))
+        if len(groups[key]) == batch_size:
+            flush(key)
+        elif sum(map(len, groups.values())) >= HELD_BATCHES * batch_size:
+            flush(max(groups, key=lambda k: len(groups[k])))
+    for key in list(groups):
+        flush(key)

@@ -21,9 +21,9 @@ ResNetV1c / Res2Net defaults already are the segmentation ones (strides (1, 2, 1
 dilations (1, 1, 2, 4)); their ``frozen_stages`` (mmseg's; -1 by default) is a backbone
 field too, e.g. ``backbone=dict(name="resnet101", frozen_stages=1)``.
 
-A backbone is any callable ``f(**kwargs, rngs=rngs) -> nnx.Module`` whose module maps
-``[B,H,W,3]`` to a list of per-stage NHWC features and exposes ``out_channels`` and
-``out_strides`` (one entry per stage). Adding a network (ResNet38-d, ScaleNet101,
+A backbone is any callable ``f(**kwargs, rngs=rngs) -> nnx.Module`` whose module keeps the
+contract ``pmm_jax.models.backbone.Backbone`` (``[B,H,W,3]`` to a list of per-stage NHWC
+features; ``out_channels``, ``out_strides``, ``frozen_prefixes``). Adding a network (ResNet38-d, ScaleNet101,
 Res2Net101, ...) is one more entry in ``BACKBONES``.
 """
 
@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping
 import jax
 from flax import nnx
 
+from pmm_jax.models.backbone import Backbone
 from pmm_jax.models.cam_classifier import CAMClassifier, multilabel_soft_margin_loss
 from pmm_jax.models.pspnet import PSPNet, adaptive_avg_pool, resize_bilinear, upsample_logits
 from pmm_jax.models.pretrained import copy_weights, count_params, load_pretrained
@@ -44,6 +45,7 @@ from pmm_jax.models.resnet38 import ResNet38
 from pmm_jax.models.scalenet import ScaleNet, scalenet101
 
 __all__ = [
+    "Backbone",
     "BACKBONES",
     "BACKBONE_OPTIONS",
     "SEGMENTER_BACKBONE_DEFAULTS",
@@ -123,7 +125,12 @@ def build_backbone(cfg: Mapping[str, Any], rngs: nnx.Rngs, *, remat: bool = Fals
     if "remat" in kwargs:
         raise ValueError("remat is a key of the model config (e.g. config.cls.model.remat), "
                          "not of model.backbone")
-    return BACKBONES[name](**kwargs, remat=remat, rngs=rngs)
+    backbone = BACKBONES[name](**kwargs, remat=remat, rngs=rngs)
+    if not isinstance(backbone, Backbone):
+        raise TypeError(f"backbone {name!r} ({type(backbone).__name__}) does not keep the "
+                        "backbone contract (pmm_jax.models.backbone.Backbone: out_channels, "
+                        "out_strides, frozen_prefixes, __call__)")
+    return backbone
 
 
 def remat_option(cfg: Mapping[str, Any]) -> bool:
@@ -141,11 +148,11 @@ def _head_options(cfg: Mapping[str, Any], allowed: tuple[str, ...]) -> dict[str,
     return options
 
 
-def build_classifier(cfg: Mapping[str, Any], num_classes: int, rngs: nnx.Rngs) -> CAMClassifier:
-    """CAM classifier over ``num_classes`` foreground classes from a model config."""
+def build_classifier(cfg: Mapping[str, Any], num_foreground: int, rngs: nnx.Rngs) -> CAMClassifier:
+    """CAM classifier over ``num_foreground`` foreground classes from a model config."""
     options = _head_options(cfg, _CLASSIFIER_OPTIONS)
     return CAMClassifier(build_backbone(cfg["backbone"], rngs, remat=remat_option(cfg)),
-                         num_classes, **options, rngs=rngs)
+                         num_foreground, **options, rngs=rngs)
 
 
 def segmenter_backbone_config(cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -28,13 +28,13 @@ class CAMClassifier(nnx.Module):
 
     float32_layers = ("classifier",)
 
-    def __init__(self, backbone: nnx.Module, num_classes: int, dropout: float = 0.5, *,
+    def __init__(self, backbone: nnx.Module, num_foreground: int, dropout: float = 0.5, *,
                  rngs: nnx.Rngs):
         self.backbone = backbone
         self.dropout = nnx.Dropout(dropout, broadcast_dims=(1, 2), rngs=rngs)
         self.classifier = nnx.Conv(
             backbone.out_channels[-1],
-            num_classes,
+            num_foreground,
             (1, 1),
             use_bias=False,
             kernel_init=nnx.initializers.xavier_uniform(),

@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from pmm_jax.models.remat import call_block
-from pmm_jax.models.resnet38 import frozen_stage_prefixes
+from pmm_jax.models.backbone import frozen_stage_prefixes
 from pmm_jax.models.resnet_v1c import (EXPANSION, blocks_per_layer, bn, conv, max_pool_3x3_s2,
                                        run_sequence)
 

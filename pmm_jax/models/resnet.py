@@ -141,6 +141,7 @@ class ResNet(nnx.Module):
     Attributes:
       out_channels: channels of each stage's feature map (= ``widths``).
       out_strides: input-to-feature stride of each stage.
+      frozen_prefixes: () (no stage is frozen).
     """
 
     def __init__(
@@ -170,6 +171,7 @@ class ResNet(nnx.Module):
         self.stages = nnx.List(stages)
         self.out_channels = widths
         self.out_strides = tuple(out_strides)
+        self.frozen_prefixes = ()
         self.remat = remat
 
     @staticmethod

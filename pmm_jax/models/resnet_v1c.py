@@ -35,7 +35,7 @@ from flax import nnx
 
 from pmm_jax.models.remat import call_block
 from pmm_jax.models.resnet import CONV_INIT
-from pmm_jax.models.resnet38 import batch_norm, frozen_stage_prefixes
+from pmm_jax.models.backbone import batch_norm, frozen_stage_prefixes
 
 DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 EXPANSION = 4

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pmm_jax.models.remat import call_block
-from pmm_jax.models.resnet38 import (batch_norm, check_norm, conv, conv_init,
+from pmm_jax.models.backbone import (batch_norm, check_norm, conv, conv_init,
                                      frozen_stage_prefixes)
 
 SCALES = (1, 2, 4, 7)

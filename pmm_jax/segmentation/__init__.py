@@ -1,1 +1,2 @@
-"""The segmenter: the PUS loss and test-time inference."""
+"""The segmenter: building and training it (losses, optimiser, starting weights), its runs,
+the checkpoint each run uses, and test-time inference."""

@@ -38,24 +38,44 @@ def fitted_size(size: tuple[int, int], canvas: tuple[int, int]) -> tuple[int, in
             min(canvas[1], max(1, round(width * scale))))
 
 
-def _filter_matrix(source: int, target: int) -> np.ndarray:
-    """``[target, source]`` weights of an antialiased linear (triangle) resize along one axis:
-    the triangle is stretched by the shrink factor, as PIL's BILINEAR reduce does."""
+def _filter_band(source: int, target: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(index, weight)``, each ``[target, taps]``: output ``i`` of an antialiased linear
+    (triangle) resize along one axis is ``sum_k weight[i, k] * input[index[i, k]]``. The
+    triangle is stretched by the shrink factor, as PIL's BILINEAR reduce does; ``taps`` covers
+    its support (about twice the factor), so the cost is linear in ``source``."""
     scale = source / target
     support = max(scale, 1.0)
     centres = (np.arange(target) + 0.5) * scale
-    positions = np.arange(source) + 0.5
-    weights = np.maximum(0.0, 1.0 - np.abs(positions[None, :] - centres[:, None]) / support)
-    return weights / weights.sum(axis=1, keepdims=True)
+    first = np.maximum(0, np.floor(centres - support - 0.5).astype(np.int64))
+    taps = int(np.ceil(2 * support)) + 2
+    index = first[:, None] + np.arange(taps)[None, :]
+    weights = np.maximum(0.0, 1.0 - np.abs(index + 0.5 - centres[:, None]) / support)
+    weights[index >= source] = 0.0
+    index = np.minimum(index, source - 1)
+    return index, weights / weights.sum(axis=1, keepdims=True)
+
+
+def _shrink_axis(values: np.ndarray, target: int, axis: int) -> np.ndarray:
+    """``values`` (``[h, w, c]``, any dtype) resized to ``target`` along ``axis`` (0 or 1),
+    float64; memory holds the output and one gathered slice of it at a time."""
+    index, weights = _filter_band(values.shape[axis], target)
+    shape = [1, 1, 1]
+    shape[axis] = target
+    size = [target if a == axis else n for a, n in enumerate(values.shape)]
+    out, term = np.zeros(size, np.float64), np.empty(size, np.float64)
+    for k in range(index.shape[1]):
+        np.multiply(weights[:, k].reshape(shape), np.take(values, index[:, k], axis=axis),
+                    out=term)
+        out += term
+    return out
 
 
 def shrink(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """uint8 ``[h, w, 3]`` resized to ``size`` (separable antialiased linear filter)."""
+    """uint8 ``[h, w, 3]`` resized to ``size`` (separable antialiased linear filter, one axis
+    at a time: time linear in the image, memory a few outputs of the first axis)."""
     if tuple(image.shape[:2]) == tuple(size):
         return image
-    rows = _filter_matrix(image.shape[0], size[0])
-    cols = _filter_matrix(image.shape[1], size[1])
-    out = np.einsum("ih,hwc,jw->ijc", rows, image.astype(np.float64), cols)
+    out = _shrink_axis(_shrink_axis(image, size[0], 0), size[1], 1)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 

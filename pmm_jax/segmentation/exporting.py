@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from pmm_jax.constants import PALETTE
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.segmentation import canvas, inference
 
 PROGRAM = "segmenter.jax_export"
@@ -109,10 +109,10 @@ def export_segmenter(model: nnx.Module, eval_cfg, class_names: Sequence[str],
             jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32))
     exported = export_for_platforms(fn, args)
     os.makedirs(out_dir, exist_ok=True)
-    io.write_bytes(os.path.join(out_dir, PROGRAM), bytes(exported.serialize()))
-    with io.atomic_path(os.path.join(out_dir, WEIGHTS)) as tmp:
+    safe_io.write_bytes(os.path.join(out_dir, PROGRAM), bytes(exported.serialize()))
+    with safe_io.atomic_path(os.path.join(out_dir, WEIGHTS)) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **{f"w{i}": w for i, w in enumerate(weights)})
     record = meta(class_names, canvas_size, eval_cfg, run, exported.platforms)
-    io.write_json(os.path.join(out_dir, META), record)
+    safe_io.write_json(os.path.join(out_dir, META), record)
     return record

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.masks import dense_crf
 from pmm_jax.models.pspnet import resize_bilinear, upsample_logits
 from pmm_jax.training import trainer
@@ -138,7 +138,7 @@ class Predictor:
     ``eval_cfg``; rows are padded like the batch (callers crop each to height x width).
     ``crf_backend``: the dense CRF implementation (``config.crf.backend``, see
     ``pmm_jax.masks.dense_crf.BACKENDS``) when ``eval_cfg.crf`` is on. ``source`` names the model (and the
-    stage that trained it) in the ``io.NonFiniteError`` raised when a valid row's
+    stage that trained it) in the ``safe_io.NonFiniteError`` raised when a valid row's
     probabilities are not finite."""
 
     def __init__(self, model, eval_cfg: Mapping[str, Any],
@@ -160,7 +160,7 @@ class Predictor:
         bad = np.flatnonzero(valid & ~finite)
         if len(bad):
             ids = [batch["id"][i].decode() if "id" in batch else str(i) for i in bad]
-            raise io.NonFiniteError(
+            raise safe_io.NonFiniteError(
                 f"{self._source}: the segmentation probabilities of image(s) {ids} are not "
                 "finite (NaN or inf); refusing to write predictions from them")
         return self._crf_labels(out, batch) if self._crf else out

@@ -5,11 +5,21 @@ The run's own config (``WORKDIR/config.json``) gives the model and the test-time
 dataset (``WORKDIR/dataset.json``, written when the run opened it) the class names and the
 canvas every image goes on (``segmentation/canvas.py``). Which segmenter: ``--run``, else the
 best by val mIoU in ``results.json``, else (no val) the PUS run (:func:`choose_run`).
+
+Every mask and overlay carries its :func:`output_record` (PNG text chunk / JPEG comment
+``RECORD_KEY``): the tool and its version, the run, its checkpoint (folder, step and a
+fingerprint of its weights), the test-time settings and the source image's sha256. A file
+there is done only when it decodes whole and its record equals this call's; a file without a
+record was not written here and is never overwritten; one with another record (another
+segmenter, retrained weights, other settings, a changed image) is redone only with
+``overwrite``. Nothing is written into the folder that holds the images.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import pathlib
 from typing import Iterator, Sequence
@@ -20,11 +30,12 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pmm_jax import drawing
 from pmm_jax.constants import PALETTE
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.segmentation import canvas
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+RECORD_KEY = "pmm_jax.predict"  # PNG text key; JPEG comments hold the record alone
 
 
 class PredictError(RuntimeError):
@@ -51,9 +62,30 @@ def dataset_facts(wd: Workdir) -> DatasetFacts:
         raise PredictError(f"{wd.root} has no {wd.dataset_json}: the run predates it; rerun "
                            "`python -m pmm_jax.main` with its config on this workdir (its "
                            "completed stages are skipped) to record it")
-    record = io.read_json(wd.dataset_json)
-    return DatasetFacts(name=record["name"], class_names=tuple(record["class_names"]),
-                        canvas=tuple(int(v) for v in record["canvas"]))
+    record = run_file(wd.dataset_json, "a record of the run's dataset", fix=(
+        "rerun `python -m pmm_jax.main` with the run's config on this workdir (its completed "
+        "stages are skipped) to write it again"))
+    try:
+        return DatasetFacts(name=record["name"], class_names=tuple(record["class_names"]),
+                            canvas=tuple(int(v) for v in record["canvas"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise PredictError(f"{wd.dataset_json} lacks or garbles {err}; rerun `python -m "
+                           "pmm_jax.main` with the run's config on this workdir (its completed "
+                           "stages are skipped) to write it again") from None
+
+
+def run_file(path: str, what: str, fix: str):
+    """The JSON object in ``path`` (a file of the workdir), or PredictError naming it when it
+    is empty, cut or not an object (``what`` it is, ``fix`` what to do)."""
+    try:
+        record = safe_io.read_json(path)
+    except (OSError, ValueError) as err:
+        raise PredictError(f"{path} ({what}) cannot be read ({type(err).__name__}: {err}); it "
+                           f"is empty, cut or damaged: {fix}") from None
+    if not isinstance(record, dict):
+        raise PredictError(f"{path} ({what}) holds {type(record).__name__}, not a JSON object; "
+                           f"{fix}")
+    return record
 
 
 def run_config(workdir: str):
@@ -64,15 +96,17 @@ def run_config(workdir: str):
     if not os.path.exists(wd.config_json):
         raise PredictError(f"--workdir={workdir} holds no run (no {wd.config_json}); train one "
                            "first with `python -m pmm_jax.main --config=... --workdir=...`")
-    return ml_collections.ConfigDict(io.read_json(wd.config_json))
+    return ml_collections.ConfigDict(run_file(wd.config_json, "the run's config", fix=(
+        "write it again from the config file the run was trained with: `python -m "
+        "pmm_jax.main --config=... --workdir=...` writes it when it is absent (move this one "
+        "away first; completed stages are skipped)")))
 
 
 def finished_runs(config, wd: Workdir) -> list[str]:
     """Segmenter runs whose training stage (seg, or cycle for cyclic runs) has completed."""
-    from pmm_jax.stages import cycle
+    from pmm_jax.segmentation import runs
 
-    runs = [(r, "seg") for r in config.seg.runs] + [(r, "cycle") for r in cycle.cycle_runs(config)]
-    return [r for r, stage in runs
+    return [r for r, stage in runs.all_runs(config)
             if os.path.exists(wd.stage_marker(stage)) and os.path.isdir(wd.ckpt_dir(f"seg/{r}"))]
 
 
@@ -93,8 +127,11 @@ def choose_run(config, wd: Workdir, run: str | None = None) -> str:
         return run
     mious = {}
     if os.path.exists(wd.results_json):
-        mious = {r: v for r, v in io.read_json(wd.results_json).get("seg_miou", {}).items()
-                 if r in finished and v is not None}
+        scores = run_file(wd.results_json, "the run's scores", fix=(
+            "name the segmenter with --run, or redo the eval stage: `python -m pmm_jax.main "
+            "--config=... --workdir=... --redo=eval`")).get("seg_miou", {})
+        mious = {r: v for r, v in (scores.items() if isinstance(scores, dict) else ())
+                 if r in finished and isinstance(v, (int, float))}
     if mious:
         return max(mious, key=mious.get)
     return "pus" if "pus" in finished else finished[0]
@@ -110,6 +147,11 @@ def image_paths(path: str) -> dict[str, pathlib.Path]:
     found: dict[str, pathlib.Path] = {}
     for p in sorted(root.iterdir()):
         if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
+            if not p.is_file():
+                kind = "a folder" if p.is_dir() else "a link to nothing" if p.is_symlink() \
+                    else "not a regular file"
+                raise PredictError(f"{p} is {kind}, not an image, but is named like one; move "
+                                   "it out of --images")
             if p.stem in found:  # both would write <id>.png
                 raise PredictError(f"{found[p.stem]} and {p} have the same id {p.stem!r}; "
                                    "rename one")
@@ -125,19 +167,32 @@ class ImageSegmenter:
 
     def __init__(self, config, wd: Workdir, run: str, crf: bool | None = None):
         from pmm_jax.masks import dense_crf
-        from pmm_jax.segmentation import inference
-        from pmm_jax.stages import seg
+        from pmm_jax.segmentation import best_checkpoint
 
-        self.facts = dataset_facts(wd)
-        self.run = run
-        model = seg.load_segmenter(config, wd, run, self.facts.num_classes)
+        facts = dataset_facts(wd)
         eval_cfg = dict(config.eval.to_dict())
         if crf is not None:
             eval_cfg["crf"] = crf
+        self._setup(best_checkpoint.load_segmenter(config, wd, run, facts.num_classes), facts,
+                    eval_cfg, dense_crf.config_backend(config), f"segmenter '{run}' of {wd.root}")
+
+    @classmethod
+    def of_model(cls, model, facts: DatasetFacts, eval_cfg, crf_backend: str | None = None,
+                 source: str = "the segmenter") -> "ImageSegmenter":
+        """The same for a model in hand (``eval_cfg`` as ``config.eval``), e.g. a benchmark's."""
+        from pmm_jax.masks import dense_crf
+
+        self = cls.__new__(cls)
+        self._setup(model, facts, eval_cfg, crf_backend or dense_crf.DEFAULT_BACKEND, source)
+        return self
+
+    def _setup(self, model, facts: DatasetFacts, eval_cfg, crf_backend: str, source: str):
+        from pmm_jax.segmentation import inference
+
+        self.facts = facts
         self._rows = jax.local_device_count()
-        self._predict = inference.Predictor(
-            model, eval_cfg, crf_backend=dense_crf.config_backend(config),
-            source=f"segmenter '{run}' of {wd.root}")
+        self._predict = inference.Predictor(model, eval_cfg, crf_backend=crf_backend,
+                                            source=source)
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         out = []
@@ -183,29 +238,164 @@ def overlay_picture(image: np.ndarray, mask: np.ndarray, class_names: Sequence[s
     return picture
 
 
-def write_jpeg(path: str, picture: np.ndarray) -> None:
-    """Atomically writes an RGB picture as JPEG (quality 90)."""
-    import io as _io
+def write_jpeg(path: str, picture: np.ndarray, comment: str = "") -> None:
+    """Atomically writes an RGB picture as JPEG (quality 90), ``comment`` in its COM segment."""
+    import io
 
-    buffer = _io.BytesIO()
-    Image.fromarray(picture).save(buffer, format="JPEG", quality=90)
-    io.write_bytes(path, buffer.getvalue())
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="JPEG", quality=90, comment=comment.encode())
+    safe_io.write_bytes(path, buffer.getvalue())
 
 
-def pending(paths: dict[str, pathlib.Path], out_dir: str, overlay: bool) -> Iterator[str]:
-    """The ids whose outputs are not all in ``out_dir`` yet."""
-    for image_id in paths:
-        done = os.path.exists(os.path.join(out_dir, f"{image_id}.png"))
-        if overlay:
-            done = done and os.path.exists(os.path.join(out_dir, f"{image_id}_overlay.jpg"))
+def checkpoint_fingerprint(directory: str, step: int) -> str:
+    """A short sha256 naming the weights of checkpoint ``step`` in ``directory``: of its
+    digest (which lists every file's sha256), else of its files' names, sizes and times."""
+    from pmm_jax.training import checkpoints
+
+    step_dir = os.path.join(directory, str(step))
+    digest = os.path.join(step_dir, checkpoints.DIGEST_FILE)
+    sha = hashlib.sha256()
+    if os.path.isfile(digest):
+        with open(digest, "rb") as f:
+            sha.update(f.read())
+    else:
+        for root, _, names in sorted(os.walk(step_dir)):
+            for name in sorted(names):
+                stat = os.stat(os.path.join(root, name))
+                sha.update(f"{os.path.relpath(root, step_dir)}/{name} {stat.st_size} "
+                           f"{stat.st_mtime_ns}\n".encode())
+    return sha.hexdigest()[:16]
+
+
+def output_record(config, wd: Workdir, run: str, crf: bool | None) -> dict:
+    """What made this call's outputs (every output carries it, plus its image's sha256):
+    the tool and version, run, checkpoint folder, step and weights, test-time settings."""
+    import pmm_jax
+    from pmm_jax.segmentation import best_checkpoint
+
+    directory, step = best_checkpoint.segmenter_checkpoint(config, wd, run)
+    settings = dict(config.eval.to_dict())
+    if crf is not None:
+        settings["crf"] = crf
+    if settings.get("crf"):
+        settings["crf_backend"] = config.get("crf", {}).get("backend", None)
+    return {"tool": RECORD_KEY, "version": pmm_jax.__version__, "run": run,
+            "checkpoint": os.path.abspath(directory), "step": int(step),
+            "weights": checkpoint_fingerprint(directory, step),
+            "settings": json.loads(json.dumps(settings, sort_keys=True, default=str))}
+
+
+def file_sha256(path: str) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def read_output_record(path: str) -> dict | None:
+    """The record an output carries; None when the file does not exist. PredictError-free:
+    ``{}`` for a file without a record (not written here), ``{"damaged": ...}`` for one with a
+    record that does not decode whole (a write cut short by something else than this tool)."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        with Image.open(path) as image:
+            text = image.info.get(RECORD_KEY) if image.format == "PNG" else image.info.get("comment")
+            text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+            try:
+                record = json.loads(text) if text else {}
+            except ValueError:
+                record = {}
+            if not isinstance(record, dict) or record.get("tool") != RECORD_KEY:
+                return {}
+            try:
+                image.verify()  # every chunk's checksum, up to the PNG's end
+                with Image.open(path) as again:
+                    again.load()
+            except (OSError, ValueError, SyntaxError) as err:
+                return {"damaged": str(err) or type(err).__name__}
+            return record
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return {}
+
+
+def _difference(found: dict, expected: dict) -> str:
+    """What differs between an output's record and this call's, in words."""
+    if "damaged" in found:
+        return f"it does not decode ({found['damaged']})"
+    keys = [k for k in sorted(set(found) | set(expected)) if found.get(k) != expected.get(k)]
+    if "image" in keys:
+        return "its image changed since"
+    return "; ".join(f"{k} {found.get(k)!r}, now {expected.get(k)!r}" for k in keys
+                     if k != "settings") or "test-time settings differ (e.g. --crf/--nocrf)"
+
+
+def plan_outputs(paths: dict[str, pathlib.Path], out_dir: str, overlay: bool, record: dict,
+                 overwrite: bool) -> tuple[list[str], dict[str, str]]:
+    """``(todo ids, {id: record text})``: the ids whose outputs are not all done, each with
+    the record its outputs get. PredictError, before anything is written, for an output that
+    this tool did not write (never overwritten) or, unless ``overwrite``, one written with
+    another record (named, with the flag that redoes it)."""
+    todo, records, foreign, stale = [], {}, [], []
+    for image_id, source in paths.items():
+        try:
+            safe_io.check_image(str(source))  # every image, before any is predicted
+        except ValueError as err:
+            raise PredictError(f"{err}; or move it out of --images") from None
+        text = json.dumps({**record, "image": {"file": source.name,
+                                               "sha256": file_sha256(str(source))}},
+                          sort_keys=True)
+        names = [f"{image_id}.png"] + ([f"{image_id}_overlay.jpg"] if overlay else [])
+        done = True
+        for name in names:
+            target = os.path.join(out_dir, name)
+            found = read_output_record(target)
+            if found is None:
+                done = False
+            elif not found:
+                foreign.append(target)
+            elif found != json.loads(text):
+                done = False
+                if "damaged" not in found:
+                    stale.append((target, _difference(found, json.loads(text))))
         if not done:
-            yield image_id
+            todo.append(image_id)
+            records[image_id] = text
+    if foreign:
+        raise PredictError(
+            f"{foreign[0]}" + (f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else "")
+            + " is in the way of an output and was not written by pmm_jax.predict (it carries "
+            "no record of it); predict never overwrites such a file: choose an empty --out_dir, "
+            "or move the file away")
+    if stale and not overwrite:
+        raise PredictError(
+            f"{stale[0][0]}" + (f" (and {len(stale) - 1} more)" if len(stale) > 1 else "")
+            + f" was predicted differently ({stale[0][1]}); rerun with --overwrite to redo "
+            "such outputs, or choose another --out_dir")
+    return todo, records
+
+
+def check_out_dir(paths: dict[str, pathlib.Path], out_dir: str) -> None:
+    """PredictError when ``out_dir`` is a file, or the folder that holds any of the images
+    (their masks would sit among them, or replace them)."""
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise PredictError(f"--out_dir={out_dir} is a file, not a folder; name a folder (it is "
+                           "created when absent)")
+    if not os.path.isdir(out_dir):
+        return
+    for source in paths.values():
+        if os.path.samefile(source.parent, out_dir):
+            raise PredictError(f"--out_dir={out_dir} is the folder of the images ({source}); "
+                               "predict never writes among its input: choose another --out_dir")
 
 
 def predict_images(workdir: str, images: str, out_dir: str, *, run: str | None = None,
-                   overlay: bool = False, crf: bool | None = None, progress: bool = True) -> dict:
+                   overlay: bool = False, crf: bool | None = None, overwrite: bool = False,
+                   progress: bool = True) -> dict:
     """Writes ``out_dir/<id>.png`` (palette mask at the image's size; with ``overlay`` also
-    ``<id>_overlay.jpg``) for every image of ``images`` not done yet; returns
+    ``<id>_overlay.jpg``) for every image of ``images`` not done yet (see the module's
+    docstring; ``overwrite`` redoes outputs made differently); returns
     ``{"run", "written", "skipped"}``."""
     import tqdm
 
@@ -215,9 +405,11 @@ def predict_images(workdir: str, images: str, out_dir: str, *, run: str | None =
     name = choose_run(config, wd, run)
     dataset_facts(wd)  # refuses a workdir without dataset.json before any work
     paths = image_paths(images)
-    todo = list(pending(paths, out_dir, overlay))
+    check_out_dir(paths, out_dir)
+    todo, records = plan_outputs(paths, out_dir, overlay, output_record(config, wd, name, crf),
+                                 overwrite)
     os.makedirs(out_dir, exist_ok=True)
-    io.remove_stale_temps(out_dir)
+    safe_io.remove_stale_temps(out_dir)
     result = {"run": name, "written": 0, "skipped": len(paths) - len(todo)}
     if not todo:
         return result
@@ -227,14 +419,16 @@ def predict_images(workdir: str, images: str, out_dir: str, *, run: str | None =
     for start in range(0, len(todo), chunk):
         ids = todo[start:start + chunk]
         try:
-            pictures = [io.read_image(str(paths[i])) for i in ids]
+            pictures = [safe_io.read_image(str(paths[i])) for i in ids]
         except ValueError as err:
             raise PredictError(str(err)) from None
         for image_id, image, mask in zip(ids, pictures, segment(pictures)):
-            io.write_mask(os.path.join(out_dir, f"{image_id}.png"), mask)
+            safe_io.write_mask(os.path.join(out_dir, f"{image_id}.png"), mask,
+                          text={RECORD_KEY: records[image_id]})
             if overlay:
                 write_jpeg(os.path.join(out_dir, f"{image_id}_overlay.jpg"),
-                           overlay_picture(image, mask, segment.facts.class_names))
+                           overlay_picture(image, mask, segment.facts.class_names),
+                           comment=records[image_id])
             result["written"] += 1
         bar.update(len(ids))
     bar.close()

@@ -3,7 +3,7 @@ trains with: softmax cross-entropy whose large per-pixel losses are suppressed o
 loss falls below a warm-up threshold, so the network stops fitting the pseudo-masks' noise.
 
 A pure, jitted jnp function of one forward pass's logits (``[B, H, W, K]``) and labels
-(``[B, H, W]``, 255 ignored); the seg stage (``stages/seg.py`` ``loss_fn``) calls it once per
+(``[B, H, W]``, 255 ignored); the seg stage (``segmentation/losses.py`` ``head_losses``) calls it once per
 head, decode and auxiliary, each with its own warm-up test. Modes (:data:`PUS_MODES`):
 "none" (plain cross-entropy), "clamp", "pow", "ignore"; reductions (:data:`PUS_REDUCTIONS`):
 "all" (the official mean over every pixel, ignored ones included) or "valid_pixels".

@@ -11,7 +11,8 @@ from typing import Callable
 
 import numpy as np
 
-from pmm_jax.files import io
+from pmm_jax import config_rules
+from pmm_jax.files import safe_io
 from pmm_jax.training import distributed
 
 log = logging.getLogger(__name__)
@@ -35,23 +36,14 @@ def write_images(log_dir: str, images: dict[str, np.ndarray], step: int = 0) -> 
 
 def mask_reader(directory: str) -> Callable[[str], np.ndarray]:
     """``id -> mask`` reading ``directory/<id>.png``."""
-    return lambda image_id: io.read_mask(os.path.join(directory, f"{image_id}.png"))
-
-
-def made_by(stage: str) -> str:
-    """What to do when a checkpoint that stage ``stage`` writes is missing or damaged."""
-    return (f"it is made by stage '{stage}': include {stage} in --config.stages and rerun (it "
-            "trains again from its newest intact step; the stages made from the old model are "
-            "then refused until redone with --redo)")
+    return lambda image_id: safe_io.read_mask(os.path.join(directory, f"{image_id}.png"))
 
 
 def warn_random_init(config, model: str) -> None:
     """Warns, when ``config.allow_random_init`` is set (rehearsals), that ``config.<model>``
     trains without ImageNet weights (no ``model.init_from``, nor for the segmenter
     ``init_from_cls``): its figures are near chance."""
-    from pmm_jax import stages
-
-    if config.get("allow_random_init") and not stages.has_initial_weights(config[model]):
+    if config.get("allow_random_init") and not config_rules.has_initial_weights(config[model]):
         log.warning("%s: no ImageNet weights loaded (config.%s.model.init_from is empty; "
                     "allow_random_init=True): training from random initialisation, so the "
                     "mIoUs of this run are not the paper's", model, model)

@@ -27,22 +27,25 @@ from pmm_jax import drawing
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.masks import dense_crf, generator
 from pmm_jax.stages import common
+from pmm_jax.stages.stage import Stage
 from pmm_jax.training import distributed
+
 
 if TYPE_CHECKING:  # TensorFlow: imported where data is read
     from pmm_jax.data.dataset import Dataset
 
 
 def variant_config(config, method: str, num_classes: int) -> ml_collections.ConfigDict:
-    """The ``generator.generate`` config of one variant, from ``config.pseudo``, the CRF
-    backend ``config.crf.backend`` and the dataset's ``num_classes`` (background included)."""
-    cfg = generator.default_config()
-    p = config.pseudo
-    cfg.method = method
-    cfg.alpha, cfg.t, cfg.s, cfg.official_minmax = p.alpha, p.t, p.s, p.official_minmax
+    """The ``generator.generate`` config of variant ``method``: every key of
+    ``config.pseudo`` the generator's config has (``alpha``, ``t``, ``s``, the CRF
+    parameters, ...), the CRF backend ``config.crf.backend`` and the dataset's
+    ``num_classes`` (background included)."""
+    cfg = generator.default_config(method)
+    pseudo = config.pseudo.to_dict()
+    cfg.update({key: value for key, value in pseudo.items() if key in cfg and key != "crf"})
     cfg.num_classes = num_classes
-    cfg.num_workers = p.num_workers or None
-    cfg.crf.update(p.crf.to_dict())
+    cfg.num_workers = cfg.num_workers or None  # 0: every available core
+    cfg.crf.update(pseudo["crf"])
     cfg.crf.backend = dense_crf.config_backend(config)  # config.crf.backend: pydensecrf | jax
     return cfg
 
@@ -88,6 +91,11 @@ def eval_ids(config, wd: Workdir, data: Dataset) -> list[str]:
     return ids
 
 
+def variants(config) -> list[str]:
+    """The variants made: ``config.pseudo.train_on`` first, then ``config.pseudo.variants``."""
+    return list(dict.fromkeys([config.pseudo.train_on, *config.pseudo.variants]))
+
+
 def summary_images(wd: Workdir, data: Dataset, ids: list[str], variants: list[str]
                    ) -> dict[str, np.ndarray]:
     """TensorBoard pictures (tag ``pseudo/<id>``): image, each variant's mask, ground truth."""
@@ -101,9 +109,8 @@ def summary_images(wd: Workdir, data: Dataset, ids: list[str], variants: list[st
 def run(config, wd: Workdir, data: Dataset) -> dict:
     subset = eval_ids(config, wd, data)
     num_train = data.num_examples("train")
-    variants = list(dict.fromkeys([config.pseudo.train_on, *config.pseudo.variants]))
     stats, mious = {}, {}
-    for method in variants:
+    for method in variants(config):
         wanted = None if method == config.pseudo.train_on else set(subset)
         out_dir = wd.pseudo_masks(method, "train")
         stats[method] = generator.generate(
@@ -119,8 +126,15 @@ def run(config, wd: Workdir, data: Dataset) -> dict:
                          if subset else {"miou": None, "per_class": {}})  # nothing to score
     if distributed.is_main():
         common.write_images(wd.log_dir("pseudo"), summary_images(
-            wd, data, subset[:common.NUM_SUMMARY_IMAGES], variants))
+            wd, data, subset[:common.NUM_SUMMARY_IMAGES], variants(config)))
     return {"pseudo_mask_miou": {m: r["miou"] for m, r in mious.items()},
             "pseudo_mask_per_class": {m: r["per_class"] for m, r in mious.items()},
             "pseudo_mask_eval": {"split": config.pseudo.eval_split, "num_images": len(subset)},
             "generation": stats}
+
+
+STAGE = Stage(
+    name="pseudo", run=run, requires="cam", sections=("crf", "pseudo", "eval.rule"),
+    writes=lambda config, wd: {wd.pseudo_masks(v): "files" for v in variants(config)},
+    owns=lambda config, wd: [*(os.path.dirname(wd.pseudo_masks(v)) for v in variants(config)),
+                             wd.log_dir("pseudo")])

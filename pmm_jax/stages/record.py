@@ -3,41 +3,31 @@
 A stage's marker records (besides its time and metrics) ``config``: the config keys that affect
 its results (:func:`relevant_config`), ``inputs``: the ids of the earlier stages' markers it
 ran after, ``id``: its own id, and ``outputs``: what it wrote (:func:`measure_outputs`: file
-counts per folder, the step of each checkpoint). ``pmm_jax.stages.plan`` compares them with
+counts per folder, the step of each checkpoint). ``pmm_jax.stages.planner.plan`` compares them with
 the current config and workdir before anything runs.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import os
 import shutil
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from pmm_jax.files.workdir import Workdir
+from pmm_jax.files.workdir import STAGES, Workdir
+from pmm_jax.stages.stage import declared
 
 if TYPE_CHECKING:  # ml_collections is not needed to import a stage (the benchmarks do)
     import ml_collections
-
-# The first stage whose results a config key (a dotted prefix; the longest match wins)
-# affects; a key not listed affects every stage (seed, data.*, cls.*, and any new key).
-FIRST_AFFECTED = {
-    "cam": "cam",
-    "crf": "pseudo",
-    "pseudo": "pseudo",
-    "eval.rule": "pseudo",  # the pseudo-mask mIoU is measured with it
-    "seg": "seg",
-    "eval": "seg",  # seg.eval_every's validation picks the kept checkpoint with it
-    "cycle": "cycle",
-}
 
 # Keys that change how a stage runs (speed, logging, where data is read from, which stages
 # run), not what it computes: changing them never makes a completed stage stale. (``*.remat``:
 # rematerialisation recomputes the same activations, pmm_jax/models/remat.py.)
 NO_EFFECT = ("stages", "data.data_dir", "*.log_every", "*.ckpt_every", "*num_workers",
              "*crf_workers", "cam.batch_size", "eval.batch_size", "cam.multicrop.tile_batch",
-             "*.model.remat", "compilation_cache")
+             "*.model.remat", "compilation_cache", "plugins")
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -52,10 +42,19 @@ def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+@functools.cache
+def _sections() -> dict[str, str]:
+    """``{config key prefix: the stage declaring it}``."""
+    return {section: name for name in STAGES for section in declared(name).sections}
+
+
 def first_affected(key: str) -> str:
-    """The first stage whose results ``key`` affects (``FIRST_AFFECTED``; "cls" otherwise)."""
-    matches = [p for p in FIRST_AFFECTED if key == p or key.startswith(p + ".")]
-    return FIRST_AFFECTED[max(matches, key=len)] if matches else "cls"
+    """The first stage whose results ``key`` affects: the stage declaring the longest
+    section (a dotted prefix) that ``key`` starts with; a key no stage declares (``seed``,
+    ``data.*``, any new key) affects every stage, so the first one."""
+    sections = _sections()
+    matches = [p for p in sections if key == p or key.startswith(p + ".")]
+    return sections[max(matches, key=len)] if matches else STAGES[0]
 
 
 def relevant_config(config: ml_collections.ConfigDict, stage: str, order: Sequence[str]
@@ -74,42 +73,14 @@ def changed_keys(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> lis
             if key in current and recorded[key] != current[key]]
 
 
-def _cycle_runs(config) -> list[str]:
-    return [f"cycle{i}" for i in range(1, config.cycle.num_cycles + 1)]
-
-
 def outputs(config, wd: Workdir, stage: str) -> dict[str, str]:
-    """``{path: kind}`` of what ``stage`` writes: "files" (a folder of per-item files),
-    "checkpoint" (an orbax folder) or "file"."""
-    variants = dict.fromkeys([config.pseudo.train_on, *config.pseudo.variants])
-    runs = [*config.seg.runs, *_cycle_runs(config)]
-    return {
-        "cls": {wd.ckpt_dir("cls"): "checkpoint"},
-        "cam": {wd.cams("train"): "files", wd.cams("val"): "files"},
-        "pseudo": {wd.pseudo_masks(v): "files" for v in variants},
-        "seg": {wd.ckpt_dir(f"seg/{run}"): "checkpoint" for run in config.seg.runs},
-        "cycle": {**{wd.pseudo_masks(run): "files" for run in _cycle_runs(config)},
-                  **{wd.ckpt_dir(f"seg/{run}"): "checkpoint" for run in _cycle_runs(config)}},
-        "eval": {**{wd.predictions(run, "val"): "files" for run in runs},
-                 wd.results_json: "file"},
-    }[stage]
+    """``{path: kind}`` of what ``stage`` writes (its declared ``writes``)."""
+    return declared(stage).writes(config, wd)
 
 
 def owned_paths(config, wd: Workdir, stage: str) -> list[str]:
-    """Everything ``stage`` writes (outputs, TensorBoard logs, set-aside checkpoints): what
-    ``--redo`` deletes."""
-    variants = dict.fromkeys([config.pseudo.train_on, *config.pseudo.variants])
-    root = wd.root
-    return {
-        "cls": [os.path.join(root, "cls")],
-        "cam": [os.path.join(root, "cams"), wd.log_dir("cam")],
-        "pseudo": [*(os.path.dirname(wd.pseudo_masks(v)) for v in variants),
-                   wd.log_dir("pseudo")],
-        "seg": [os.path.join(root, "seg", run) for run in config.seg.runs],
-        "cycle": [p for run in _cycle_runs(config) for p in (
-            os.path.dirname(wd.pseudo_masks(run)), os.path.join(root, "seg", run))],
-        "eval": [os.path.join(root, "predictions"), wd.results_json],
-    }[stage]
+    """Everything ``stage`` writes (its declared ``owns``): what ``--redo`` deletes."""
+    return declared(stage).owns(config, wd)
 
 
 def producer_of(config, wd: Workdir, path: str, order: Sequence[str]) -> str | None:
@@ -186,12 +157,12 @@ def checkpoint_lost(config, wd: Workdir, stage: str, recorded: Mapping[str, int]
 def unfinished_outputs(config, wd: Workdir, stage: str, measured: Mapping[str, int]
                        ) -> list[str]:
     """What a stage that just ran failed to write: each checkpoint must be at the configured
-    final step (``cls.num_steps``, ``seg.num_steps``), ``results.json`` must exist."""
+    final step the stage declares, a declared file must exist."""
     notes = []
     for path, kind in outputs(config, wd, stage).items():
         rel = os.path.relpath(path, wd.root)
         if kind == "checkpoint":
-            want = config.cls.num_steps if stage == "cls" else config.seg.num_steps
+            want = declared(stage).final_step(config)
             if measured[rel] != want:
                 notes.append(_note(rel, kind, measured[rel], want))
         elif kind == "file" and not measured[rel]:

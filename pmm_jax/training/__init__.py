@@ -1,1 +1,2 @@
-"""Training infrastructure: the train loop, precision, sharding, multi-process start-up."""
+"""Training infrastructure: the train loop, optimisers, sharded application of a model,
+checkpoints, precision, sharding, multi-process start-up."""

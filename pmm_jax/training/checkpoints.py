@@ -16,11 +16,14 @@ A failed write (e.g. the disk is full) is a :class:`CheckpointError` naming the 
 folder and the newest complete step a rerun resumes from.
 """
 
+import contextlib
 import hashlib
 import logging
 import os
+import sys
+import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +31,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from pmm_jax.files import io
+from pmm_jax.files import safe_io
 from pmm_jax.training import distributed
 from pmm_jax.training import sharding as shd
 
@@ -122,16 +125,65 @@ def save_train_state(mgr: ocp.CheckpointManager, step: int, state: nnx.State) ->
                                         opt=ocp.args.StandardSave(_saveable(state[1]))))
 
 
+# After a failed save, how long tensorstore's threads get to print their last errors into the
+# hold (they complete writes after orbax gave up on them).
+_WRITER_GRACE_S = 1.0
+
+
+@contextlib.contextmanager
+def _stderr_held() -> Iterator[None]:
+    """Holds back what is written to file descriptor 2 inside the block and writes it out
+    after a block that succeeded; after one that raised it is dropped. A failed orbax save
+    (a full disk) has its writer threads log errors with tracebacks and tensorstore's threads
+    print "Event loop is closed" tracebacks (from C, past any Python hook), dozens in all,
+    before :func:`_save` can say what happened in one paragraph. Read by a thread through a
+    pipe: nothing is written to the (maybe full) disk."""
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    held = bytearray()
+
+    def drain():
+        while chunk := os.read(read_end, 1 << 16):
+            held.extend(chunk)
+
+    reader = threading.Thread(target=drain, name="stderr_held", daemon=True)
+    reader.start()
+    saved = os.dup(2)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last writer is gone: the reader sees its end
+        os.close(saved)
+        reader.join()
+        os.close(read_end)
+        if ok and held:
+            os.write(2, bytes(held))
+
+
 def _save(mgr: ocp.CheckpointManager, step: int, args: ocp.args.Composite) -> None:
     """Saves ``step``, waits until it is complete, then writes its digest (process 0). A
     failed write (a full disk, a vanished folder) is a CheckpointError naming the step and the
-    newest complete one, from which a rerun resumes."""
+    newest complete one, from which a rerun resumes; what orbax's threads print about it is
+    dropped (:func:`_stderr_held`)."""
     try:
-        mgr.save(step, args=args, force=True)
-        mgr.wait_until_finished()
+        with _stderr_held():
+            try:
+                mgr.save(step, args=args, force=True)
+                mgr.wait_until_finished()
+            except Exception:
+                # The writer threads may still be failing: let them end (and print) in the hold.
+                with contextlib.suppress(Exception):
+                    mgr.wait_until_finished()
+                time.sleep(_WRITER_GRACE_S)
+                raise
         if distributed.is_main():
             step_dir = _step_dir(mgr, step)
-            io.write_json(os.path.join(step_dir, DIGEST_FILE), _digest(step_dir))
+            safe_io.write_json(os.path.join(step_dir, DIGEST_FILE), _digest(step_dir))
     except Exception as err:  # orbax wraps the OSError in several exception types
         cause = " ".join(str(err).split())[:300]
         complete = [s for s in mgr.all_steps(read=True) if s != step]
@@ -177,7 +229,7 @@ def _damage(step_dir: str, items: tuple[str, ...]) -> str | None:
     if not os.path.exists(digest_path):
         return None
     try:
-        expected = io.read_json(digest_path)
+        expected = safe_io.read_json(digest_path)
     except (OSError, ValueError) as err:
         return f"unreadable {DIGEST_FILE}: {err}"
     for rel, want in sorted(expected.items()):

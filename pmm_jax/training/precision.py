@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pmm_jax.models.resnet38 import FrozenBatchNorm
+from pmm_jax.models.backbone import FrozenBatchNorm
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
 _ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")

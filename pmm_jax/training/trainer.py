@@ -48,11 +48,10 @@ import optax
 import orbax.checkpoint as ocp
 import tqdm
 from flax import nnx
-from jax.experimental import multihost_utils
-from jax.sharding import PartitionSpec
 
 from pmm_jax.training import checkpoints
 from pmm_jax.training import sharding as shd
+from pmm_jax.training.sharded_apply import ReplicatedModel
 
 log = logging.getLogger(__name__)
 
@@ -63,27 +62,6 @@ class DivergenceError(FloatingPointError):
 
 LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], nnx.Rngs],
                   tuple[jax.Array, Mapping[str, jax.Array]]]
-
-
-def sgd_poly(lr: float, num_steps: int, *, momentum: float = 0.9, weight_decay: float = 5e-4,
-             power: float = 0.9, end_lr: float = 0.0, decay_1d: bool = False
-             ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """SGD with momentum, L2 weight decay and poly learning-rate decay; returns (tx, schedule).
-
-    ``lr(k) = (lr - end_lr) * (1 - k / num_steps) ** power + end_lr`` for update k = 0..num_steps
-    (mmcv's ``PolyLrUpdaterHook`` with ``min_lr=end_lr``). Weight decay is added to the gradient
-    before momentum (PyTorch ``SGD(weight_decay=...)``, as in the official PMM/mmseg code).
-    ``decay_1d=True`` decays every parameter, as PyTorch's SGD over all of a model's parameters
-    does (mmseg's segmenters); False decays only parameters with two or more dimensions (conv
-    and dense kernels), leaving biases and BatchNorm scales/offsets (1-D) undecayed.
-    """
-    schedule = optax.polynomial_schedule(init_value=lr, end_value=end_lr, power=power,
-                                         transition_steps=num_steps)
-    decay_mask = None if decay_1d else (
-        lambda params: jax.tree_util.tree_map(lambda p: p.ndim > 1, params))
-    tx = optax.chain(optax.add_decayed_weights(weight_decay, mask=decay_mask),
-                     optax.sgd(schedule, momentum=momentum))
-    return tx, schedule
 
 
 def train(model: nnx.Module, loss_fn: LossFn, batches: Iterator[Mapping[str, np.ndarray]],
@@ -155,23 +133,14 @@ def make_predict_fn(model: nnx.Module, fn: Callable[[nnx.Module, Mapping[str, ja
     with ``valid``). Every output leaf must be per-row, i.e. have the batch as leading axis. Each
     process gets back exactly its own local rows, in the order it passed them in, as numpy.
     """
-    mesh = shd.make_mesh()
-    graphdef, state = nnx.split(model)
-    state = shd.replicate(state, mesh)
-
-    def apply(state, batch):
-        eval_model = nnx.merge(graphdef, state)
-        eval_model.eval()
-        return fn(eval_model, batch)
-
-    jitted = jax.jit(apply, in_shardings=(shd.replicated(mesh), shd.data_sharding(mesh)),
-                     out_shardings=shd.data_sharding(mesh))
+    replicated = ReplicatedModel(model)
+    jitted = jax.jit(lambda state, batch: fn(replicated.eval_model(state), batch),
+                     in_shardings=(replicated.replicated, replicated.data),
+                     out_shardings=replicated.data)
 
     def predict(batch: Mapping[str, np.ndarray]) -> Any:
-        out = jitted(state, shd.shard_batch(batch, mesh, config_key=batch_size_key))
-        local = multihost_utils.global_array_to_host_local_array(
-            out, mesh, PartitionSpec(shd.DATA_AXIS))
-        return jax.device_get(local)
+        return replicated.local_rows(jitted(replicated.state,
+                                            replicated.shard(batch, batch_size_key)))
 
     return predict
 

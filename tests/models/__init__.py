@@ -1,0 +1,1 @@
+"""Tests of pmm_jax/models/."""
