@@ -12,9 +12,18 @@ os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
 import math  # noqa: E402
 
+import pytest  # noqa: E402
+
+pytestmark = [
+    pytest.mark.tpu_compile,
+    pytest.mark.skipif(os.environ.get("PMM_TPU_COMPILE_TESTS") != "1",
+                       reason="TPU compiles take tens of minutes on 2 cores: "
+                              "PMM_TPU_COMPILE_TESTS=1 with the [tpu] extra runs them"),
+]
+pytest.importorskip("libtpu")
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench import classifier_step, compile_table, segmenter_step  # noqa: E402

@@ -1,23 +1,17 @@
 """pmm_jax/training/pod_scale.py and configs/voc.py:pod<N>: every batch divides over the chips,
 the training stages' lr scales with their batch and their steps inversely."""
 
-import importlib.util
 import math
-import pathlib
 
 import pytest
 
+import configs
 from pmm_jax import config_rules
 from pmm_jax.training import pod_scale
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
 
 def voc(variant="paper"):
-    spec = importlib.util.spec_from_file_location("voc_config", ROOT / "configs" / "voc.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return configs.get_config("voc", variant)
 
 
 def test_pod64_divides_over_a_v5e_8x8_with_the_linear_rule():
