@@ -13,6 +13,7 @@ kind is a ValueError naming it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -343,3 +344,12 @@ def read_class_dict(path: str) -> dict[int, np.ndarray]:
             kind = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
             raise ValueError(f"{path}: the value of key {key} is {kind}, not a numeric array")
     return {int(k): v for k, v in obj.items()}
+
+
+def file_sha256(path: str) -> str:
+    """The hex SHA-256 of the file at ``path``, read in 1 MiB blocks."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()

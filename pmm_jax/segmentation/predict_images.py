@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import pathlib
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -285,14 +285,6 @@ def output_record(config, wd: Workdir, run: str, crf: bool | None) -> dict:
             "settings": json.loads(json.dumps(settings, sort_keys=True, default=str))}
 
 
-def file_sha256(path: str) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
-
-
 def read_output_record(path: str) -> dict | None:
     """The record an output carries; None when the file does not exist. PredictError-free:
     ``{}`` for a file without a record (not written here), ``{"damaged": ...}`` for one with a
@@ -344,7 +336,7 @@ def plan_outputs(paths: dict[str, pathlib.Path], out_dir: str, overlay: bool, re
         except ValueError as err:
             raise PredictError(f"{err}; or move it out of --images") from None
         text = json.dumps({**record, "image": {"file": source.name,
-                                               "sha256": file_sha256(str(source))}},
+                                               "sha256": safe_io.file_sha256(str(source))}},
                           sort_keys=True)
         names = [f"{image_id}.png"] + ([f"{image_id}_overlay.jpg"] if overlay else [])
         done = True

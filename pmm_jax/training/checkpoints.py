@@ -17,7 +17,6 @@ folder and the newest complete step a rerun resumes from.
 """
 
 import contextlib
-import hashlib
 import logging
 import os
 import sys
@@ -206,16 +205,8 @@ def _digest(step_dir: str) -> dict[str, dict]:
             path = os.path.join(root, name)
             rel = os.path.relpath(path, step_dir)
             if rel != DIGEST_FILE:
-                out[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+                out[rel] = {"size": os.path.getsize(path), "sha256": safe_io.file_sha256(path)}
     return out
-
-
-def _sha256(path: str) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 def _damage(step_dir: str, items: tuple[str, ...]) -> str | None:
@@ -238,7 +229,7 @@ def _damage(step_dir: str, items: tuple[str, ...]) -> str | None:
             return f"{rel} is missing"
         if os.path.getsize(path) != want["size"]:
             return f"{rel} has {os.path.getsize(path)} bytes, {want['size']} were saved"
-        if _sha256(path) != want["sha256"]:
+        if safe_io.file_sha256(path) != want["sha256"]:
             return f"{rel} differs from what was saved (sha256 mismatch)"
     return None
 

@@ -18,7 +18,7 @@ from pmm_jax.data.dataset import open_dataset
 from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir
 from pmm_jax.masks import generator
-from pmm_jax.stages import cam, cls
+from pmm_jax.stages import cls
 from tests.support.nnx_values import materialize
 
 # 48-pixel images: at 0.5 smaller than a 32-pixel tile (one tile), 2 x 2 tiles at 1.0 and
@@ -78,8 +78,7 @@ def test_tiny_multicrop_recipe(tmp_path, monkeypatch):
     build_model = classifier.build_model
     fast_build = lambda config, seed=0, **kw: materialize(
         nnx.eval_shape(lambda: build_model(config, seed, **kw)))
-    monkeypatch.setattr(cls, "build_model", fast_build)
-    monkeypatch.setattr(cam, "build_model", fast_build)
+    monkeypatch.setattr(classifier, "build_model", fast_build)
     # No TensorBoard CAM pictures (an eager, op-by-op forward: ~10 s here).
     monkeypatch.setattr(cls, "cam_summary", lambda model, batch: {})
     calls = []

@@ -1,6 +1,7 @@
 """The run plan on a finished workdir: refuse changed settings, redo on request, repair missing
 outputs, never mark a stage done without them. Runs on a copy of the shared ``tiny_run``."""
 
+import dataclasses
 import os
 import pathlib
 import shutil
@@ -9,8 +10,15 @@ import pytest
 
 import configs
 from pmm_jax import stages
+from pmm_jax.stages import planner
 from pmm_jax.files import safe_io
 from pmm_jax.files.workdir import Workdir
+
+def run_instead(monkeypatch, run):
+    """Every stage's declaration with ``run`` as its run function, for the planner."""
+    real = planner.declared
+    monkeypatch.setattr(planner, "declared",
+                        lambda name: dataclasses.replace(real(name), run=run))
 
 pytestmark = pytest.mark.xdist_group("tiny_run")
 
@@ -71,7 +79,7 @@ def test_missing_outputs_are_repaired_and_upstream_ones_too(finished):
 def test_half_done_stage_with_other_settings_is_refused(finished):
     wd, config = finished
     pathlib.Path(wd.stage_marker("eval")).unlink()
-    safe_io.write_json(stages._started_path(wd, "eval"), {"config": {"eval.flip": False}})
+    safe_io.write_json(planner._started_path(wd, "eval"), {"config": {"eval.flip": False}})
     with pytest.raises(stages.StaleStageError, match=r"eval.flip: False -> True.*--redo=eval"):
         stages.plan(["eval"], [], config, wd)
     assert stages.plan(["eval"], ["eval"], config, wd) == {"eval": "redo"}
@@ -89,7 +97,7 @@ def test_redo_deletes_the_stage_outputs_and_records_the_new_run(finished, monkey
         safe_io.write_json(wd.results_json, {"seg_miou": {}})
         return {"seg_miou": {}}
 
-    monkeypatch.setattr(stages, "_runner", lambda name: fake_eval)
+    run_instead(monkeypatch, fake_eval)
     new = stages.run_stage("eval", config, wd, None, "redo")
     assert "predictions" not in seen[0] and "results.json" not in seen[0]
     assert new["config"]["eval.flip"] is False and old["config"]["eval.flip"] is True
@@ -102,7 +110,7 @@ def test_a_stage_without_its_checkpoint_is_not_marked_complete(finished, monkeyp
     wd, config = finished
     shutil.rmtree(wd.ckpt_dir("cls"))
     pathlib.Path(wd.stage_marker("cls")).unlink()
-    monkeypatch.setattr(stages, "_runner", lambda name: lambda config, wd, data: {})
+    run_instead(monkeypatch, lambda config, wd, data: {})
     with pytest.raises(stages.StageOutputError, match=r"stage cls finished without its "
                                                       r"outputs \(cls/ckpt has no intact "
                                                       r"checkpoint of step 12"):
@@ -174,7 +182,7 @@ def test_a_truncated_cam_met_by_the_pseudo_stage_names_the_file_its_stage_and_th
     def pseudo_stage(config, wd, data):
         raise failure
 
-    monkeypatch.setattr(stages, "_runner", lambda name: pseudo_stage)
+    run_instead(monkeypatch, pseudo_stage)
     with pytest.raises(stages.DamagedInputError) as err:
         stages.run_stage("pseudo", config, wd, None, "redo")
     message = str(err.value)
