@@ -5,22 +5,22 @@ the same program (built by the benchmarks' own builders, not by compile_table)."
 
 import os
 
+import pytest
+
+if os.environ.get("PMM_TPU_COMPILE_TESTS") != "1":
+    pytest.skip("TPU compiles take tens of minutes on 2 cores: PMM_TPU_COMPILE_TESTS=1 with "
+                "the [tpu] extra runs them", allow_module_level=True)
+pytest.importorskip("libtpu")
+pytestmark = pytest.mark.tpu_compile
+
+# Only once the tests run: TPU_WORKER_HOSTNAMES in the environment makes every later
+# `python -m pmm_jax.main` of this worker take itself for a Cloud TPU host.
 # libtpu takes a lock file; both pytest workers (and the spawned row processes) load it.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
 import math  # noqa: E402
-
-import pytest  # noqa: E402
-
-pytestmark = [
-    pytest.mark.tpu_compile,
-    pytest.mark.skipif(os.environ.get("PMM_TPU_COMPILE_TESTS") != "1",
-                       reason="TPU compiles take tens of minutes on 2 cores: "
-                              "PMM_TPU_COMPILE_TESTS=1 with the [tpu] extra runs them"),
-]
-pytest.importorskip("libtpu")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
